@@ -1,0 +1,30 @@
+"""Decoder-LLM config: conversion, dry runs and plain language-model training.
+
+  uniecg convert from-hf --hf-dir /ckpt/vicuna-7b --out /ckpt/vicuna-orbax --config configs/llm.py:vicuna_7b
+  uniecg dry-run --config configs/llm.py:llama2_7b --config.mesh.fsdp=256
+  uniecg train --config configs/llm.py:tiny --workdir /tmp/lm
+
+Variants: tiny (CPU), small (~60M), llama2_7b, vicuna_7b, llama3_8b, qwen2_5_7b, qwen2_5_0_5b.
+"""
+import ml_collections
+
+from uniecg_jax.models import presets
+
+
+def get_config(arg=None):
+    variant = arg or "tiny"
+    config = ml_collections.ConfigDict()
+    config.model = presets.llm(variant)
+    config.mesh = presets.mesh()
+    config.distributed = False      # call jax.distributed.initialize() (multi-host pods)
+    config.seed = 0
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=8, seq_len=128, steps=100, learning_rate=3e-4, warmup_steps=10,
+        min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum_steps=1,
+        log_every=10, checkpoint_every=50, keep_checkpoints=2, freeze=""))
+    config.init = ml_collections.ConfigDict(dict(hf_dir=""))
+    if variant not in ("tiny",):
+        config.model.dtype = "bfloat16"
+        config.train.batch_size = 256
+        config.train.seq_len = 2048
+    return config
