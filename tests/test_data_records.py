@@ -1,0 +1,214 @@
+"""The canonical record, the readers (bundled Challenge records, MIMIC-IV-ECG, PTB-XL, ECG-Grounding),
+resampling, the synthetic generator, and every bad-input case naming the file and the problem."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from data_fixtures import MIMIC_ORDER, write_grounding_file, write_mimic_root, write_ptbxl_root, \
+    write_wfdb
+from uniecg_jax.data import (LEADS, bundled_record_paths, bundled_samples_dir,
+                             load_bundled_records, read_record, record as record_lib)
+from uniecg_jax.data import measure, synthetic
+from uniecg_jax.data.readers.grounding import iter_grounding_file, read_grounding_file
+from uniecg_jax.data.readers.mimic import MimicDataset
+from uniecg_jax.data.readers.ptbxl import PTBXLDataset
+from uniecg_jax.errors import RecordError
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_bundled_records()
+
+
+def test_every_bundled_record_reads(bundled):
+    import wfdb
+
+    assert len(bundled) == 50
+    for path, record in zip(bundled_record_paths(), bundled):
+        raw = wfdb.rdrecord(path)
+        assert record.signal.shape == (12, 5000) and record.signal.dtype == np.float32
+        assert record.fs == 500 and record.lead_mask.all() and record.nan_count == 0
+        # Bundled headers list the leads in canonical order, so values must equal wfdb's mV.
+        assert list(raw.sig_name) == list(LEADS)
+        np.testing.assert_allclose(record.signal, raw.p_signal.T, atol=1e-6)
+        assert record.age is not None and record.sex in ("M", "F") and record.report
+        assert record.to_encoder_input().shape == (12, 5000)
+        assert record.to_diffusion_input().shape == (12, 1024)
+    first = bundled[0]
+    assert first.record_id == "E07500" and first.age == 78 and first.sex == "M"
+    assert first.labels == ("left atrial enlargement", "sinus bradycardia")  # 67741000119109,426177001
+    ptbxl = {r.record_id: r for r in bundled}["HR06000"]
+    assert ptbxl.report.startswith("sinus rhythm. minor non-specific t wave flattening")
+    assert ptbxl.patient_id == "ptbxl_5028" and ptbxl.sex == "F"
+
+
+def test_assets_are_installed_as_package_data():
+    # setup.py ships uniecg_jax/assets/**/*; the folder the package resolves must hold them all.
+    root = bundled_samples_dir()
+    assert (root / "README.md").exists() and (root / "LICENSE.torch_ecg.txt").exists()
+    assert len(list((root / "cinc2021").glob("*.mat"))) == 50
+
+
+def test_mimic_lead_reordering_report_and_sentinels(tmp_path, bundled):
+    write_mimic_root(str(tmp_path), records=bundled[:4])
+    header = open(tmp_path / "files/p1000/p10000000/s40000000/40000000.hea").read()
+    assert header.index(" aVF") < header.index(" aVL")  # really stored in MIMIC order
+    dataset = MimicDataset(tmp_path)
+    assert dataset.study_ids() == [40000000, 40000001, 40000002, 40000003]
+    for i, study in enumerate(dataset.study_ids()):
+        record = dataset.read(study)
+        np.testing.assert_allclose(record.signal, bundled[i].signal, atol=1e-6)
+        assert record.patient_id == str(10000000 + i // 2)
+        assert record.report == f"Sinus rhythm. Study {i}."
+        assert record.labels == ("Sinus rhythm", f"Study {i}")
+    normal, sentinel = dataset.read(40000000), dataset.read(40000002)
+    assert normal.heart_rate == pytest.approx(75.0) and normal.measurements["qrs_axis"] == -10
+    assert "p_end" not in normal.measurements  # 29999 is "not measured"
+    assert sentinel.heart_rate is None and "rr_interval" not in sentinel.measurements
+    assert "qrs_axis" not in sentinel.measurements
+
+
+def test_ptbxl_reader_verbalises_scp_codes(tmp_path):
+    records = write_ptbxl_root(str(tmp_path), n=2)
+    dataset = PTBXLDataset(tmp_path)
+    assert dataset.ecg_ids() == [6000, 6001]
+    record = dataset.read(6000)
+    np.testing.assert_allclose(record.signal, records[0].signal, atol=1e-6)
+    assert record.labels == ("normal ECG", "non-specific T-wave changes", "sinus rhythm")
+    assert record.report.startswith("sinus rhythm. minor") and record.patient_id == "5028"
+
+
+def test_lead_aliases_extra_channels_and_zero_fill(tmp_path, bundled):
+    leads = dict(zip(LEADS, bundled[0].signal))
+    names = ["lead i", "MLII", "III", "AVR", "avl", "aVF", "C1", "v2", "V3", "V4", "V5", "V6", "vx"]
+    raw = np.stack([leads[l] for l in LEADS] + [np.ones(5000)])
+    signal, mask = record_lib.map_leads(raw, names, path="x")
+    np.testing.assert_array_equal(signal, bundled[0].signal) and mask.all()
+    no_v6 = {k: v for k, v in leads.items() if k != "V6"}
+    base = write_wfdb(str(tmp_path), "nov6", no_v6, order=LEADS[:11])
+    with pytest.raises(RecordError, match=r"nov6\.hea: missing lead\(s\) V6"):
+        read_record(base)
+    zero_filled = read_record(base, missing_leads="zero")
+    assert not zero_filled.lead_mask[11] and zero_filled.lead_mask[:11].all()
+    assert (zero_filled.signal[11] == 0).all()
+
+
+def test_resampling_preserves_heart_rate_by_qrs_detection(bundled):
+    for record in synthetic.generate(3, heart_rates=[48.0, 75.0, 130.0], seed=3):
+        at_500 = measure.heart_rate_bpm(record.signal, 500.0)
+        at_102 = measure.heart_rate_bpm(record.to_diffusion_input(), record_lib.DIFFUSION_FS)
+        assert at_500 == pytest.approx(record.heart_rate, rel=0.02)
+        assert at_102 == pytest.approx(record.heart_rate, rel=0.02)
+    for record in bundled[:6]:
+        before = measure.heart_rate_bpm(record.signal, 500.0)
+        after = measure.heart_rate_bpm(record.to_diffusion_input(), record_lib.DIFFUSION_FS)
+        assert after == pytest.approx(before, rel=0.02), record.record_id
+
+
+def test_resample_pad_crop_and_nonfinite():
+    t = np.arange(5000) / 500.0
+    sine = np.sin(2 * np.pi * 2.0 * t)[None].astype(np.float32)
+    down = record_lib.resample(sine, 500.0, 102.4)
+    assert down.shape == (1, 1024)
+    expected = np.sin(2 * np.pi * 2.0 * np.arange(1024) / 102.4)
+    np.testing.assert_allclose(down[0, 50:-50], expected[50:-50], atol=1e-3)  # no edge effects
+    assert record_lib.pad_or_crop(sine, 4000).shape == (1, 4000)
+    padded = record_lib.pad_or_crop(sine, 6000)
+    assert padded.shape == (1, 6000) and (padded[:, 5000:] == 0).all()
+    clean, count = record_lib.replace_nonfinite(np.array([[1.0, np.nan, np.inf, -np.inf]]))
+    assert count == 3 and clean.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+
+
+def test_synthetic_generator_is_deterministic_and_reports_its_rate():
+    first, second = synthetic.generate(2, seed=7), synthetic.generate(2, seed=7)
+    np.testing.assert_array_equal(first[0].signal, second[0].signal)
+    assert first[0].report == second[0].report
+    record = synthetic.generate(1, heart_rates=[55.0], seed=0)[0]
+    assert record.report == "sinus bradycardia. heart rate 55 bpm. otherwise normal ecg."
+    assert record.signal.shape == (12, 5000) and record.heart_rate == 55.0
+
+
+# ---- bad input: each names the file and the problem ----
+
+def _copy_bundled(tmp_path, name="E07500"):
+    src = bundled_samples_dir() / "cinc2021"
+    for ext in (".hea", ".mat"):
+        shutil.copy(src / (name + ext), tmp_path / (name + ext))
+    return str(tmp_path / name)
+
+
+def _leads(bundled):
+    return dict(zip(LEADS, bundled[0].signal))
+
+
+def test_truncated_signal_file(tmp_path, bundled):
+    base = write_wfdb(str(tmp_path), "trunc", _leads(bundled))
+    data = open(base + ".dat", "rb").read()
+    open(base + ".dat", "wb").write(data[: len(data) // 2])
+    with pytest.raises(RecordError, match=r"trunc\.hea: .*truncated"):
+        read_record(base)
+
+
+def test_corrupt_header(tmp_path):
+    base = _copy_bundled(tmp_path)
+    open(base + ".hea", "w").write("E07500 twelve 500 5000\nnonsense\n")
+    with pytest.raises(RecordError, match=r"E07500\.hea: cannot read WFDB record: corrupt header"):
+        read_record(base)
+    with pytest.raises(RecordError, match=r"nothere\.hea: WFDB header not found"):
+        read_record(str(tmp_path / "nothere"))
+
+
+def test_unknown_lead_name(tmp_path):
+    base = _copy_bundled(tmp_path)
+    header = open(base + ".hea").read().replace(" V4\n", " Q9\n")
+    open(base + ".hea", "w").write(header)
+    with pytest.raises(RecordError, match=r"E07500\.hea: unknown lead name 'Q9'"):
+        read_record(base)
+
+
+def test_all_nan_and_flat_signals(tmp_path, bundled):
+    nan_leads = {lead: np.full(5000, np.nan) for lead in LEADS}
+    with pytest.raises(RecordError, match=r"allnan: signal is entirely NaN"):
+        record_lib.make_record(np.stack(list(nan_leads.values())), LEADS, 500, path="allnan",
+                               record_id="x")
+    base = write_wfdb(str(tmp_path), "flat", {lead: np.full(5000, 0.2) for lead in LEADS})
+    with pytest.raises(RecordError, match=r"flat\.hea: flat signal"):
+        read_record(base)
+    some_nan = bundled[0].signal.copy()
+    some_nan[3, :10] = np.nan
+    record = record_lib.make_record(some_nan, LEADS, 500, path="p", record_id="x")
+    assert record.nan_count == 10 and np.isfinite(record.signal).all()
+
+
+def test_wrong_sampling_rate(tmp_path, bundled):
+    base = write_wfdb(str(tmp_path), "slow", _leads(bundled), fs=250)
+    with pytest.raises(RecordError, match=r"slow\.hea: sampling rate is 250 Hz but .* 500 Hz"):
+        read_record(base, expected_fs=500.0)
+    header = open(base + ".hea").read().replace(" 250 ", " 20 ", 1)
+    open(base + ".hea", "w").write(header)
+    with pytest.raises(RecordError, match=r"slow\.hea: unsupported sampling rate 20"):
+        read_record(base)
+
+
+def test_grounding_reader_and_bad_lines(tmp_path):
+    path = str(tmp_path / "g.jsonl")
+    write_grounding_file(path, ["files/a/1", "files/b/2"])
+    samples = read_grounding_file(path, ecg_root="/data/mimic")
+    assert [s.ecg_path for s in samples] == ["/data/mimic/files/a/1", "/data/mimic/files/b/2"]
+    assert samples[0].turns[0] == ("user", "<image>\nInterpret this ECG.")
+    assert samples[0].turns[1][0] == "assistant" and len(samples[0].turns) == 4
+    with open(path, "a") as f:
+        f.write('{"id": "broken", "ecg": \n')
+        f.write(json.dumps({"id": "noecg", "conversations": [
+            {"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}) + "\n")
+    results = list(iter_grounding_file(path))
+    assert sum(not isinstance(r, RecordError) for r in results) == 2  # good ones kept
+    errors = [str(r) for r in results if isinstance(r, RecordError)]
+    assert errors[0].startswith(f"{path}:3: malformed JSON line")
+    assert errors[1] == f"{path}:4: conversation 'noecg' has no `ecg` path"
+    json_path = str(tmp_path / "g.json")
+    write_grounding_file(json_path, ["x/1"], jsonl=False)
+    assert read_grounding_file(json_path)[0].sample_id == "g0"

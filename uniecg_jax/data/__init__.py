@@ -1,0 +1,62 @@
+"""The ECG data layer: the canonical record, readers per source, synthetic ECGs, the frozen text
+encoder, the tiny tokenizer, conversations and grain pipelines.
+
+Entry points: `read_record(path)`, `load_bundled_records()`, `bundled_samples_dir()`,
+`ECGRecord.to_encoder_input()` / `.to_diffusion_input()`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import pathlib
+
+from uniecg_jax.data.record import (DIFFUSION_FS, DIFFUSION_LENGTH, ENCODER_FS, ENCODER_LENGTH,
+                                    LEADS, ECGRecord, make_record, pad_or_crop, resample)
+
+__all__ = ["LEADS", "ENCODER_FS", "ENCODER_LENGTH", "DIFFUSION_FS", "DIFFUSION_LENGTH", "ECGRecord",
+           "make_record", "pad_or_crop", "resample", "read_record", "bundled_samples_dir",
+           "bundled_record_paths", "load_bundled_records"]
+
+
+def bundled_samples_dir() -> pathlib.Path:
+    """The shipped sample folder: 50 PhysioNet Challenge 2021 records (`cinc2021/`), the dx mapping
+    tables, PTB-XL rows and SCP statements (see its README.md for attribution)."""
+    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "ecg_samples"
+
+
+def bundled_record_paths() -> list[str]:
+    """Sorted paths (without extension) of the 50 bundled Challenge records."""
+    return sorted(p[:-4] for p in glob.glob(str(bundled_samples_dir() / "cinc2021" / "*.hea")))
+
+
+def read_record(path: str | os.PathLike, *, missing_leads: str = "error",
+                expected_fs: float | None = None) -> ECGRecord:
+    """Reads one WFDB record (path with or without `.hea`) into an ECGRecord.
+
+    Challenge-style header comments (`# Age:`, `# Sex:`, `# Dx:`) become metadata and a report;
+    other records get the signal only. Raises RecordError naming the file and the problem.
+    """
+    from uniecg_jax.data.readers.cinc import read_cinc_record
+
+    return read_cinc_record(path, missing_leads=missing_leads, expected_fs=expected_fs)
+
+
+def load_bundled_records() -> list[ECGRecord]:
+    """The 50 bundled records. The 10 `HR0600k` ones (PTB-XL ecg_id 600k) carry the cardiologist's
+    free-text PTB-XL report and patient id; the others a report verbalised from their SNOMED codes."""
+    from uniecg_jax.data.readers.ptbxl import load_ptbxl_rows
+
+    root = bundled_samples_dir()
+    ptbxl = load_ptbxl_rows(str(root / "ptbxl_database_ecg6000-6009.csv"),
+                            str(root / "scp_statements.csv"))
+    records = []
+    for path in bundled_record_paths():
+        record = read_record(path)
+        name = os.path.basename(path)
+        if name.startswith("HR") and int(name[2:]) in ptbxl:
+            row = ptbxl[int(name[2:])]
+            record = dataclasses.replace(record, patient_id=f"ptbxl_{row.patient_id}",
+                                         report=row.report or record.report)
+        records.append(record)
+    return records
