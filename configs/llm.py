@@ -14,6 +14,7 @@ from uniecg_jax.models import presets
 def get_config(arg=None):
     variant = arg or "tiny"
     config = ml_collections.ConfigDict()
+    config.objective = "lm"         # trainer: uniecg_jax.train.TRAINERS["lm"]
     config.model = presets.llm(variant)
     config.mesh = presets.mesh()
     config.distributed = False      # call jax.distributed.initialize() (multi-host pods)
@@ -21,7 +22,10 @@ def get_config(arg=None):
     config.train = ml_collections.ConfigDict(dict(
         batch_size=8, seq_len=128, steps=100, learning_rate=3e-4, warmup_steps=10,
         min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum_steps=1,
-        log_every=10, checkpoint_every=50, keep_checkpoints=2, freeze=""))
+        log_every=10, checkpoint_every=50, keep_checkpoints=2, async_checkpoint=True,
+        freeze="",                  # regex over param paths (a/b/kernel) kept fixed
+        z_loss=0.0,                 # weight of the log(Z)^2 term (0 = off)
+        data="auto"))               # auto | reports | synthetic (see uniecg_jax/train/lm.py)
     config.init = ml_collections.ConfigDict(dict(hf_dir=""))
     if variant not in ("tiny",):
         config.model.dtype = "bfloat16"

@@ -8,12 +8,14 @@ so a 7B model never exists unsharded on one device.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -70,7 +72,7 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
     try:
-        device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+        device_grid = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # CPU / odd topologies: a plain reshape is the best layout there is.
         device_grid = np.asarray(devices).reshape(shape)
     return Mesh(device_grid, MESH_AXES)
@@ -156,7 +158,7 @@ def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *init_args: Any) -> tu
     shardings.
     """
     _, shardings = abstract_sharded_init(init_fn, mesh, *init_args)
-    with jax.sharding.use_mesh(mesh) if hasattr(jax.sharding, "use_mesh") else mesh:
+    with mesh_context(mesh):
         params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*init_args)
     return params, shardings
 
@@ -173,6 +175,49 @@ def abstract_sharded_params(model: nn.Module, mesh: Mesh, *init_args: Any,
 def logical_rules_context(mesh: Mesh):
     """Context in which `nn.with_logical_constraint` resolves activation names with our rules."""
     return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """Makes `mesh` current and installs the rules table, for tracing sharded code.
+
+    `jax.set_mesh` (not the deprecated `with mesh:`, under which `with_sharding_constraint` with a
+    bare PartitionSpec is silently ignored in this JAX) plus `nn.logical_axis_rules`, so
+    `nn.with_logical_constraint` on activations really constrains them.
+    """
+    set_mesh = getattr(jax, "set_mesh", None) or getattr(jax.sharding, "use_mesh")
+    with set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield mesh
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on `mesh` (scalars, step counters, rng keys)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding for every leaf of a batch: leading (batch) dim over (data, fsdp), rest replicated.
+
+    A PartitionSpec shorter than an array's rank replicates the trailing dims, so this one sharding
+    serves arrays of any rank >= 1 as an `in_shardings` prefix for a whole batch pytree.
+    """
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """The global batch must be divisible by this (the data x fsdp degree)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def global_batch_from_host(local_batch: Any, mesh: Mesh) -> Any:
+    """Assembles each host's slice of the batch into global arrays sharded over (data, fsdp).
+
+    On one host this is a sharded `device_put`; on a pod each host passes only its rows
+    (`jax.make_array_from_process_local_data`), so no host ever holds the global batch.
+    """
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
 def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -1,0 +1,285 @@
+"""The one train-loop skeleton every objective shares (LM, stage 1, stage 2, diffusion).
+
+An objective describes itself as a `TrainTask` (how to init params, its loss, its data, its FLOPs);
+`train(config, workdir, task)` does the rest the same way for all of them:
+
+  mesh from config -> optimizer (AdamW + schedule + clipping + freezing) -> abstract sharded train
+  state -> restore the newest checkpoint in WORKDIR (state + data position) or initialise sharded ->
+  AOT-compile the step -> loop: global batch from each host's rows, step(state, batch,
+  fold_in(seed, step)), log loss / lr / tokens/s / MFU to stdout and WORKDIR/metrics.jsonl,
+  periodic async checkpoints, a final one at the end or on SIGTERM.
+
+`dry_run(config, task)` compiles the same step against abstract inputs and reports per-device memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from uniecg_jax import sharding as sharding_lib
+from uniecg_jax.train import checkpointing, optim, state as state_lib, step as step_lib
+
+log = logging.getLogger("uniecg.train")
+
+
+@dataclasses.dataclass
+class TrainTask:
+    """What an objective contributes to the shared loop.
+
+    Attributes:
+      name: objective name for logs ("lm", "stage1", ...).
+      init_params: `rng -> boxed params` (flax `init(...)["params"]`, logical partitioning kept).
+      loss_fn: `(params, batch, rng) -> (loss, aux)`; aux may hold `num_tokens` (loss denominator).
+      make_data: `(process_index, process_count, local_batch_size) -> iterator` of numpy batches
+        (dicts of [local_batch, ...] arrays); a grain DatasetIterator so its position checkpoints.
+      abstract_batch: `global_batch_size -> pytree of jax.ShapeDtypeStruct` (for the dry run).
+      flops_per_step: model FLOPs of one optimizer step (forward + backward) on the global batch.
+      tokens_per_step: input positions per step on the global batch (throughput unit).
+      num_params: parameter count (for logs).
+      data_description: one line saying where the data comes from (printed at start).
+      initial_params: optional `(mesh, abstract_params) -> params` used instead of random init when
+        no checkpoint exists (e.g. an imported Hugging Face checkpoint), already sharded.
+    """
+    name: str
+    init_params: Callable[[jax.Array], Any]
+    loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]]
+    make_data: Callable[[int, int, int], Iterator[Any]]
+    abstract_batch: Callable[[int], Any]
+    flops_per_step: float
+    tokens_per_step: int
+    num_params: int
+    data_description: str = ""
+    initial_params: Callable[[Any, Any], Any] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: Any
+    history: list[dict]
+    stopped_by_signal: str | None
+    steps_run: int
+
+
+def _echo(message: str) -> None:
+    """Progress lines go to stdout on host 0 only (every host runs the loop)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def build_optimizer_and_state(config: ml_collections.ConfigDict, task: TrainTask, mesh
+                              ) -> tuple[Any, Any, Any, Any, Any]:
+    """(tx, schedule, labels, abstract_state, state_shardings) for `task` on `mesh`."""
+    abstract_params, _ = sharding_lib.abstract_sharded_init(task.init_params, mesh,
+                                                            jax.random.PRNGKey(0))
+    tx, schedule, labels = optim.make_optimizer(config.train, abstract_params)
+    abstract_state, shardings = state_lib.abstract_train_state(task.init_params, tx, mesh)
+    return tx, schedule, labels, abstract_state, shardings
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the number comes from.
+
+    TPU/GPU: the vendor's dense bf16 figure by device kind. CPU: measured here, a bf16 matmul with
+    f32 accumulation (the fastest CPU path; a short benchmark, about a tenth of a second).
+    """
+    device = jax.devices()[0]
+    kind = device.device_kind.lower()
+    table = {"tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12,
+             "tpu v5": 459e12, "tpu v6 lite": 918e12, "tpu v6e": 918e12, "tpu7x": 2307e12,
+             "h100": 989e12, "h200": 989e12, "a100": 312e12, "b200": 2250e12}
+    for name, flops in table.items():
+        if name in kind:
+            return flops, f"{device.device_kind} spec sheet (bf16 dense)"
+    size = 1024
+    a = jnp.ones((size, size), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    matmul(a, a).block_until_ready()
+    repeats = 5
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a, a)
+    out.block_until_ready()
+    seconds = (time.perf_counter() - start) / repeats
+    # Simulated CPU devices share the same cores, so the host's peak is split between them.
+    per_device = 2 * size ** 3 / seconds / max(1, jax.local_device_count())
+    return per_device, "measured bf16->f32 matmul on this host / local devices"
+
+
+def _global_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
+    batch_size = int(config.train.batch_size)
+    accum = int(config.train.grad_accum_steps)
+    divisor = sharding_lib.batch_divisor(mesh) * accum
+    if batch_size % divisor or batch_size % jax.process_count():
+        raise ValueError(
+            f"train.batch_size={batch_size} must be divisible by data*fsdp "
+            f"({sharding_lib.batch_divisor(mesh)}) x grad_accum_steps ({accum}) and by the host "
+            f"count ({jax.process_count()})")
+    return batch_size
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Drops metrics lines logged after the checkpoint being resumed (they will be redone)."""
+    if not os.path.exists(path) or jax.process_index() != 0:
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask) -> TrainResult:
+    """Runs (or resumes) training of `task` in `workdir` until `config.train.steps`."""
+    sharding_lib.maybe_initialize_distributed(bool(config.get("distributed", False)))
+    train_cfg = config.train
+    total_steps = int(train_cfg.steps)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    global_batch = _global_batch_size(config, mesh)
+    tx, schedule, labels, abstract_state, shardings = build_optimizer_and_state(config, task, mesh)
+    frozen = sum(label == optim.FROZEN for label in jax.tree.leaves(labels))
+    _echo(f"[{task.name}] mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform}"
+          f" devices, {jax.process_count()} host(s); {task.num_params / 1e6:.2f}M params"
+          f"{f', {frozen} frozen tensors' if frozen else ''}; global batch {global_batch}"
+          f" x grad_accum {int(train_cfg.grad_accum_steps)}")
+    if task.data_description:
+        _echo(f"[{task.name}] data: {task.data_description}")
+
+    local_batch = global_batch // jax.process_count()
+    data_iterator = task.make_data(jax.process_index(), jax.process_count(), local_batch)
+    checkpointer = checkpointing.RunCheckpointer(
+        workdir, keep=int(train_cfg.get("keep_checkpoints", 2)),
+        async_save=bool(train_cfg.get("async_checkpoint", True)))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        state = checkpointer.restore(latest, abstract_state, data_iterator)
+        _truncate_metrics(metrics_path, latest)
+        _echo(f"[{task.name}] resumed from {checkpointer.directory}/{latest}")
+    else:
+        given = (task.initial_params(mesh, abstract_state.params)
+                 if task.initial_params is not None else None)
+        state = state_lib.init_train_state(task.init_params, tx, mesh,
+                                           jax.random.PRNGKey(int(config.seed)), shardings, given)
+    start_step = int(jax.device_get(state.step))
+
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(task.loss_fn, tx, schedule, labels,
+                                 int(train_cfg.grad_accum_steps)), shardings, mesh)
+    peak_flops, peak_source = peak_flops_per_device()
+    log_every = max(1, int(train_cfg.log_every))
+    checkpoint_every = int(train_cfg.checkpoint_every)
+    preemption = checkpointing.PreemptionFlag()
+    history: list[dict] = []
+    stopped_by: str | None = None
+    step = start_step
+    window_start, window_steps = time.perf_counter(), 0
+    pending: list[tuple[int, dict]] = []
+    try:
+        while step < total_steps:
+            batch = sharding_lib.global_batch_from_host(next(data_iterator), mesh)
+            state, metrics = train_step(state, batch, step_lib.step_rng(int(config.seed), step))
+            step += 1
+            window_steps += 1
+            pending.append((step, metrics))
+            if step == start_step + 1:
+                # The first step includes compilation; keep it out of the throughput window.
+                jax.block_until_ready(metrics)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % log_every == 0 or step == total_steps:
+                jax.block_until_ready(metrics)
+                elapsed = time.perf_counter() - window_start
+                records = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()})
+                           for s, m in pending]
+                pending.clear()
+                record = records[-1]
+                if window_steps and elapsed > 0:
+                    record["tokens_per_s"] = task.tokens_per_step * window_steps / elapsed
+                    record["step_time_s"] = elapsed / window_steps
+                    record["mfu"] = (task.flops_per_step * window_steps / elapsed
+                                     / (peak_flops * jax.device_count()))
+                window_start, window_steps = time.perf_counter(), 0
+                history.extend(records)
+                if jax.process_index() == 0:
+                    with open(metrics_path, "a") as f:
+                        for r in records:
+                            f.write(json.dumps(r) + "\n")
+                throughput = (f" {record['tokens_per_s']:,.0f} tok/s mfu {record['mfu']:.1%}"
+                              if "mfu" in record else "")
+                _echo(f"[{task.name}] step {step}/{total_steps} ({100 * step / total_steps:.0f}%) "
+                      f"loss {record['loss']:.4f} lr {record['learning_rate']:.2e} "
+                      f"grad_norm {record['grad_norm']:.3f}{throughput}")
+            if checkpoint_every > 0 and step % checkpoint_every == 0 and step < total_steps:
+                checkpointer.save(step, state, data_iterator, config)
+            if preemption.any_host():
+                stopped_by = preemption.signal_name or "signal"
+                break
+        if step > start_step or checkpointer.latest_step() != step:
+            checkpointer.save(step, state, data_iterator, config, force=True)
+        checkpointer.wait()
+        if stopped_by:
+            _echo(f"[{task.name}] {stopped_by}: saved step {step} to {checkpointer.directory}, exiting")
+        else:
+            _echo(f"[{task.name}] done: step {step}, checkpoint in {checkpointer.directory}; "
+                  f"MFU against {peak_source}")
+    finally:
+        preemption.restore()
+        checkpointer.close()
+    return TrainResult(state=state, history=history, stopped_by_signal=stopped_by,
+                       steps_run=step - start_step)
+
+
+def dry_run(config: ml_collections.ConfigDict, task: TrainTask) -> dict:
+    """Lowers and compiles the train step for the configured mesh without allocating anything.
+
+    Returns a dict of per-device memory (bytes: arguments, outputs, temporaries, generated code,
+    aliased = donated and reused), parameter count, and model and compiler FLOPs per step.
+    """
+    mesh = sharding_lib.make_mesh(config.mesh)
+    global_batch = _global_batch_size(config, mesh)
+    tx, schedule, labels, abstract_state, shardings = build_optimizer_and_state(config, task, mesh)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(task.loss_fn, tx, schedule, labels,
+                                 int(config.train.grad_accum_steps)), shardings, mesh)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    abstract_batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+        task.abstract_batch(global_batch))
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(mesh))
+    t0 = time.perf_counter()
+    lowered = train_step.lower(abstract_state, abstract_batch, rng)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    report = dict(
+        mesh=dict(mesh.shape), devices=jax.device_count(), platform=jax.devices()[0].platform,
+        global_batch=global_batch, grad_accum_steps=int(config.train.grad_accum_steps),
+        num_params=task.num_params, train_state_bytes_total=state_bytes,
+        model_flops_per_step=task.flops_per_step,
+        compiler_flops_per_device=float((cost or {}).get("flops", float("nan"))),
+        lower_s=t1 - t0, compile_s=t2 - t1)
+    if memory is not None:
+        report.update(
+            argument_bytes=int(memory.argument_size_in_bytes),
+            output_bytes=int(memory.output_size_in_bytes),
+            alias_bytes=int(memory.alias_size_in_bytes),
+            temp_bytes=int(memory.temp_size_in_bytes),
+            generated_code_bytes=int(memory.generated_code_size_in_bytes))
+        report["peak_estimate_bytes"] = (report["argument_bytes"] + report["output_bytes"]
+                                         - report["alias_bytes"] + report["temp_bytes"]
+                                         + report["generated_code_bytes"])
+    return report

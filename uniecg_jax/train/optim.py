@@ -1,0 +1,98 @@
+"""The optimizer: AdamW, linear warmup + cosine decay, global-norm clipping, weight-decay mask and
+freezing of parameter groups by regex.
+
+Frozen parameters go through `optax.set_to_zero()` inside `optax.multi_transform`, which hands the
+AdamW branch a tree with `optax.MaskedNode()` in their place: they get no moment buffers at all, and
+their updates are exact zeros, so they stay bit-identical. Gradient accumulation is done by the train
+step (`lax.scan` over microbatches, `uniecg_jax/train/step.py`), not by `optax.MultiSteps`, so the
+optimizer sees one averaged gradient per step and its state holds no accumulation buffer.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import jax
+import optax
+
+TRAINABLE = "trainable"
+FROZEN = "frozen"
+
+# Parameter-name fragments that get no weight decay (norm scales, biases, RMSNorm weights).
+_NO_DECAY = re.compile(r"(^|/)(bias|scale|.*norm.*|.*_ln.*|ln_.*)(/|$)", re.IGNORECASE)
+
+
+def param_path(key_path: tuple) -> str:
+    """`('params', 'layers_0', 'attn', 'q_proj', 'kernel')`-style key path -> `params/layers_0/.../kernel`."""
+    parts = []
+    for key in key_path:
+        name = getattr(key, "key", None)
+        if name is None:
+            name = getattr(key, "name", None)
+        if name is None:
+            name = getattr(key, "idx", key)
+        parts.append(str(name))
+    return "/".join(parts)
+
+
+def learning_rate_schedule(train_config: Mapping[str, Any]) -> optax.Schedule:
+    """Linear warmup 0 -> learning_rate over `warmup_steps`, then cosine decay to
+    `learning_rate * min_lr_ratio` at step `steps` (and flat after)."""
+    peak = float(train_config["learning_rate"])
+    warmup = int(train_config["warmup_steps"])
+    total = max(int(train_config["steps"]), warmup + 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=peak, warmup_steps=warmup, decay_steps=total,
+        end_value=peak * float(train_config["min_lr_ratio"]))
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """True for leaves that get weight decay: matrices/kernels, not norms, biases or scalars."""
+    def decays(key_path, leaf):
+        path = param_path(key_path)
+        return len(getattr(leaf, "shape", ())) >= 2 and not _NO_DECAY.search(path)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def freeze_labels(params: Any, freeze_regex: str) -> Any:
+    """`"frozen"` for leaves whose path (`a/b/kernel`) matches `freeze_regex` (re.search), else
+    `"trainable"`. An empty regex freezes nothing; a regex that matches nothing is an error, since a
+    typo there would silently train what the user meant to keep fixed."""
+    if not freeze_regex:
+        return jax.tree.map(lambda _: TRAINABLE, params)
+    try:
+        pattern = re.compile(freeze_regex)
+    except re.error as e:
+        raise ValueError(f"train.freeze: invalid regex {freeze_regex!r}: {e}") from None
+    labels = jax.tree_util.tree_map_with_path(
+        lambda kp, _: FROZEN if pattern.search(param_path(kp)) else TRAINABLE, params)
+    if FROZEN not in jax.tree.leaves(labels):
+        some = [param_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)[:5]]
+        raise ValueError(f"train.freeze={freeze_regex!r} matches no parameter; paths look like {some}")
+    return labels
+
+
+def make_optimizer(train_config: Mapping[str, Any], params: Any
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
+    """AdamW with the schedule, clipping, decay mask and freezing described by `train_config`.
+
+    Args:
+      train_config: `config.train` (learning_rate, warmup_steps, steps, min_lr_ratio, weight_decay,
+        b1, b2, grad_clip (0 = off), freeze (regex, "" = none)).
+      params: the param tree, concrete or abstract (only paths and shapes are read).
+    Returns:
+      (tx, schedule, labels): the transformation, the learning-rate schedule (for logging) and the
+      per-leaf "trainable"/"frozen" labels.
+    """
+    schedule = learning_rate_schedule(train_config)
+    labels = freeze_labels(params, str(train_config.get("freeze", "") or ""))
+    chain = []
+    if float(train_config["grad_clip"]) > 0:
+        # Inside the trainable branch, so the norm is over trained parameters only.
+        chain.append(optax.clip_by_global_norm(float(train_config["grad_clip"])))
+    chain.append(optax.adamw(
+        learning_rate=schedule, b1=float(train_config["b1"]), b2=float(train_config["b2"]),
+        eps=float(train_config.get("eps", 1e-8)), weight_decay=float(train_config["weight_decay"]),
+        mask=weight_decay_mask))
+    tx = optax.multi_transform({TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels)
+    return tx, schedule, labels
