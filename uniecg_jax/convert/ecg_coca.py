@@ -189,7 +189,7 @@ def _detect_prefix(keys: Sequence[str], candidates: Sequence[str], anchor: str) 
 
 
 def _abstract_params(module: nn.Module, *inputs: jax.ShapeDtypeStruct) -> dict:
-    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    variables = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
     return nn.unbox(variables["params"])
 
 
@@ -328,7 +328,7 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike) ->
     """Writes an exported state dict: `.safetensors`, else a torch file `{"state_dict": ...}` that
     ECG-CoCa's / GEM's loaders read."""
     import torch
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}
+    tensors = {k: torch.tensor(np.asarray(v)) for k, v in state.items()}
     path = os.fspath(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file

@@ -30,18 +30,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from uniecg_jax.layers.linear import DenseGeneral
+from uniecg_jax.layers.linear import DenseGeneral, to_dtype
 
 Array = jax.Array
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _dtype(name: str) -> Any:
-    if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
 
 def _get(cfg: Mapping[str, Any] | None, key: str, default: Any) -> Any:
     if cfg is None:
@@ -147,8 +138,8 @@ def _dense(features: int, axes: tuple[str, str], param_dtype: Any, dtype: Any,
 def _layer_norm(config: ECGEncoderConfig, name: str) -> nn.LayerNorm:
     # Two-pass variance in float32 (use_fast_variance=False) keeps parity with torch's LayerNorm.
     return nn.LayerNorm(
-        epsilon=config.layer_norm_eps, dtype=_dtype(config.dtype),
-        param_dtype=_dtype(config.param_dtype), use_fast_variance=False,
+        epsilon=config.layer_norm_eps, dtype=to_dtype(config.dtype),
+        param_dtype=to_dtype(config.param_dtype), use_fast_variance=False,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
         name=name)
@@ -166,7 +157,7 @@ class SelfAttention(nn.Module):
     def __call__(self, tokens: Array) -> Array:
         """tokens [B, N, width] -> [B, N, width]."""
         cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         head_axes = ("activation_batch", "activation_length", "activation_heads", None)
 
         def project(name: str, heads_axis: str) -> Array:
@@ -201,7 +192,7 @@ class ResidualBlock(nn.Module):
     def __call__(self, tokens: Array) -> Array:
         """tokens [B, N, width] -> [B, N, width]."""
         cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         act_axes = ("activation_batch", "activation_length", "activation_embed")
         tokens = tokens + SelfAttention(cfg, name="attn")(_layer_norm(cfg, "ln_1")(tokens))
         tokens = nn.with_logical_constraint(tokens, act_axes)
@@ -222,7 +213,7 @@ class ECGEncoder(nn.Module):
     @nn.compact
     def __call__(self, ecg: Array) -> Array:
         cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         if ecg.ndim != 3 or ecg.shape[1:] != (cfg.num_leads, cfg.num_samples):
             raise ValueError(f"ECG input must be [batch, {cfg.num_leads} leads, {cfg.num_samples} "
                              f"samples] (GEM layout), got shape {tuple(ecg.shape)}")
@@ -263,7 +254,7 @@ class ECGProjector(nn.Module):
     @nn.compact
     def __call__(self, ecg_tokens: Array) -> Array:
         cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         if cfg.ecg_width and ecg_tokens.shape[-1] != cfg.ecg_width:
             raise ValueError(f"projector expects ECG tokens of width {cfg.ecg_width}, "
                              f"got shape {tuple(ecg_tokens.shape)}")
@@ -283,7 +274,7 @@ class MLPGelu(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array) -> Array:
         cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         for index in range(cfg.mm_projector_depth):
             if index:
                 hidden = jax.nn.gelu(hidden, approximate=False)
