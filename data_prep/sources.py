@@ -1,0 +1,149 @@
+"""What data_prep can read: each source lists its work items (cheap, in the parent process) and
+loads one item into (ECGRecord, conversation or None) in a worker. Loading raises RecordError."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import os
+import re
+from typing import Any
+
+from uniecg_jax.errors import RecordError, UniECGError
+
+from uniecg_jax.cli.prep import SOURCES  # noqa: E402  (one list for the CLI and here)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkItem:
+    """One record to prepare. key: unique, stable id; payload: what `load_item` needs."""
+
+    key: str
+    patient_id: str
+    payload: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceOptions:
+    source: str
+    root: str = ""
+    missing_leads: str = "error"
+    num_records: int = 100          # synthetic only
+    seed: int = 0                   # synthetic only
+    ecg_root: str | None = None     # grounding: base folder of relative `ecg` paths
+    build_conversations: bool = True
+
+
+_DATASETS: dict[tuple[str, str], Any] = {}
+
+
+def _dataset(options: SourceOptions):
+    """The parsed index of a MIMIC/PTB-XL root, built once per process (inherited on fork)."""
+    key = (options.source, options.root)
+    if key not in _DATASETS:
+        if options.source == "mimic":
+            from uniecg_jax.data.readers.mimic import MimicDataset
+            _DATASETS[key] = MimicDataset(options.root)
+        else:
+            from uniecg_jax.data.readers.ptbxl import PTBXLDataset
+            _DATASETS[key] = PTBXLDataset(options.root)
+    return _DATASETS[key]
+
+
+def _mimic_patient_from_path(path: str) -> str | None:
+    match = re.search(r"/p(\d{8})/", path.replace(os.sep, "/"))
+    return match.group(1) if match else None
+
+
+def list_items(options: SourceOptions) -> tuple[list[WorkItem], list[dict]]:
+    """(work items sorted by key, skipped entries found while listing: {"record", "reason"})."""
+    source, root = options.source, options.root
+    skipped: list[dict] = []
+    if source == "synthetic":
+        import numpy as np
+
+        rng = np.random.default_rng(options.seed)
+        rates = rng.uniform(45, 125, size=options.num_records).round(1)
+        ages, sexes = rng.integers(20, 90, options.num_records), rng.choice(["M", "F"],
+                                                                             options.num_records)
+        items = [WorkItem(f"synthetic_{options.seed}_{i:07d}", f"synthetic_{options.seed}_{i}",
+                          (float(rates[i]), int(ages[i]), str(sexes[i]), i))
+                 for i in range(options.num_records)]
+    elif source == "cinc":
+        if root in ("", "bundled"):
+            from uniecg_jax.data import bundled_samples_dir
+            root = str(bundled_samples_dir())
+        headers = sorted(glob.glob(os.path.join(root, "**", "*.hea"), recursive=True))
+        if not headers:
+            raise UniECGError(f"{root}: no WFDB headers (*.hea) found for source 'cinc'")
+        items = [WorkItem(os.path.relpath(h[:-4], root), os.path.basename(h[:-4]), h[:-4])
+                 for h in headers]
+    elif source == "ptbxl":
+        dataset = _dataset(options)
+        items = [WorkItem(f"ptbxl_{i:05d}", f"ptbxl_{dataset.rows[i].patient_id or i}", i)
+                 for i in dataset.ecg_ids()]
+    elif source == "mimic":
+        dataset = _dataset(options)
+        items = [WorkItem(f"mimic_{s}", f"mimic_{dataset.patient_id(s)}", s)
+                 for s in dataset.study_ids()]
+    elif source == "grounding":
+        from uniecg_jax.data.readers.grounding import iter_grounding_file
+
+        files = [root] if os.path.isfile(root) else sorted(
+            glob.glob(os.path.join(root, "*.json")) + glob.glob(os.path.join(root, "*.jsonl")))
+        if not files:
+            raise UniECGError(f"{root}: no .json/.jsonl conversation files")
+        items = []
+        for path in files:
+            ecg_root = options.ecg_root or os.path.dirname(os.path.abspath(path))
+            for index, sample in enumerate(iter_grounding_file(path, ecg_root=ecg_root)):
+                if isinstance(sample, RecordError):
+                    skipped.append({"record": f"{path}#{index}", "reason": str(sample)})
+                    continue
+                patient = _mimic_patient_from_path(sample.ecg_path) or sample.sample_id
+                key = f"{os.path.basename(path)}#{index:07d}"
+                items.append(WorkItem(key, f"mimic_{patient}", sample))
+    else:
+        raise UniECGError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
+    return sorted(items, key=lambda item: item.key), skipped
+
+
+def load_item(options: SourceOptions, item: WorkItem):
+    """-> (ECGRecord, conversation [(role, text)] or None). Raises RecordError for a bad record."""
+    import dataclasses as dc
+
+    from uniecg_jax.data import conversations
+    from uniecg_jax.data.readers.cinc import read_cinc_record
+
+    source, conversation = options.source, None
+    if source == "synthetic":
+        from uniecg_jax.data.synthetic import generate_one
+
+        rate, age, sex, index = item.payload
+        record = generate_one(rate, seed=options.seed * 100003 + index, record_id=item.key,
+                              age=float(age), sex=sex)
+    elif source == "cinc":
+        record = read_cinc_record(item.payload, missing_leads=options.missing_leads)
+    elif source == "ptbxl":
+        record = _dataset(options).read(item.payload, missing_leads=options.missing_leads)
+    elif source == "mimic":
+        record = _dataset(options).read(item.payload, missing_leads=options.missing_leads)
+    else:  # grounding
+        sample = item.payload
+        record = read_cinc_record(sample.ecg_path, missing_leads=options.missing_leads)
+        report = sample.report or record.report
+        record = dc.replace(record, record_id=f"{sample.sample_id}", report=report)
+        conversation = list(sample.turns)
+    record = dc.replace(record, patient_id=item.patient_id)
+    if conversation is None and options.build_conversations:
+        conversation = conversations.build_conversation(record)
+    return record, conversation
+
+
+def split_of(patient_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
+    """Deterministic patient-level split: sha256(patient id) -> [0, 1) -> train/validation/test."""
+    digest = hashlib.sha256(str(patient_id).encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2 ** 64
+    if position < fractions[0]:
+        return "train"
+    return "validation" if position < fractions[0] + fractions[1] else "test"
