@@ -1,0 +1,108 @@
+"""KV-cache decoding: greedy == transformers generate(do_sample=False), stops, sampling filters."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from uniecg_jax import decoding  # noqa: E402
+from uniecg_jax.convert import hf_llm, hf_testing  # noqa: E402
+from uniecg_jax.models.llm import Decoder, LLMConfig  # noqa: E402
+
+PROMPTS = [[5, 17, 42, 8, 9, 60, 33], [11, 12], [70, 71, 72, 73]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf_llama")
+    # eos id outside the sampled range unless a test asks for it: no early stops in the HF compare.
+    hf_model = hf_testing.tiny_hf_model("llama", directory, head_dim=12, eos_token_id=95)
+    config = LLMConfig.from_config(hf_llm.model_config_from_hf(str(directory)))
+    params = hf_llm.load_hf_params(str(directory), config)
+    return hf_model, Decoder(config), params
+
+
+def test_greedy_matches_hf_generate_on_padded_batch(tiny):
+    hf_model, model, params = tiny
+    ids, mask = decoding.left_pad(PROMPTS, pad_token_id=0)
+    max_new = 12
+    out = decoding.generate(model, params, ids, mask, max_new_tokens=max_new, stop_token_ids=())
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor(ids, dtype=torch.long),
+                                attention_mask=torch.tensor(mask, dtype=torch.long),
+                                max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    ref_new = ref[:, ids.shape[1]:].numpy()
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref_new)
+    np.testing.assert_array_equal(np.asarray(out.lengths), [max_new] * len(PROMPTS))
+    # Rows are independent of their batch mates and of the padding.
+    alone = decoding.generate(model, params, np.array([PROMPTS[1]]), max_new_tokens=max_new,
+                              stop_token_ids=())
+    np.testing.assert_array_equal(np.asarray(alone.tokens[0]), ref_new[1])
+
+
+def test_stop_tokens_end_rows_and_pad_after(tiny):
+    _, model, params = tiny
+    ids, mask = decoding.left_pad(PROMPTS)
+    free = np.asarray(decoding.generate(model, params, ids, mask, max_new_tokens=10,
+                                        stop_token_ids=()).tokens)
+    # Stop on the 3rd token of row 0 and the 5th of row 1 (two different stop ids).
+    stops = (int(free[0, 2]), int(free[1, 4]))
+    out = decoding.generate(model, params, ids, mask, max_new_tokens=10, stop_token_ids=stops,
+                            pad_token_id=0)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for row in range(3):
+        hits = [k for k in range(10) if free[row, k] in stops]
+        expected_len = hits[0] + 1 if hits else 10
+        assert lengths[row] == expected_len
+        np.testing.assert_array_equal(tokens[row, :expected_len], free[row, :expected_len])
+        assert (tokens[row, expected_len:] == 0).all()
+
+
+def test_top_k_one_sampling_equals_greedy(tiny):
+    _, model, params = tiny
+    ids, mask = decoding.left_pad(PROMPTS)
+    greedy = decoding.generate(model, params, ids, mask, max_new_tokens=8, stop_token_ids=())
+    sampled = decoding.generate(model, params, ids, mask, max_new_tokens=8, stop_token_ids=(),
+                                sampling=decoding.Sampling(temperature=1.3, top_k=1),
+                                rng=jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(np.asarray(sampled.tokens), np.asarray(greedy.tokens))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    # Probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.75 keeps the first two, renormalised 0.625/0.375.
+    logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
+    filtered = decoding.filter_logits(logits, decoding.Sampling(temperature=1.0, top_p=0.75))
+    assert np.isinf(np.asarray(filtered)[0, [0, 2]]).all()
+    keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+    draws = jax.vmap(lambda k: decoding.sample_tokens(
+        logits, decoding.Sampling(temperature=1.0, top_p=0.75), k))(keys)[:, 0]
+    counts = np.bincount(np.asarray(draws), minlength=4) / 4000
+    assert counts[0] == 0 and counts[2] == 0
+    assert abs(counts[1] - 0.625) < 0.03 and abs(counts[3] - 0.375) < 0.03
+    # Plain temperature sampling follows softmax(logits / T).
+    hot = jax.vmap(lambda k: decoding.sample_tokens(
+        logits, decoding.Sampling(temperature=1.0), k))(keys)[:, 0]
+    counts = np.bincount(np.asarray(hot), minlength=4) / 4000
+    np.testing.assert_allclose(counts, [0.15, 0.5, 0.05, 0.3], atol=0.03)
+
+
+def test_prefill_splice_and_right_padding_rejected(tiny):
+    _, model, params = tiny
+    ids, mask = decoding.left_pad(PROMPTS)
+    embeds = np.asarray(model.apply({"params": params}, jnp.asarray(ids), method=Decoder.embed))
+    # Splicing a prompt's own token embeddings back in changes nothing.
+    positions = np.array([[3, 4], [5, 6], [-1, -1]], np.int32)
+    extra = np.stack([embeds[b, np.maximum(positions[b], 0)] for b in range(3)])
+    base = decoding.generate(model, params, ids, mask, max_new_tokens=5, stop_token_ids=())
+    spliced = decoding.generate(model, params, ids, mask, max_new_tokens=5, stop_token_ids=(),
+                                extra_embeddings=jnp.asarray(extra), extra_positions=positions)
+    np.testing.assert_array_equal(np.asarray(base.tokens), np.asarray(spliced.tokens))
+    noisy = decoding.generate(model, params, ids, mask, max_new_tokens=5, stop_token_ids=(),
+                              extra_embeddings=jnp.asarray(extra) * 0 + 3.0,
+                              extra_positions=positions)
+    assert (np.asarray(noisy.tokens) != np.asarray(base.tokens)).any()
+    with pytest.raises(ValueError, match="left-padded"):
+        decoding.generate(model, params, ids, mask[:, ::-1], max_new_tokens=2)

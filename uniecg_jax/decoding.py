@@ -1,0 +1,176 @@
+"""Batched autoregressive decoding: one prefill plus a KV-cached token loop on device.
+
+    out = generate(model, params, input_ids, attention_mask, max_new_tokens=64,
+                   stop_token_ids=(eos_id,), sampling=Sampling(temperature=0.7, top_p=0.9), rng=key)
+    out.tokens   # [B, max_new_tokens] int32, pad_token_id after each row's stop token
+    out.lengths  # [B] int32, generated tokens per row (the stop token included)
+
+Prompts are LEFT-padded (`left_pad` builds them from lists): every row's last prompt token then sits
+in the same cache slot, so all rows write the same slot each step (no per-row scatter), and RoPE
+positions count only real tokens (row b's first new token has position = its prompt length), which is
+what `transformers.generate` does with left padding, so greedy outputs are token-identical.
+
+The whole thing — prefill, then a `lax.while_loop` that samples, appends, updates the cache and stops
+when every row has emitted a stop token or `max_new_tokens` are out — is one jitted function per
+(model config, max_new_tokens, sampling, stop ids); prompt shapes retrace as usual.
+`extra_embeddings [B, N, D]` / `extra_positions [B, N]` (indices into the padded prompt, -1 unused)
+are spliced into the prompt embeddings at prefill (ECG tokens in stage 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uniecg_jax.models.llm import Decoder, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy (argmax); top_k 0 = off; top_p 1.0 = off."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class GenerateOutput(NamedTuple):
+    tokens: jax.Array    # [B, max_new_tokens] int32
+    lengths: jax.Array   # [B] int32
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int = 0,
+             length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists -> (input_ids [B, T], attention_mask [B, T]) left-padded to `length`
+    (default the longest)."""
+    length = length or max(len(s) for s in sequences)
+    ids = np.full((len(sequences), length), pad_token_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for row, seq in enumerate(sequences):
+        if len(seq) > length:
+            raise ValueError(f"prompt {row} has {len(seq)} tokens, more than length={length}")
+        if len(seq):
+            ids[row, length - len(seq):] = seq
+            mask[row, length - len(seq):] = 1
+    return ids, mask
+
+
+def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [B, V] f32 -> temperature-scaled logits with top-k / top-p tails set to -inf."""
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        sorted_logits = jnp.where(mass_before >= sampling.top_p, -jnp.inf, sorted_logits)
+        logits = jnp.full_like(logits, -jnp.inf).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return logits
+
+
+def sample_tokens(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
+    """logits [B, V] -> token ids [B] int32."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
+                   stop_token_ids: tuple[int, ...], pad_token_id: int, params: Any,
+                   input_ids: jax.Array, attention_mask: jax.Array,
+                   extra_embeddings: jax.Array | None, extra_positions: jax.Array | None,
+                   rng: jax.Array) -> GenerateOutput:
+    batch, prompt_len = input_ids.shape
+    cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+    stops = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
+
+    logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask,
+                                extra_embeddings=extra_embeddings, extra_positions=extra_positions,
+                                cache=cache, only_last=True)
+    rng, step_rng = jax.random.split(rng)
+    first = sample_tokens(logits[:, -1], sampling, step_rng)
+    tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, stops)
+    lengths = jnp.ones((batch,), jnp.int32)
+
+    def cond(state):
+        step, _, done, *_ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, done, lengths, cache, rng = state
+        previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)      # [B, 1]
+        logits, cache = model.apply({"params": params}, previous,
+                                    attention_mask=jnp.ones_like(previous), cache=cache)
+        rng, step_rng = jax.random.split(rng)
+        token = sample_tokens(logits[:, -1], sampling, step_rng)
+        token = jnp.where(done, pad_token_id, token)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, stops)
+        return step + 1, tokens, done, lengths, cache, rng
+
+    state = (jnp.int32(1), tokens, done, lengths, cache, rng)
+    _, tokens, _, lengths, _, _ = jax.lax.while_loop(cond, body, state)
+    return GenerateOutput(tokens, lengths)
+
+
+_JITTED: dict = {}
+
+
+def generate_fn(model: Decoder, max_new_tokens: int, sampling: Sampling = Sampling(),
+                stop_token_ids: Sequence[int] = (), pad_token_id: int = 0):
+    """The jitted `(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng) ->
+    GenerateOutput` for these static settings (cached), for callers that manage shardings."""
+    key = (model.config, int(max_new_tokens), sampling, tuple(int(t) for t in stop_token_ids),
+           int(pad_token_id))
+    if key not in _JITTED:
+        def fn(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng):
+            return _generate_impl(model, key[1], sampling, key[3], key[4], params, input_ids,
+                                  attention_mask, extra_embeddings, extra_positions, rng)
+        _JITTED[key] = jax.jit(fn)
+    return _JITTED[key]
+
+
+def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
+             max_new_tokens: int = 32, stop_token_ids: Sequence[int] | None = None,
+             sampling: Sampling = Sampling(), rng: jax.Array | None = None,
+             extra_embeddings=None, extra_positions=None,
+             pad_token_id: int | None = None) -> GenerateOutput:
+    """Generates up to `max_new_tokens` per row for LEFT-padded prompts.
+
+    Args:
+      input_ids / attention_mask: [B, T] (mask 1 = real token); see `left_pad`.
+      stop_token_ids: a row stops after emitting any of these (default: the config's eos).
+      sampling: greedy by default.
+      extra_embeddings [B, N, D] / extra_positions [B, N]: spliced into the prompt at prefill.
+    Returns: GenerateOutput(tokens [B, max_new_tokens], lengths [B]).
+    """
+    cfg = model.config
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    mask_host = np.asarray(attention_mask)
+    if (np.diff(mask_host, axis=1) < 0).any():
+        raise ValueError("generate: prompts must be left-padded (attention_mask must be "
+                         "non-decreasing along each row); use decoding.left_pad")
+    stop = tuple(stop_token_ids) if stop_token_ids is not None else (cfg.eos_token_id,)
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    if not sampling.greedy and rng is None:
+        raise ValueError("generate: sampling needs an rng key")
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    fn = generate_fn(model, max_new_tokens, sampling, stop, pad)
+    extra_positions = None if extra_positions is None else jnp.asarray(extra_positions, jnp.int32)
+    return fn(params, input_ids, jnp.asarray(attention_mask, jnp.int32), extra_embeddings,
+              extra_positions, rng)
