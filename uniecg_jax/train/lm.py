@@ -12,6 +12,7 @@ predictable from context and the loss falls within a few dozen steps.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grain
@@ -76,24 +77,27 @@ def _synthetic_example(index: int, seq_len: int, vocab_size: int, seed: int) -> 
 
 
 def _report_token_stream(config: ml_collections.ConfigDict) -> tuple[np.ndarray, str] | None:
-    """All bundled report strings tokenised into one stream, or None without a tokenizer."""
+    """All bundled report / diagnosis texts tokenised into one stream, or None when the tiny
+    tokenizer is unavailable or its vocabulary does not fit `model.vocab_size`."""
+    return _cached_report_stream(int(config.model.vocab_size), int(config.model.eos_token_id))
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_report_stream(vocab_size: int, eos_id: int) -> tuple[np.ndarray, str] | None:
     try:
-        from uniecg_jax.data import tokenizer as tokenizer_lib  # written by the data layer
-        from uniecg_jax.data import reports as reports_lib
-    except ImportError:
+        from uniecg_jax.data import tokenizer as tokenizer_lib
+        tokenizer = tokenizer_lib.load_tiny()
+        texts = tokenizer_lib.training_corpus()
+    except (ImportError, OSError, AttributeError):
         return None
-    load = getattr(tokenizer_lib, "load_tiny_tokenizer", None)
-    texts = getattr(reports_lib, "bundled_report_texts", None)
-    if load is None or texts is None:
-        return None
-    tokenizer = load()
-    if tokenizer.vocab_size > int(config.model.vocab_size):
+    if len(tokenizer) > vocab_size:
         return None
     ids: list[int] = []
-    for text in texts():
-        ids.extend(tokenizer.encode(text))
-        ids.append(int(config.model.eos_token_id))
-    return np.asarray(ids, np.int32), f"bundled ECG reports ({len(ids)} tokens, tiny tokenizer)"
+    for text in texts:
+        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        ids.append(eos_id)
+    return (np.asarray(ids, np.int32),
+            f"bundled ECG reports/diagnoses, {len(texts)} texts = {len(ids)} tokens (tiny BPE)")
 
 
 def lm_dataset(config: ml_collections.ConfigDict, process_index: int = 0, process_count: int = 1,
