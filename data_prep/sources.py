@@ -76,8 +76,17 @@ def list_items(options: SourceOptions) -> tuple[list[WorkItem], list[dict]]:
         headers = sorted(glob.glob(os.path.join(root, "**", "*.hea"), recursive=True))
         if not headers:
             raise UniECGError(f"{root}: no WFDB headers (*.hea) found for source 'cinc'")
-        items = [WorkItem(os.path.relpath(h[:-4], root), os.path.basename(h[:-4]), h[:-4])
-                 for h in headers]
+        from uniecg_jax.data import ptbxl_rows_near
+
+        rows = ptbxl_rows_near(root)
+        items = []
+        for header in headers:
+            name = os.path.basename(header[:-4])
+            patient = name
+            if name.startswith("HR") and name[2:].isdigit() and int(name[2:]) in rows:
+                patient = f"ptbxl_{rows[int(name[2:])].patient_id}"
+            items.append(WorkItem(os.path.relpath(header[:-4], root), patient,
+                                  (header[:-4], root)))
     elif source == "ptbxl":
         dataset = _dataset(options)
         items = [WorkItem(f"ptbxl_{i:05d}", f"ptbxl_{dataset.rows[i].patient_id or i}", i)
@@ -123,7 +132,11 @@ def load_item(options: SourceOptions, item: WorkItem):
         record = generate_one(rate, seed=options.seed * 100003 + index, record_id=item.key,
                               age=float(age), sex=sex)
     elif source == "cinc":
-        record = read_cinc_record(item.payload, missing_leads=options.missing_leads)
+        from uniecg_jax.data import ptbxl_rows_near, with_ptbxl_metadata
+
+        path, root = item.payload
+        record = with_ptbxl_metadata(read_cinc_record(path, missing_leads=options.missing_leads),
+                                     ptbxl_rows_near(root))
     elif source == "ptbxl":
         record = _dataset(options).read(item.payload, missing_leads=options.missing_leads)
     elif source == "mimic":

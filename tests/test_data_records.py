@@ -123,7 +123,7 @@ def test_resample_pad_crop_and_nonfinite():
 
 
 def test_synthetic_generator_is_deterministic_and_reports_its_rate():
-    first, second = synthetic.generate(2, seed=7), synthetic.generate(2, seed=7)
+    first, second = synthetic.generate(1, seed=7), synthetic.generate(1, seed=7)
     np.testing.assert_array_equal(first[0].signal, second[0].signal)
     assert first[0].report == second[0].report
     record = synthetic.generate(1, heart_rates=[55.0], seed=0)[0]
@@ -155,7 +155,7 @@ def test_truncated_signal_file(tmp_path, bundled):
 def test_corrupt_header(tmp_path):
     base = _copy_bundled(tmp_path)
     open(base + ".hea", "w").write("E07500 twelve 500 5000\nnonsense\n")
-    with pytest.raises(RecordError, match=r"E07500\.hea: cannot read WFDB record: corrupt header"):
+    with pytest.raises(RecordError, match=r"E07500\.hea: corrupt header"):
         read_record(base)
     with pytest.raises(RecordError, match=r"nothere\.hea: WFDB header not found"):
         read_record(str(tmp_path / "nothere"))

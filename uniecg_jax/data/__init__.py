@@ -7,6 +7,7 @@ Entry points: `read_record(path)`, `load_bundled_records()`, `bundled_samples_di
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 import pathlib
@@ -42,21 +43,38 @@ def read_record(path: str | os.PathLike, *, missing_leads: str = "error",
     return read_cinc_record(path, missing_leads=missing_leads, expected_fs=expected_fs)
 
 
+def ptbxl_rows_near(root: str | os.PathLike) -> dict:
+    return dict(_ptbxl_rows_near(os.fspath(root)))
+
+
+@functools.lru_cache(maxsize=16)
+def _ptbxl_rows_near(root: str) -> dict:
+    """PTB-XL rows (ecg_id -> PTBXLRow) from a `ptbxl_database*.csv` + `scp_statements.csv` in
+    `root`, or {} when there is none. Challenge `HR0xxxx` records are PTB-XL ecg_id xxxx."""
+    from uniecg_jax.data.readers.ptbxl import load_ptbxl_rows
+
+    tables = sorted(glob.glob(os.path.join(os.fspath(root), "ptbxl_database*.csv")))
+    statements = os.path.join(os.fspath(root), "scp_statements.csv")
+    if not tables or not os.path.exists(statements):
+        return {}
+    rows = {}
+    for table in tables:
+        rows.update(load_ptbxl_rows(table, statements))
+    return rows
+
+
+def with_ptbxl_metadata(record: ECGRecord, ptbxl_rows: dict) -> ECGRecord:
+    """A Challenge `HR0xxxx` record with its PTB-XL patient id and free-text report (when present)."""
+    name = record.record_id
+    if not (name.startswith("HR") and name[2:].isdigit() and int(name[2:]) in ptbxl_rows):
+        return record
+    row = ptbxl_rows[int(name[2:])]
+    return dataclasses.replace(record, patient_id=f"ptbxl_{row.patient_id}",
+                               report=row.report or record.report)
+
+
 def load_bundled_records() -> list[ECGRecord]:
     """The 50 bundled records. The 10 `HR0600k` ones (PTB-XL ecg_id 600k) carry the cardiologist's
     free-text PTB-XL report and patient id; the others a report verbalised from their SNOMED codes."""
-    from uniecg_jax.data.readers.ptbxl import load_ptbxl_rows
-
-    root = bundled_samples_dir()
-    ptbxl = load_ptbxl_rows(str(root / "ptbxl_database_ecg6000-6009.csv"),
-                            str(root / "scp_statements.csv"))
-    records = []
-    for path in bundled_record_paths():
-        record = read_record(path)
-        name = os.path.basename(path)
-        if name.startswith("HR") and int(name[2:]) in ptbxl:
-            row = ptbxl[int(name[2:])]
-            record = dataclasses.replace(record, patient_id=f"ptbxl_{row.patient_id}",
-                                         report=row.report or record.report)
-        records.append(record)
-    return records
+    rows = ptbxl_rows_near(bundled_samples_dir())
+    return [with_ptbxl_metadata(read_record(path), rows) for path in bundled_record_paths()]

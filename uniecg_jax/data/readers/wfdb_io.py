@@ -33,15 +33,21 @@ def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], fl
     if not os.path.exists(header_path):
         raise RecordError(f"{header_path}: WFDB header not found")
     try:
+        header = wfdb.rdheader(base)
+    except Exception as e:  # wfdb raises HeaderSyntaxError/ValueError/TypeError/... on bad headers
+        raise RecordError(f"{header_path}: corrupt header ({str(e) or type(e).__name__})") from None
+    found = len(header.sig_name or [])
+    if not header.n_sig or found != header.n_sig:
+        raise RecordError(f"{header_path}: corrupt header (record line declares {header.n_sig} "
+                          f"signals, {found} signal lines parse)")
+    try:
         record = wfdb.rdrecord(base)
     except FileNotFoundError as e:
         raise RecordError(f"{header_path}: signal file missing ({e.filename or e})") from None
-    except Exception as e:  # wfdb raises ValueError/HeaderSyntaxError/IndexError/... on bad files
+    except Exception as e:  # wfdb raises ValueError/IndexError/... on bad signal files
         problem = str(e) or type(e).__name__
         if "not loaded correctly" in problem:
             problem = "signal file is truncated (fewer samples than the header declares)"
-        elif type(e).__name__ == "HeaderSyntaxError":
-            problem = f"corrupt header ({problem})"
         raise RecordError(f"{header_path}: cannot read WFDB record: {problem}") from None
     if record.p_signal is None or record.sig_name is None:
         raise RecordError(f"{header_path}: record has no signal channels")

@@ -1,0 +1,228 @@
+"""data_prep: output re-reads equal to the input records, patient-disjoint splits, skip-and-log of
+every bad input, all five sources, kill-and-resume giving the same shards, the text encoders."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from data_fixtures import LEADS, write_grounding_file, write_mimic_root, write_ptbxl_root, \
+    write_wfdb
+from data_prep.prep import PrepOptions, run_prep
+from data_prep.sources import SourceOptions
+from uniecg_jax.data import bundled_record_paths, bundled_samples_dir, load_bundled_records
+from uniecg_jax.data.examples import read_shards, read_summary, shard_paths
+from uniecg_jax.data.text_encoder import HashingTextEncoder, diffusets_prompt, get_text_encoder
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _prep(out, source, root="", workers=1, shard_size=8, text_encoder="hash:32", **source_kw):
+    source_kw.setdefault("build_conversations", False)
+    return run_prep(PrepOptions(SourceOptions(source=source, root=str(root), **source_kw),
+                                out_dir=str(out), workers=workers, shard_size=shard_size,
+                                text_encoder=text_encoder, progress=False))
+
+
+def _all_examples(out):
+    return [e for split in ("train", "validation", "test") for e in read_shards(shard_paths(out, split))]
+
+
+def test_prep_output_rereads_equal_to_input_records(tmp_path):
+    summary = _prep(tmp_path, "cinc", "bundled", workers=2, shard_size=8)
+    assert summary["num_written"] == 50 and summary["num_skipped"] == 0
+    assert sum(summary["num_records"].values()) == 50 and summary["embedding_dim"] == 32
+    originals = {r.record_id: r for r in load_bundled_records()}
+    examples = _all_examples(tmp_path)
+    assert sorted(e["record_id"] for e in examples) == sorted(originals)
+    encoder = HashingTextEncoder(32)
+    for example in examples:
+        original = originals[example["record_id"]]
+        np.testing.assert_array_equal(example["signal"], original.signal)
+        assert (example["age"], example["sex"], example["labels"]) == (
+            original.age, original.sex, list(original.labels))
+        np.testing.assert_allclose(example["text_embedding"], encoder.encode([original.report])[0])
+    # Splits are by patient: no patient appears in two splits.
+    patients = {split: {e["patient_id"] for e in read_shards(shard_paths(tmp_path, split))}
+                for split in ("train", "validation", "test")}
+    assert not (patients["train"] & patients["validation"]) and not (
+        patients["train"] & patients["test"]) and not (patients["validation"] & patients["test"])
+
+
+def _edit_header(base, old, new):
+    with open(base + ".hea") as f:
+        text = f.read()
+    with open(base + ".hea", "w") as f:
+        f.write(text.replace(old, new, 1))
+
+
+def _bad_inputs_root(root, bundled):
+    """Two good Challenge records plus one of each bad kind."""
+    os.makedirs(root)
+    for path in bundled_record_paths()[:2]:
+        for ext in (".hea", ".mat"):
+            shutil.copy(path + ext, os.path.join(root, os.path.basename(path) + ext))
+    leads = dict(zip(LEADS, bundled[0].signal))
+    base = write_wfdb(root, "bad_truncated", leads)
+    data = open(base + ".dat", "rb").read()
+    open(base + ".dat", "wb").write(data[:1000])
+    base = write_wfdb(root, "bad_header", leads)
+    open(base + ".hea", "w").write("bad_header 12 five hundred\n")
+    base = write_wfdb(root, "bad_leadname", leads)
+    _edit_header(base, " V5\n", " Zz\n")
+    write_wfdb(root, "bad_missing", {k: v for k, v in leads.items() if k != "aVL"},
+               order=[lead for lead in LEADS if lead != "aVL"])
+    write_wfdb(root, "bad_flat", {lead: np.full(5000, -0.3) for lead in LEADS})
+    base = write_wfdb(root, "bad_rate", leads, fs=500)
+    _edit_header(base, " 500 ", " 5 ")
+    return {"bad_truncated": "truncated", "bad_header": "corrupt header",
+            "bad_leadname": "unknown lead name 'Zz'", "bad_missing": "missing lead(s) aVL",
+            "bad_flat": "flat signal", "bad_rate": "unsupported sampling rate 5"}
+
+
+def test_bad_records_are_skipped_logged_and_good_ones_kept(tmp_path):
+    bundled = load_bundled_records()
+    expected = _bad_inputs_root(str(tmp_path / "root"), bundled)
+    summary = _prep(tmp_path / "out", "cinc", tmp_path / "root", shard_size=3)
+    assert summary["num_written"] == 2 and summary["num_skipped"] == len(expected)
+    skipped = [json.loads(line) for line in open(tmp_path / "out" / "skipped.jsonl")]
+    by_record = {entry["record"]: entry["reason"] for entry in skipped}
+    assert set(by_record) == set(expected)
+    for record, problem in expected.items():
+        assert f"{record}.hea" in by_record[record] and problem in by_record[record], by_record
+    assert sorted(e["record_id"] for e in _all_examples(tmp_path / "out")) == ["E07500", "E07501"]
+    # With zero-fill the missing-lead record is kept and masked.
+    summary = _prep(tmp_path / "zero", "cinc", tmp_path / "root", missing_leads="zero")
+    kept = {e["record_id"]: e for e in _all_examples(tmp_path / "zero")}
+    assert "bad_missing" in kept and kept["bad_missing"]["lead_mask"].tolist() == [
+        lead != "aVL" for lead in LEADS]
+
+
+def test_grounding_source_keeps_conversations_and_logs_bad_lines(tmp_path):
+    ecg_dir = tmp_path / "ecgs"
+    for path in bundled_record_paths()[:3]:
+        os.makedirs(ecg_dir, exist_ok=True)
+        for ext in (".hea", ".mat"):
+            shutil.copy(path + ext, ecg_dir / (os.path.basename(path) + ext))
+    conversations = tmp_path / "grounding.jsonl"
+    write_grounding_file(str(conversations), ["ecgs/E07500", "ecgs/E07501", "ecgs/missing"])
+    with open(conversations, "a") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "q"},
+                                                          {"from": "gpt", "value": "a"}]}) + "\n")
+    summary = _prep(tmp_path / "out", "grounding", conversations)
+    assert summary["num_written"] == 2 and summary["num_skipped"] == 3
+    reasons = [json.loads(line)["reason"] for line in open(tmp_path / "out" / "skipped.jsonl")]
+    assert any("grounding.jsonl:4: malformed JSON line" in r for r in reasons)
+    assert any("grounding.jsonl:5: conversation 'x' has no `ecg` path" in r for r in reasons)
+    assert any("missing.hea: WFDB header not found" in r for r in reasons)
+    example = sorted(_all_examples(tmp_path / "out"), key=lambda e: e["record_id"])[0]
+    assert example["record_id"] == "g0" and example["conversation"][1] == (
+        "assistant", "Answer 0: sinus rhythm with normal axis.")
+
+
+def test_mimic_and_ptbxl_sources(tmp_path):
+    records = write_mimic_root(str(tmp_path / "mimic"), n=4)
+    summary = _prep(tmp_path / "mimic_out", "mimic", tmp_path / "mimic")
+    examples = {e["record_id"]: e for e in _all_examples(tmp_path / "mimic_out")}
+    assert summary["num_written"] == 4
+    np.testing.assert_array_equal(examples["mimic_40000001"]["signal"], records[1].signal)
+    assert examples["mimic_40000001"]["patient_id"] == "mimic_10000000"
+    assert examples["mimic_40000000"]["measurements"]["rr_interval"] == 800
+    # Both studies of a patient land in the same split.
+    split_of = {e["record_id"]: split for split in ("train", "validation", "test")
+                for e in read_shards(shard_paths(tmp_path / "mimic_out", split))}
+    assert split_of["mimic_40000000"] == split_of["mimic_40000001"]
+    write_ptbxl_root(str(tmp_path / "ptbxl"), n=3)
+    summary = _prep(tmp_path / "ptbxl_out", "ptbxl", tmp_path / "ptbxl")
+    assert summary["num_written"] == 3
+    reports = {e["record_id"]: e["report"] for e in _all_examples(tmp_path / "ptbxl_out")}
+    assert reports["ptbxl_6000"].startswith("sinus rhythm. minor non-specific")
+
+
+def test_synthetic_source_with_conversations_and_precomputed_embeddings(tmp_path):
+    keys = np.array(["synthetic_5_0000000", "synthetic_5_0000001"])
+    embeddings = np.random.default_rng(0).normal(size=(2, 1536)).astype(np.float32)
+    np.savez(tmp_path / "emb.npz", keys=keys, embeddings=embeddings)
+    summary = _prep(tmp_path / "out", "synthetic", num_records=3, seed=5,
+                    text_encoder=f"precomputed:{tmp_path / 'emb.npz'}", build_conversations=True)
+    assert summary["num_written"] == 2 and summary["embedding_dim"] == 1536
+    skipped = [json.loads(line) for line in open(tmp_path / "out" / "skipped.jsonl")]
+    assert skipped[0]["record"] == "synthetic_5_0000002" and "no precomputed" in skipped[0]["reason"]
+    examples = {e["record_id"]: e for e in _all_examples(tmp_path / "out")}
+    np.testing.assert_array_equal(examples["synthetic_5_0000001"]["text_embedding"], embeddings[1])
+    example = examples["synthetic_5_0000000"]
+    assert example["report"].endswith("bpm. normal ecg.") or "sinus" in example["report"]
+    role, answer = example["conversation"][1]
+    assert role == "assistant" and f"{round(example['heart_rate'])} bpm" in answer.replace(
+        f"{round(example['heart_rate']) - 1} bpm", f"{round(example['heart_rate'])} bpm")
+
+
+def _copy_records(root, count):
+    os.makedirs(root)
+    for path in bundled_record_paths()[:count]:
+        for ext in (".hea", ".mat"):
+            shutil.copy(path + ext, os.path.join(root, os.path.basename(path) + ext))
+
+
+def _prep_command(root, out):
+    return [sys.executable, "-m", "data_prep", "--source", "cinc", "--root", str(root), "--out",
+            str(out), "--workers", "1", "--shard-size", "2", "--text-encoder", "hash:16",
+            "--no-progress"]
+
+
+def test_kill_and_resume_produces_the_same_shards(tmp_path):
+    _copy_records(tmp_path / "root", 16)
+    env = dict(os.environ, PYTHONPATH=REPO)
+    out = tmp_path / "resumed"
+    # Conversations (QRS detection per record) make each shard take a moment, so the kill lands
+    # mid-run: after the first shard is finished, before the last.
+    process = subprocess.Popen(_prep_command(tmp_path / "root", out), env=env, cwd=REPO)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*.meta.json")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    finished_before = sorted(p.name for p in out.glob("*.meta.json"))
+    assert finished_before, "no shard finished before the kill"
+    assert not (out / "summary.json").exists(), "prep finished before the kill; test is vacuous"
+    mtimes = {name: os.path.getmtime(out / name) for name in finished_before}
+    subprocess.run(_prep_command(tmp_path / "root", out), env=env, cwd=REPO, check=True)
+    subprocess.run(_prep_command(tmp_path / "root", tmp_path / "clean"), env=env, cwd=REPO,
+                   check=True)
+    for name in finished_before:  # finished shards were not redone
+        assert os.path.getmtime(out / name) == mtimes[name]
+    resumed = sorted(p.name for p in out.iterdir())
+    assert resumed == sorted(p.name for p in (tmp_path / "clean").iterdir())
+    assert not [name for name in resumed if name.endswith(".tmp")]
+    for name in resumed:
+        if name.endswith(".array_record"):
+            assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert read_summary(out)["num_written"] == 16
+
+
+def test_hashing_encoder_and_diffusets_prompt():
+    encoder = get_text_encoder("hash:64")
+    vectors = encoder.encode(["sinus rhythm normal ecg", "sinus rhythm normal ecg",
+                              "atrial fibrillation"])
+    assert vectors.shape == (3, 64) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(vectors[0], vectors[1])
+    assert diffusets_prompt(["sinus rhythm", "left axis deviation"]) == (
+        "Most importantly, the 1st diagnosis is sinus rhythm. As a supplementary condition, the "
+        "2nd diagnosis is left axis deviation.")
+
+
+def test_minilm_encoder_real_model():
+    encoder = get_text_encoder("minilm")
+    vectors = encoder.encode(["sinus rhythm. normal ecg.", "normal sinus rhythm, normal ECG",
+                              "atrial fibrillation with rapid ventricular response"])
+    assert vectors.shape == (3, 384) and encoder.dim == 384
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    similar, different = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
+    assert similar > 0.8 and different < 0.6 and similar > different + 0.3
