@@ -424,11 +424,7 @@ def add_tokens(params: dict, model_config: ml_collections.ConfigDict, tokenizer,
     Returns (params, model_config with the new vocab_size, ids of the tokens). The tokenizer is
     modified in place (save it with `tokenizer.save_pretrained`).
     """
-    if special:
-        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)},
-                                     replace_additional_special_tokens=False)
-    else:
-        tokenizer.add_tokens(list(tokens))
+    tokenizer.add_tokens(list(tokens), special_tokens=special)
     token_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
     old_vocab = int(model_config.vocab_size)
     new_vocab = max(old_vocab, len(tokenizer), max(token_ids) + 1)

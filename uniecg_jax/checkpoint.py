@@ -1,0 +1,111 @@
+"""The model-checkpoint format used by `uniecg convert`, interpretation and export.
+
+A model checkpoint is a directory:
+
+    <dir>/params/        Orbax (StandardCheckpointer) checkpoint of the param pytree
+    <dir>/config.json    the full ConfigDict (`config_to_json`); the LLM fields live under `model`
+    <dir>/tokenizer/     a copy of the tokenizer files (optional)
+
+    save_model(directory, params, config, tokenizer_dir=None)
+    params, config = restore_model(directory, abstract_params=None)
+
+`abstract_params` (ShapeDtypeStructs with `.sharding`, e.g. from `sharding.abstract_sharded_params`)
+makes Orbax restore each array straight onto its sharding. Shapes are checked against the stored
+metadata first: a missing or wrong-shaped tensor raises `CheckpointError` naming it and both shapes.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from uniecg_jax.config import config_from_json, config_to_json
+from uniecg_jax.errors import CheckpointError
+
+PARAMS_DIR = "params"
+CONFIG_FILE = "config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def _flatten(tree: Any) -> dict[str, Any]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+            for path, leaf in leaves}
+
+
+def save_model(directory: str, params: Any, config: ml_collections.ConfigDict,
+               tokenizer_dir: str | None = None) -> str:
+    """Writes params (Orbax), config.json and a tokenizer copy into `directory` (overwrites)."""
+    import orbax.checkpoint as ocp
+    from uniecg_jax.convert.hf_llm import copy_tokenizer_files
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, PARAMS_DIR), params, force=True)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        f.write(config_to_json(config))
+    if tokenizer_dir:
+        copy_tokenizer_files(tokenizer_dir, os.path.join(directory, TOKENIZER_DIR))
+    return directory
+
+
+def load_model_config(directory: str) -> ml_collections.ConfigDict:
+    """The config stored with a model checkpoint (locked ConfigDict)."""
+    path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; {directory} is not a uniecg model checkpoint")
+    with open(path) as f:
+        return config_from_json(f.read())
+
+
+def tokenizer_path(directory: str) -> str | None:
+    """`<directory>/tokenizer` when the checkpoint carries a tokenizer, else None."""
+    path = os.path.join(directory, TOKENIZER_DIR)
+    return path if os.path.isdir(path) else None
+
+
+def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """{'a/b/kernel': (shape, dtype)} of the stored params, from Orbax metadata (no data read)."""
+    import orbax.checkpoint as ocp
+    params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: missing; {directory} is not a uniecg model checkpoint")
+    metadata = ocp.StandardCheckpointer().metadata(params_dir)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    return {name: (tuple(m.shape), m.dtype) for name, m in _flatten(tree).items()}
+
+
+def restore_model(directory: str, abstract_params: Any = None) -> tuple[Any, ml_collections.ConfigDict]:
+    """Restores (params, config). With `abstract_params` every array lands on its `.sharding` and
+    in its dtype; without, params are restored as stored onto the default device."""
+    import orbax.checkpoint as ocp
+    directory = os.path.abspath(directory)
+    config = load_model_config(directory)
+    stored = stored_shapes(directory)
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if abstract_params is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        metadata = ocp.StandardCheckpointer().metadata(params_dir)
+        tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+        abstract_params = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+    else:
+        wanted = _flatten(abstract_params)
+        missing = sorted(set(wanted) - set(stored))
+        if missing:
+            raise CheckpointError(f"{params_dir}: missing tensors {missing[:8]}"
+                                  f"{' ...' if len(missing) > 8 else ''}")
+        unexpected = sorted(set(stored) - set(wanted))
+        if unexpected:
+            raise CheckpointError(f"{params_dir}: tensors the model has no place for: "
+                                  f"{unexpected[:8]}")
+        for name, target in wanted.items():
+            if tuple(target.shape) != stored[name][0]:
+                raise CheckpointError(f"{params_dir}: tensor {name} is stored with shape "
+                                      f"{stored[name][0]} but the model expects "
+                                      f"{tuple(target.shape)}")
+    params = ocp.StandardCheckpointer().restore(params_dir, abstract_params)
+    return params, config

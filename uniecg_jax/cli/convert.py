@@ -1,0 +1,68 @@
+"""`uniecg convert`: Hugging Face safetensors directories <-> uniecg model checkpoints.
+
+    uniecg convert from-hf --hf-dir /ckpt/vicuna-7b --out /ckpt/vicuna-orbax [--config configs/llm.py:vicuna_7b] [--dtype float32]
+    uniecg convert to-hf --ckpt /ckpt/vicuna-orbax --out /ckpt/vicuna-hf [--dtype bfloat16]
+
+from-hf infers the model config from the HF config.json unless --config is given (then the shapes
+must agree, or the error names the tensor). The tokenizer files travel with the checkpoint.
+"""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("convert", help="convert LLM checkpoints to/from Hugging Face")
+    actions = parser.add_subparsers(dest="direction", metavar="DIRECTION")
+    actions.required = True
+    from_hf = actions.add_parser("from-hf", help="HF safetensors dir -> uniecg checkpoint")
+    from_hf.add_argument("--hf-dir", required=True, help="LlamaForCausalLM / Qwen2ForCausalLM dir")
+    from_hf.add_argument("--out", required=True, help="output checkpoint directory")
+    from_hf.add_argument("--config", default=None,
+                         help="configs/llm.py:<variant>; default: inferred from config.json")
+    from_hf.add_argument("--dtype", default=None, help="param dtype (default: the config's)")
+    from_hf.set_defaults(handler=run_from_hf)
+    to_hf = actions.add_parser("to-hf", help="uniecg checkpoint -> HF safetensors dir")
+    to_hf.add_argument("--ckpt", required=True, help="uniecg checkpoint directory")
+    to_hf.add_argument("--out", required=True, help="output HF directory")
+    to_hf.add_argument("--dtype", default=None, help="tensor dtype (default: the param dtype)")
+    to_hf.add_argument("--max-shard-gb", type=float, default=5.0,
+                       help="shard safetensors above this size (GiB)")
+    to_hf.set_defaults(handler=run_from_ckpt_to_hf)
+
+
+def run_from_hf(args) -> int:
+    import ml_collections
+    from uniecg_jax import checkpoint, sharding
+    from uniecg_jax.config import load_config
+    from uniecg_jax.convert import hf_llm
+    from uniecg_jax.models.llm import LLMConfig
+
+    if args.config:
+        config = load_config(args.config, args.config_overrides)
+    else:
+        config = load_config("configs/llm.py:tiny", args.config_overrides)
+        inferred = hf_llm.model_config_from_hf(args.hf_dir)
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model = inferred
+    if args.dtype:
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model.param_dtype = args.dtype
+    mesh = sharding.make_mesh(config.mesh)
+    model_config = LLMConfig.from_config(config.model)
+    params = hf_llm.load_hf_params(args.hf_dir, model_config, mesh=mesh)
+    checkpoint.save_model(args.out, params, config, tokenizer_dir=args.hf_dir)
+    print(f"wrote {args.out} ({model_config.num_params() / 1e6:.1f}M params, "
+          f"{model_config.family})")
+    return 0
+
+
+def run_from_ckpt_to_hf(args) -> int:
+    from uniecg_jax import checkpoint
+    from uniecg_jax.convert import hf_llm
+    from uniecg_jax.models.llm import LLMConfig
+
+    params, config = checkpoint.restore_model(args.ckpt)
+    model_config = LLMConfig.from_config(config.model if "model" in config else config)
+    hf_llm.save_hf(params, model_config, args.out, tokenizer_dir=checkpoint.tokenizer_path(args.ckpt),
+                   dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    print(f"wrote {args.out}")
+    return 0
