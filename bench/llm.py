@@ -1,0 +1,185 @@
+"""Decoder-LLM benchmark: ours (JAX/Flax) against Hugging Face transformers PyTorch, same machine.
+
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/llm.py            # full run (~5 min on 2 cores)
+    python bench/llm.py --preset tiny --seq 64 --batch 2 --new-tokens 16 # smoke run
+
+In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 by default):
+  1. matmul peak: a big f32 matmul and a bf16 matmul with f32 accumulation (our compute path);
+  2. training tokens/s, forward + backward + AdamW: ours vs PyTorch, f32 and bf16
+     (ours: bf16 compute, f32 params; PyTorch: torch.autocast(bfloat16));
+  3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
+  4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate().
+The train step is a plain local jit (value_and_grad + optax.adamw, donated state) on one device.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from uniecg_jax import decoding
+from uniecg_jax.models import presets
+from uniecg_jax.models.llm import Decoder, LLMConfig
+
+
+def timed(fn, repeats: int) -> float:
+    """Mean seconds per call after one warm-up call (fn must block until done)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_peak(size: int = 2048) -> dict[str, float]:
+    a32 = jnp.asarray(np.random.RandomState(0).randn(size, size), jnp.float32)
+    a16 = a32.astype(jnp.bfloat16)
+    f32 = jax.jit(lambda x: x @ x)
+    bf16 = jax.jit(lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32))
+    flops = 2 * size ** 3
+    return {"f32": flops / timed(lambda: f32(a32).block_until_ready(), 5),
+            "bf16_f32acc": flops / timed(lambda: bf16(a16).block_until_ready(), 5)}
+
+
+def flops_per_token(config: LLMConfig, seq: int) -> float:
+    matmul_params = config.num_params() - (0 if config.tie_word_embeddings
+                                           else config.vocab_size * config.hidden_size)
+    return 6.0 * matmul_params + 12 * config.num_layers * config.num_heads * \
+        config.resolved_head_dim * seq
+
+
+def ours_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int) -> float:
+    model = Decoder(config)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)))
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), ids[:1, :8])["params"])()
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+    tx = optax.adamw(3e-4, weight_decay=0.01)
+    opt_state = tx.init(params)
+
+    def loss_fn(params, ids):
+        logits = model.apply({"params": params}, ids[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+
+    def train_step(params, opt_state, ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, ids)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+    step = jax.jit(train_step, donate_argnums=(0, 1))
+    state = [params, opt_state]
+
+    def run():
+        state[0], state[1], loss = step(state[0], state[1], ids)
+        loss.block_until_ready()
+    seconds = timed(run, steps)
+    return batch * (seq - 1) / seconds
+
+
+def torch_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int,
+                             bf16: bool) -> float:
+    import torch
+    import transformers
+    from uniecg_jax.convert.hf_llm import hf_config_from_model
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf_config_from_model(config)).float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    seconds = timed(run, steps)
+    return batch * (seq - 1) / seconds
+
+
+def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int
+                        ) -> tuple[float, float]:
+    """(ours, HF generate()) new tokens per second, greedy, f32, same random weights."""
+    import torch
+    import transformers
+    from uniecg_jax.convert.hf_llm import hf_config_from_model, hf_state_dict
+    model = Decoder(config)
+    ids = np.random.RandomState(1).randint(3, config.vocab_size, (batch, prompt))
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.asarray(ids[:, :8]))["params"])()
+    params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
+                          is_leaf=lambda x: hasattr(x, "unbox"))
+
+    def ours():
+        out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=())
+        out.tokens.block_until_ready()
+    ours_s = timed(ours, 2)
+
+    hf_model = transformers.LlamaForCausalLM(hf_config_from_model(config)).float().eval()
+    with torch.no_grad():
+        state = {name: torch.from_numpy(np.asarray(t, np.float32).copy())
+                 for name, t in hf_state_dict(params, config)}
+        hf_model.load_state_dict(state, strict=False)
+
+    def hf():
+        with torch.no_grad():
+            hf_model.generate(torch.tensor(ids), attention_mask=torch.ones(batch, prompt,
+                                                                           dtype=torch.long),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+    hf_s = timed(hf, 1)
+    return batch * new_tokens / ours_s, batch * new_tokens / hf_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=3, help="timed train steps per variant")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--skip-torch", action="store_true")
+    args = parser.parse_args()
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    base = presets.llm(args.preset)
+    base.max_position_embeddings = max(base.max_position_embeddings, args.seq + args.new_tokens)
+    config = LLMConfig.from_config(base)
+    bf16 = LLMConfig.from_config({**base.to_dict(), "dtype": "bfloat16"})
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads)")
+    print(f"model: preset {args.preset}, {config.num_params() / 1e6:.1f}M params, "
+          f"seq {args.seq}, batch {args.batch}")
+    if "hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+        print("note: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 gave ~+20% to both frameworks here")
+
+    peak = matmul_peak()
+    print(f"matmul peak: f32 {peak['f32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 with f32 accumulation {peak['bf16_f32acc'] / 1e9:.0f} GFLOP/s")
+
+    fpt = flops_per_token(config, args.seq)
+    rows = []
+    for name, cfg, torch_bf16, peak_key in (("f32", config, False, "f32"),
+                                           ("bf16", bf16, True, "bf16_f32acc")):
+        ours = ours_train_tokens_per_s(cfg, args.batch, args.seq, args.steps)
+        ref = None if args.skip_torch else torch_train_tokens_per_s(
+            config, args.batch, args.seq, args.steps, torch_bf16)
+        mfu = ours * fpt / peak[peak_key]
+        rows.append((name, ours, ref, mfu))
+        ref_text = "n/a" if ref is None else f"{ref:8.0f} tok/s   ratio {ours / ref:5.2f}x"
+        print(f"train {name:4s}: ours {ours:8.0f} tok/s   PyTorch {ref_text}   "
+              f"MFU {100 * mfu:4.1f}% of the {peak_key} peak")
+
+    for batch in (1, 8):
+        ours, hf = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens)
+        print(f"decode batch {batch}: ours {ours:8.0f} tok/s   generate() {hf:8.0f} tok/s   "
+              f"ratio {ours / hf:5.2f}x   ({args.new_tokens} new tokens, prompt {args.prompt}, f32)")
+
+
+if __name__ == "__main__":
+    main()
