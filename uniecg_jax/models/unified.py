@@ -1,0 +1,116 @@
+"""The UniECG multimodal model: ECG tower (patch encoder + GEM projectors) feeding the decoder LLM.
+
+A conversation arrives as token ids with ONE `<ecg>` placeholder (from the data pipeline). The
+placeholder expands into the ECG tower's `E = 1 + samples / patch` tokens: every per-token array
+([B, T] ids, masks, targets) is re-indexed to [B, T + E - 1] by one fixed-size gather, and the ECG
+embeddings are scattered into the LLM embeddings at positions `ecg_position + arange(E)` (the
+Decoder's `extra_embeddings`). No data-dependent shapes, so training and decoding jit.
+
+Params: {"ecg_tower": {"encoder", "projector"}, "llm": <Decoder params>}; the LLM subtree is exactly
+the Decoder's, so HF conversion applies to `params["llm"]` unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uniecg_jax.models.ecg_encoder import ECGEncoderConfig, ECGTower, ProjectorConfig
+from uniecg_jax.models.llm import Decoder, LLMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class UniECGConfig:
+    llm: LLMConfig
+    encoder: ECGEncoderConfig
+    projector: ProjectorConfig
+
+    @classmethod
+    def from_config(cls, model_config: Any) -> "UniECGConfig":
+        """From `config.model` with sub-groups `llm`, `ecg_encoder`, `projector`."""
+        llm = LLMConfig.from_config(model_config.llm)
+        encoder = ECGEncoderConfig.from_config(model_config.ecg_encoder)
+        projector = ProjectorConfig.from_config(model_config.projector, ecg_width=encoder.width)
+        if projector.llm_hidden_size != llm.hidden_size:
+            raise ValueError(f"model.projector.llm_hidden_size={projector.llm_hidden_size} must equal "
+                             f"model.llm.hidden_size={llm.hidden_size}")
+        return cls(llm, encoder, projector)
+
+    @property
+    def num_ecg_tokens(self) -> int:
+        """E: LLM positions one ECG occupies (CLS + patches)."""
+        return self.encoder.num_tokens
+
+
+def expanded_indices(ecg_position: jax.Array, length: int, num_ecg_tokens: int) -> jax.Array:
+    """Source index in the placeholder sequence for every slot of the expanded sequence.
+
+    Args:
+      ecg_position: [B] index of the `<ecg>` placeholder in each row.
+      length: T, the placeholder sequence length.
+      num_ecg_tokens: E.
+    Returns:
+      [B, T + E - 1] int32: the source index, or -1 for the E slots the ECG tokens fill.
+    """
+    slots = jnp.arange(length + num_ecg_tokens - 1)[None, :]
+    position = ecg_position[:, None]
+    return jnp.where(slots < position, slots,
+                     jnp.where(slots < position + num_ecg_tokens, -1, slots - num_ecg_tokens + 1)
+                     ).astype(jnp.int32)
+
+
+def expand_at_placeholder(values: jax.Array, ecg_position: jax.Array, num_ecg_tokens: int,
+                          fill: Any) -> jax.Array:
+    """[B, T] per-token values -> [B, T + E - 1] with `fill` in the E ECG slots."""
+    index = expanded_indices(ecg_position, values.shape[1], num_ecg_tokens)
+    gathered = jnp.take_along_axis(values, jnp.maximum(index, 0), axis=1)
+    return jnp.where(index < 0, jnp.asarray(fill, values.dtype), gathered)
+
+
+def ecg_slot_positions(ecg_position: jax.Array, num_ecg_tokens: int) -> jax.Array:
+    """[B] placeholder positions -> [B, E] positions of the ECG tokens in the expanded sequence."""
+    return (ecg_position[:, None] + jnp.arange(num_ecg_tokens)[None, :]).astype(jnp.int32)
+
+
+class UniECG(nn.Module):
+    """ECG tower + decoder LLM."""
+    config: UniECGConfig
+
+    def setup(self):
+        self.ecg_tower = ECGTower(self.config.encoder, self.config.projector)
+        self.llm = Decoder(self.config.llm)
+
+    def encode_ecg(self, ecg: jax.Array) -> jax.Array:
+        """ecg [B, leads, samples] float32 mV -> LLM-width ECG tokens [B, E, D]."""
+        return self.ecg_tower(ecg)
+
+    def __call__(self, input_ids: jax.Array, ecg: jax.Array, ecg_position: jax.Array,
+                 attention_mask: jax.Array | None = None, return_hidden: bool = False):
+        """Teacher-forced forward pass.
+
+        Args:
+          input_ids: [B, T] with one `<ecg>` placeholder per row at `ecg_position` [B].
+          ecg: [B, leads, samples].
+          attention_mask: [B, T] 1 = real token.
+        Returns:
+          logits [B, T + E - 1, V] float32 over the expanded sequence (expand targets and loss
+          masks with `expand_at_placeholder` to match), and the hidden states if return_hidden.
+        """
+        num_ecg = self.config.num_ecg_tokens
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        ids = expand_at_placeholder(input_ids, ecg_position, num_ecg, self.config.llm.pad_token_id)
+        mask = expand_at_placeholder(attention_mask, ecg_position, num_ecg, 1)
+        ecg_tokens = self.encode_ecg(ecg)
+        return self.llm(ids, attention_mask=mask, extra_embeddings=ecg_tokens,
+                        extra_positions=ecg_slot_positions(ecg_position, num_ecg),
+                        return_hidden=return_hidden)
+
+
+def build_unified(model_config: Any) -> tuple[UniECG, UniECGConfig]:
+    config = model_config if isinstance(model_config, UniECGConfig) else UniECGConfig.from_config(
+        model_config)
+    return UniECG(config), config
