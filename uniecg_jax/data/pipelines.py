@@ -1,0 +1,283 @@
+"""grain pipelines feeding stage 1 (ECG -> text), stage 2 ([ECG] tokens + text embedding) and the
+diffusion model, from data_prep's ArrayRecord shards or from in-memory records.
+
+Every loader is a `grain.python.DataLoader`: per-host sharding with
+`ShardOptions(process_index, process_count)` (parameters, default `jax.process_index/count()`),
+deterministic shuffling by seed and epoch (`IndexSampler`), and an iterator whose
+`get_state()/set_state()` checkpoint it exactly (Orbax can store it as its own item).
+Host batches become global sharded `jax.Array`s with `global_batches(iterator, mesh)`.
+
+    loader = stage1_loader("/data/grounding_shards", tokenizer, max_length=512, batch_size=8)
+    for batch in global_batches(iter(loader), mesh): ...
+
+Output fields (per host batch of B):
+  stage 1:  ecg [B, 12, 5000] f32, input_ids / loss_mask / attention_mask [B, L] i32,
+            ecg_position [B] i32 (index of the single `<ecg>` placeholder), record_key [B] i64
+  stage 2:  input_ids / loss_mask / attention_mask [B, L] i32, ecg_token_positions [B, N] i32,
+            text_embedding [B, D] f32, record_key [B] i64
+  diffusion: signal [B, 12, 1024] f32, text_embedding [B, D] f32, sex / age / heart_rate [B] f32,
+            condition_known [B, 3] f32 (1 where sex, age, heart rate are known), record_key [B] i64
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any, Iterator, Sequence
+
+import grain.python as grain
+import numpy as np
+
+from uniecg_jax.data.examples import decode_example, encode_example, example_to_record, \
+    shard_paths
+from uniecg_jax.data.record import ECGRecord
+from uniecg_jax.errors import UniECGError
+
+GENERATION_REQUEST = "Generate a 12-lead ECG that matches this report: "
+# DiffuSETS conditions on age and heart rate as numbers; unknown values get these (and a 0 in
+# `condition_known`) instead of NaN.
+UNKNOWN_AGE, UNKNOWN_HEART_RATE = 50.0, 70.0
+
+
+class ExampleListSource:
+    """Random-access source over encoded examples held in memory (bundled/synthetic data)."""
+
+    def __init__(self, examples: Sequence[bytes]):
+        self._examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self._examples[index]
+
+    def __repr__(self) -> str:  # grain logs the source
+        return f"ExampleListSource({len(self)} examples)"
+
+
+def records_source(records: Sequence[ECGRecord], *, text_encoder=None,
+                   conversations: Sequence[Any] | str | None = None) -> ExampleListSource:
+    """In-memory source from ECGRecords; reports embedded with `text_encoder` (an object with
+    `encode`, or a name for `get_text_encoder`) when given; `conversations[i]` ([(role, text)])
+    attached to record i when given, or "build" = the grounded conversation of each record."""
+    if isinstance(text_encoder, str):
+        from uniecg_jax.data.text_encoder import get_text_encoder
+        text_encoder = get_text_encoder(text_encoder)
+    if isinstance(conversations, str):
+        if conversations != "build":
+            raise ValueError(f"conversations must be a list or 'build', got {conversations!r}")
+        from uniecg_jax.data.conversations import build_conversation
+        conversations = [build_conversation(r) for r in records]
+    embeddings = text_encoder.encode([r.report for r in records]) if text_encoder else None
+    return ExampleListSource([
+        encode_example(r, None if embeddings is None else embeddings[i],
+                       None if conversations is None else conversations[i])
+        for i, r in enumerate(records)])
+
+
+def open_source(data, split: str = "train"):
+    """A data_prep output folder (-> ArrayRecordDataSource over the split's shards), a list of
+    ECGRecords, or an existing random-access source (anything with __len__/__getitem__)."""
+    if isinstance(data, (str, os.PathLike)):
+        paths = shard_paths(data, split)
+        if not paths:
+            raise UniECGError(f"{data}: split {split!r} has no records")
+        return grain.ArrayRecordDataSource(paths)
+    if isinstance(data, (list, tuple)) and data and isinstance(data[0], ECGRecord):
+        return records_source(data)
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        return data
+    raise UniECGError(f"cannot read examples from {type(data).__name__}: pass a data_prep folder, "
+                      "a list of ECGRecords or a random-access source")
+
+
+def _record_key(example: dict) -> np.int64:
+    return np.int64(zlib.crc32(example["record_id"].encode()))
+
+
+class DecodeExample(grain.MapTransform):
+    """bytes -> example dict (uniecg_jax.data.examples.decode_example)."""
+
+    def map(self, data: bytes) -> dict:
+        return decode_example(data)
+
+
+def _fixed_length(ids: list[int], mask: list[int], length: int, pad_id: int):
+    ids, mask = ids[:length], mask[:length]
+    padding = length - len(ids)
+    attention = [1] * len(ids) + [0] * padding
+    return (np.array(ids + [pad_id] * padding, np.int32),
+            np.array(mask + [0] * padding, np.int32), np.array(attention, np.int32))
+
+
+class Stage1Example(grain.MapTransform):
+    """Example -> ECG [12, 5000] + conversation tokens with one `<ecg>` placeholder, loss mask on
+    assistant tokens only, padded/truncated to `max_length`."""
+
+    def __init__(self, tokenizer, max_length: int, system: str | None = None):
+        self.tokenizer, self.max_length, self.system = tokenizer, max_length, system
+
+    def map(self, example: dict) -> dict:
+        from uniecg_jax.data import tokenizer as tok
+
+        record = example_to_record(example)
+        turns = example.get("conversation")
+        if not turns:  # no prepared conversation: build the grounded one (slow, QRS detection)
+            from uniecg_jax.data.conversations import build_conversation
+            turns = build_conversation(record)
+        ids, mask = tok.encode_chat(self.tokenizer, turns, system=self.system)
+        placeholder = tok.placeholder_id(self.tokenizer)
+        input_ids, loss_mask, attention = _fixed_length(ids, mask, self.max_length,
+                                                        self.tokenizer.pad_token_id)
+        positions = np.flatnonzero(input_ids == placeholder)
+        if len(positions) != 1:
+            raise UniECGError(f"record {record.record_id}: expected one {tok.ECG_PLACEHOLDER} "
+                              f"token within max_length={self.max_length}, found {len(positions)}")
+        return dict(ecg=record.to_encoder_input(), input_ids=input_ids, loss_mask=loss_mask,
+                    attention_mask=attention, ecg_position=np.int32(positions[0]),
+                    record_key=_record_key(example))
+
+
+class Stage2Example(grain.MapTransform):
+    """Example -> generation request for its report, answered by `[ECG0]..[ECG{N-1}]</s>`; the loss
+    mask covers those N tokens and `</s>`; plus the report's text embedding (computed in data_prep).
+    A report too long for `max_length` is truncated so the ECG tokens always fit."""
+
+    def __init__(self, tokenizer, num_ecg_tokens: int, max_length: int):
+        from uniecg_jax.data.tokenizer import add_ecg_generation_tokens
+
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.ecg_token_ids = add_ecg_generation_tokens(tokenizer, num_ecg_tokens)
+
+    def map(self, example: dict) -> dict:
+        from uniecg_jax.data import tokenizer as tok
+
+        if example.get("text_embedding") is None:
+            raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
+                              "with a --text-encoder, or pass one to records_source")
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        head = [self.tokenizer.bos_token_id] + encode(tok.USER_PREFIX + GENERATION_REQUEST)
+        tail = encode(tok.ASSISTANT_PREFIX)
+        answer = list(self.ecg_token_ids) + [self.tokenizer.eos_token_id]
+        budget = self.max_length - len(head) - len(tail) - len(answer)
+        if budget < 0:
+            raise UniECGError(f"max_length={self.max_length} cannot hold the request and "
+                              f"{len(self.ecg_token_ids)} [ECG] tokens")
+        report_ids = encode(example["report"])[:budget]
+        ids = head + report_ids + tail + answer
+        mask = [0] * (len(ids) - len(answer)) + [1] * len(answer)
+        input_ids, loss_mask, attention = _fixed_length(ids, mask, self.max_length,
+                                                        self.tokenizer.pad_token_id)
+        start = len(ids) - len(answer)
+        return dict(input_ids=input_ids, loss_mask=loss_mask, attention_mask=attention,
+                    ecg_token_positions=np.arange(start, start + len(self.ecg_token_ids),
+                                                  dtype=np.int32),
+                    text_embedding=np.asarray(example["text_embedding"], np.float32),
+                    record_key=_record_key(example))
+
+
+class DiffusionExample(grain.MapTransform):
+    """Example -> signal [12, 1024] (10 s at 102.4 Hz) + text embedding + sex, age, heart rate.
+    A missing heart rate is measured by QRS detection on lead II."""
+
+    def map(self, example: dict) -> dict:
+        from uniecg_jax.data.measure import heart_rate_bpm
+
+        if example.get("text_embedding") is None:
+            raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
+                              "with a --text-encoder, or pass one to records_source")
+        record = example_to_record(example)
+        heart_rate = record.heart_rate
+        if heart_rate is None:
+            measured = heart_rate_bpm(record.signal, record.fs)
+            heart_rate = measured if np.isfinite(measured) else None
+        known = np.array([record.sex is not None, record.age is not None, heart_rate is not None],
+                         np.float32)
+        return dict(signal=record.to_diffusion_input(),
+                    text_embedding=np.asarray(example["text_embedding"], np.float32),
+                    sex=np.float32(record.sex_code),
+                    age=np.float32(UNKNOWN_AGE if record.age is None else record.age),
+                    heart_rate=np.float32(UNKNOWN_HEART_RATE if heart_rate is None else heart_rate),
+                    condition_known=known, record_key=_record_key(example))
+
+
+def make_loader(source, operations: Sequence[grain.Transformation], *, batch_size: int,
+                seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
+                process_index: int | None = None, process_count: int | None = None,
+                worker_count: int = 0, drop_remainder: bool = True) -> grain.DataLoader:
+    """A DataLoader over this host's shard of `source`.
+
+    batch_size: per-host batch (global batch = batch_size * process_count).
+    process_index/count: this host's place (default jax.process_index()/process_count()); tests
+      pass them to simulate several hosts. Each host sees a disjoint 1/process_count of the records.
+    num_epochs: None = repeat forever; each epoch is reshuffled deterministically from `seed`.
+    """
+    if process_index is None or process_count is None:
+        import jax
+        process_index, process_count = jax.process_index(), jax.process_count()
+    shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
+                               drop_remainder=True)
+    sampler = grain.IndexSampler(num_records=len(source), shard_options=shard, shuffle=shuffle,
+                                 num_epochs=num_epochs, seed=seed)
+    return grain.DataLoader(data_source=source, sampler=sampler,
+                            operations=[DecodeExample(), *operations,
+                                        grain.Batch(batch_size, drop_remainder=drop_remainder)],
+                            worker_count=worker_count)
+
+
+def stage1_loader(data, tokenizer=None, *, max_length: int = 256, batch_size: int = 8,
+                  split: str = "train", system: str | None = None, **loader_kwargs
+                  ) -> grain.DataLoader:
+    """Stage-1 batches (ECG + conversation tokens). tokenizer: any HF tokenizer with `<ecg>`
+    (default: the tiny one). loader_kwargs: see make_loader."""
+    from uniecg_jax.data.tokenizer import load_tiny
+
+    tokenizer = tokenizer or load_tiny()
+    return make_loader(open_source(data, split), [Stage1Example(tokenizer, max_length, system)],
+                       batch_size=batch_size, **loader_kwargs)
+
+
+def stage2_loader(data, tokenizer=None, *, num_ecg_tokens: int = 8, max_length: int = 128,
+                  batch_size: int = 8, split: str = "train", **loader_kwargs) -> grain.DataLoader:
+    """Stage-2 batches (report -> [ECG] tokens, + text embedding). Adds the [ECG] tokens to
+    `tokenizer` (ids: `tokenizer.add_ecg_generation_tokens(tokenizer, num_ecg_tokens)`)."""
+    from uniecg_jax.data.tokenizer import load_tiny
+
+    tokenizer = tokenizer or load_tiny()
+    return make_loader(open_source(data, split),
+                       [Stage2Example(tokenizer, num_ecg_tokens, max_length)],
+                       batch_size=batch_size, **loader_kwargs)
+
+
+def diffusion_loader(data, *, batch_size: int = 8, split: str = "train", **loader_kwargs
+                     ) -> grain.DataLoader:
+    """Diffusion batches (signal [12, 1024] + text embedding + sex, age, heart rate)."""
+    return make_loader(open_source(data, split), [DiffusionExample()], batch_size=batch_size,
+                       **loader_kwargs)
+
+
+class GlobalBatchIterator:
+    """Wraps a grain iterator: yields global `jax.Array` batches sharded over (data, fsdp) and
+    passes `get_state`/`set_state` through, so it checkpoints like the grain iterator."""
+
+    def __init__(self, host_iterator, mesh):
+        self.host_iterator, self.mesh = host_iterator, mesh
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        from uniecg_jax.sharding import global_batch_from_host
+
+        return global_batch_from_host(next(self.host_iterator), self.mesh)
+
+    def get_state(self):
+        return self.host_iterator.get_state()
+
+    def set_state(self, state) -> None:
+        self.host_iterator.set_state(state)
+
+
+def global_batches(host_iterator, mesh) -> GlobalBatchIterator:
+    """Host batches -> global arrays (`jax.make_array_from_process_local_data`, batch over the
+    mesh's data and fsdp axes)."""
+    return GlobalBatchIterator(host_iterator, mesh)
