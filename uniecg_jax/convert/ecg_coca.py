@@ -320,7 +320,7 @@ def export_ecg_coca(params: Mapping[str, Any], encoder_config: ECGEncoderConfig,
         if tuple(tensor.shape) != rule.torch_shape:
             raise CheckpointError(f"param for {rule.torch_key!r} exports as {tensor.shape}, "
                                   f"expected {rule.torch_shape} ({_describe(encoder_config)})")
-        out[rule.torch_key] = np.ascontiguousarray(tensor)
+        out[rule.torch_key] = np.array(tensor, dtype=np.float32, order="C")  # writable copy
     return out
 
 
