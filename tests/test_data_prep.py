@@ -226,3 +226,39 @@ def test_minilm_encoder_real_model():
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     similar, different = vectors[0] @ vectors[1], vectors[0] @ vectors[2]
     assert similar > 0.8 and different < 0.6 and similar > different + 0.3
+
+
+def test_tfds_builders_serve_mimic_and_ptbxl_without_tensorflow(tmp_path):
+    import importlib.util
+
+    import tensorflow_datasets as tfds
+
+    import data_prep.tfds_builders  # noqa: F401  (registers the builders)
+
+    assert importlib.util.find_spec("tensorflow") is None  # really built without TensorFlow
+    ptbxl_records = write_ptbxl_root(str(tmp_path / "ptbxl"), n=10)
+    mimic_records = write_mimic_root(str(tmp_path / "mimic"), n=6)
+    # A truncated signal file: skipped while every good record is kept.
+    dat = tmp_path / "mimic/files/p1000/p10000002/s40000005/40000005.dat"
+    dat.write_bytes(dat.read_bytes()[:500])
+    data_dir = str(tmp_path / "tfds")
+    served = {}
+    for name, root in (("uniecg_ptbxl/hash16", "ptbxl"), ("uniecg_mimic_iv_ecg/plain", "mimic")):
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / root)))
+        sources = tfds.data_source(name, data_dir=data_dir)
+        served[name] = {example["record_id"].decode(): example
+                        for split in sources.values() for example in split}
+    ptbxl = served["uniecg_ptbxl/hash16"]
+    assert sorted(ptbxl) == [f"ptbxl_{6000 + i}" for i in range(10)]
+    encoder = HashingTextEncoder(16)
+    for i, record in enumerate(ptbxl_records):
+        example = ptbxl[f"ptbxl_{6000 + i}"]
+        np.testing.assert_array_equal(example["signal"], record.signal)
+        assert example["report"].decode() == record.report
+        np.testing.assert_allclose(example["text_embedding"], encoder.encode([record.report])[0])
+    mimic = served["uniecg_mimic_iv_ecg/plain"]
+    assert sorted(mimic) == [f"mimic_4000000{i}" for i in range(5)]
+    np.testing.assert_array_equal(mimic["mimic_40000004"]["signal"], mimic_records[4].signal)
+    assert mimic["mimic_40000000"]["heart_rate"] == 75.0 and mimic["mimic_40000002"]["heart_rate"] == -1
