@@ -1,0 +1,70 @@
+"""Stage 1, ECG-to-Text: ECG encoder + projectors + LLM, fine-tuned on grounded conversations.
+
+  uniecg train --config configs/stage1.py:tiny --workdir /tmp/stage1            # CPU, minutes
+  uniecg train --config configs/stage1.py:vicuna_7b --workdir gs://b/stage1 \\
+      --config.init.hf_dir=/ckpt/vicuna-7b-v1.5 --config.data.source=/data/grounding_prep \\
+      --config.mesh.fsdp=-1 --config.distributed=True                          # TPU pod
+  uniecg interpret --ckpt /tmp/stage1 --ecg uniecg_jax/assets/ecg_samples/cinc2021/E07500
+
+Variants: tiny (CPU), small (~100M: `small` LLM + small encoder), vicuna_7b (GEM's shapes: full
+ECG-CoCa tower, 1024-d ecg_projector, Vicuna-7B), qwen2_5_7b.
+"""
+import ml_collections
+
+from uniecg_jax.models import ecg_encoder, presets
+
+VARIANTS = {
+    # name: (LLM preset, encoder preset, ecg_proj_dim)
+    "tiny": ("tiny", "tiny", 64),
+    "small": ("small", "small", 512),
+    "vicuna_7b": ("vicuna_7b", "full", 1024),
+    "qwen2_5_7b": ("qwen2_5_7b", "full", 1024),
+}
+
+
+def get_config(arg=None):
+    variant = arg or "tiny"
+    if variant not in VARIANTS:
+        raise KeyError(f"{variant!r}; choose from {sorted(VARIANTS)}")
+    llm_preset, encoder_preset, proj_dim = VARIANTS[variant]
+    config = ml_collections.ConfigDict()
+    config.objective = "stage1"
+    config.seed = 0
+    config.distributed = False
+    config.mesh = presets.mesh()
+
+    config.model = ml_collections.ConfigDict()
+    config.model.llm = presets.llm(llm_preset)
+    config.model.ecg_encoder = ecg_encoder.encoder_config_dict(encoder_preset)
+    config.model.projector = ecg_encoder.projector_config_dict(config.model.llm.hidden_size,
+                                                               proj_dim)
+
+    config.data = ml_collections.ConfigDict(dict(
+        source="bundled",        # "bundled" (bundled records + synthetic) or a `uniecg prep` folder
+        num_synthetic=48,        # synthetic ECGs with known heart rate added to "bundled"
+        holdout_every=5,         # bundled: every 5th patient (by id hash) is held out for eval
+        tokenizer="",            # HF tokenizer dir; "" = init.hf_dir's, else the tiny tokenizer
+        max_length=256,          # text tokens incl. the one <ecg> placeholder
+        worker_count=0,          # grain worker processes
+        system="",               # optional system prompt
+    ))
+    config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt=""))
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=8, steps=300, learning_rate=2e-3, warmup_steps=20, min_lr_ratio=0.1,
+        weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0, grad_accum_steps=1, z_loss=0.0,
+        log_every=25, checkpoint_every=100, keep_checkpoints=2, async_checkpoint=True,
+        # GEM freezes the pretrained ECG encoder; the tiny model trains it from scratch.
+        freeze=""))
+    config.eval = ml_collections.ConfigDict(dict(max_new_tokens=96, batch_size=8))
+    if variant != "tiny":
+        for group in (config.model.llm, config.model.ecg_encoder, config.model.projector):
+            group.dtype = "bfloat16"
+        config.model.llm.remat = "dots_with_no_batch_dims_saveable"
+        config.data.max_length = 2048
+        config.train.update(batch_size=128, steps=10000, learning_rate=2e-5, warmup_steps=300,
+                            freeze=r"^ecg_tower/encoder/")
+        config.eval.max_new_tokens = 512
+    if variant == "small":
+        config.data.max_length = 512
+        config.train.update(batch_size=8, learning_rate=3e-4, freeze="")
+    return config

@@ -1,0 +1,237 @@
+"""Stage 1, ECG-to-Text: next-token loss on assistant tokens of grounded ECG conversations.
+
+The `stage1` objective of the shared train loop (`configs/stage1.py`). Data: a `uniecg prep` folder
+(`config.data.source=/path`) or, by default, the bundled real records (minus a held-out set by
+patient) plus synthetic ECGs with known heart rate. The LLM starts from an HF checkpoint
+(`config.init.hf_dir`) or random (tiny config); the ECG encoder from an ECG-CoCa checkpoint
+(`config.init.ecg_encoder_ckpt`) or random.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from uniecg_jax.models.unified import UniECGConfig, build_unified, expand_at_placeholder
+from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
+from uniecg_jax.train.loop import TrainTask
+
+
+def is_heldout(patient_id: str, holdout_every: int) -> bool:
+    """Deterministic patient-level hold-out for the bundled data (same answer on every host)."""
+    return holdout_every > 0 and zlib.crc32(str(patient_id).encode()) % holdout_every == 0
+
+
+@functools.lru_cache(maxsize=4)
+def bundled_split(holdout_every: int, num_synthetic: int, seed: int) -> dict[str, list]:
+    """{"train": [...], "test": [...]} ECGRecords: bundled records split by patient + synthetic
+    ones (train gets 3/4 of the synthetic ECGs, test the rest)."""
+    from uniecg_jax.data import load_bundled_records, synthetic
+
+    records = load_bundled_records()
+    train = [r for r in records if not is_heldout(r.patient_id, holdout_every)]
+    test = [r for r in records if is_heldout(r.patient_id, holdout_every)]
+    if num_synthetic:
+        generated = synthetic.generate(num_synthetic, seed=seed + 1)
+        cut = (3 * num_synthetic) // 4
+        train += generated[:cut]
+        test += generated[cut:]
+    return {"train": train, "test": test}
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict):
+    """The tokenizer this config trains with: data.tokenizer, else init.hf_dir's, else tiny."""
+    from uniecg_jax.data.tokenizer import load_tokenizer
+
+    path = config.data.tokenizer or config.init.hf_dir or None
+    return load_tokenizer(path), path
+
+
+def finalize_model_config(config: ml_collections.ConfigDict, tokenizer) -> None:
+    """Makes `config.model.llm` match the HF checkpoint (if any) and the tokenizer's vocabulary."""
+    if config.init.hf_dir:
+        from uniecg_jax.convert.hf_llm import model_config_from_hf
+
+        hf_model = model_config_from_hf(config.init.hf_dir)
+        with config.unlocked():
+            for key, value in hf_model.items():
+                if key in ("param_dtype", "dtype", "remat", "scan_layers"):
+                    continue
+                config.model.llm[key] = value
+            config.model.projector.llm_hidden_size = config.model.llm.hidden_size
+    with config.unlocked():
+        if len(tokenizer) > config.model.llm.vocab_size:
+            if not config.init.hf_dir:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size "
+                                 f"is {config.model.llm.vocab_size}")
+            config.model.llm.vocab_size = len(tokenizer)  # `<ecg>` added to the HF tokenizer
+        config.model.llm.pad_token_id = int(tokenizer.pad_token_id)
+        config.model.llm.eos_token_id = int(tokenizer.eos_token_id)
+        if tokenizer.bos_token_id is not None:
+            config.model.llm.bos_token_id = int(tokenizer.bos_token_id)
+
+
+def stage1_data_source(config: ml_collections.ConfigDict, split: str):
+    """What `stage1_loader` reads: a prep folder path, or an in-memory source of bundled data."""
+    from uniecg_jax.data.pipelines import records_source
+
+    if config.data.source != "bundled":
+        return config.data.source
+    records = bundled_split(int(config.data.holdout_every), int(config.data.num_synthetic),
+                            int(config.seed))[split]
+    return records_source(records, conversations="build")
+
+
+def stage1_loss(model, params, batch) -> tuple[jax.Array, dict]:
+    """Masked next-token loss over the placeholder-expanded sequence."""
+    logits = model.apply({"params": params}, batch["input_ids"], batch["ecg"],
+                         batch["ecg_position"], batch["attention_mask"])
+    num_ecg = model.config.num_ecg_tokens
+    pad = model.config.llm.pad_token_id
+    ids = expand_at_placeholder(batch["input_ids"], batch["ecg_position"], num_ecg, pad)
+    loss_mask = expand_at_placeholder(batch["loss_mask"], batch["ecg_position"], num_ecg, 0)
+    # Position t predicts token t + 1; the last position predicts nothing.
+    targets = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], pad)], axis=1)
+    target_mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    return next_token_loss(logits, targets, target_mask)
+
+
+def encoder_flops_per_ecg(ucfg: UniECGConfig) -> float:
+    """Training FLOPs (fwd + bwd = 3x forward) of the ECG tower for one ECG."""
+    enc, proj = ucfg.encoder, ucfg.projector
+    tokens = enc.num_tokens
+    per_token = 2 * (4 * enc.width ** 2 + 2 * enc.width * enc.mlp_dim) * enc.layers
+    attention = 4 * tokens * enc.width * enc.layers
+    patching = 2 * enc.num_leads * enc.patch_size * enc.width
+    projector = 2 * (enc.width * proj.ecg_proj_dim + proj.ecg_proj_dim * proj.llm_hidden_size
+                     + proj.llm_hidden_size ** 2)
+    return 3.0 * tokens * (per_token + attention + patching + projector)
+
+
+def build_task(config: ml_collections.ConfigDict) -> TrainTask:
+    """The `stage1` TrainTask: UniECG on grounded conversations."""
+    from uniecg_jax.data.pipelines import stage1_loader
+
+    tokenizer, tokenizer_path = resolve_tokenizer(config)
+    finalize_model_config(config, tokenizer)
+    model, ucfg = build_unified(config.model)
+    max_length = int(config.data.max_length)
+    num_ecg = ucfg.num_ecg_tokens
+    ecg_shape = (ucfg.encoder.num_leads, ucfg.encoder.num_samples)
+
+    def init_params(rng):
+        return model.init(rng, jnp.zeros((1, max_length), jnp.int32), jnp.zeros((1, *ecg_shape)),
+                          jnp.zeros((1,), jnp.int32))["params"]
+
+    def loss_fn(params, batch, rng):
+        del rng
+        return stage1_loss(model, params, batch)
+
+    def make_data(process_index, process_count, local_batch):
+        loader = stage1_loader(stage1_data_source(config, "train"), tokenizer,
+                               max_length=max_length, batch_size=local_batch, split="train",
+                               system=config.data.system or None, seed=int(config.seed),
+                               process_index=process_index, process_count=process_count,
+                               worker_count=int(config.data.worker_count))
+        return iter(loader)
+
+    def abstract_batch(global_batch):
+        tokens = jax.ShapeDtypeStruct((global_batch, max_length), jnp.int32)
+        return {"input_ids": tokens, "loss_mask": tokens, "attention_mask": tokens,
+                "ecg": jax.ShapeDtypeStruct((global_batch, *ecg_shape), jnp.float32),
+                "ecg_position": jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
+
+    initial_params = None
+    if config.init.hf_dir or config.init.ecg_encoder_ckpt:
+        initial_params = functools.partial(_pretrained_params, config, model, tokenizer)
+
+    llm_params = ucfg.llm.num_params()
+    seq = max_length + num_ecg - 1
+    batch = int(config.train.batch_size)
+    flops = batch * (llm_flops_per_token(config.model.llm, seq, llm_params) * seq
+                     + encoder_flops_per_ecg(ucfg))
+    source = ("bundled records (held-out patients excluded) + "
+              f"{config.data.num_synthetic} synthetic ECGs" if config.data.source == "bundled"
+              else config.data.source)
+    task = TrainTask(
+        name="stage1", init_params=init_params, loss_fn=loss_fn, make_data=make_data,
+        abstract_batch=abstract_batch, flops_per_step=flops, tokens_per_step=batch * seq,
+        num_params=llm_params + _tower_params(ucfg),
+        data_description=f"{source}; tokenizer {tokenizer_path or 'tiny (bundled)'}; "
+                         f"{num_ecg} ECG tokens + {max_length} text tokens per example",
+        initial_params=initial_params)
+    task.tokenizer = tokenizer
+    return task
+
+
+def _tower_params(ucfg: UniECGConfig) -> int:
+    enc, proj = ucfg.encoder, ucfg.projector
+    encoder = (enc.num_leads * enc.patch_size * enc.width + (enc.num_tokens + 1) * enc.width
+               + enc.layers * (4 * enc.width ** 2 + 2 * enc.width * enc.mlp_dim))
+    projector = (enc.width * proj.ecg_proj_dim + proj.ecg_proj_dim * proj.llm_hidden_size
+                 + proj.llm_hidden_size ** 2)
+    return encoder + projector
+
+
+def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
+    """Random init (sharded), then the LLM subtree from HF and/or the tower from ECG-CoCa.
+
+    The HF embedding (and untied lm_head) grows to the tokenizer's vocabulary when `<ecg>` was
+    added: new rows are the mean of the pretrained ones.
+    """
+    import flax.linen as nn
+
+    from uniecg_jax.models.llm import LLMConfig
+
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *_dummy_inputs(model, config))[
+        "params"]), out_shardings=shardings)(jax.random.PRNGKey(int(config.seed)))
+    params = dict(params)
+    if config.init.hf_dir:
+        from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
+
+        ours = model.config.llm
+        hf_config = model_config_from_hf(config.init.hf_dir)
+        hf_config.param_dtype = ours.param_dtype if isinstance(ours.param_dtype, str) else str(
+            np.dtype(ours.params_dtype))
+        llm = load_hf_params(config.init.hf_dir, LLMConfig.from_config(hf_config), mesh=mesh)
+        llm = _grow_vocab(llm, ours.vocab_size)
+        params["llm"] = jax.device_put(llm, shardings["llm"])
+    if config.init.ecg_encoder_ckpt:
+        from uniecg_jax.convert.ecg_coca import import_ecg_coca
+
+        imported = import_ecg_coca(config.init.ecg_encoder_ckpt, model.config.encoder,
+                                   model.config.projector).params
+        tower = dict(params["ecg_tower"])
+        for group, values in imported.items():
+            tower[group] = jax.device_put(values, shardings["ecg_tower"][group])
+        params["ecg_tower"] = tower
+    return params
+
+
+def _grow_vocab(llm_params: dict, vocab_size: int) -> dict:
+    """Pads embedding rows (and untied lm_head columns) to `vocab_size` with their mean."""
+    def grow(array, axis):
+        host = np.asarray(jax.device_get(array))
+        extra = vocab_size - host.shape[axis]
+        if extra <= 0:
+            return host
+        mean = host.astype(np.float32).mean(axis=axis, keepdims=True).astype(host.dtype)
+        return np.concatenate([host, np.repeat(mean, extra, axis=axis)], axis=axis)
+
+    llm_params = dict(llm_params)
+    llm_params["embedding"] = grow(llm_params["embedding"], 0)
+    if "lm_head" in llm_params:
+        llm_params["lm_head"] = {"kernel": grow(llm_params["lm_head"]["kernel"], 1)}
+    return llm_params
+
+
+def _dummy_inputs(model, config):
+    enc = model.config.encoder
+    return (jnp.zeros((1, int(config.data.max_length)), jnp.int32),
+            jnp.zeros((1, enc.num_leads, enc.num_samples)), jnp.zeros((1,), jnp.int32))
