@@ -176,5 +176,7 @@ def _describe_data(config: ml_collections.ConfigDict) -> str:
     stream = None if choice == "synthetic" else _report_token_stream(config)
     if stream is not None:
         return stream[1]
+    if choice == "synthetic":
+        return f"synthetic arithmetic-progression tokens (vocab {int(config.model.vocab_size)})"
     return (f"synthetic arithmetic-progression tokens (vocab {int(config.model.vocab_size)}); "
-            "the report corpus needs uniecg_jax.data.tokenizer")
+            "no tiny tokenizer fitting model.vocab_size, so not the report corpus")

@@ -139,6 +139,16 @@ def _truncate_metrics(path: str, last_step: int) -> None:
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask) -> TrainResult:
     """Runs (or resumes) training of `task` in `workdir` until `config.train.steps`."""
+    # First, so a preemption notice during start-up (restore, compile) is not lost either.
+    preemption = checkpointing.PreemptionFlag()
+    try:
+        return _train(config, workdir, task, preemption)
+    finally:
+        preemption.restore()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
+           preemption: checkpointing.PreemptionFlag) -> TrainResult:
     sharding_lib.maybe_initialize_distributed(bool(config.get("distributed", False)))
     train_cfg = config.train
     total_steps = int(train_cfg.steps)
@@ -178,7 +188,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask) -> T
     peak_flops, peak_source = peak_flops_per_device()
     log_every = max(1, int(train_cfg.log_every))
     checkpoint_every = int(train_cfg.checkpoint_every)
-    preemption = checkpointing.PreemptionFlag()
     history: list[dict] = []
     stopped_by: str | None = None
     step = start_step
@@ -232,7 +241,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask) -> T
             _echo(f"[{task.name}] done: step {step}, checkpoint in {checkpointer.directory}; "
                   f"MFU against {peak_source}")
     finally:
-        preemption.restore()
         checkpointer.close()
     return TrainResult(state=state, history=history, stopped_by_signal=stopped_by,
                        steps_run=step - start_step)
