@@ -10,6 +10,8 @@ import ml_collections
 
 from uniecg_jax.models import presets
 
+VARIANTS = ("tiny", "small", "llama2_7b", "vicuna_7b", "llama3_8b", "qwen2_5_7b", "qwen2_5_0_5b")
+
 
 def get_config(arg=None):
     variant = arg or "tiny"

@@ -168,7 +168,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         abstract_batch=abstract_batch,
         flops_per_step=llm_flops_per_token(config.model, seq_len, num_params) * tokens,
         tokens_per_step=tokens, num_params=num_params,
-        data_description=_describe_data(config))
+        data_description=lambda: _describe_data(config))
 
 
 def _describe_data(config: ml_collections.ConfigDict) -> str:

@@ -46,7 +46,8 @@ class TrainTask:
       flops_per_step: model FLOPs of one optimizer step (forward + backward) on the global batch.
       tokens_per_step: input positions per step on the global batch (throughput unit).
       num_params: parameter count (for logs).
-      data_description: one line saying where the data comes from (printed at start).
+      data_description: one line saying where the data comes from (printed at start), or a
+        callable returning it (so building a task for a dry run reads no data).
       initial_params: optional `(mesh, abstract_params) -> params` used instead of random init when
         no checkpoint exists (e.g. an imported Hugging Face checkpoint), already sharded.
     """
@@ -58,7 +59,7 @@ class TrainTask:
     flops_per_step: float
     tokens_per_step: int
     num_params: int
-    data_description: str = ""
+    data_description: str | Callable[[], str] = ""
     initial_params: Callable[[Any, Any], Any] | None = None
 
 
@@ -157,12 +158,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
     global_batch = _global_batch_size(config, mesh)
     tx, schedule, labels, abstract_state, shardings = build_optimizer_and_state(config, task, mesh)
     frozen = sum(label == optim.FROZEN for label in jax.tree.leaves(labels))
+    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     _echo(f"[{task.name}] mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform}"
-          f" devices, {jax.process_count()} host(s); {task.num_params / 1e6:.2f}M params"
+          f" devices, {jax.process_count()} host(s); {param_count / 1e6:.2f}M params"
           f"{f', {frozen} frozen tensors' if frozen else ''}; global batch {global_batch}"
           f" x grad_accum {int(train_cfg.grad_accum_steps)}")
-    if task.data_description:
-        _echo(f"[{task.name}] data: {task.data_description}")
+    description = (task.data_description() if callable(task.data_description)
+                   else task.data_description)
+    if description:
+        _echo(f"[{task.name}] data: {description}")
 
     local_batch = global_batch // jax.process_count()
     data_iterator = task.make_data(jax.process_index(), jax.process_count(), local_batch)
@@ -273,10 +277,11 @@ def dry_run(config: ml_collections.ConfigDict, task: TrainTask) -> dict:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
+    param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     report = dict(
         mesh=dict(mesh.shape), devices=jax.device_count(), platform=jax.devices()[0].platform,
         global_batch=global_batch, grad_accum_steps=int(config.train.grad_accum_steps),
-        num_params=task.num_params, train_state_bytes_total=state_bytes,
+        num_params=param_count, train_state_bytes_total=state_bytes,
         model_flops_per_step=task.flops_per_step,
         compiler_flops_per_device=float((cost or {}).get("flops", float("nan"))),
         lower_s=t1 - t0, compile_s=t2 - t1)
