@@ -34,6 +34,10 @@ class SourceOptions:
     build_conversations: bool = True
 
 
+# Measurement key of the heart rate found by QRS detection (lead II) for records whose source gives
+# none; the diffusion pipeline conditions on it.
+QRS_HEART_RATE = "qrs_heart_rate"
+
 _DATASETS: dict[tuple[str, str], Any] = {}
 
 
@@ -148,6 +152,13 @@ def load_item(options: SourceOptions, item: WorkItem):
         record = dc.replace(record, record_id=f"{sample.sample_id}", report=report)
         conversation = list(sample.turns)
     record = dc.replace(record, patient_id=item.patient_id)
+    if record.heart_rate is None:  # measured once here so pipelines need no QRS detection
+        from uniecg_jax.data.measure import heart_rate_bpm
+
+        measured = heart_rate_bpm(record.signal, record.fs)
+        if measured == measured:
+            record = dc.replace(record, measurements={**record.measurements,
+                                                      QRS_HEART_RATE: round(measured, 2)})
     if conversation is None and options.build_conversations:
         conversation = conversations.build_conversation(record)
     return record, conversation

@@ -177,7 +177,8 @@ class Stage2Example(grain.MapTransform):
 
 class DiffusionExample(grain.MapTransform):
     """Example -> signal [12, 1024] (10 s at 102.4 Hz) + text embedding + sex, age, heart rate.
-    A missing heart rate is measured by QRS detection on lead II."""
+    Heart rate: the source's, else data_prep's QRS measurement (`qrs_heart_rate`), else measured
+    here by QRS detection on lead II."""
 
     def map(self, example: dict) -> dict:
         from uniecg_jax.data.measure import heart_rate_bpm
@@ -186,8 +187,8 @@ class DiffusionExample(grain.MapTransform):
             raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
                               "with a --text-encoder, or pass one to records_source")
         record = example_to_record(example)
-        heart_rate = record.heart_rate
-        if heart_rate is None:
+        heart_rate = record.heart_rate or record.measurements.get("qrs_heart_rate")
+        if heart_rate is None:  # not measured in data_prep: detect QRS now (slower)
             measured = heart_rate_bpm(record.signal, record.fs)
             heart_rate = measured if np.isfinite(measured) else None
         known = np.array([record.sex is not None, record.age is not None, heart_rate is not None],
