@@ -24,4 +24,7 @@ def run(args) -> int:
     config = load_config(args.config, args.config_overrides)
     task = build_task(config)
     result = train(config, args.workdir, task)
+    export = getattr(task, "export", None)  # objectives that serve a model write it at the end
+    if export is not None and result.stopped_by_signal is None:
+        print(f"[{task.name}] exported model to {export(args.workdir, result.state.params)}")
     return 0 if result.stopped_by_signal is None or result.stopped_by_signal == "SIGTERM" else 1

@@ -166,6 +166,11 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                          f"{num_ecg} ECG tokens + {max_length} text tokens per example",
         initial_params=initial_params)
     task.tokenizer = tokenizer
+
+    def export(workdir, params):
+        from uniecg_jax.interpret import export_model
+        return export_model(workdir, params, config, tokenizer)
+    task.export = export
     return task
 
 

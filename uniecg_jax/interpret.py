@@ -1,0 +1,159 @@
+"""ECG interpretation with a trained UniECG model: ECG records in, evidence-based reports out.
+
+    interpreter = Interpreter.load("/tmp/stage1")          # a train workdir or a model checkpoint
+    reports = interpreter.interpret(ecgs)                  # ecgs [B, 12, 5000] mV at 500 Hz
+
+Prompts are left-padded; the single `<ecg>` placeholder of each prompt expands into the E ECG tokens
+on the host (ids only), and the ECG embeddings are spliced in at prefill through the Decoder's
+`extra_embeddings`, so the on-device decode loop is the same as for text-only decoding.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from uniecg_jax import decoding
+from uniecg_jax.errors import CheckpointError
+from uniecg_jax.models.llm import Decoder
+from uniecg_jax.models.unified import UniECG, build_unified
+
+DEFAULT_PROMPT = "Interpret this 12-lead ECG and give the evidence for your diagnosis."
+MODEL_SUBDIR = "model"  # where `uniecg train` exports the final model inside a workdir
+
+
+def resolve_model_dir(path: str) -> str:
+    """A model checkpoint dir (has config.json), or a train workdir holding one in `model/`."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    nested = os.path.join(path, MODEL_SUBDIR)
+    if os.path.isfile(os.path.join(nested, "config.json")):
+        return nested
+    raise CheckpointError(f"{path}: not a model checkpoint (no config.json) and not a train workdir "
+                          f"with an exported {MODEL_SUBDIR}/ (train to completion first)")
+
+
+def export_model(workdir: str, params: Any, config: ml_collections.ConfigDict, tokenizer) -> str:
+    """Writes `workdir/model/`: params, config.json and the tokenizer (loadable by `Interpreter`)."""
+    from uniecg_jax.checkpoint import save_model
+
+    directory = save_model(os.path.join(workdir, MODEL_SUBDIR), params, config)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
+    return directory
+
+
+@dataclasses.dataclass
+class Interpreter:
+    """A UniECG model with its params and tokenizer, ready to interpret batches of ECGs."""
+    model: UniECG
+    params: Any
+    tokenizer: Any
+    config: ml_collections.ConfigDict
+
+    @classmethod
+    def load(cls, path: str) -> "Interpreter":
+        from uniecg_jax.checkpoint import load_model_config, restore_model
+        from uniecg_jax.data.tokenizer import load_tokenizer
+
+        directory = resolve_model_dir(path)
+        config = load_model_config(directory)
+        model, ucfg = build_unified(config.model)
+        enc = ucfg.encoder
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        boxed = jax.eval_shape(lambda: model.init(
+            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+            jnp.zeros((1, enc.num_leads, enc.num_samples)), jnp.zeros((1,), jnp.int32)))
+        import flax.linen as nn
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                                nn.meta.unbox(boxed["params"]))
+        params, _ = restore_model(directory, abstract)
+        tokenizer_dir = os.path.join(directory, "tokenizer")
+        tokenizer = load_tokenizer(tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+        return cls(model, params, tokenizer, config)
+
+    @property
+    def num_ecg_tokens(self) -> int:
+        return self.model.config.num_ecg_tokens
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """Chat-formatted prompt with one `<ecg>` placeholder, open for the assistant's answer."""
+        from uniecg_jax.data.tokenizer import encode_chat
+
+        system = self.config.data.get("system", "") or None
+        ids, _ = encode_chat(self.tokenizer, [("user", prompt), ("assistant", None)], system=system)
+        return ids
+
+    def build_inputs(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Expanded, left-padded prompts: (ids [B, T], mask [B, T], ecg slot positions [B, E])."""
+        from uniecg_jax.data.tokenizer import placeholder_id
+
+        placeholder = placeholder_id(self.tokenizer)
+        pad = self.model.config.llm.pad_token_id
+        num_ecg = self.num_ecg_tokens
+        expanded, offsets = [], []
+        for prompt in prompts:
+            ids = self.prompt_ids(prompt)
+            where = ids.index(placeholder)
+            expanded.append(ids[:where] + [pad] * num_ecg + ids[where + 1:])
+            offsets.append(where)
+        ids, mask = decoding.left_pad(expanded, pad)
+        length = ids.shape[1]
+        slots = np.stack([length - len(e) + o + np.arange(num_ecg)
+                          for e, o in zip(expanded, offsets)]).astype(np.int32)
+        return ids, mask, slots
+
+    def interpret(self, ecgs: np.ndarray, prompts: Sequence[str] | str | None = None, *,
+                  max_new_tokens: int | None = None, sampling: decoding.Sampling | None = None,
+                  seed: int = 0, batch_multiple: int = 1) -> list[str]:
+        """ecgs [B, 12, samples] (mV, encoder rate) -> B reports.
+
+        batch_multiple: rows are padded to a multiple of this (the device count for a sharded batch).
+        """
+        ecgs = np.asarray(ecgs, np.float32)
+        if ecgs.ndim != 3:
+            raise ValueError(f"ecgs must be [B, leads, samples], got shape {ecgs.shape}")
+        count = ecgs.shape[0]
+        if prompts is None or isinstance(prompts, str):
+            prompts = [prompts or DEFAULT_PROMPT] * count
+        if len(prompts) != count:
+            raise ValueError(f"{len(prompts)} prompts for {count} ECGs")
+        padded = -count % batch_multiple
+        if padded:
+            ecgs = np.concatenate([ecgs, np.repeat(ecgs[-1:], padded, axis=0)])
+            prompts = list(prompts) + [prompts[-1]] * padded
+        ids, mask, slots = self.build_inputs(prompts)
+        max_new = int(max_new_tokens or self.config.eval.max_new_tokens)
+        tokens, lengths = self._generate(ecgs, ids, mask, slots, max_new,
+                                         sampling or decoding.Sampling(), seed)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        eos = self.model.config.llm.eos_token_id
+        reports = []
+        for row in range(count):
+            out = [t for t in tokens[row, :lengths[row]].tolist() if t != eos]
+            reports.append(self.tokenizer.decode(out, skip_special_tokens=True).strip())
+        return reports
+
+    def _generate(self, ecgs, ids, mask, slots, max_new, sampling, seed):
+        ecg_tokens = _encode_fn(self.model)(self.params, jnp.asarray(ecgs))
+        llm_cfg = self.model.config.llm
+        generate = decoding.generate_fn(Decoder(llm_cfg), max_new, sampling, (llm_cfg.eos_token_id,),
+                                        llm_cfg.pad_token_id)
+        return generate(self.params["llm"], jnp.asarray(ids), jnp.asarray(mask), ecg_tokens,
+                        jnp.asarray(slots), jax.random.PRNGKey(seed))
+
+
+_ENCODE: dict = {}
+
+
+def _encode_fn(model: UniECG):
+    """Jitted `(params, ecg [B, leads, samples]) -> ECG tokens [B, E, D]` (cached per model)."""
+    if model.config not in _ENCODE:
+        _ENCODE[model.config] = jax.jit(
+            lambda params, ecg: model.apply({"params": params}, ecg, method=UniECG.encode_ecg))
+    return _ENCODE[model.config]
