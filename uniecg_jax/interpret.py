@@ -55,6 +55,8 @@ class Interpreter:
     params: Any
     tokenizer: Any
     config: ml_collections.ConfigDict
+    _replicated: Any = dataclasses.field(default=None, repr=False)
+    _batch_sharding: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: str) -> "Interpreter":
@@ -140,12 +142,27 @@ class Interpreter:
         return reports
 
     def _generate(self, ecgs, ids, mask, slots, max_new, sampling, seed):
-        ecg_tokens = _encode_fn(self.model)(self.params, jnp.asarray(ecgs))
+        params, place = self._placement(ecgs.shape[0])
+        ecg_tokens = _encode_fn(self.model)(params, place(ecgs))
         llm_cfg = self.model.config.llm
         generate = decoding.generate_fn(Decoder(llm_cfg), max_new, sampling, (llm_cfg.eos_token_id,),
                                         llm_cfg.pad_token_id)
-        return generate(self.params["llm"], jnp.asarray(ids), jnp.asarray(mask), ecg_tokens,
-                        jnp.asarray(slots), jax.random.PRNGKey(seed))
+        return generate(params["llm"], place(ids), place(mask), ecg_tokens, place(slots),
+                        jax.random.PRNGKey(seed))
+
+    def _placement(self, batch: int):
+        """(params, put) where `put` shards a batch over this host's devices when it divides
+        evenly (params then replicated once), else keeps everything on the default device."""
+        devices = jax.local_devices()
+        if len(devices) == 1 or batch % len(devices):
+            return self.params, jnp.asarray
+        if self._replicated is None:
+            mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+            self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                "batch"))
+            self._replicated = jax.device_put(
+                self.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        return self._replicated, lambda x: jax.device_put(np.asarray(x), self._batch_sharding)
 
 
 _ENCODE: dict = {}

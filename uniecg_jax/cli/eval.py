@@ -1,0 +1,60 @@
+"""`uniecg eval interpret|generate ...`: sharded, resumable evaluation jobs.
+
+  uniecg eval interpret --ckpt /tmp/stage1 --data bundled --out /tmp/eval/results.jsonl
+
+Records are spread over all hosts (`jax.process_index/count`, or --host-index/--host-count to run
+hosts by hand) and, within a host, over its devices. Rerunning the same command resumes.
+"""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="evaluation jobs (sharded, resumable)",
+                                   description=__doc__.split("\n\n")[0])
+    jobs = parser.add_subparsers(dest="job", metavar="JOB")
+    jobs.required = True
+    interpret = jobs.add_parser("interpret", help="interpretation metrics vs references")
+    interpret.add_argument("--ckpt", required=True, help="train workdir or model checkpoint")
+    interpret.add_argument("--data", default="bundled",
+                           help="'bundled' (held-out split), a `uniecg prep` folder or a WFDB folder")
+    interpret.add_argument("--out", required=True, help="results.jsonl path")
+    interpret.add_argument("--batch-size", type=int, default=8, help="per host")
+    interpret.add_argument("--max-new-tokens", type=int, default=None)
+    interpret.add_argument("--prompt", default=None)
+    interpret.add_argument("--host-index", type=int, default=None)
+    interpret.add_argument("--host-count", type=int, default=None)
+    interpret.set_defaults(handler=run_interpret)
+
+
+def run_interpret(args) -> int:
+    import json
+    import os
+
+    import jax
+
+    from uniecg_jax.eval import interpret_eval
+    from uniecg_jax.interpret import Interpreter
+
+    host = jax.process_index() if args.host_index is None else args.host_index
+    hosts = jax.process_count() if args.host_count is None else args.host_count
+    if not 0 <= host < hosts:
+        raise ValueError(f"--host-index {host} is outside 0..{hosts - 1}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    interpreter = Interpreter.load(args.ckpt)
+    items = interpret_eval.items_from_records(
+        interpret_eval.load_eval_records(args.data, interpreter.config))
+    part = interpret_eval.run_shard(interpreter, items, args.out, process_index=host,
+                                    process_count=hosts, batch_size=args.batch_size,
+                                    max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+    if hosts > 1 and args.host_count is None:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("uniecg eval interpret: parts written")
+    metrics = interpret_eval.merge(args.out, hosts, items) if host == 0 or args.host_count else None
+    if metrics is None:
+        print(f"wrote {part}; waiting for the other hosts' parts before merging")
+        return 0
+    print(f"wrote {args.out} ({len(items)} records) and {args.out}.metrics.json")
+    for line in interpret_eval.summary_lines(metrics):
+        print(line)
+    print(json.dumps({"baseline_text": metrics["baseline_text"]}))
+    return 0

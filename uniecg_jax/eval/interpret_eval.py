@@ -1,0 +1,181 @@
+"""Sharded, resumable evaluation of ECG interpretation (`uniecg eval interpret`).
+
+Every host takes the records whose index in the sorted record list is `process_index` modulo
+`process_count` (no manual splitting of files); within a host, each batch is sharded over the local
+devices. Each host appends to its own part file `OUT.part-{i}-of-{n}` and flushes after every batch,
+so a killed job resumes where it stopped (records already in the part file are skipped, a torn last
+line is dropped). When every part is complete, `merge` writes OUT (one line per record, sorted by
+record id, each record exactly once) and `OUT.metrics.json` with the judge-free metrics of the model
+and of the trivial baseline (most common statement, mean heart rate).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from uniecg_jax.errors import UniECGError
+from uniecg_jax.eval import report_metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalItem:
+    record_id: str
+    ecg: np.ndarray                    # [12, 5000] mV at 500 Hz
+    reference: report_metrics.Reference
+    reference_text: str
+
+
+def reference_for(record) -> report_metrics.Reference:
+    """Statements from the record's labels (SNOMED / SCP names), heart rate from the record's known
+    rate (synthetic) or by QRS detection on lead II."""
+    from uniecg_jax.data.conversations import measure_findings
+
+    heart_rate = record.heart_rate
+    if heart_rate is None:
+        findings = measure_findings(record)
+        heart_rate = findings.heart_rate_bpm if findings.beats >= 2 else None
+    vocab = report_metrics.StatementVocabulary.default()
+    labels = [label for label in (record.labels or ()) if vocab.lookup(label) is not None]
+    measurements = {"heart_rate": float(heart_rate)} if heart_rate else {}
+    return report_metrics.Reference(text=record.report or "", labels=labels or None,
+                                    measurements=measurements)
+
+
+def items_from_records(records: Iterable) -> list[EvalItem]:
+    items = [EvalItem(r.record_id, r.to_encoder_input(), reference_for(r), r.report or "")
+             for r in records]
+    return sorted(items, key=lambda item: item.record_id)
+
+
+def load_eval_records(data: str, config=None) -> list:
+    """`bundled` (the held-out split the checkpoint's config defines), a `uniecg prep` folder (its
+    test split), or a folder of WFDB records (every `.hea`)."""
+    from uniecg_jax.data import read_record
+
+    if data == "bundled":
+        from uniecg_jax.train.stage1 import bundled_split
+        data_cfg = config.data
+        return bundled_split(int(data_cfg.holdout_every), int(data_cfg.num_synthetic),
+                             int(config.seed))["test"]
+    if os.path.isfile(os.path.join(data, "summary.json")):
+        from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
+        return [example_to_record(e) for e in read_shards(shard_paths(data, "test"))]
+    if os.path.isdir(data):
+        headers = sorted(f for f in os.listdir(data) if f.endswith(".hea"))
+        if not headers:
+            raise UniECGError(f"{data}: no .hea records found")
+        return [read_record(os.path.join(data, h[:-4])) for h in headers]
+    raise UniECGError(f"{data}: expected 'bundled', a `uniecg prep` folder or a folder of WFDB records")
+
+
+def part_path(out: str, process_index: int, process_count: int) -> str:
+    return f"{out}.part-{process_index}-of-{process_count}"
+
+
+def read_part(path: str) -> dict[str, dict]:
+    """Finished rows of a part file by record id; drops (and truncates) a torn last line."""
+    rows: dict[str, dict] = {}
+    if not os.path.exists(path):
+        return rows
+    good_bytes = 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            rows[row["record_id"]] = row
+            good_bytes += len(line)
+    if good_bytes != os.path.getsize(path):
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return rows
+
+
+def run_shard(interpreter, items: Sequence[EvalItem], out: str, *, process_index: int,
+              process_count: int, batch_size: int = 8, max_new_tokens: int | None = None,
+              prompt: str | None = None, progress: bool = True) -> str:
+    """Interprets this host's share of `items` into its part file; returns the part path."""
+    from tqdm import tqdm
+
+    import jax
+
+    mine = [item for i, item in enumerate(items) if i % process_count == process_index]
+    path = part_path(out, process_index, process_count)
+    done = read_part(path)
+    todo = [item for item in mine if item.record_id not in done]
+    devices = jax.local_device_count()
+    batch_size = max(devices, (batch_size // devices) * devices)
+    vocab = report_metrics.StatementVocabulary.default()
+    with open(path, "a") as f, tqdm(total=len(mine), initial=len(mine) - len(todo),
+                                    disable=not progress, desc=f"eval host {process_index}") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            reports = interpreter.interpret(np.stack([item.ecg for item in batch]),
+                                            prompt, max_new_tokens=max_new_tokens,
+                                            batch_multiple=devices)
+            for item, report in zip(batch, reports):
+                row = dict(record_id=item.record_id, generated=report,
+                           reference=item.reference_text,
+                           reference_labels=list(item.reference.labels or []),
+                           reference_measurements=dict(item.reference.measurements or {}),
+                           scores=report_metrics.score_record(report, item.reference, vocab))
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(batch))
+    with open(path + ".done", "w") as f:
+        f.write(str(len(mine)))
+    return path
+
+
+def merge(out: str, process_count: int, items: Sequence[EvalItem]) -> dict | None:
+    """Writes OUT and OUT.metrics.json once every part is done; returns the metrics (else None)."""
+    parts = [part_path(out, i, process_count) for i in range(process_count)]
+    if not all(os.path.exists(p + ".done") for p in parts):
+        return None
+    rows: dict[str, dict] = {}
+    for part in parts:
+        for record_id, row in read_part(part).items():
+            if record_id in rows:
+                raise UniECGError(f"{part}: record {record_id} also appears in another part")
+            rows[record_id] = row
+    expected = {item.record_id for item in items}
+    missing = expected - set(rows)
+    if missing:
+        raise UniECGError(f"{out}: parts are complete but {len(missing)} records are missing, "
+                          f"e.g. {sorted(missing)[:3]}")
+    ordered = [rows[record_id] for record_id in sorted(rows)]
+    with open(out, "w") as f:
+        for row in ordered:
+            f.write(json.dumps(row) + "\n")
+    references = [item.reference for item in sorted(items, key=lambda i: i.record_id)]
+    vocab = report_metrics.StatementVocabulary.default()
+    model_metrics = report_metrics.aggregate([row["scores"] for row in ordered])
+    baseline = report_metrics.evaluate_reports(
+        report_metrics.baseline_reports(references, vocab), references, vocab)
+    metrics = {"model": model_metrics, "baseline": baseline,
+               "baseline_text": report_metrics.baseline_reports(references, vocab)[0]}
+    with open(out + ".metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """A short human-readable comparison of model vs baseline."""
+    lines = []
+    for name in ("model", "baseline"):
+        m = metrics[name]
+        hr = m["measurements"]["heart_rate"]
+        hr_text = (f"HR MAE {hr['mae']:.1f} bpm (stated in {hr['stated_fraction']:.0%})"
+                   if hr["mae"] is not None else "HR not stated")
+        lines.append(f"{name:>8}: diagnosis F1 micro {m['diagnosis']['micro']['f1']:.3f} "
+                     f"macro {m['diagnosis']['macro']['f1']:.3f}; {hr_text}; "
+                     f"lead coverage {m['leads']['coverage']:.2f}")
+    return lines
