@@ -1,0 +1,1 @@
+"""Text-to-ECG latent diffusion (DiffuSETS design): layers, schedule, conditioning, pipeline."""

@@ -1,0 +1,217 @@
+"""1-D ECG VAE (DiffuSETS `VAE_Encoder` / `VAE_Decoder`) in flax.linen.
+
+ECG `[B, L, 12]` (L = 1024 at 102.4 Hz) -> latent `[B, L/8, 4]` scaled by 0.18215 -> ECG. Encoder:
+conv 12 -> w0; per width (128, 256, 512) `num_res_blocks` residual blocks then a stride-2 conv
+(right-padded by one sample); `num_res_blocks` more blocks at the last width; a middle
+(residual, self-attention, residual); GroupNorm + SiLU; conv to 2 x latent channels (mean, log
+variance); a 1x1 conv. The decoder mirrors it with nearest-neighbour upsampling. Layers are listed
+in a *plan* (`encoder_plan`, `decoder_plan`) shared with the DiffuSETS importer, whose PyTorch
+`nn.Sequential` indices are the plan positions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm, as_dtype, constrain, \
+    dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Shape of the VAE (built from `config.model.vae`)."""
+    num_leads: int = 12
+    widths: tuple[int, ...] = (128, 256, 512)
+    num_res_blocks: int = 2
+    latent_channels: int = 4
+    num_groups: int = 32
+    attention_heads: int = 1
+    scaling_factor: float = 0.18215
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @classmethod
+    def from_config(cls, vae_cfg) -> "VAEConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in dict(vae_cfg).items() if k in fields}
+        if "widths" in values:
+            values["widths"] = tuple(int(w) for w in values["widths"])
+        for key in ("dtype", "param_dtype"):
+            if key in values:
+                values[key] = as_dtype(values[key])
+        return cls(**values)
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** len(self.widths)
+
+
+class PlanStep(NamedTuple):
+    """One layer of the encoder/decoder: kind in conv/res/attn/down/up/norm/silu; widths."""
+    name: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    kernel_size: int = 3
+
+
+def encoder_plan(cfg: VAEConfig) -> list[PlanStep]:
+    """Encoder layers in order (position i = DiffuSETS `encoder.{i}`)."""
+    plan = [PlanStep("stem", "conv", cfg.num_leads, cfg.widths[0])]
+    width = cfg.widths[0]
+    for level, target in enumerate(cfg.widths):
+        for b in range(cfg.num_res_blocks):
+            plan.append(PlanStep(f"level{level}_res{b}", "res", width, target))
+            width = target
+        plan.append(PlanStep(f"level{level}_down", "down", width, width))
+    for b in range(cfg.num_res_blocks):
+        plan.append(PlanStep(f"bottom_res{b}", "res", width, width))
+    plan += [PlanStep("mid_res0", "res", width, width), PlanStep("mid_attn", "attn", width, width),
+             PlanStep("mid_res1", "res", width, width), PlanStep("out_norm", "norm", width, width),
+             PlanStep("out_silu", "silu", width, width),
+             PlanStep("moments_conv", "conv", width, 2 * cfg.latent_channels),
+             PlanStep("moments_proj", "conv", 2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)]
+    return plan
+
+
+def decoder_plan(cfg: VAEConfig) -> list[PlanStep]:
+    """Decoder layers in order (position i = DiffuSETS `decoder.{i}`)."""
+    width = cfg.widths[-1]
+    plan = [PlanStep("latent_proj", "conv", cfg.latent_channels, cfg.latent_channels, 1),
+            PlanStep("stem", "conv", cfg.latent_channels, width),
+            PlanStep("mid_res0", "res", width, width), PlanStep("mid_attn", "attn", width, width),
+            PlanStep("mid_res1", "res", width, width)]
+    level_widths = [cfg.widths[-1]] + list(reversed(cfg.widths))
+    for level, target in enumerate(level_widths):
+        for b in range(cfg.num_res_blocks + 1):
+            plan.append(PlanStep(f"level{level}_res{b}", "res", width, target))
+            width = target
+        if level < len(level_widths) - 1:
+            plan.append(PlanStep(f"level{level}_up", "up", width, width))
+            plan.append(PlanStep(f"level{level}_up_conv", "conv", width, width))
+    plan += [PlanStep("out_norm", "norm", width, width), PlanStep("out_silu", "silu", width, width),
+             PlanStep("out_conv", "conv", width, cfg.num_leads)]
+    return plan
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> conv3, plus (1x1-projected) input."""
+    cfg: VAEConfig
+    out_channels: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
+        h = Conv1d(self.out_channels, 3, name="conv1", **kw)(
+            nn.silu(GroupNorm(self.cfg.num_groups, name="norm1", **kw)(x)))
+        h = Conv1d(self.out_channels, 3, name="conv2", **kw)(
+            nn.silu(GroupNorm(self.cfg.num_groups, name="norm2", **kw)(h)))
+        if x.shape[-1] != self.out_channels:
+            x = Conv1d(self.out_channels, 1, name="skip", **kw)(x)
+        return constrain(h + x)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over time with a fused q/k/v projection, residual. `[B, L, C]`.
+
+    DiffuSETS defines a GroupNorm here but never applies it; so neither do we.
+    """
+    cfg: VAEConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
+        width = x.shape[-1]
+        q, k, v = jnp.split(Dense(3 * width, name="qkv_proj", **kw)(x), 3, axis=-1)
+        attended = dot_product_attention(q, k, v, self.cfg.attention_heads, self.cfg.dtype)
+        return constrain(Dense(width, kernel_axes=("mlp", "embed"), name="out_proj", **kw)(attended)
+                         + x)
+
+
+def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Array:
+    cfg = module.cfg
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    for step in plan:
+        if step.kind == "conv":
+            x = Conv1d(step.out_channels, step.kernel_size, name=step.name, **kw)(x)
+        elif step.kind == "down":  # pad right by one, then stride-2 width-3 valid conv: L -> L/2
+            x = Conv1d(step.out_channels, 3, stride=2, padding=(0, 1), name=step.name, **kw)(x)
+        elif step.kind == "up":
+            x = jnp.repeat(x, 2, axis=1)
+        elif step.kind == "res":
+            x = ResidualBlock(cfg, step.out_channels, name=step.name)(x)
+        elif step.kind == "attn":
+            x = AttentionBlock(cfg, name=step.name)(x)
+        elif step.kind == "norm":
+            x = GroupNorm(cfg.num_groups, name=step.name, **kw)(x)
+        elif step.kind == "silu":
+            x = nn.silu(x)
+        else:
+            raise ValueError(f"unknown VAE plan step {step}")
+    return x
+
+
+class Encoder(nn.Module):
+    """ECG `[B, L, 12]` -> (mean, log_variance), each `[B, L/8, latent_channels]` (float32)."""
+    cfg: VAEConfig
+
+    @nn.compact
+    def __call__(self, ecg: jax.Array) -> tuple[jax.Array, jax.Array]:
+        if ecg.shape[-1] != self.cfg.num_leads:
+            raise ValueError(f"VAE encoder: expected [B, L, {self.cfg.num_leads}] leads-last, "
+                             f"got {ecg.shape}")
+        if ecg.shape[1] % self.cfg.downsampling:
+            raise ValueError(f"VAE encoder: length {ecg.shape[1]} is not divisible by "
+                             f"{self.cfg.downsampling}")
+        moments = _run_plan(self, encoder_plan(self.cfg), ecg).astype(jnp.float32)
+        mean, log_variance = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(log_variance, -30.0, 20.0)
+
+
+class Decoder(nn.Module):
+    """Scaled latent `[B, L/8, latent_channels]` -> ECG `[B, L, 12]` (float32)."""
+    cfg: VAEConfig
+
+    @nn.compact
+    def __call__(self, latent: jax.Array) -> jax.Array:
+        x = latent.astype(jnp.float32) / self.cfg.scaling_factor
+        return _run_plan(self, decoder_plan(self.cfg), x.astype(self.cfg.dtype)).astype(jnp.float32)
+
+
+class VAE(nn.Module):
+    """`encode`, `decode` and the full pass `__call__(ecg, rng) -> (recon, mean, log_variance)`."""
+    cfg: VAEConfig
+
+    def setup(self):
+        self.encoder = Encoder(self.cfg)
+        self.decoder = Decoder(self.cfg)
+
+    def encode(self, ecg: jax.Array, noise: jax.Array | None = None):
+        """ECG `[B, L, 12]` -> (scaled latent sample, mean, log_variance), each `[B, L/8, 4]`.
+
+        `noise` (standard normal, `[B, L/8, 4]`) draws the sample; None returns the scaled mean.
+        """
+        mean, log_variance = self.encoder(ecg)
+        latent = mean if noise is None else mean + jnp.exp(0.5 * log_variance) * noise
+        return latent * self.cfg.scaling_factor, mean, log_variance
+
+    def decode(self, latent: jax.Array) -> jax.Array:
+        """Scaled latent `[B, L/8, 4]` -> ECG `[B, L, 12]`."""
+        return self.decoder(latent)
+
+    def __call__(self, ecg: jax.Array, noise: jax.Array | None = None):
+        latent, mean, log_variance = self.encode(ecg, noise)
+        return self.decode(latent), mean, log_variance
+
+
+def vae_loss_terms(recon: jax.Array, ecg: jax.Array, mean: jax.Array, log_variance: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(reconstruction, KL) as in DiffuSETS: squared error summed per example, KL to N(0, 1) summed
+    over latent channels, both averaged over the batch (KL also over latent positions)."""
+    reconstruction = jnp.sum(jnp.square(recon - ecg)) / ecg.shape[0]
+    kl = 0.5 * (jnp.exp(log_variance) + jnp.square(mean) - 1.0 - log_variance)
+    return reconstruction, jnp.mean(jnp.sum(kl, axis=-1))
