@@ -136,6 +136,13 @@ def _write_shard_job(args):
     return write_shard(options, plan)
 
 
+def _import_before_fork() -> None:
+    """Forked workers inherit imported modules: import the slow ones (neurokit2 ~1-2 s) once here."""
+    import neurokit2  # noqa: F401
+    import scipy.signal  # noqa: F401
+    import wfdb  # noqa: F401
+
+
 def run_prep(options: PrepOptions) -> dict:
     """Prepares (or finishes preparing) `options.out_dir`; returns the summary dict."""
     started = time.time()
@@ -153,6 +160,7 @@ def run_prep(options: PrepOptions) -> dict:
         progress.update(sum(len(p.items) for p in plans) - sum(len(p.items) for p in pending))
     jobs = [(options, plan) for plan in pending]
     if options.workers > 1 and len(jobs) > 1:
+        _import_before_fork()
         context = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
         with context.Pool(min(options.workers, len(jobs))) as pool:
             for meta in pool.imap_unordered(_write_shard_job, jobs):

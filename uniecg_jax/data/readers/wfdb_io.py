@@ -20,6 +20,21 @@ def strip_wfdb_extension(path: str | os.PathLike) -> str:
     return root if ext.lower() in (".hea", ".dat", ".mat") else path
 
 
+def _raise_if_header_corrupt(base: str, header_path: str) -> None:
+    """Called after wfdb failed: says "corrupt header" when the header itself does not parse (wfdb
+    re-parses it here; on the success path it is parsed only once, by rdrecord)."""
+    import wfdb
+
+    try:
+        header = wfdb.rdheader(base)
+    except Exception as e:  # wfdb raises HeaderSyntaxError/ValueError/TypeError/... on bad headers
+        raise RecordError(f"{header_path}: corrupt header ({str(e) or type(e).__name__})") from None
+    found = len(header.sig_name or [])
+    if not header.n_sig or found != header.n_sig:
+        raise RecordError(f"{header_path}: corrupt header (record line declares {header.n_sig} "
+                          f"signals, {found} signal lines parse)")
+
+
 def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], float, list[str]]:
     """Reads a WFDB record.
 
@@ -33,18 +48,11 @@ def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], fl
     if not os.path.exists(header_path):
         raise RecordError(f"{header_path}: WFDB header not found")
     try:
-        header = wfdb.rdheader(base)
-    except Exception as e:  # wfdb raises HeaderSyntaxError/ValueError/TypeError/... on bad headers
-        raise RecordError(f"{header_path}: corrupt header ({str(e) or type(e).__name__})") from None
-    found = len(header.sig_name or [])
-    if not header.n_sig or found != header.n_sig:
-        raise RecordError(f"{header_path}: corrupt header (record line declares {header.n_sig} "
-                          f"signals, {found} signal lines parse)")
-    try:
         record = wfdb.rdrecord(base)
     except FileNotFoundError as e:
         raise RecordError(f"{header_path}: signal file missing ({e.filename or e})") from None
-    except Exception as e:  # wfdb raises ValueError/IndexError/... on bad signal files
+    except Exception as e:  # wfdb raises ValueError/TypeError/IndexError/... on bad files
+        _raise_if_header_corrupt(base, header_path)
         problem = str(e) or type(e).__name__
         if "not loaded correctly" in problem:
             problem = "signal file is truncated (fewer samples than the header declares)"
