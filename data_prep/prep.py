@@ -145,6 +145,9 @@ def _import_before_fork() -> None:
 
 def run_prep(options: PrepOptions) -> dict:
     """Prepares (or finishes preparing) `options.out_dir`; returns the summary dict."""
+    from uniecg_jax.data.text_encoder import check_text_encoder_name
+
+    check_text_encoder_name(options.text_encoder)
     started = time.time()
     os.makedirs(options.out_dir, exist_ok=True)
     items, listing_skipped = list_items(options.source)

@@ -262,3 +262,20 @@ def test_tfds_builders_serve_mimic_and_ptbxl_without_tensorflow(tmp_path):
     assert sorted(mimic) == [f"mimic_4000000{i}" for i in range(5)]
     np.testing.assert_array_equal(mimic["mimic_40000004"]["signal"], mimic_records[4].signal)
     assert mimic["mimic_40000000"]["heart_rate"] == 75.0 and mimic["mimic_40000002"]["heart_rate"] == -1
+
+
+def test_uniecg_prep_cli(tmp_path, capsys):
+    from uniecg_jax.cli import main
+
+    out = tmp_path / "out"
+    assert main(["prep", "--source", "cinc", "--root", "bundled", "--out", str(out),
+                 "--workers", "1", "--shard-size", "64", "--text-encoder", "hash:8",
+                 "--no-conversations", "--no-progress"]) == 0
+    assert "wrote 50 records" in capsys.readouterr().out
+    assert read_summary(out)["num_written"] == 50
+    assert main(["prep", "--source", "cinc", "--root", "bundled", "--out", str(tmp_path / "x"),
+                 "--text-encoder", "word2vec", "--no-progress"]) == 1
+    assert "unknown text encoder 'word2vec'" in capsys.readouterr().err
+    assert main(["prep", "--source", "cinc", "--root", str(tmp_path / "empty"), "--out",
+                 str(tmp_path / "y"), "--no-progress"]) == 1
+    assert "no WFDB headers" in capsys.readouterr().err

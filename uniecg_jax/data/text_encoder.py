@@ -142,8 +142,23 @@ class PrecomputedEmbeddings:
     encode = lookup
 
 
+def check_text_encoder_name(name: str) -> None:
+    """Raises UniECGError for a name `get_text_encoder` would reject, without loading a model."""
+    if name in ("none", "", None, "minilm", "hash"):
+        return
+    if name.startswith("hash:") and name[5:].isdigit() and int(name[5:]) > 0:
+        return
+    if name.startswith("precomputed:"):
+        if not os.path.exists(name.split(":", 1)[1]):
+            raise UniECGError(f"{name.split(':', 1)[1]}: precomputed embeddings file not found")
+        return
+    raise UniECGError(f"unknown text encoder {name!r}; use minilm, hash[:D], "
+                      "precomputed:FILE.npz or none")
+
+
 def get_text_encoder(name: str = "minilm"):
     """`minilm` | `hash` | `hash:D` | `precomputed:FILE.npz` | `none` (-> None)."""
+    check_text_encoder_name(name)
     if name in ("none", "", None):
         return None
     if name == "minilm":
