@@ -149,7 +149,13 @@ def load_item(options: SourceOptions, item: WorkItem):
         sample = item.payload
         record = read_cinc_record(sample.ecg_path, missing_leads=options.missing_leads)
         report = sample.report or record.report
-        record = dc.replace(record, record_id=f"{sample.sample_id}", report=report)
+        from uniecg_jax.data.readers.mimic import clean_measurements
+
+        measurements = {**record.measurements, **clean_measurements(sample.machine_measurements)}
+        rr = measurements.get("rr_interval")
+        record = dc.replace(record, record_id=f"{sample.sample_id}", report=report,
+                            measurements=measurements,
+                            heart_rate=record.heart_rate or (60000.0 / rr if rr else None))
         conversation = list(sample.turns)
     record = dc.replace(record, patient_id=item.patient_id)
     if record.heart_rate is None:  # measured once here so pipelines need no QRS detection

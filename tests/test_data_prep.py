@@ -15,7 +15,7 @@ from data_fixtures import LEADS, write_grounding_file, write_mimic_root, write_p
     write_wfdb
 from data_prep.prep import PrepOptions, run_prep
 from data_prep.sources import SourceOptions
-from uniecg_jax.data import bundled_record_paths, bundled_samples_dir, load_bundled_records
+from uniecg_jax.data import bundled_record_paths, load_bundled_records
 from uniecg_jax.data.examples import read_shards, read_summary, shard_paths
 from uniecg_jax.data.text_encoder import HashingTextEncoder, diffusets_prompt, get_text_encoder
 
@@ -122,6 +122,7 @@ def test_grounding_source_keeps_conversations_and_logs_bad_lines(tmp_path):
     assert any("grounding.jsonl:5: conversation 'x' has no `ecg` path" in r for r in reasons)
     assert any("missing.hea: WFDB header not found" in r for r in reasons)
     example = sorted(_all_examples(tmp_path / "out"), key=lambda e: e["record_id"])[0]
+    assert example["measurements"]["rr_interval"] == 800 and example["heart_rate"] == 75.0
     assert example["record_id"] == "g0" and example["conversation"][1] == (
         "assistant", "Answer 0: sinus rhythm with normal axis.")
 
@@ -177,7 +178,7 @@ def _prep_command(root, out):
 
 
 def test_kill_and_resume_produces_the_same_shards(tmp_path):
-    _copy_records(tmp_path / "root", 16)
+    _copy_records(tmp_path / "root", 12)
     env = dict(os.environ, PYTHONPATH=REPO)
     out = tmp_path / "resumed"
     # Conversations (QRS detection per record) make each shard take a moment, so the kill lands
@@ -203,7 +204,7 @@ def test_kill_and_resume_produces_the_same_shards(tmp_path):
     for name in resumed:
         if name.endswith(".array_record"):
             assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
-    assert read_summary(out)["num_written"] == 16
+    assert read_summary(out)["num_written"] == 12
 
 
 def test_hashing_encoder_and_diffusets_prompt():
