@@ -27,7 +27,8 @@ def get_config(arg=None):
         log_every=10, checkpoint_every=50, keep_checkpoints=2, async_checkpoint=True,
         freeze="",                  # regex over param paths (a/b/kernel) kept fixed
         z_loss=0.0,                 # weight of the log(Z)^2 term (0 = off)
-        data="auto"))               # auto | reports | synthetic (see uniecg_jax/train/lm.py)
+        data="auto",                # auto | reports | synthetic (see uniecg_jax/train/lm.py)
+        compilation_cache_dir=""))  # persist compiled steps here: restarts skip compilation
     config.init = ml_collections.ConfigDict(dict(hf_dir=""))
     if variant not in ("tiny",):
         config.model.dtype = "bfloat16"

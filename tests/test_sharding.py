@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec
 from uniecg_jax import sharding
 from uniecg_jax.config import load_config
 from uniecg_jax.models.llm import build_decoder
-from uniecg_jax.train import lm, optim, state as state_lib, step as step_lib
+from uniecg_jax.train import build_task, optim, state as state_lib, step as step_lib
 
 SEQ = 16
 BATCH = 8
@@ -47,14 +47,9 @@ def _tiny_setup():
     # One layer keeps compiles short; GQA (4 heads, 2 KV heads) still exercises the indivisible case.
     config = load_config("configs/llm.py:tiny",
                          ["train.warmup_steps=0", "train.steps=10", "model.num_layers=1"])
-    model, llm_config = build_decoder(config.model)
-
-    def init_params(rng):
-        return model.init(rng, jnp.zeros((1, SEQ), jnp.int32))["params"]
-
-    def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["input_ids"])
-        return lm.next_token_loss(logits, batch["targets"], batch["loss_mask"])
+    model, _ = build_decoder(config.model)
+    task = build_task(config)
+    init_params, loss_fn = task.init_params, task.loss_fn
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, config.model.vocab_size, size=(BATCH, SEQ + 1)).astype(np.int32)

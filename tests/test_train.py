@@ -8,7 +8,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -16,25 +15,18 @@ import pytest
 
 from uniecg_jax import sharding
 from uniecg_jax.config import load_config
-from uniecg_jax.models.llm import build_decoder
 from uniecg_jax.train import build_task, lm, optim, state as state_lib, step as step_lib
-from uniecg_jax.train.loop import train
+from uniecg_jax.train.loop import enable_compilation_cache, train
 
-SEQ = 16
+SEQ = 16  # tokens per row of the hand-made batches
 
 
 def _tiny(overrides=()):
+    """(config, init_params, loss_fn) of the 1-layer tiny LM objective."""
     config = load_config("configs/llm.py:tiny", ["model.num_layers=1", "train.warmup_steps=0",
                                                  *overrides])
-    model, _ = build_decoder(config.model)
-
-    def init_params(rng):
-        return model.init(rng, jnp.zeros((1, SEQ), jnp.int32))["params"]
-
-    def loss_fn(params, batch, rng):
-        logits = model.apply({"params": params}, batch["input_ids"])
-        return lm.next_token_loss(logits, batch["targets"], batch["loss_mask"])
-    return config, init_params, loss_fn
+    task = build_task(config)
+    return config, task.init_params, task.loss_fn
 
 
 def _batch(rows, seed=0, vocab=512):
@@ -43,6 +35,20 @@ def _batch(rows, seed=0, vocab=512):
     # Masks differ between rows, so microbatches have different token counts.
     mask = (rng.random((rows, SEQ)) < np.linspace(0.2, 1.0, rows)[:, None]).astype(np.int32)
     return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Runs of the same program (the regression run and its resumed copies, the subprocesses)
+    compile once; cached executables give identical results."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    enable_compilation_cache(directory)
+    yield directory
+    for name, value in previous.items():
+        jax.config.update(name, value)
 
 
 def _one_device_mesh():
@@ -191,12 +197,13 @@ def test_fixed_seed_loss_regression_loss_falls_and_sigterm_resume_is_bit_exact(t
     assert resumed_losses == [losses[s] for s in range(1, 21)]
 
 
-def _cli(workdir, steps, extra=()):
+def _cli(workdir, steps, cache_dir):
     """`uniecg train` in a subprocess (8 simulated devices, as in this process)."""
     command = [sys.executable, "-c", "import sys; from uniecg_jax.cli import main; sys.exit(main())",
                "train", "--config", "configs/llm.py:tiny", "--workdir", str(workdir),
                *[f"--config.{o}" for o in REGRESSION_OVERRIDES],
-               f"--config.train.steps={steps}", "--config.train.checkpoint_every=20", *extra]
+               f"--config.train.steps={steps}", "--config.train.checkpoint_every=20",
+               f"--config.train.compilation_cache_dir={cache_dir}"]
     process = subprocess.Popen(command, cwd=os.path.dirname(os.path.dirname(__file__)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env=dict(os.environ))
@@ -247,7 +254,7 @@ def _params(workdir, step):
 
 
 @pytest.mark.slow
-def test_kill_and_sigterm_resume_match_uninterrupted_run_bit_for_bit(tmp_path):
+def test_kill_and_sigterm_resume_match_uninterrupted_run_bit_for_bit(tmp_path, compilation_cache):
     """`uniecg train` in subprocesses: SIGKILL after a checkpoint, resume, SIGTERM mid-run (final
     save), resume to the end; final params equal an uninterrupted run's bit for bit (~80 s)."""
     steps = 200
@@ -257,7 +264,7 @@ def test_kill_and_sigterm_resume_match_uninterrupted_run_bit_for_bit(tmp_path):
     train(config, str(reference_dir), build_task(config))
 
     # 1) SIGKILL right after the first checkpoint is on disk.
-    first = _cli(resumed_dir, steps)
+    first = _cli(resumed_dir, steps, compilation_cache)
     _wait_for(lambda: _finalised_steps(resumed_dir), first)
     first.kill()
     _finish(first, 60)
@@ -266,7 +273,7 @@ def test_kill_and_sigterm_resume_match_uninterrupted_run_bit_for_bit(tmp_path):
     assert killed_at < steps
 
     # 2) Resume, then SIGTERM mid-run: a final checkpoint at the current step, exit status 0.
-    second = _cli(resumed_dir, steps)
+    second = _cli(resumed_dir, steps, compilation_cache)
     _wait_for(lambda: _logged_step(second) >= killed_at + 5, second)
     second.send_signal(signal.SIGTERM)
     output = _finish(second, 120)
@@ -278,7 +285,7 @@ def test_kill_and_sigterm_resume_match_uninterrupted_run_bit_for_bit(tmp_path):
     assert terminated_at in _finalised_steps(resumed_dir)
 
     # 3) Resume to the end.
-    third = _cli(resumed_dir, steps)
+    third = _cli(resumed_dir, steps, compilation_cache)
     output = _finish(third, 300)
     assert third.returncode == 0, output
     assert f"/{terminated_at}" in output

@@ -62,7 +62,9 @@ def run(args) -> int:
     print(f"  train state (global)  {_gib(report['train_state_bytes_total'])}  "
           "(f32 params + optimizer state)")
     print(f"  model FLOPs / step    {report['model_flops_per_step']:.3e}  (6N + attention, all devices)")
-    print(f"  compiler FLOPs / dev  {report['compiler_flops_per_device']:.3e}")
+    scan_note = ("  (cost_analysis counts the grad-accumulation scan body once)"
+                 if report["grad_accum_steps"] > 1 else "")
+    print(f"  compiler FLOPs / dev  {report['compiler_flops_per_device']:.3e}{scan_note}")
     if "argument_bytes" in report:
         print("  per-device memory (compiled.memory_analysis()):")
         print(f"    arguments           {_gib(report['argument_bytes'])}")

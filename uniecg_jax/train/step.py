@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from uniecg_jax import sharding as sharding_lib
 from uniecg_jax.train.optim import TRAINABLE
