@@ -1,0 +1,57 @@
+"""Text-to-ECG latent diffusion (DiffuSETS design): VAE, conditional UNet, schedule, sampling.
+
+  uniecg train --config configs/diffusion.py:tiny --workdir /tmp/diffusion
+  uniecg generate --config configs/diffusion.py:tiny --text "sinus tachycardia" --hr 110 --age 60 --sex F --n 4 --out /tmp/gen
+  uniecg convert diffusets --config configs/diffusion.py:diffusets --unet unet_model.pth --vae vae_model.pth
+
+Variants: tiny (CPU, seconds per step), diffusets (the published sizes: VAE 128/256/512, UNet 7
+levels, kernel 7; 1000 DDPM steps, betas 0.00085-0.012 "linear" as DiffuSETS's diffusers default).
+"""
+import ml_collections
+
+from uniecg_jax.models import presets
+
+
+def get_config(arg=None):
+    variant = arg or "tiny"
+    if variant not in ("tiny", "diffusets"):
+        raise KeyError(f"unknown diffusion preset {variant!r}; choose from ['diffusets', 'tiny']")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.distributed = False
+    config.mesh = presets.mesh()
+    config.text = ml_collections.ConfigDict(dict(
+        encoder="minilm",          # frozen text encoder of the data layer (all-MiniLM-L6-v2)
+        embed_dim=384,             # width of text embeddings (any width for precomputed ones)
+        template="plain"))         # plain | diffusets ("Most importantly, the 1st diagnosis is ...")
+    config.data = ml_collections.ConfigDict(dict(
+        signal_length=1024, sample_rate=102.4, num_leads=12))
+    config.model = ml_collections.ConfigDict()
+    config.model.vae = ml_collections.ConfigDict(dict(
+        num_leads=12, widths=(128, 256, 512), num_res_blocks=2, latent_channels=4, num_groups=32,
+        attention_heads=1, scaling_factor=0.18215, dtype="float32", param_dtype="float32"))
+    config.model.unet = ml_collections.ConfigDict(dict(
+        latent_channels=4, latent_length=128, num_levels=7, kernel_size=7, num_heads=8,
+        bottleneck_kernel_size=3, bottleneck_heads=4, bottleneck_hidden=32,
+        text_embed_dim=config.text.get_ref("embed_dim"), time_embed_dim=64, time_hidden_dim=128,
+        dtype="float32", param_dtype="float32"))
+    config.diffusion = ml_collections.ConfigDict(dict(
+        num_steps=1000, beta_start=0.00085, beta_end=0.012,
+        beta_schedule="linear",    # linear (DiffuSETS/diffusers default) | scaled_linear (SD)
+        prediction="epsilon",      # epsilon | v
+        clip_sample=1.0,           # DDPM/DDIM clip of predicted x0 (diffusers default); 0 = off
+        cfg_dropout=0.1))          # probability of the null condition in training
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=256, steps=100000, learning_rate=1e-4, warmup_steps=1000, weight_decay=0.01,
+        grad_clip=1.0, log_every=100, checkpoint_every=5000, keep_checkpoints=2,
+        kl_weight=1.0, vae_steps=50000, unet_steps=100000))
+    config.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0,
+                                                   output_rate=102.4))
+    if variant == "tiny":
+        config.model.vae.update(dict(widths=(16, 32, 64), num_res_blocks=1, num_groups=8))
+        config.model.unet.update(dict(num_levels=3, num_heads=2, bottleneck_heads=2,
+                                      bottleneck_hidden=8))
+        config.train.update(dict(batch_size=8, steps=200, learning_rate=1e-3, warmup_steps=10,
+                                 log_every=10, checkpoint_every=100, vae_steps=200, unet_steps=200))
+        config.sample.steps = 20
+    return config
