@@ -144,3 +144,20 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     assert cli.main(["convert", "from-hf", "--hf-dir", str(src), "--out", str(tmp_path / "y"),
                      "--config", "configs/llm.py:tiny"]) == 1
     assert "model.embed_tokens.weight" in capsys.readouterr().err
+
+
+def test_import_places_tensors_on_a_tensor_parallel_mesh(tmp_path):
+    from uniecg_jax import sharding
+    hf_model = hf_testing.tiny_hf_model("qwen2", tmp_path, num_key_value_heads=4)
+    config = LLMConfig.from_config(hf_llm.model_config_from_hf(str(tmp_path)))
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    abstract = hf_llm.abstract_params_for(config, mesh)
+    params = hf_llm.load_hf_params(str(tmp_path), config, abstract_params=abstract)
+    query = params["layers_1"]["attention"]["query"]["kernel"]           # [D, H, Dh]
+    assert query.sharding == abstract["layers_1"]["attention"]["query"]["kernel"].sharding
+    assert query.sharding.spec[:2] == ("fsdp", "tensor")
+    assert len(query.addressable_shards) == 8
+    assert query.addressable_shards[0].data.shape == (20, 1, 10)
+    with sharding.logical_rules_context(mesh):
+        logits = jax.jit(Decoder(config).apply)({"params": params}, jnp.asarray(IDS))
+    np.testing.assert_allclose(np.asarray(logits), torch_logits(hf_model), atol=1e-4)
