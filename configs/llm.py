@@ -1,7 +1,7 @@
 """Decoder-LLM config: conversion, dry runs and plain language-model training.
 
   uniecg convert from-hf --hf-dir /ckpt/vicuna-7b --out /ckpt/vicuna-orbax --config configs/llm.py:vicuna_7b
-  uniecg dry-run --config configs/llm.py:llama2_7b --config.mesh.fsdp=256
+  uniecg dry-run --config configs/llm.py:llama2_7b --devices 8 --config.mesh.fsdp=8
   uniecg train --config configs/llm.py:tiny --workdir /tmp/lm
 
 Variants: tiny (CPU), small (~60M), llama2_7b, vicuna_7b, llama3_8b, qwen2_5_7b, qwen2_5_0_5b.

@@ -18,6 +18,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from uniecg_jax.config import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # The single source of truth for how logical axes map onto mesh axes. A logical axis absent from the
@@ -48,21 +50,23 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Resolves (data, fsdp, tensor) degrees; one of them may be -1 = "all remaining devices"."""
+    """Resolves (data, fsdp, tensor) degrees; one of them may be -1 = "all remaining devices".
+
+    Raises ConfigError (a ValueError) naming the `mesh` fields when they do not fit the devices."""
     degrees = [int(mesh_config[axis]) for axis in MESH_AXES]
     unknown = [i for i, d in enumerate(degrees) if d == -1]
     if len(unknown) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, degrees))}")
+        raise ConfigError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, degrees))}")
     known = math.prod(d for d in degrees if d != -1)
     if any(d == 0 or d < -1 for d in degrees):
-        raise ValueError(f"mesh: degrees must be positive or -1, got {dict(zip(MESH_AXES, degrees))}")
+        raise ConfigError(f"mesh: degrees must be positive or -1, got {dict(zip(MESH_AXES, degrees))}")
     if unknown:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices are not divisible by the fixed degrees "
+            raise ConfigError(f"mesh: {num_devices} devices are not divisible by the fixed degrees "
                              f"{dict(zip(MESH_AXES, degrees))}")
         degrees[unknown[0]] = num_devices // known
     if math.prod(degrees) != num_devices:
-        raise ValueError(f"mesh: {dict(zip(MESH_AXES, degrees))} needs {math.prod(degrees)} devices, "
+        raise ConfigError(f"mesh: {dict(zip(MESH_AXES, degrees))} needs {math.prod(degrees)} devices, "
                          f"{num_devices} available")
     return tuple(degrees)
 

@@ -20,16 +20,18 @@ TRAINERS: dict[str, str] = {
 
 
 def build_task(config: Any):
-    """The TrainTask for `config.objective` (a ValueError naming the known objectives otherwise)."""
+    """The TrainTask for `config.objective` (a ConfigError naming the known objectives otherwise)."""
+    from uniecg_jax.config import ConfigError
+
     objective = config.get("objective", None)
     if objective not in TRAINERS:
-        raise ValueError(f"config.objective={objective!r} has no trainer; known: {sorted(TRAINERS)}")
+        raise ConfigError(f"config.objective={objective!r} has no trainer; known: {sorted(TRAINERS)}")
     module_name, _, function_name = TRAINERS[objective].partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name == module_name:
-            raise ValueError(f"config.objective={objective!r}: trainer module {module_name} is not "
+            raise ConfigError(f"config.objective={objective!r}: trainer module {module_name} is not "
                              "available in this version") from None
         raise
     return getattr(module, function_name)(config)

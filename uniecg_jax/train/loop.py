@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from uniecg_jax import sharding as sharding_lib
+from uniecg_jax.config import ConfigError
 from uniecg_jax.train import checkpointing, optim, state as state_lib, step as step_lib
 
 log = logging.getLogger("uniecg.train")
@@ -128,7 +129,7 @@ def _global_batch_size(config: ml_collections.ConfigDict, mesh) -> int:
     accum = int(config.train.grad_accum_steps)
     divisor = sharding_lib.batch_divisor(mesh) * accum
     if batch_size % divisor or batch_size % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={batch_size} must be divisible by data*fsdp "
             f"({sharding_lib.batch_divisor(mesh)}) x grad_accum_steps ({accum}) and by the host "
             f"count ({jax.process_count()})")

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 import jax
 import optax
 
+from uniecg_jax.config import ConfigError
+
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 
@@ -63,12 +65,12 @@ def freeze_labels(params: Any, freeze_regex: str) -> Any:
     try:
         pattern = re.compile(freeze_regex)
     except re.error as e:
-        raise ValueError(f"train.freeze: invalid regex {freeze_regex!r}: {e}") from None
+        raise ConfigError(f"train.freeze: invalid regex {freeze_regex!r}: {e}") from None
     labels = jax.tree_util.tree_map_with_path(
         lambda kp, _: FROZEN if pattern.search(param_path(kp)) else TRAINABLE, params)
     if FROZEN not in jax.tree.leaves(labels):
         some = [param_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)[:5]]
-        raise ValueError(f"train.freeze={freeze_regex!r} matches no parameter; paths look like {some}")
+        raise ConfigError(f"train.freeze={freeze_regex!r} matches no parameter; paths look like {some}")
     return labels
 
 
