@@ -16,6 +16,8 @@ import pytest
 from uniecg_jax import sharding
 from uniecg_jax.config import load_config
 from uniecg_jax.train import build_task, lm, optim, state as state_lib, step as step_lib
+from uniecg_jax.errors import CheckpointError
+from uniecg_jax.train.checkpointing import RunCheckpointer
 from uniecg_jax.train.loop import enable_compilation_cache, train
 
 SEQ = 16  # tokens per row of the hand-made batches
@@ -195,6 +197,17 @@ def test_fixed_seed_loss_regression_loss_falls_and_sigterm_resume_is_bit_exact(t
         assert np.array_equal(a, b), f"{jax.tree_util.keystr(path)} differs after resume"
     resumed_losses = [json.loads(line)["loss"] for line in open(tmp_path / "resumed" / "metrics.jsonl")]
     assert resumed_losses == [losses[s] for s in range(1, 21)]
+
+    # The checkpoint records its config; a different model is refused by tensor name, not restored.
+    checkpointer = RunCheckpointer(str(tmp_path / "resumed"))
+    assert checkpointer.latest_step() == 20
+    assert checkpointer.saved_config(20)["model"]["num_layers"] == 1
+    checkpointer.close()
+    wider = load_config("configs/llm.py:tiny", REGRESSION_OVERRIDES + [
+        "train.steps=30", "model.hidden_size=32"])
+    with pytest.raises(CheckpointError, match=r"params.embedding: checkpoint has \(512, 64\) float32, "
+                                              r"model needs \(512, 32\)"):
+        train(wider, str(tmp_path / "resumed"), build_task(wider))
 
 
 def _cli(workdir, steps, cache_dir):

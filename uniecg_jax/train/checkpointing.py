@@ -57,6 +57,7 @@ class RunCheckpointer:
     def restore(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         """Restores step `step` onto `abstract_state`'s shardings (ShapeDtypeStructs carrying
         `.sharding`) and, in place, the position of `data_iterator`. Returns the train state."""
+        self._check_matches(step, abstract_state)
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -68,6 +69,31 @@ class RunCheckpointer:
                 "written by a different config? Use a fresh --workdir or the original config."
             ) from None
         return restored[STATE]
+
+    def _check_matches(self, step: int, abstract_state: Any) -> None:
+        """Compares the stored tree (names, shapes, dtypes) with the one to restore, so a config
+        change (model size, freeze regex, optimizer) is reported by tensor name before any read."""
+        try:
+            stored_tree = self.manager.item_metadata(step)[STATE]
+        except Exception as e:  # unreadable metadata: let restore report what is wrong
+            raise CheckpointError(f"{self.directory}/{step}/{STATE}: unreadable metadata ({e})") from None
+        stored = {_dotted(path): (tuple(meta.shape), str(meta.dtype))
+                  for path, meta in jax.tree_util.tree_leaves_with_path(stored_tree)}
+        wanted = {_dotted(path): (tuple(x.shape), str(x.dtype))
+                  for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
+        problems = [f"{name}: missing in checkpoint" for name in wanted if name not in stored]
+        problems += [f"{name}: in checkpoint, not in this model/optimizer" for name in stored
+                     if name not in wanted]
+        problems += [f"{name}: checkpoint has {stored[name][0]} {stored[name][1]}, model needs "
+                     f"{want[0]} {want[1]}" for name, want in wanted.items()
+                     if name in stored and stored[name] != want]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; ... {len(problems) - 5} more"
+                                               if len(problems) > 5 else "")
+            raise CheckpointError(
+                f"{self.directory}/{step}: does not match this config ({shown}). Was it written with "
+                "another model size, freeze regex or optimizer? Use the original config or a fresh "
+                "--workdir.")
 
     def saved_config(self, step: int) -> dict:
         """The config stored with step `step`, as a plain dict."""
@@ -81,6 +107,16 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _dotted(key_path: tuple) -> str:
+    parts = []
+    for key in key_path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return ".".join(parts)
 
 
 class PreemptionFlag:
