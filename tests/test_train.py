@@ -186,6 +186,9 @@ def test_fixed_seed_loss_regression_loss_falls_and_sigterm_resume_is_bit_exact(t
             os.kill(os.getpid(), signal.SIGTERM)
         return to_global(local_batch, mesh)
     monkeypatch.setattr(sharding, "global_batch_from_host", preempt_at_eighth_batch)
+    # Logging every 5 steps: the metrics of steps 6-8 are flushed at the preemption, not lost.
+    config = load_config("configs/llm.py:tiny", REGRESSION_OVERRIDES + [
+        "train.steps=20", "train.checkpoint_every=5", "train.log_every=5"])
     task = build_task(config)
     interrupted = train(config, str(tmp_path / "resumed"), task)
     assert interrupted.stopped_by_signal == "SIGTERM" and int(interrupted.state.step) == 8

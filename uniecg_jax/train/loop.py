@@ -208,6 +208,33 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
     window_start, window_steps = time.perf_counter(), 0
     pending: list[tuple[int, dict]] = []
     saved_step = latest
+
+    def flush_metrics(window_start: float, window_steps: int) -> tuple[float, int]:
+        """Fetches the pending steps' metrics, appends them to metrics.jsonl, prints one line for
+        the newest; returns a fresh throughput window."""
+        jax.block_until_ready(pending[-1][1])
+        elapsed = time.perf_counter() - window_start
+        records = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()})
+                   for s, m in pending]
+        pending.clear()
+        record = records[-1]
+        if window_steps and elapsed > 0:
+            record["tokens_per_s"] = task.tokens_per_step * window_steps / elapsed
+            record["step_time_s"] = elapsed / window_steps
+            record["mfu"] = (task.flops_per_step * window_steps / elapsed
+                             / (peak_flops * jax.device_count()))
+        history.extend(records)
+        if jax.process_index() == 0:
+            with open(metrics_path, "a") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+        throughput = (f" {record['tokens_per_s']:,.0f} tok/s mfu {record['mfu']:.1%}"
+                      if "mfu" in record else "")
+        _echo(f"[{task.name}] step {record['step']}/{total_steps} "
+              f"({100 * record['step'] / total_steps:.0f}%) loss {record['loss']:.4f} "
+              f"lr {record['learning_rate']:.2e} grad_norm {record['grad_norm']:.3f}{throughput}")
+        return time.perf_counter(), 0
+
     try:
         while step < total_steps:
             batch = sharding_lib.global_batch_from_host(next(data_iterator), mesh)
@@ -220,28 +247,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
                 jax.block_until_ready(metrics)
                 window_start, window_steps = time.perf_counter(), 0
             if step % log_every == 0 or step == total_steps:
-                jax.block_until_ready(metrics)
-                elapsed = time.perf_counter() - window_start
-                records = [dict(step=s, **{k: float(v) for k, v in jax.device_get(m).items()})
-                           for s, m in pending]
-                pending.clear()
-                record = records[-1]
-                if window_steps and elapsed > 0:
-                    record["tokens_per_s"] = task.tokens_per_step * window_steps / elapsed
-                    record["step_time_s"] = elapsed / window_steps
-                    record["mfu"] = (task.flops_per_step * window_steps / elapsed
-                                     / (peak_flops * jax.device_count()))
-                window_start, window_steps = time.perf_counter(), 0
-                history.extend(records)
-                if jax.process_index() == 0:
-                    with open(metrics_path, "a") as f:
-                        for r in records:
-                            f.write(json.dumps(r) + "\n")
-                throughput = (f" {record['tokens_per_s']:,.0f} tok/s mfu {record['mfu']:.1%}"
-                              if "mfu" in record else "")
-                _echo(f"[{task.name}] step {step}/{total_steps} ({100 * step / total_steps:.0f}%) "
-                      f"loss {record['loss']:.4f} lr {record['learning_rate']:.2e} "
-                      f"grad_norm {record['grad_norm']:.3f}{throughput}")
+                window_start, window_steps = flush_metrics(window_start, window_steps)
             if checkpoint_every > 0 and step % checkpoint_every == 0 and step < total_steps:
                 checkpointer.save(step, state, data_iterator, config)
                 saved_step = step
@@ -249,6 +255,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
             if (jax.process_count() == 1 or step % log_every == 0) and preemption.any_host():
                 stopped_by = preemption.signal_name or "signal"
                 break
+        if pending:  # steps since the last log line (a preemption between log steps)
+            flush_metrics(window_start, window_steps)
         if saved_step != step:
             checkpointer.save(step, state, data_iterator, config, force=True)
         checkpointer.wait()
