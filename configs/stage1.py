@@ -6,7 +6,7 @@
       --config.mesh.fsdp=-1 --config.distributed=True                          # TPU pod
   uniecg interpret --ckpt /tmp/stage1 --ecg uniecg_jax/assets/ecg_samples/cinc2021/E07500
 
-Variants: tiny (CPU), small (~100M: `small` LLM + small encoder), vicuna_7b (GEM's shapes: full
+Variants: tiny (CPU tests), demo (what `uniecg demo` trains), small (~100M: `small` LLM + small encoder), vicuna_7b (GEM's shapes: full
 ECG-CoCa tower, 1024-d ecg_projector, Vicuna-7B), qwen2_5_7b.
 """
 import ml_collections
@@ -16,6 +16,7 @@ from uniecg_jax.models import ecg_encoder, presets
 VARIANTS = {
     # name: (LLM preset, encoder preset, ecg_proj_dim)
     "tiny": ("tiny", "tiny", 64),
+    "demo": ("tiny", "tiny", 128),     # `uniecg demo`: tiny shapes, a little wider, a few minutes
     "small": ("small", "small", 512),
     "vicuna_7b": ("vicuna_7b", "full", 1024),
     "qwen2_5_7b": ("qwen2_5_7b", "full", 1024),
@@ -56,7 +57,14 @@ def get_config(arg=None):
         # GEM freezes the pretrained ECG encoder; the tiny model trains it from scratch.
         freeze=""))
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=96, batch_size=8))
-    if variant != "tiny":
+    if variant == "demo":
+        config.model.llm.update(hidden_size=128, intermediate_size=352, num_layers=3)
+        config.model.ecg_encoder.width = 64
+        config.model.projector.llm_hidden_size = 128
+        config.data.max_length = 224
+        config.train.update(steps=400, learning_rate=3e-3, warmup_steps=30, log_every=50,
+                            checkpoint_every=200)
+    if variant not in ("tiny", "demo"):
         for group in (config.model.llm, config.model.ecg_encoder, config.model.projector):
             group.dtype = "bfloat16"
         config.model.llm.remat = "dots_with_no_batch_dims_saveable"
