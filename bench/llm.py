@@ -155,8 +155,11 @@ def main() -> None:
           f"({torch.get_num_threads()} threads)")
     print(f"model: preset {args.preset}, {config.num_params() / 1e6:.1f}M params, "
           f"seq {args.seq}, batch {args.batch}")
-    if "hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
-        print("note: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 gave ~+20% to both frameworks here")
+    hugetlb = "hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
+    print(f"GLIBC_TUNABLES=glibc.malloc.hugetlb=1 is {'on' if hugetlb else 'OFF'} "
+          "(it gave ~+20% to both frameworks on this machine)")
+    print(f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+          "(other processes sharing the cores scale both frameworks' figures down)")
 
     peak = matmul_peak()
     print(f"matmul peak: f32 {peak['f32'] / 1e9:.0f} GFLOP/s, "
