@@ -55,15 +55,18 @@ def get_config(arg=None):
         weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0, grad_accum_steps=1, z_loss=0.0,
         log_every=25, checkpoint_every=100, keep_checkpoints=2, async_checkpoint=True,
         # GEM freezes the pretrained ECG encoder; the tiny model trains it from scratch.
-        freeze=""))
+        freeze="",
+        augment_roll=False))     # rotate ECGs in time by a random offset (small-data runs)
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=96, batch_size=8))
     if variant == "demo":
         config.model.llm.update(hidden_size=128, intermediate_size=352, num_layers=3)
         config.model.ecg_encoder.width = 64
         config.model.projector.llm_hidden_size = 128
         config.data.max_length = 224
+        config.data.num_synthetic = 96
         config.train.update(steps=400, learning_rate=3e-3, warmup_steps=30, log_every=50,
-                            checkpoint_every=200)
+                            checkpoint_every=200, augment_roll=True, weight_decay=0.05)
+        config.eval.max_new_tokens = 200
     if variant not in ("tiny", "demo"):
         for group in (config.model.llm, config.model.ecg_encoder, config.model.projector):
             group.dtype = "bfloat16"

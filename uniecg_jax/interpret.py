@@ -112,10 +112,12 @@ class Interpreter:
 
     def interpret(self, ecgs: np.ndarray, prompts: Sequence[str] | str | None = None, *,
                   max_new_tokens: int | None = None, sampling: decoding.Sampling | None = None,
-                  seed: int = 0, batch_multiple: int = 1) -> list[str]:
+                  seed: int = 0, batch_multiple: int = 1,
+                  stop_token_ids: Sequence[int] | None = None) -> list[str]:
         """ecgs [B, 12, samples] (mV, encoder rate) -> B reports.
 
         batch_multiple: rows are padded to a multiple of this (the device count for a sharded batch).
+        stop_token_ids: default the model's eos; () decodes exactly max_new_tokens (benchmarks).
         """
         ecgs = np.asarray(ecgs, np.float32)
         if ecgs.ndim != 3:
@@ -131,8 +133,10 @@ class Interpreter:
             prompts = list(prompts) + [prompts[-1]] * padded
         ids, mask, slots = self.build_inputs(prompts)
         max_new = int(max_new_tokens or self.config.eval.max_new_tokens)
+        llm_cfg = self.model.config.llm
+        stops = (llm_cfg.eos_token_id,) if stop_token_ids is None else tuple(stop_token_ids)
         tokens, lengths = self._generate(ecgs, ids, mask, slots, max_new,
-                                         sampling or decoding.Sampling(), seed)
+                                         sampling or decoding.Sampling(), seed, stops)
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
         eos = self.model.config.llm.eos_token_id
         reports = []
@@ -141,11 +145,11 @@ class Interpreter:
             reports.append(self.tokenizer.decode(out, skip_special_tokens=True).strip())
         return reports
 
-    def _generate(self, ecgs, ids, mask, slots, max_new, sampling, seed):
+    def _generate(self, ecgs, ids, mask, slots, max_new, sampling, seed, stops):
         params, place = self._placement(ecgs.shape[0])
         ecg_tokens = _encode_fn(self.model)(params, place(ecgs))
         llm_cfg = self.model.config.llm
-        generate = decoding.generate_fn(Decoder(llm_cfg), max_new, sampling, (llm_cfg.eos_token_id,),
+        generate = decoding.generate_fn(Decoder(llm_cfg), max_new, sampling, stops,
                                         llm_cfg.pad_token_id)
         return generate(params["llm"], place(ids), place(mask), ecg_tokens, place(slots),
                         jax.random.PRNGKey(seed))

@@ -31,17 +31,44 @@ def is_heldout(patient_id: str, holdout_every: int) -> bool:
 def bundled_split(holdout_every: int, num_synthetic: int, seed: int) -> dict[str, list]:
     """{"train": [...], "test": [...]} ECGRecords: bundled records split by patient + synthetic
     ones (train gets 3/4 of the synthetic ECGs, test the rest)."""
-    from uniecg_jax.data import load_bundled_records, synthetic
+    from uniecg_jax.data import load_bundled_records
 
     records = load_bundled_records()
     train = [r for r in records if not is_heldout(r.patient_id, holdout_every)]
     test = [r for r in records if is_heldout(r.patient_id, holdout_every)]
     if num_synthetic:
-        generated = synthetic.generate(num_synthetic, seed=seed + 1)
+        generated = cached_synthetic(num_synthetic, seed + 1)
         cut = (3 * num_synthetic) // 4
         train += generated[:cut]
         test += generated[cut:]
     return {"train": train, "test": test}
+
+
+def cached_synthetic(count: int, seed: int) -> list:
+    """`synthetic.generate(count, seed=seed)`, cached on disk (neurokit2 takes ~2 s per record).
+
+    Cache: $UNIECG_CACHE or ~/.cache/uniecg_jax; a corrupt or stale file is regenerated.
+    """
+    import os
+    import pickle
+
+    from uniecg_jax.data import synthetic
+
+    directory = os.environ.get("UNIECG_CACHE", os.path.expanduser("~/.cache/uniecg_jax"))
+    path = os.path.join(directory, f"synthetic_n{count}_seed{seed}.pkl")
+    try:
+        with open(path, "rb") as f:
+            records = pickle.load(f)
+        if len(records) == count:
+            return records
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError):
+        pass
+    records = synthetic.generate(count, seed=seed)
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(records, f)
+    os.replace(path + ".tmp", path)
+    return records
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict):
@@ -87,9 +114,17 @@ def stage1_data_source(config: ml_collections.ConfigDict, split: str):
     return records_source(records, conversations="build")
 
 
-def stage1_loss(model, params, batch) -> tuple[jax.Array, dict]:
+def roll_ecgs(ecg: jax.Array, rng: jax.Array) -> jax.Array:
+    """Augmentation: rotates each ECG [B, leads, samples] in time by a random offset. Rate, rhythm,
+    axis and voltage (everything the grounded answers state) are unchanged by a rotation."""
+    shifts = jax.random.randint(rng, (ecg.shape[0],), 0, ecg.shape[-1])
+    return jax.vmap(lambda signal, shift: jnp.roll(signal, shift, axis=-1))(ecg, shifts)
+
+
+def stage1_loss(model, params, batch, rng=None, augment: bool = False) -> tuple[jax.Array, dict]:
     """Masked next-token loss over the placeholder-expanded sequence."""
-    logits = model.apply({"params": params}, batch["input_ids"], batch["ecg"],
+    ecg = roll_ecgs(batch["ecg"], rng) if augment else batch["ecg"]
+    logits = model.apply({"params": params}, batch["input_ids"], ecg,
                          batch["ecg_position"], batch["attention_mask"])
     num_ecg = model.config.num_ecg_tokens
     pad = model.config.llm.pad_token_id
@@ -128,9 +163,10 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         return model.init(rng, jnp.zeros((1, max_length), jnp.int32), jnp.zeros((1, *ecg_shape)),
                           jnp.zeros((1,), jnp.int32))["params"]
 
+    augment = bool(config.train.augment_roll)
+
     def loss_fn(params, batch, rng):
-        del rng
-        return stage1_loss(model, params, batch)
+        return stage1_loss(model, params, batch, rng, augment)
 
     def make_data(process_index, process_count, local_batch):
         loader = stage1_loader(stage1_data_source(config, "train"), tokenizer,
