@@ -1,0 +1,80 @@
+"""Stage 2, Text-to-ECG by latent alignment: N `[ECG]` tokens + an alignment head on a stage-1 model.
+
+  uniecg train --config configs/stage2.py:tiny --workdir /tmp/stage2 \\
+      --config.init.stage1_ckpt=/tmp/stage1                                     # CPU, a minute
+  uniecg train --config configs/stage2.py:vicuna_7b --workdir gs://b/stage2 \\
+      --config.init.stage1_ckpt=gs://b/stage1 --config.data.source=/data/mimic_prep \\
+      --config.mesh.fsdp=-1 --config.distributed=True                          # TPU pod
+  uniecg chat --ckpt /tmp/stage2 --diffusion /tmp/diffusion \\
+      --prompt "Generate a 12-lead ECG that matches this report: sinus tachycardia, HR 110"
+
+Only the N new embedding / lm_head rows and the alignment head train: `train.freeze` freezes the ECG
+tower and every LLM tensor but `embedding` / `lm_head`, and the stage-2 loss masks the gradient of
+the old rows of those two, so the stage-1 model is unchanged bit for bit (interpretation preserved).
+The model shapes come from the stage-1 checkpoint's config when `init.stage1_ckpt` is set.
+
+Variants: tiny (CPU tests), demo (after `configs/stage1.py:demo`), vicuna_7b, qwen2_5_7b.
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+VARIANTS = ("tiny", "demo", "vicuna_7b", "qwen2_5_7b")
+# Everything but the LLM's embedding / lm_head (whose old rows are masked in the loss instead).
+FREEZE_ALL_BUT_NEW_ROWS = r"^(ecg_tower/|llm/(?!embedding$|lm_head/))"
+
+
+def _stage1_config(variant):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage1.py")
+    spec = importlib.util.spec_from_file_location("uniecg_configs_stage1", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def get_config(arg=None):
+    variant = arg or "tiny"
+    if variant not in VARIANTS:
+        raise KeyError(f"{variant!r}; choose from {sorted(VARIANTS)}")
+    stage1 = _stage1_config(variant)
+    config = ml_collections.ConfigDict()
+    config.objective = "stage2"
+    config.seed = 0
+    config.distributed = False
+    config.mesh = stage1.mesh
+    config.model = stage1.model
+    config.model.num_ecg_tokens = 8
+    config.model.ecg_token_ids = [-1]   # filled by the trainer from the tokenizer (list of N ids)
+    config.model.alignment = ml_collections.ConfigDict(dict(
+        kind="mlp",            # mlp | transformer (GILL-style learned queries)
+        hidden_dim=256, output_dim=384, layers=2, heads=4, num_queries=4,
+        param_dtype="float32", dtype="float32"))
+    config.text = ml_collections.ConfigDict(dict(
+        encoder="minilm",      # the diffusion model's frozen text encoder (uniecg_jax.data.text_encoder)
+        embed_dim=384))
+    config.model.alignment.output_dim = config.text.get_ref("embed_dim")
+    config.data = ml_collections.ConfigDict(dict(
+        source="bundled",      # "bundled" (bundled + synthetic reports) or a `uniecg prep` folder
+        num_synthetic=48, holdout_every=5, tokenizer="", max_length=128, worker_count=0))
+    config.init = ml_collections.ConfigDict(dict(
+        stage1_ckpt=""))       # stage-1 train workdir or model checkpoint; "" = random (tests)
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=8, steps=200, learning_rate=3e-3, warmup_steps=10, min_lr_ratio=0.1,
+        # Decoupled weight decay would move the frozen vocabulary rows: must stay 0.
+        weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0, grad_accum_steps=1, z_loss=0.0,
+        log_every=25, checkpoint_every=100, keep_checkpoints=2, async_checkpoint=True,
+        token_loss_weight=1.0, mse_weight=1.0, cosine_weight=1.0,
+        freeze=FREEZE_ALL_BUT_NEW_ROWS))
+    config.eval = ml_collections.ConfigDict(dict(max_new_tokens=stage1.eval.max_new_tokens,
+                                                 batch_size=8, generation_tokens=12))
+    if variant == "demo":
+        config.model.alignment.hidden_dim = 256
+        config.train.update(steps=150, learning_rate=5e-3, log_every=25, checkpoint_every=0)
+    if variant in ("vicuna_7b", "qwen2_5_7b"):
+        config.model.alignment.update(kind="transformer", hidden_dim=1024, layers=2, heads=8,
+                                      num_queries=8, dtype="bfloat16")
+        config.data.max_length = 256
+        config.train.update(batch_size=128, steps=5000, learning_rate=1e-3, warmup_steps=200,
+                            log_every=50, checkpoint_every=1000)
+    return config

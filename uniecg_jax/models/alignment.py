@@ -1,0 +1,165 @@
+"""Stage-2 alignment head: the LLM hidden states at the N `[ECG]` positions -> one vector in the
+diffusion model's text-embedding space.
+
+Two kinds, chosen by `model.alignment.kind`:
+  mlp:          per-token Linear -> GELU -> Linear, then the mean over the N tokens.
+  transformer:  GILL-style: the N hidden states are projected to `width`, `num_queries` learned
+                queries are prepended, `layers` pre-LN transformer blocks run over [queries; tokens]
+                (bidirectional), the query outputs are averaged and projected to the text width.
+
+The hidden states are gathered with a fixed-size `jnp.nonzero(mask, size=N)` per row (the Gemma
+trick), so nothing has a data-dependent shape and training and inference jit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from uniecg_jax.layers.linear import DenseGeneral, matmul, to_dtype
+
+ALIGNMENT_KINDS = ("mlp", "transformer")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignmentConfig:
+    """Alignment head shape. `output_dim` = the text encoder's width (MiniLM: 384)."""
+    kind: str = "mlp"
+    hidden_dim: int = 512       # mlp hidden width / transformer width
+    output_dim: int = 384
+    layers: int = 2             # transformer only
+    heads: int = 4              # transformer only
+    num_queries: int = 4        # transformer only: learned queries (GILL)
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.kind not in ALIGNMENT_KINDS:
+            raise ValueError(f"model.alignment.kind must be one of {ALIGNMENT_KINDS}, got {self.kind!r}")
+        if self.kind == "transformer" and self.hidden_dim % self.heads:
+            raise ValueError(f"model.alignment.hidden_dim={self.hidden_dim} is not divisible by "
+                             f"model.alignment.heads={self.heads}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "AlignmentConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(cfg).items() if k in names})
+
+
+def gather_ecg_hidden(hidden: jax.Array, input_ids: jax.Array, ecg_token_ids: Sequence[int]
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Hidden states at the `[ECG]` token positions, in sequence order, with a fixed size.
+
+    Args:
+      hidden: [B, T, D] final hidden states.
+      input_ids: [B, T] token ids.
+      ecg_token_ids: the N `[ECG]` token ids.
+    Returns:
+      (gathered [B, N, D], valid [B, N] bool): row b's first N `[ECG]` positions; slots beyond the
+      `[ECG]` tokens a row has are zeros with valid False.
+    """
+    count = len(ecg_token_ids)
+    is_ecg = jnp.isin(input_ids, jnp.asarray(ecg_token_ids, input_ids.dtype))
+    positions = jax.vmap(lambda row: jnp.nonzero(row, size=count, fill_value=-1)[0])(is_ecg)
+    valid = positions >= 0
+    gathered = jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)
+    return jnp.where(valid[..., None], gathered, jnp.zeros_like(gathered)), valid
+
+
+def _masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
+    """values [B, N, C], valid [B, N] -> [B, C] mean over valid slots (0 for a row with none)."""
+    weights = valid.astype(jnp.float32)[..., None]
+    return (values.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+
+
+class _LayerNorm(nn.Module):
+    """LayerNorm in f32 with logical-axis-named scale/bias ("norm")."""
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (width,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                          (width,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        return ((x32 - mean) * jax.lax.rsqrt(variance + 1e-5) * scale.astype(jnp.float32)
+                + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class _Block(nn.Module):
+    """Pre-LN bidirectional transformer block over x [B, S, W] with a key mask [B, S]."""
+    config: AlignmentConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        head_dim = cfg.hidden_dim // cfg.heads
+
+        def dense(features, axes, name, axis=-1):
+            return DenseGeneral(features, axes, axis=axis, use_bias=True, dtype=dtype,
+                                param_dtype=param_dtype, name=name)
+
+        normed = _LayerNorm(param_dtype, name="attention_norm")(x)
+        qkv_axes = ("embed", "q_heads", "head_dim")
+        query = dense((cfg.heads, head_dim), qkv_axes, "query")(normed)
+        key = dense((cfg.heads, head_dim), qkv_axes, "key")(normed)
+        value = dense((cfg.heads, head_dim), qkv_axes, "value")(normed)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                            preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
+                              preferred_element_type=jnp.float32).astype(dtype)
+        x = x + dense(cfg.hidden_dim, ("q_heads", "head_dim", "embed"), "out",
+                      axis=(-2, -1))(attended)
+        normed = _LayerNorm(param_dtype, name="mlp_norm")(x)
+        hidden = nn.gelu(dense(4 * cfg.hidden_dim, ("embed", "mlp"), "mlp_in")(normed))
+        hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length",
+                                                     "activation_mlp"))
+        return x + dense(cfg.hidden_dim, ("mlp", "embed"), "mlp_out")(hidden)
+
+
+class AlignmentHead(nn.Module):
+    """[ECG] hidden states [B, N, D] (+ valid [B, N]) -> condition vector [B, output_dim] (f32)."""
+    config: AlignmentConfig
+
+    @nn.compact
+    def __call__(self, ecg_hidden: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        if valid is None:
+            valid = jnp.ones(ecg_hidden.shape[:2], bool)
+        ecg_hidden = nn.with_logical_constraint(
+            ecg_hidden, ("activation_batch", "activation_length", "activation_embed"))
+        hidden = DenseGeneral(cfg.hidden_dim, ("embed", "mlp"), use_bias=True, dtype=dtype,
+                              param_dtype=param_dtype, name="input")(ecg_hidden)
+        if cfg.kind == "mlp":
+            hidden = nn.gelu(hidden)
+            out = DenseGeneral(cfg.output_dim, ("mlp", "embed"), use_bias=True, dtype=dtype,
+                               param_dtype=param_dtype, out_dtype=jnp.float32, name="output")(hidden)
+            return _masked_mean(out, valid)
+        batch = ecg_hidden.shape[0]
+        queries = self.param("queries", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), (None, "embed")), (cfg.num_queries, cfg.hidden_dim),
+            param_dtype)
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(queries.astype(dtype), (batch, *queries.shape)), hidden.astype(dtype)],
+            axis=1)
+        key_mask = jnp.concatenate([jnp.ones((batch, cfg.num_queries), bool), valid], axis=1)
+        for index in range(cfg.layers):
+            tokens = _Block(cfg, name=f"block_{index}")(tokens, key_mask)
+        pooled = _LayerNorm(param_dtype, name="final_norm")(tokens[:, :cfg.num_queries]).mean(1)
+        kernel = self.param("output_kernel", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("mlp", "embed")), (cfg.hidden_dim, cfg.output_dim),
+            param_dtype)
+        bias = self.param("output_bias", nn.with_logical_partitioning(
+            nn.initializers.zeros, ("embed",)), (cfg.output_dim,), param_dtype)
+        return matmul(pooled, kernel, (1,), (0,), dtype, jnp.float32) + bias.astype(jnp.float32)

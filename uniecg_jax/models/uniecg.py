@@ -1,0 +1,147 @@
+"""The stage-2 (unified) UniECG model: the stage-1 ECG tower + decoder, plus the `[ECG]` generation
+tokens and the alignment head that maps their hidden states onto the diffusion text space.
+
+Params: {"ecg_tower", "llm", "alignment"}; the first two are exactly stage 1's (`UniECG`), with
+`llm/embedding` (and an untied `llm/lm_head/kernel`) grown by the N `[ECG]` rows. Interpretation runs
+the stage-1 `UniECG` on `stage1_params(params)`, so it is the stage-1 computation by construction.
+
+    model, cfg = build_stage2(config.model)            # config.model.ecg_token_ids set
+    logits, condition, valid = model.apply({"params": p}, ids, mask)   # text-only generation path
+
+Vocabulary extension of a stage-1 checkpoint: `extend_vocabulary(llm_params, llm_config, tokenizer,
+N)` (rows initialised with the mean of the existing ones, `convert.hf_llm.add_tokens`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from uniecg_jax.models.alignment import AlignmentConfig, AlignmentHead, gather_ecg_hidden
+from uniecg_jax.models.ecg_encoder import ECGTower
+from uniecg_jax.models.llm import Decoder
+from uniecg_jax.models.unified import UniECG, UniECGConfig
+
+STAGE1_KEYS = ("ecg_tower", "llm")
+
+
+def ecg_token_names(count: int) -> list[str]:
+    """`[ECG0]..[ECG{count-1}]` (the names `data.tokenizer.add_ecg_generation_tokens` uses)."""
+    return [f"[ECG{i}]" for i in range(count)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Config:
+    """UniECG shapes + alignment head + the `[ECG]` token ids (static: they define the gather)."""
+    unified: UniECGConfig
+    alignment: AlignmentConfig
+    ecg_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_config(cls, model_config: Any) -> "Stage2Config":
+        """From `config.model` (llm, ecg_encoder, projector, alignment, num_ecg_tokens,
+        ecg_token_ids)."""
+        ids = tuple(int(i) for i in (model_config.get("ecg_token_ids", None) or ()))
+        count = int(model_config.num_ecg_tokens)
+        if len(ids) != count:
+            raise ValueError(f"model.ecg_token_ids has {len(ids)} ids but model.num_ecg_tokens is "
+                             f"{count}; build the config with train.stage2.finalize_stage2_config")
+        unified = UniECGConfig.from_config(model_config)
+        if max(ids) >= unified.llm.vocab_size:
+            raise ValueError(f"[ECG] token id {max(ids)} is outside the vocabulary "
+                             f"(model.llm.vocab_size={unified.llm.vocab_size})")
+        return cls(unified, AlignmentConfig.from_config(model_config.alignment), ids)
+
+    @property
+    def num_ecg_tokens(self) -> int:
+        return len(self.ecg_token_ids)
+
+
+class UniECGStage2(nn.Module):
+    """ECG tower + decoder LLM + alignment head."""
+    config: Stage2Config
+
+    def setup(self):
+        unified = self.config.unified
+        self.ecg_tower = ECGTower(unified.encoder, unified.projector)
+        self.llm = Decoder(unified.llm)
+        self.alignment = AlignmentHead(self.config.alignment)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Text-only forward pass of the generation path.
+
+        Args:
+          input_ids: [B, T] with the N `[ECG]` tokens somewhere (teacher forcing, or prompt +
+            generated tokens at inference).
+          attention_mask: [B, T] 1 = real token.
+        Returns:
+          logits [B, T, V] f32, condition [B, text_dim] f32 (alignment head on the hidden states at
+          the `[ECG]` positions), valid [B, N] bool (which `[ECG]` slots were found).
+        """
+        logits, hidden = self.llm(input_ids, attention_mask=attention_mask, return_hidden=True)
+        return (logits, *self.align(hidden, input_ids))
+
+    def align(self, hidden: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """hidden [B, T, D] + ids [B, T] -> (condition [B, text_dim], valid [B, N])."""
+        ecg_hidden, valid = gather_ecg_hidden(hidden, input_ids, self.config.ecg_token_ids)
+        return self.alignment(ecg_hidden, valid), valid
+
+    def init_all(self, input_ids, ecg, ecg_position):
+        """Touches every submodule (for `init`); interpretation itself runs `UniECG` on
+        `stage1_params(params)` (`stage1_model`)."""
+        del ecg_position
+        return self.ecg_tower(ecg), self(input_ids)
+
+
+def build_stage2(model_config: Any) -> tuple[UniECGStage2, Stage2Config]:
+    config = model_config if isinstance(model_config, Stage2Config) else Stage2Config.from_config(
+        model_config)
+    return UniECGStage2(config), config
+
+
+def init_stage2_params(model: UniECGStage2, rng: jax.Array, text_length: int = 8) -> Any:
+    """Boxed params (logical partitioning kept) of the whole stage-2 model."""
+    enc = model.config.unified.encoder
+    return model.init(rng, jnp.zeros((1, text_length), jnp.int32),
+                      jnp.zeros((1, enc.num_leads, enc.num_samples)), jnp.zeros((1,), jnp.int32),
+                      method=UniECGStage2.init_all)["params"]
+
+
+def abstract_stage2_params(model: UniECGStage2, sharding: Any = None) -> Any:
+    """ShapeDtypeStructs of the unboxed params (on `sharding` when given), without allocating."""
+    boxed = jax.eval_shape(lambda: init_stage2_params(model, jax.random.PRNGKey(0)))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        nn.meta.unbox(boxed))
+
+
+def stage1_params(params: Any) -> dict:
+    """The `UniECG` (stage-1) subtree of stage-2 params: {"ecg_tower", "llm"}."""
+    return {key: params[key] for key in STAGE1_KEYS}
+
+
+def stage1_model(config: Stage2Config) -> UniECG:
+    """The stage-1 model that runs interpretation on `stage1_params(params)`."""
+    return UniECG(config.unified)
+
+
+def extend_vocabulary(llm_params: dict, llm_config: ml_collections.ConfigDict, tokenizer,
+                      num_tokens: int) -> tuple[dict, ml_collections.ConfigDict, list[int]]:
+    """Adds `[ECG0]..[ECG{N-1}]` to `tokenizer` (in place) and grows the embedding / untied lm_head
+    by mean-initialised rows. Returns (llm params, llm config with the new vocab_size, token ids).
+    Idempotent for a tokenizer that already has the tokens and params that already have the rows."""
+    from uniecg_jax.convert.hf_llm import add_tokens
+
+    names = ecg_token_names(num_tokens)
+    vocab = tokenizer.get_vocab()
+    if all(name in vocab for name in names):
+        ids = [int(vocab[name]) for name in names]
+        if max(ids) < int(llm_params["embedding"].shape[0]):
+            llm_config = ml_collections.ConfigDict(llm_config.to_dict())
+            llm_config.vocab_size = int(llm_params["embedding"].shape[0])
+            return dict(llm_params), llm_config, ids
+    return add_tokens(dict(llm_params), llm_config, tokenizer, names)

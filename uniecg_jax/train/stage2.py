@@ -1,0 +1,254 @@
+"""Stage 2, Text-to-ECG by latent alignment: the `stage2` objective of the shared train loop.
+
+Each example is a generation request for a report answered by `[ECG0]..[ECG{N-1}]</s>`
+(`data.pipelines.stage2_loader`). Loss = `token_loss_weight` x next-token CE on those N + 1 tokens
++ `mse_weight` x MSE + `cosine_weight` x (1 - cosine) between the alignment head's output (on the
+hidden states at the `[ECG]` positions) and the frozen text encoder's embedding of the report.
+
+Only the new rows and the alignment head learn: `train.freeze` freezes every other tensor, and
+`only_rows_train` stops the gradient of the old rows of `llm/embedding` / `llm/lm_head` inside the
+loss, so their gradients, Adam moments and updates are exact zeros (with weight_decay 0, enforced).
+The model starts from a stage-1 checkpoint (`init.stage1_ckpt`: vocabulary extended with
+mean-initialised rows, alignment head random) or, without one, random (tests).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from uniecg_jax.config import ConfigError
+from uniecg_jax.errors import UniECGError
+from uniecg_jax.models.uniecg import (UniECGStage2, build_stage2, ecg_token_names,
+                                      extend_vocabulary, init_stage2_params)
+from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
+from uniecg_jax.train.loop import TrainTask
+
+
+def stage1_model_dir(config: ml_collections.ConfigDict) -> str | None:
+    """The stage-1 model checkpoint directory of `init.stage1_ckpt` (workdir or model dir)."""
+    if not config.init.stage1_ckpt:
+        return None
+    from uniecg_jax.interpret import resolve_model_dir
+    return resolve_model_dir(str(config.init.stage1_ckpt))
+
+
+def _load_base_tokenizer(config: ml_collections.ConfigDict, stage1_dir: str | None):
+    """The stage-1 checkpoint's tokenizer, else data.tokenizer, else the tiny one (no [ECG] yet)."""
+    from uniecg_jax.checkpoint import tokenizer_path
+    from uniecg_jax.data.tokenizer import load_tokenizer
+
+    path = (tokenizer_path(stage1_dir) if stage1_dir else None) or config.data.tokenizer or None
+    return load_tokenizer(path), path
+
+
+def finalize_stage2_config(config: ml_collections.ConfigDict):
+    """Fills `config.model` for stage 2 and returns the tokenizer with the `[ECG]` tokens.
+
+    With a stage-1 checkpoint its llm / ecg_encoder / projector shapes replace the config's. The N
+    `[ECG]` tokens are added to the tokenizer (as `convert.hf_llm.add_tokens` does), their ids go to
+    `model.ecg_token_ids` and `model.llm.vocab_size` grows to cover them.
+    """
+    from uniecg_jax.checkpoint import load_model_config
+
+    stage1_dir = stage1_model_dir(config)
+    tokenizer, path = _load_base_tokenizer(config, stage1_dir)
+    count = int(config.model.num_ecg_tokens)
+    if count < 1:
+        raise ConfigError(f"model.num_ecg_tokens must be >= 1, got {count}")
+    with config.unlocked():
+        if stage1_dir:
+            stage1 = load_model_config(stage1_dir)
+            for group in ("llm", "ecg_encoder", "projector"):
+                config.model[group] = ml_collections.ConfigDict(stage1.model[group].to_dict())
+        old_vocab = int(config.model.llm.vocab_size)
+        if len(tokenizer) > old_vocab:
+            raise ConfigError(f"tokenizer {path or 'tiny'} has {len(tokenizer)} tokens but "
+                              f"model.llm.vocab_size is {old_vocab}")
+        names = ecg_token_names(count)
+        tokenizer.add_tokens(names, special_tokens=True)
+        ids = [int(tokenizer.convert_tokens_to_ids(name)) for name in names]
+        config.model.ecg_token_ids = ids
+        config.model.llm.vocab_size = max(old_vocab, len(tokenizer), max(ids) + 1)
+        config.model.llm.pad_token_id = int(tokenizer.pad_token_id)
+        config.model.llm.eos_token_id = int(tokenizer.eos_token_id)
+    if float(config.train.weight_decay) != 0.0:
+        raise ConfigError(f"train.weight_decay={config.train.weight_decay}: must be 0 in stage 2 "
+                          "(decoupled weight decay would move the frozen vocabulary rows)")
+    return tokenizer, path, stage1_dir, old_vocab
+
+
+def only_rows_train(table: jax.Array, trainable_rows: jax.Array, axis: int) -> jax.Array:
+    """`table` unchanged in value, but the gradient reaches only `trainable_rows` ([V] bool) along
+    `axis` (0 for embedding [V, D], 1 for lm_head [D, V]); the other rows get exact zeros."""
+    shape = [1] * table.ndim
+    shape[axis] = -1
+    keep = trainable_rows.reshape(shape)
+    return jnp.where(keep, table, jax.lax.stop_gradient(table))
+
+
+def new_row_mask(vocab_size: int, token_ids) -> np.ndarray:
+    """[V] bool, True at the `[ECG]` token rows."""
+    mask = np.zeros((vocab_size,), bool)
+    mask[np.asarray(token_ids)] = True
+    return mask
+
+
+def with_row_gradient_mask(params: Any, trainable_rows: jax.Array) -> Any:
+    """params with `only_rows_train` applied to `llm/embedding` and an untied `llm/lm_head`."""
+    llm = dict(params["llm"])
+    llm["embedding"] = only_rows_train(llm["embedding"], trainable_rows, 0)
+    if "lm_head" in llm:
+        llm["lm_head"] = {"kernel": only_rows_train(llm["lm_head"]["kernel"], trainable_rows, 1)}
+    return {**params, "llm": llm}
+
+
+def alignment_losses(predicted: jax.Array, target: jax.Array) -> dict:
+    """predicted / target [B, D] -> {"mse": mean squared error, "cosine": mean cosine similarity}."""
+    predicted, target = predicted.astype(jnp.float32), target.astype(jnp.float32)
+    mse = jnp.mean(jnp.square(predicted - target))
+    cosine = jnp.sum(predicted * target, -1) / (
+        jnp.linalg.norm(predicted, axis=-1) * jnp.linalg.norm(target, axis=-1) + 1e-8)
+    return {"mse": mse, "cosine": jnp.mean(cosine)}
+
+
+def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: jax.Array,
+                weights: tuple[float, float, float]) -> tuple[jax.Array, dict]:
+    """Weighted CE on the [ECG] tokens + eos, MSE and (1 - cosine) to the text embedding."""
+    token_weight, mse_weight, cosine_weight = weights
+    params = with_row_gradient_mask(params, trainable_rows)
+    logits, condition, _ = model.apply({"params": params}, batch["input_ids"],
+                                       batch["attention_mask"])
+    pad = model.config.unified.llm.pad_token_id
+    ids = batch["input_ids"]
+    # Position t predicts token t + 1; the last position predicts nothing.
+    targets = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], pad)], axis=1)
+    target_mask = jnp.concatenate([batch["loss_mask"][:, 1:],
+                                   jnp.zeros_like(batch["loss_mask"][:, :1])], axis=1)
+    token_loss, aux = next_token_loss(logits, targets, target_mask)
+    aligned = alignment_losses(condition, batch["text_embedding"])
+    loss = (token_weight * token_loss + mse_weight * aligned["mse"]
+            + cosine_weight * (1.0 - aligned["cosine"]))
+    return loss, {"num_tokens": aux["num_tokens"], "token_nll": aux["nll"],
+                  "token_accuracy": aux["accuracy"], **aligned}
+
+
+_EMBEDDED_SOURCES: dict = {}
+
+
+def stage2_data_source(config: ml_collections.ConfigDict, split: str):
+    """A prep folder path, or bundled + synthetic records with reports embedded by `text.encoder`
+    (embedded once per process and cached)."""
+    from uniecg_jax.data.pipelines import records_source
+    from uniecg_jax.train.stage1 import bundled_split
+
+    if config.data.source != "bundled":
+        return config.data.source
+    key = (str(config.text.encoder), int(config.data.holdout_every),
+           int(config.data.num_synthetic), int(config.seed), split)
+    if key not in _EMBEDDED_SOURCES:
+        records = bundled_split(key[1], key[2], key[3])[split]
+        _EMBEDDED_SOURCES[key] = records_source(records, text_encoder=key[0])
+    return _EMBEDDED_SOURCES[key]
+
+
+def build_task(config: ml_collections.ConfigDict) -> TrainTask:
+    """The `stage2` TrainTask."""
+    from uniecg_jax.data.pipelines import stage2_loader
+
+    tokenizer, tokenizer_path, stage1_dir, old_vocab = finalize_stage2_config(config)
+    model, s2cfg = build_stage2(config.model)
+    max_length = int(config.data.max_length)
+    count = s2cfg.num_ecg_tokens
+    text_dim = s2cfg.alignment.output_dim
+    if text_dim != int(config.text.embed_dim):
+        raise ConfigError(f"model.alignment.output_dim={text_dim} must equal text.embed_dim="
+                          f"{config.text.embed_dim} (the text encoder's width)")
+    trainable_rows = new_row_mask(s2cfg.unified.llm.vocab_size, s2cfg.ecg_token_ids)
+    weights = (float(config.train.token_loss_weight), float(config.train.mse_weight),
+               float(config.train.cosine_weight))
+
+    def init_params(rng):
+        return init_stage2_params(model, rng, max_length)
+
+    def loss_fn(params, batch, rng):
+        del rng
+        return stage2_loss(model, params, batch, jnp.asarray(trainable_rows), weights)
+
+    def make_data(process_index, process_count, local_batch):
+        source = stage2_data_source(config, "train")
+        first = source[0] if not isinstance(source, str) else None
+        if first is not None:
+            from uniecg_jax.data.examples import decode_example
+            width = np.asarray(decode_example(first)["text_embedding"]).shape[-1]
+            if width != text_dim:
+                raise UniECGError(f"text encoder {config.text.encoder!r} gives {width}-d "
+                                  f"embeddings but text.embed_dim is {text_dim}")
+        loader = stage2_loader(source, tokenizer, num_ecg_tokens=count, max_length=max_length,
+                               batch_size=local_batch, split="train", seed=int(config.seed),
+                               process_index=process_index, process_count=process_count,
+                               worker_count=int(config.data.worker_count))
+        return iter(loader)
+
+    def abstract_batch(global_batch):
+        tokens = jax.ShapeDtypeStruct((global_batch, max_length), jnp.int32)
+        return {"input_ids": tokens, "loss_mask": tokens, "attention_mask": tokens,
+                "ecg_token_positions": jax.ShapeDtypeStruct((global_batch, count), jnp.int32),
+                "text_embedding": jax.ShapeDtypeStruct((global_batch, text_dim), jnp.float32)}
+
+    initial_params = None
+    if stage1_dir:
+        initial_params = functools.partial(_params_from_stage1, config, model, stage1_dir)
+
+    llm_params = s2cfg.unified.llm.num_params()
+    batch = int(config.train.batch_size)
+    flops = batch * max_length * llm_flops_per_token(config.model.llm, max_length, llm_params)
+    source = (f"bundled + {config.data.num_synthetic} synthetic reports (held-out patients "
+              f"excluded), embedded by {config.text.encoder}" if config.data.source == "bundled"
+              else config.data.source)
+    task = TrainTask(
+        name="stage2", init_params=init_params, loss_fn=loss_fn, make_data=make_data,
+        abstract_batch=abstract_batch, flops_per_step=flops, tokens_per_step=batch * max_length,
+        num_params=llm_params,
+        data_description=f"{source}; tokenizer {tokenizer_path or 'tiny (bundled)'} + {count} "
+                         f"[ECG] tokens (ids {s2cfg.ecg_token_ids[0]}..{s2cfg.ecg_token_ids[-1]}); "
+                         f"from {stage1_dir or 'random init'}",
+        initial_params=initial_params)
+    task.tokenizer = tokenizer
+
+    def export(workdir, params):
+        from uniecg_jax.interpret import export_model
+        return export_model(workdir, params, config, tokenizer)
+    task.export = export
+    return task
+
+
+def _params_from_stage1(config, model: UniECGStage2, stage1_dir: str, mesh, abstract_params):
+    """Stage-1 tower + LLM (vocabulary extended, mean rows) + a random alignment head, sharded."""
+    import flax.linen as nn
+
+    from uniecg_jax.checkpoint import restore_model
+
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    fresh = jax.jit(lambda rng: nn.meta.unbox(init_stage2_params(model, rng)),
+                    out_shardings=shardings)(jax.random.PRNGKey(int(config.seed)))
+    stage1, stage1_config = restore_model(stage1_dir)
+    tokenizer, _ = _load_base_tokenizer(config, stage1_dir)
+    llm, _, ids = extend_vocabulary(stage1["llm"], stage1_config.model.llm, tokenizer,
+                                    int(config.model.num_ecg_tokens))
+    if list(ids) != list(model.config.ecg_token_ids):
+        raise UniECGError(f"{stage1_dir}: [ECG] token ids {ids} differ from the config's "
+                          f"{list(model.config.ecg_token_ids)}")
+    vocab = model.config.unified.llm.vocab_size
+    if llm["embedding"].shape[0] != vocab:
+        raise UniECGError(f"{stage1_dir}: extended embedding has {llm['embedding'].shape[0]} rows, "
+                          f"the stage-2 config {vocab}")
+    params = dict(fresh)
+    params["llm"] = jax.device_put(llm, shardings["llm"])
+    params["ecg_tower"] = jax.device_put(stage1["ecg_tower"], shardings["ecg_tower"])
+    return params
+
