@@ -122,3 +122,34 @@ class DiffusionPipeline:
         ecg = np.swapaxes(ecg, 1, 2)  # [N, L, 12] -> [N, 12, L]
         return resample_to(ecg, NATIVE_RATE, sample_rate).astype(np.float32)
 
+
+
+def load_pipeline(path: str) -> tuple[DiffusionPipeline, Any]:
+    """(pipeline, config) from a model checkpoint written by `uniecg train` (W/model) or
+    `uniecg convert diffusets`; `path` may also be the train workdir W. Params are `{"vae", "unet"}`;
+    a missing part or a wrong shape raises CheckpointError naming the tensor."""
+    import os
+
+    from uniecg_jax import checkpoint
+    from uniecg_jax.errors import CheckpointError
+
+    if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)) and os.path.isfile(
+            os.path.join(path, "model", checkpoint.CONFIG_FILE)):
+        path = os.path.join(path, "model")
+    config = checkpoint.load_model_config(path)
+    if "model" not in config or "unet" not in config.model or "vae" not in config.model:
+        raise CheckpointError(f"{path}: config.json has no model.vae/model.unet; not a diffusion "
+                              "model checkpoint")
+    from uniecg_jax.convert.diffusets import abstract_unet_params, abstract_vae_params
+
+    unet_cfg = UNetConfig.from_config(config.model.unet, config.diffusion.num_steps)
+    vae_cfg = VAEConfig.from_config(config.model.vae)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = {"unet": abstract_unet_params(unet_cfg),
+                "vae": abstract_vae_params(vae_cfg, int(config.data.signal_length))}
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract)
+    params, config = checkpoint.restore_model(path, abstract)
+    pipeline = DiffusionPipeline.from_config(config, {"params": params["vae"]},
+                                             {"params": params["unet"]})
+    return pipeline, config

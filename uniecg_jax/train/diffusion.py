@@ -1,0 +1,388 @@
+"""The `diffusion` objective: the DiffuSETS VAE, then the conditional UNet on frozen VAE latents.
+
+    uniecg train --config configs/diffusion.py:tiny --workdir W
+
+Two phases of the shared train loop (`uniecg_jax.train.loop.train`), each with its own TrainTask,
+checkpoints and metrics.jsonl:
+
+  W/vae    VAE (reconstruction + `train.kl_weight` x KL), `train.vae_steps` steps;
+  W/unet   UNet (epsilon/v MSE with classifier-free-guidance condition dropout
+           `diffusion.cfg_dropout`), `train.unet_steps` steps. Its params are
+           `{"unet": ..., "vae": ...}` with `vae/` frozen by the optimizer (no Adam moments, exact
+           zero updates), so the frozen VAE is sharded, checkpointed and restored like the rest;
+  W/model  the export (`uniecg_jax.diffusion.pipeline.load_pipeline(W/model)`).
+
+Rerunning the command resumes whichever phase was interrupted (a finished VAE phase restores its
+final checkpoint and runs no step). Data: the bundled real records plus synthetic ECGs at
+`data.synthetic_heart_rates` (generated once, cached on disk under `data.cache_dir`, default
+W/data_cache), or a `uniecg prep` folder (`data.source=/path`, with text embeddings).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from uniecg_jax.config import ConfigError
+from uniecg_jax.diffusion import losses
+from uniecg_jax.diffusion.layers import init_params_on_host
+from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
+from uniecg_jax.models.vae import VAE, VAEConfig
+from uniecg_jax.train.loop import TrainTask
+
+VAE_DIR, UNET_DIR, MODEL_DIR = "vae", "unet", "model"
+FROZEN_VAE = "^vae/"
+
+# Keys the shared loop/optimizer read that configs/diffusion.py may not define (older configs).
+TRAINING_DEFAULTS = {
+    "objective": "diffusion",
+    "train": dict(min_lr_ratio=0.1, b1=0.9, b2=0.999, grad_accum_steps=1, freeze=""),
+    "data": dict(source="bundled", num_synthetic=16,
+                 synthetic_heart_rates=(45.0, 60.0, 75.0, 90.0, 105.0, 120.0),
+                 cache_dir="", worker_count=0),
+}
+
+
+def with_training_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` with every key the diffusion trainer reads (missing ones defaulted)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for key, value in TRAINING_DEFAULTS.items():
+        if isinstance(value, dict):
+            for sub, default in value.items():
+                if sub not in config[key]:
+                    config[key][sub] = default
+        elif key not in config:
+            config[key] = value
+    return config
+
+
+def phase_config(config: ml_collections.ConfigDict, phase: str) -> ml_collections.ConfigDict:
+    """The config one phase trains with: `train.steps` = vae_steps / unet_steps; the UNet phase
+    freezes `vae/` in addition to any user `train.freeze`."""
+    config = with_training_defaults(config)
+    if phase not in ("vae", "unet"):
+        raise ValueError(f"phase must be 'vae' or 'unet', got {phase!r}")
+    config.train.steps = int(config.train[f"{phase}_steps"])
+    if phase == "unet":
+        user = str(config.train.freeze or "")
+        config.train.freeze = FROZEN_VAE if not user else f"{FROZEN_VAE}|{user}"
+    return config
+
+
+# ----------------------------------------------------------------------------------------- data
+
+class TemplatedEncoder:
+    """Wraps a text encoder so reports go through the configured prompt template first."""
+
+    def __init__(self, encoder, template: str):
+        self.encoder, self.template = encoder, template
+        self.dim = getattr(encoder, "dim", None)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        from uniecg_jax.data.text_encoder import report_text
+        return self.encoder.encode([report_text(t, (), self.template) for t in texts])
+
+
+def text_encoder_for(config: ml_collections.ConfigDict):
+    """The frozen text encoder of `config.text` (templated), checked against `text.embed_dim`."""
+    from uniecg_jax.data.text_encoder import get_text_encoder
+
+    encoder = get_text_encoder(str(config.text.encoder))
+    if encoder is None:
+        raise ConfigError("text.encoder=none: the diffusion model needs text embeddings")
+    dim = getattr(encoder, "dim", None)
+    if dim is not None and int(dim) != int(config.text.embed_dim):
+        raise ConfigError(f"text.encoder={config.text.encoder!r} gives {dim}-d embeddings but "
+                          f"text.embed_dim={config.text.embed_dim}")
+    template = str(config.text.get("template", "plain"))
+    return TemplatedEncoder(encoder, template) if template != "plain" else encoder
+
+
+def cached_synthetic(n: int, heart_rates: Sequence[float], seed: int, cache_dir: str | None
+                     ) -> list:
+    """`n` synthetic ECGRecords at `heart_rates` (cycled), generated once (~2 s each) and pickled
+    in `cache_dir` under a name keyed by n, rates and seed."""
+    from uniecg_jax.data import synthetic
+
+    if n <= 0:
+        return []
+    rates = [float(heart_rates[i % len(heart_rates)]) for i in range(n)]
+    key = hashlib.sha1(json.dumps([n, rates, seed]).encode()).hexdigest()[:12]
+    path = os.path.join(cache_dir, f"synthetic_{n}_{seed}_{key}.pkl") if cache_dir else None
+    if path and os.path.exists(path):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    records = synthetic.generate(n, heart_rates=rates, seed=seed)
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(path + ".tmp", "wb") as f:
+            pickle.dump(records, f)
+        os.replace(path + ".tmp", path)
+    return records
+
+
+def with_measured_heart_rate(records: Sequence) -> list:
+    """Records whose heart rate is unknown get the QRS-detected one (once, not every epoch)."""
+    from uniecg_jax.data.measure import heart_rate_bpm
+
+    out = []
+    for record in records:
+        if record.heart_rate is None:
+            measured = heart_rate_bpm(record.signal, record.fs)
+            if np.isfinite(measured):
+                record = dataclasses.replace(record, heart_rate=float(measured))
+        out.append(record)
+    return out
+
+
+def training_records(config: ml_collections.ConfigDict) -> list:
+    """Bundled real records + cached synthetic ECGs at the configured heart rates."""
+    from uniecg_jax.data import load_bundled_records
+
+    config = with_training_defaults(config)
+    cache_dir = str(config.data.cache_dir) or os.path.join(
+        os.path.expanduser("~"), ".cache", "uniecg_jax")
+    records = with_measured_heart_rate(load_bundled_records())
+    return records + cached_synthetic(int(config.data.num_synthetic),
+                                      tuple(config.data.synthetic_heart_rates),
+                                      int(config.seed) + 1, cache_dir)
+
+
+def diffusion_data_source(config: ml_collections.ConfigDict):
+    """What `diffusion_loader` reads: a prep folder path or an in-memory source with embeddings."""
+    from uniecg_jax.data.pipelines import records_source
+
+    config = with_training_defaults(config)
+    if config.data.source != "bundled":
+        return str(config.data.source)
+    return records_source(training_records(config), text_encoder=text_encoder_for(config))
+
+
+def to_loss_batch(batch: dict) -> dict:
+    """Data-pipeline names -> the names `diffusion.losses` read (ecg, hr)."""
+    return {"ecg": batch["signal"], "text_embedding": batch["text_embedding"],
+            "sex": batch["sex"], "age": batch["age"], "hr": batch["heart_rate"]}
+
+
+_SOURCES: dict = {}
+
+
+def _cached_source(config: ml_collections.ConfigDict):
+    """One in-memory source per data/text config per process (both phases read the same one)."""
+    key = json.dumps([config.data.to_dict(), config.text.to_dict(), int(config.seed)],
+                     sort_keys=True, default=str)
+    if key not in _SOURCES:
+        _SOURCES.clear()
+        _SOURCES[key] = diffusion_data_source(config)
+    return _SOURCES[key]
+
+
+def _make_data_fn(config: ml_collections.ConfigDict):
+    def make_data(process_index, process_count, local_batch):
+        from uniecg_jax.data.pipelines import diffusion_loader
+
+        loader = diffusion_loader(_cached_source(config), batch_size=local_batch, split="train",
+                                  seed=int(config.seed), process_index=process_index,
+                                  process_count=process_count,
+                                  worker_count=int(config.data.worker_count))
+        return iter(loader)
+    return make_data
+
+
+def _abstract_batch(config):
+    def abstract_batch(global_batch):
+        f32 = jnp.float32
+        scalar = jax.ShapeDtypeStruct((global_batch,), f32)
+        return {"signal": jax.ShapeDtypeStruct(
+                    (global_batch, int(config.data.num_leads), int(config.data.signal_length)), f32),
+                "text_embedding": jax.ShapeDtypeStruct((global_batch, int(config.text.embed_dim)),
+                                                       f32),
+                "sex": scalar, "age": scalar, "heart_rate": scalar,
+                "condition_known": jax.ShapeDtypeStruct((global_batch, 3), f32),
+                "record_key": jax.ShapeDtypeStruct((global_batch,), jnp.int64
+                                                   if jax.config.jax_enable_x64 else jnp.int32)}
+    return abstract_batch
+
+
+# ---------------------------------------------------------------------------------------- tasks
+
+def build_models(config: ml_collections.ConfigDict) -> tuple[VAE, ConditionalUNet]:
+    vae = VAE(VAEConfig.from_config(config.model.vae))
+    unet = ConditionalUNet(UNetConfig.from_config(config.model.unet, config.diffusion.num_steps))
+    return vae, unet
+
+
+def _vae_inputs(config):
+    return (jnp.zeros((1, int(config.data.signal_length), int(config.data.num_leads))),)
+
+
+def _unet_inputs(unet: ConditionalUNet):
+    cfg = unet.cfg
+    return (jnp.zeros((1, cfg.latent_length, cfg.latent_channels)), jnp.zeros((1,), jnp.int32),
+            jnp.zeros((1, cfg.condition_dim)))
+
+
+def _num_params(tree) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree)))
+
+
+def forward_flops(apply_fn, abstract_params: Any, *inputs: Any) -> float:
+    """FLOPs of one forward pass from XLA's cost analysis of the lowered (not compiled) program."""
+    try:
+        lowered = jax.jit(apply_fn).lower(abstract_params, *inputs)
+        cost = lowered.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        return float((cost or {}).get("flops", 0.0))
+    except Exception:  # cost analysis is best-effort (used for MFU logging only)
+        return 0.0
+
+
+def _sharded_host_init(model, seed, inputs):
+    """`(mesh, abstract) -> params` drawn on the host (no `jit(model.init)` compile, which takes
+    minutes for the 7-level UNet on XLA:CPU) and placed on the abstract tree's shardings."""
+    def initial(mesh, abstract_params):
+        del mesh
+        host = init_params_on_host(model, seed, *inputs)["params"]
+        return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), host,
+                            abstract_params)
+    return initial
+
+
+def build_vae_task(config: ml_collections.ConfigDict) -> TrainTask:
+    """Phase 1: the VAE on ECGs `[B, 12, 1024]`."""
+    config = phase_config(config, "vae")
+    vae, _ = build_models(config)
+    inputs = _vae_inputs(config)
+
+    def init_params(rng):
+        return vae.init(rng, *inputs)["params"]
+
+    def loss_fn(params, batch, rng):
+        return losses.vae_loss({"params": params}, to_loss_batch(batch), rng, vae, config)
+
+    abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    length = int(config.data.signal_length)
+    batch = int(config.train.batch_size)
+    flops = 3.0 * batch * forward_flops(lambda p, x: vae.apply({"params": p}, x),
+                                        nn.meta.unbox(abstract), *inputs)
+    return TrainTask(
+        name="diffusion/vae", init_params=init_params, loss_fn=loss_fn,
+        make_data=_make_data_fn(config), abstract_batch=_abstract_batch(config),
+        flops_per_step=flops, tokens_per_step=batch * length,
+        num_params=_num_params(abstract), data_description=lambda: describe_data(config),
+        initial_params=_sharded_host_init(vae, int(config.seed), inputs))
+
+
+def build_unet_task(config: ml_collections.ConfigDict, vae_params: Any = None) -> TrainTask:
+    """Phase 2: the UNet on latents of the frozen VAE. Params are `{"unet", "vae"}`; `vae_params`
+    (the trained VAE `params` tree, any placement) fills `vae` when no UNet checkpoint exists."""
+    config = phase_config(config, "unet")
+    vae, unet = build_models(config)
+    vae_inputs, unet_inputs = _vae_inputs(config), _unet_inputs(unet)
+
+    def init_params(rng):
+        vae_rng, unet_rng = jax.random.split(rng)
+        return {"unet": unet.init(unet_rng, *unet_inputs)["params"],
+                "vae": vae.init(vae_rng, *vae_inputs)["params"]}
+
+    def loss_fn(params, batch, rng):
+        frozen_vae = {"params": jax.lax.stop_gradient(params["vae"])}
+        return losses.diffusion_loss({"params": params["unet"]}, to_loss_batch(batch), rng, unet,
+                                     config, vae=vae, vae_params=frozen_vae)
+
+    def initial_params(mesh, abstract_params):
+        unet_part = _sharded_host_init(unet, int(config.seed), unet_inputs)(
+            mesh, abstract_params["unet"])
+        if vae_params is None:
+            vae_part = _sharded_host_init(vae, int(config.seed), vae_inputs)(
+                mesh, abstract_params["vae"])
+        else:
+            vae_part = jax.tree.map(lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), a.sharding),
+                                    vae_params, abstract_params["vae"])
+        return {"unet": unet_part, "vae": vae_part}
+
+    abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    latent_length = unet.cfg.latent_length
+    batch = int(config.train.batch_size)
+    plain = nn.meta.unbox(abstract)
+    # UNet fwd+bwd plus the frozen VAE encoder's forward.
+    flops = batch * (
+        3.0 * forward_flops(lambda p, *x: unet.apply({"params": p}, *x), plain["unet"],
+                            *unet_inputs)
+        + forward_flops(lambda p, x: vae.apply({"params": p}, x, method=VAE.encode),
+                        plain["vae"], *vae_inputs))
+    task = TrainTask(
+        name="diffusion/unet", init_params=init_params, loss_fn=loss_fn,
+        make_data=_make_data_fn(config), abstract_batch=_abstract_batch(config),
+        flops_per_step=flops, tokens_per_step=batch * latent_length,
+        num_params=_num_params(abstract["unet"]), data_description=lambda: describe_data(config),
+        initial_params=initial_params)
+    task.export = lambda workdir, params: export_model(os.path.join(workdir, MODEL_DIR), params,
+                                                       config)
+    return task
+
+
+def build_task(config: ml_collections.ConfigDict) -> TrainTask:
+    """The UNet-phase TrainTask (what `uniecg dry-run` compiles: the bigger step, including the
+    frozen VAE encoder). Full two-phase training is `run(config, workdir)`."""
+    return build_unet_task(config)
+
+
+def describe_data(config: ml_collections.ConfigDict) -> str:
+    config = with_training_defaults(config)
+    if config.data.source != "bundled":
+        return f"{config.data.source}; text embeddings from the prep folder"
+    return (f"bundled records + {config.data.num_synthetic} synthetic ECGs at "
+            f"{list(config.data.synthetic_heart_rates)} bpm; text encoder {config.text.encoder} "
+            f"({config.text.get('template', 'plain')} template)")
+
+
+# -------------------------------------------------------------------------------- run + export
+
+def export_model(directory: str, params: Any, config: ml_collections.ConfigDict) -> str:
+    """Writes `{"vae", "unet"}` params + config.json as a model checkpoint `DiffusionPipeline`
+    loads with `load_pipeline(directory)`."""
+    from uniecg_jax.checkpoint import save_model
+
+    params = {"vae": jax.device_get(params["vae"]), "unet": jax.device_get(params["unet"])}
+    return save_model(directory, params, with_training_defaults(config))
+
+
+@dataclasses.dataclass
+class DiffusionRunResult:
+    vae: Any             # loop.TrainResult of phase 1
+    unet: Any            # loop.TrainResult of phase 2 (None when phase 1 was interrupted)
+    model_dir: str | None
+    stopped_by_signal: str | None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> DiffusionRunResult:
+    """Both phases in `workdir` (resuming either), then the export to `workdir/model`."""
+    from uniecg_jax.train.loop import train
+
+    config = with_training_defaults(config)
+    if not config.data.cache_dir:
+        config.data.cache_dir = os.path.join(os.path.abspath(workdir), "data_cache")
+    vae_result = train(phase_config(config, "vae"), os.path.join(workdir, VAE_DIR),
+                       build_vae_task(config))
+    if vae_result.stopped_by_signal:
+        return DiffusionRunResult(vae_result, None, None, vae_result.stopped_by_signal)
+    task = build_unet_task(config, vae_result.state.params)
+    unet_result = train(phase_config(config, "unet"), os.path.join(workdir, UNET_DIR), task)
+    if unet_result.stopped_by_signal:
+        return DiffusionRunResult(vae_result, unet_result, None, unet_result.stopped_by_signal)
+    model_dir = task.export(workdir, unet_result.state.params)
+    if jax.process_index() == 0:
+        print(f"[diffusion] exported model to {model_dir}", flush=True)
+    return DiffusionRunResult(vae_result, unet_result, model_dir, None)
