@@ -1,0 +1,48 @@
+"""`uniecg eval generate`: fidelity of generated ECGs (HR MAE, QRS F1, amplitudes, CLIP score, FID).
+
+  uniecg eval generate --ckpt W --out W/eval/generate.json [--clip W/clip] [--n 2] [--steps 50]
+
+Generates --n ECGs per evaluation record (bundled real + synthetic records, a `uniecg prep` folder
+or a WFDB folder) from its report, sex, age and heart rate, batched, plus an unconditional baseline
+(guidance 0). --clip names the ECG-text CLIP checkpoint: loaded when present, else trained on the
+bundled + synthetic data (--clip-steps) and saved there. Wire into `cli/eval.py` with
+`eval_generate.add_parser(jobs)`.
+"""
+from __future__ import annotations
+
+
+def add_parser(jobs_subparsers) -> None:
+    parser = jobs_subparsers.add_parser("generate", help="generation fidelity metrics",
+                                        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="diffusion workdir or model checkpoint")
+    parser.add_argument("--out", required=True, help="results .json path")
+    parser.add_argument("--data", default="bundled",
+                        help="'bundled', a `uniecg prep` folder or a WFDB folder")
+    parser.add_argument("--clip", default=None, help="ECG-CLIP checkpoint dir (trained if absent)")
+    parser.add_argument("--clip-steps", type=int, default=300)
+    parser.add_argument("--n", type=int, default=2, help="ECGs per record")
+    parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--max-records", type=int, default=0, help="0 = all")
+    parser.add_argument("--batch-size", type=int, default=32, help="records per generation batch")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 baseline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from uniecg_jax.eval import generate_eval
+    from uniecg_jax.errors import UniECGError
+
+    if args.n < 1 or args.steps < 1:
+        raise UniECGError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    results = generate_eval.run_eval(
+        args.ckpt, args.out, clip_dir=args.clip, data=args.data, n=args.n, sampler=args.sampler,
+        steps=args.steps, guidance=args.guidance, baseline=not args.no_baseline,
+        max_records=args.max_records, clip_steps=args.clip_steps, seed=args.seed,
+        batch_size=args.batch_size)
+    print(f"wrote {args.out} ({results['num_records']} records x {args.n})")
+    for line in generate_eval.summary_lines(results):
+        print(line)
+    return 0
