@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm, as_dtype
+from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm
+from uniecg_jax.models.vae import VAEConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +41,9 @@ class ECGClipConfig:
 
     @classmethod
     def from_config(cls, clip_cfg) -> "ECGClipConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(clip_cfg).items() if k in fields}
-        if "widths" in values:
-            values["widths"] = tuple(int(w) for w in values["widths"])
-        for key in ("dtype", "param_dtype"):
-            if key in values:
-                values[key] = as_dtype(values[key])
-        return cls(**values)
+        """From a ConfigDict/dict (known fields only; widths as a tuple, dtypes by name), the same
+        conversion as `VAEConfig.from_config`."""
+        return VAEConfig.from_config.__func__(cls, clip_cfg)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
