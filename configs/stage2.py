@@ -56,7 +56,8 @@ def get_config(arg=None):
     config.model.alignment.output_dim = config.text.get_ref("embed_dim")
     config.data = ml_collections.ConfigDict(dict(
         source="bundled",      # "bundled" (bundled + synthetic reports) or a `uniecg prep` folder
-        num_synthetic=48, holdout_every=5, tokenizer="", max_length=128, worker_count=0))
+        num_synthetic=48, holdout_every=5, tokenizer="", max_length=128, worker_count=0,
+        interpret_max_length=stage1.data.max_length))   # interpretation (preservation) examples
     config.init = ml_collections.ConfigDict(dict(
         stage1_ckpt=""))       # stage-1 train workdir or model checkpoint; "" = random (tests)
     config.train = ml_collections.ConfigDict(dict(
@@ -65,6 +66,9 @@ def get_config(arg=None):
         weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0, grad_accum_steps=1, z_loss=0.0,
         log_every=25, checkpoint_every=100, keep_checkpoints=2, async_checkpoint=True,
         token_loss_weight=1.0, mse_weight=1.0, cosine_weight=1.0,
+        # Stage-1 CE on interpretation answers (grads reach only the new rows): keeps the [ECG]
+        # tokens out of interpretations. 0 = off (then no ECG data is read).
+        preservation_weight=1.0,
         freeze=FREEZE_ALL_BUT_NEW_ROWS))
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=stage1.eval.max_new_tokens,
                                                  batch_size=8, generation_tokens=12))

@@ -71,19 +71,25 @@ class UniECGStage2(nn.Module):
         self.llm = Decoder(unified.llm)
         self.alignment = AlignmentHead(self.config.alignment)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 extra_embeddings: jax.Array | None = None,
+                 extra_positions: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Text-only forward pass of the generation path.
+        """Forward pass of the generation path (text only, or with ECG tokens spliced in).
 
         Args:
           input_ids: [B, T] with the N `[ECG]` tokens somewhere (teacher forcing, or prompt +
             generated tokens at inference).
           attention_mask: [B, T] 1 = real token.
+          extra_embeddings [B, E, D] / extra_positions [B, E]: ECG tokens written into the
+            sequence (the Decoder's splice), when the request came with an ECG.
         Returns:
           logits [B, T, V] f32, condition [B, text_dim] f32 (alignment head on the hidden states at
           the `[ECG]` positions), valid [B, N] bool (which `[ECG]` slots were found).
         """
-        logits, hidden = self.llm(input_ids, attention_mask=attention_mask, return_hidden=True)
+        logits, hidden = self.llm(input_ids, attention_mask=attention_mask,
+                                  extra_embeddings=extra_embeddings,
+                                  extra_positions=extra_positions, return_hidden=True)
         return (logits, *self.align(hidden, input_ids))
 
     def align(self, hidden: jax.Array, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -3,7 +3,10 @@
 Each example is a generation request for a report answered by `[ECG0]..[ECG{N-1}]</s>`
 (`data.pipelines.stage2_loader`). Loss = `token_loss_weight` x next-token CE on those N + 1 tokens
 + `mse_weight` x MSE + `cosine_weight` x (1 - cosine) between the alignment head's output (on the
-hidden states at the `[ECG]` positions) and the frozen text encoder's embedding of the report.
+hidden states at the `[ECG]` positions) and the frozen text encoder's embedding of the report
++ `preservation_weight` x the stage-1 CE on interpretation answers (ECG conversations): with all
+old weights frozen its gradient reaches only the new rows and teaches the `[ECG]` logits to stay
+below the answer tokens when an ECG is being interpreted (no negatives otherwise exist for them).
 
 Only the new rows and the alignment head learn: `train.freeze` freezes every other tensor, and
 `only_rows_train` stops the gradient of the old rows of `llm/embedding` / `llm/lm_head` inside the
@@ -14,6 +17,7 @@ mean-initialised rows, alignment head random) or, without one, random (tests).
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 import jax
@@ -24,9 +28,13 @@ import numpy as np
 from uniecg_jax.config import ConfigError
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.models.uniecg import (UniECGStage2, build_stage2, ecg_token_names,
-                                      extend_vocabulary, init_stage2_params)
+                                      extend_vocabulary, init_stage2_params, stage1_model,
+                                      stage1_params)
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.train.loop import TrainTask
+
+# Batch fields of the interpretation (stage-1) examples that keep the [ECG] rows out of answers.
+INTERPRET_PREFIX = "interpret/"
 
 
 def stage1_model_dir(config: ml_collections.ConfigDict) -> str | None:
@@ -117,10 +125,21 @@ def alignment_losses(predicted: jax.Array, target: jax.Array) -> dict:
 
 
 def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: jax.Array,
-                weights: tuple[float, float, float]) -> tuple[jax.Array, dict]:
-    """Weighted CE on the [ECG] tokens + eos, MSE and (1 - cosine) to the text embedding."""
-    token_weight, mse_weight, cosine_weight = weights
+                weights: tuple[float, float, float, float]) -> tuple[jax.Array, dict]:
+    """Weighted CE on the [ECG] tokens + eos, MSE and (1 - cosine) to the text embedding, and
+    (when `batch` has `interpret/*` fields) the stage-1 CE on interpretation answers."""
+    token_weight, mse_weight, cosine_weight, preservation_weight = weights
     params = with_row_gradient_mask(params, trainable_rows)
+    metrics = {}
+    preservation = 0.0
+    if preservation_weight and any(k.startswith(INTERPRET_PREFIX) for k in batch):
+        from uniecg_jax.train.stage1 import stage1_loss
+
+        interpret = {k[len(INTERPRET_PREFIX):]: v for k, v in batch.items()
+                     if k.startswith(INTERPRET_PREFIX)}
+        preservation, aux = stage1_loss(stage1_model(model.config), stage1_params(params),
+                                        interpret)
+        metrics["interpret_nll"] = aux["nll"]
     logits, condition, _ = model.apply({"params": params}, batch["input_ids"],
                                        batch["attention_mask"])
     pad = model.config.unified.llm.pad_token_id
@@ -132,9 +151,39 @@ def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: j
     token_loss, aux = next_token_loss(logits, targets, target_mask)
     aligned = alignment_losses(condition, batch["text_embedding"])
     loss = (token_weight * token_loss + mse_weight * aligned["mse"]
-            + cosine_weight * (1.0 - aligned["cosine"]))
+            + cosine_weight * (1.0 - aligned["cosine"]) + preservation_weight * preservation)
     return loss, {"num_tokens": aux["num_tokens"], "token_nll": aux["nll"],
-                  "token_accuracy": aux["accuracy"], **aligned}
+                  "token_accuracy": aux["accuracy"], **aligned, **metrics}
+
+
+class PairedIterator:
+    """Generation-request batches merged with interpretation batches (fields `interpret/...`);
+    `get_state`/`set_state` carry both grain positions, so the pair checkpoints as one item."""
+
+    def __init__(self, requests, interpretations):
+        self.requests, self.interpretations = requests, interpretations
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self.requests))
+        batch.update({INTERPRET_PREFIX + k: v for k, v in next(self.interpretations).items()})
+        return batch
+
+    def get_state(self) -> bytes:
+        return json.dumps({"requests": self.requests.get_state().decode(),
+                           "interpretations": self.interpretations.get_state().decode()}).encode()
+
+    def set_state(self, state: bytes) -> None:
+        states = json.loads(state.decode() if isinstance(state, bytes) else state)
+        self.requests.set_state(states["requests"].encode())
+        self.interpretations.set_state(states["interpretations"].encode())
+
+    def start_prefetch(self) -> None:
+        for iterator in (self.requests, self.interpretations):
+            if hasattr(iterator, "start_prefetch"):
+                iterator.start_prefetch()
 
 
 _EMBEDDED_SOURCES: dict = {}
@@ -170,7 +219,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                           f"{config.text.embed_dim} (the text encoder's width)")
     trainable_rows = new_row_mask(s2cfg.unified.llm.vocab_size, s2cfg.ecg_token_ids)
     weights = (float(config.train.token_loss_weight), float(config.train.mse_weight),
-               float(config.train.cosine_weight))
+               float(config.train.cosine_weight), float(config.train.preservation_weight))
 
     def init_params(rng):
         return init_stage2_params(model, rng, max_length)
@@ -192,13 +241,33 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                                batch_size=local_batch, split="train", seed=int(config.seed),
                                process_index=process_index, process_count=process_count,
                                worker_count=int(config.data.worker_count))
-        return iter(loader)
+        if not weights[3]:
+            return iter(loader)
+        from uniecg_jax.data.pipelines import stage1_loader
+        from uniecg_jax.train.stage1 import stage1_data_source
+
+        interpretations = stage1_loader(
+            stage1_data_source(config, "train"), tokenizer,
+            max_length=int(config.data.interpret_max_length), batch_size=local_batch,
+            split="train", seed=int(config.seed) + 1, process_index=process_index,
+            process_count=process_count, worker_count=int(config.data.worker_count))
+        return PairedIterator(iter(loader), iter(interpretations))
 
     def abstract_batch(global_batch):
         tokens = jax.ShapeDtypeStruct((global_batch, max_length), jnp.int32)
-        return {"input_ids": tokens, "loss_mask": tokens, "attention_mask": tokens,
-                "ecg_token_positions": jax.ShapeDtypeStruct((global_batch, count), jnp.int32),
-                "text_embedding": jax.ShapeDtypeStruct((global_batch, text_dim), jnp.float32)}
+        batch = {"input_ids": tokens, "loss_mask": tokens, "attention_mask": tokens,
+                 "ecg_token_positions": jax.ShapeDtypeStruct((global_batch, count), jnp.int32),
+                 "text_embedding": jax.ShapeDtypeStruct((global_batch, text_dim), jnp.float32)}
+        if weights[3]:
+            enc = s2cfg.unified.encoder
+            interpret = jax.ShapeDtypeStruct((global_batch, int(config.data.interpret_max_length)),
+                                             jnp.int32)
+            batch.update({INTERPRET_PREFIX + k: v for k, v in {
+                "input_ids": interpret, "loss_mask": interpret, "attention_mask": interpret,
+                "ecg": jax.ShapeDtypeStruct((global_batch, enc.num_leads, enc.num_samples),
+                                            jnp.float32),
+                "ecg_position": jax.ShapeDtypeStruct((global_batch,), jnp.int32)}.items()})
+        return batch
 
     initial_params = None
     if stage1_dir:

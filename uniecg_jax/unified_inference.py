@@ -1,0 +1,239 @@
+"""One model that interprets or generates: stage-2 UniECG + the diffusion model.
+
+    model = UnifiedModel.load("/tmp/stage2", diffusion="/tmp/diffusion")
+    turn = model.chat("Generate a 12-lead ECG that matches this report: sinus tachycardia. "
+                      "60-year-old woman, HR 110", out_dir="/tmp/gen")
+    turn.text, turn.generated_ecg, turn.files       # [ECG] emitted -> ECG [12, T] + WFDB/PNG stems
+    turn = model.chat("Interpret this ECG.", ecg=record.to_encoder_input())   # a report
+
+The task is never chosen by a rule: the LLM decodes (greedy by default) and, if it emitted the
+`[ECG]` tokens, the prompt + generated tokens are run through the model once more with
+`return_hidden`; the hidden states at the `[ECG]` positions go through the alignment head to the
+condition vector, sex / age / heart rate are read from the request text (`parse_conditions`,
+overridable) and the diffusion sampler draws the ECG, written as WFDB + PNG.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from uniecg_jax import decoding
+from uniecg_jax.errors import UniECGError
+from uniecg_jax.models.llm import Decoder
+from uniecg_jax.models.uniecg import UniECGStage2, abstract_stage2_params, build_stage2, \
+    stage1_model, stage1_params
+
+DEFAULT_SEX, DEFAULT_AGE, DEFAULT_HEART_RATE = "M", 50.0, 70.0
+_AGE = re.compile(r"\b(\d{1,3})\s*-?\s*(?:years?|yrs?|y)\s*-?\s*old\b|\bage[sd]?\s*[:=]?\s*(\d{1,3})\b",
+                  re.IGNORECASE)
+_HEART_RATE = re.compile(r"\b(?:HR|heart\s+rate|rate)\s*(?:of|[:=~])?\s*(\d{2,3})\b"
+                         r"|\b(\d{2,3})\s*(?:bpm|beats\s*(?:per|/)\s*min(?:ute)?|/\s*min)\b",
+                         re.IGNORECASE)
+_FEMALE = re.compile(r"\b(?:woman|female|girl|lady|she|her)\b|\bsex\s*[:=]\s*f\b", re.IGNORECASE)
+_MALE = re.compile(r"\b(?:man|male|boy|gentleman|he|his)\b|\bsex\s*[:=]\s*m\b", re.IGNORECASE)
+
+
+def parse_conditions(text: str) -> dict:
+    """Sex ("M"/"F"), age (years) and heart rate (bpm) stated in a request, None where absent.
+
+    "60-year-old woman", "age 60", "HR 110", "heart rate of 110", "110 bpm", "male" / "female".
+    """
+    def first_number(pattern):
+        match = pattern.search(text)
+        return None if match is None else float(next(g for g in match.groups() if g))
+
+    female, male = _FEMALE.search(text), _MALE.search(text)
+    sex = None
+    if female and (not male or female.start() <= male.start()):
+        sex = "F"
+    elif male:
+        sex = "M"
+    return {"sex": sex, "age": first_number(_AGE), "heart_rate": first_number(_HEART_RATE)}
+
+
+def load_diffusion(diffusion) -> Any:
+    """A DiffusionPipeline as given, or loaded from a diffusion model dir / train workdir."""
+    if diffusion is None or not isinstance(diffusion, str):
+        return diffusion
+    from uniecg_jax.diffusion import pipeline as pipeline_lib
+
+    if not hasattr(pipeline_lib, "load_pipeline"):
+        raise UniECGError(f"{diffusion}: this version cannot load diffusion checkpoints "
+                          "(uniecg_jax.diffusion.pipeline.load_pipeline is missing)")
+    return pipeline_lib.load_pipeline(diffusion)[0]
+
+
+@dataclasses.dataclass
+class ChatTurn:
+    """One answer. `generated_ecg` [12, T] mV at `sample_rate` when the model emitted [ECG]."""
+    prompt: str
+    text: str
+    token_ids: list[int]
+    emitted_ecg_tokens: bool
+    condition: np.ndarray | None = None
+    conditions: dict | None = None
+    generated_ecg: np.ndarray | None = None
+    sample_rate: float | None = None
+    files: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class UnifiedModel:
+    """Stage-2 model + params + tokenizer (+ an optional diffusion pipeline)."""
+    model: UniECGStage2
+    params: Any
+    tokenizer: Any
+    config: ml_collections.ConfigDict
+    diffusion: Any = None
+
+    @classmethod
+    def load(cls, path: str, diffusion=None) -> "UnifiedModel":
+        """From a stage-2 train workdir or its exported model dir; `diffusion`: a pipeline or a
+        diffusion model dir (optional: without it the model only interprets and emits tokens)."""
+        from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
+        from uniecg_jax.data.tokenizer import load_tokenizer
+        from uniecg_jax.errors import CheckpointError
+        from uniecg_jax.interpret import resolve_model_dir
+
+        directory = resolve_model_dir(path)
+        config = load_model_config(directory)
+        if "ecg_token_ids" not in config.model or "alignment" not in config.model:
+            raise CheckpointError(f"{directory}: not a stage-2 model (no model.ecg_token_ids / "
+                                  "model.alignment in config.json); train configs/stage2.py")
+        model, _ = build_stage2(config.model)
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params, _ = restore_model(directory, abstract_stage2_params(model, device))
+        tokenizer = load_tokenizer(tokenizer_path(directory))
+        return cls(model, params, tokenizer, config, load_diffusion(diffusion))
+
+    @property
+    def ecg_token_ids(self) -> tuple[int, ...]:
+        return self.model.config.ecg_token_ids
+
+    def interpreter(self):
+        """The stage-1 Interpreter on this model's tower + LLM (same params, same computation)."""
+        from uniecg_jax.interpret import Interpreter
+
+        if not hasattr(self, "_interpreter"):
+            self._interpreter = Interpreter(stage1_model(self.model.config),
+                                            stage1_params(self.params), self.tokenizer, self.config)
+        return self._interpreter
+
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        """A text-only request in the stage-2 training format: `<s>USER: {prompt} ASSISTANT: `."""
+        from uniecg_jax.data.tokenizer import ASSISTANT_PREFIX, USER_PREFIX
+
+        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        return [self.tokenizer.bos_token_id] + encode(USER_PREFIX + prompt.strip()) + encode(
+            ASSISTANT_PREFIX)
+
+    def decode_text(self, token_ids: Sequence[int]) -> str:
+        """Generated ids -> text without special tokens, [ECG] tokens or eos."""
+        drop = set(self.ecg_token_ids) | {self.model.config.unified.llm.eos_token_id}
+        return self.tokenizer.decode([t for t in token_ids if t not in drop],
+                                     skip_special_tokens=True).strip()
+
+    def respond(self, prompts: Sequence[str], ecgs: np.ndarray | None = None, *,
+                max_new_tokens: int | None = None, sampling: decoding.Sampling | None = None,
+                seed: int = 0) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+        """Decodes a batch; then the condition vectors of the rows that emitted [ECG] tokens.
+
+        Args:
+          prompts: B requests. ecgs: optional [B, 12, samples] (interpretation prompts then carry
+            the `<ecg>` placeholder, as in stage 1).
+        Returns:
+          (generated ids per row (eos excluded), condition [B, text_dim] f32, emitted [B] bool:
+           True where all N [ECG] tokens were generated).
+        """
+        sampling = sampling or decoding.Sampling()
+        llm_cfg = self.model.config.unified.llm
+        max_new = int(max_new_tokens or self.config.eval.max_new_tokens)
+        rng = jax.random.PRNGKey(seed)
+        if ecgs is None:
+            ids, mask = decoding.left_pad([self.text_prompt_ids(p) for p in prompts],
+                                          llm_cfg.pad_token_id)
+            ecg_tokens = slots = None
+            out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
+                                    max_new_tokens=max_new, sampling=sampling, rng=rng)
+        else:
+            from uniecg_jax.interpret import _encode_fn
+
+            interpreter = self.interpreter()
+            ids, mask, slots = interpreter.build_inputs(list(prompts))
+            ecg_tokens = _encode_fn(interpreter.model)(interpreter.params,
+                                                       jnp.asarray(ecgs, jnp.float32))
+            out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
+                                    max_new_tokens=max_new, sampling=sampling, rng=rng,
+                                    extra_embeddings=ecg_tokens, extra_positions=slots)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        generated = [[t for t in tokens[row, :lengths[row]].tolist() if t != llm_cfg.eos_token_id]
+                     for row in range(len(prompts))]
+        # Re-run prompt + answer once (teacher-forced) for the hidden states at the [ECG] slots.
+        full_ids = np.concatenate([ids, tokens], axis=1)
+        full_mask = np.concatenate(
+            [mask, (np.arange(max_new)[None, :] < lengths[:, None]).astype(np.int32)], axis=1)
+        condition, valid = _condition_fn(self.model)(self.params, full_ids, full_mask, ecg_tokens,
+                                                     slots)
+        emitted = np.asarray(valid).all(axis=1)
+        return generated, np.asarray(condition, np.float32), emitted
+
+    def chat(self, prompt: str, ecg: np.ndarray | None = None, *, out_dir: str | None = None,
+             sex: str | None = None, age: float | None = None, heart_rate: float | None = None,
+             max_new_tokens: int | None = None, steps: int | None = None, seed: int = 0,
+             sample_rate: float | None = None, record_name: str = "generated") -> ChatTurn:
+        """One request: interprets (text answer) or, when the model emits [ECG], generates an ECG
+        (condition from the [ECG] hidden states; sex/age/HR from the flags, else the request,
+        else defaults) and writes `out_dir/{record_name}_000.{hea,dat,png}` when out_dir is given."""
+        ecgs = None if ecg is None else np.asarray(ecg, np.float32)[None]
+        generated, condition, emitted = self.respond([prompt], ecgs, max_new_tokens=max_new_tokens,
+                                                     seed=seed)
+        turn = ChatTurn(prompt, self.decode_text(generated[0]), generated[0], bool(emitted[0]))
+        if not turn.emitted_ecg_tokens:
+            return turn
+        stated = parse_conditions(prompt)
+        turn.condition = condition[0]
+        turn.conditions = {
+            "sex": sex or stated["sex"] or DEFAULT_SEX,
+            "age": float(age if age is not None else stated["age"] or DEFAULT_AGE),
+            "heart_rate": float(heart_rate if heart_rate is not None
+                                else stated["heart_rate"] or DEFAULT_HEART_RATE)}
+        if self.diffusion is None:
+            turn.text = turn.text or "[ECG tokens emitted; no diffusion model loaded]"
+            return turn
+        turn.sample_rate = float(sample_rate or self.diffusion_sample_rate())
+        turn.generated_ecg = self.diffusion.generate(
+            turn.condition, turn.conditions["sex"], turn.conditions["age"],
+            turn.conditions["heart_rate"], n=1, sampler="ddim",
+            steps=int(steps or 50), seed=seed,
+            sample_rate=turn.sample_rate)[0]
+        if out_dir:
+            from uniecg_jax.diffusion.ecg_writer import write_generated
+
+            comments = [f"prompt: {prompt}", "sex: {sex} age: {age:g} hr: {heart_rate:g}".format(
+                **turn.conditions)]
+            turn.files = write_generated(turn.generated_ecg[None], out_dir, turn.sample_rate,
+                                         prefix=record_name, comments=comments)
+        return turn
+
+    def diffusion_sample_rate(self) -> float:
+        from uniecg_jax.diffusion.pipeline import NATIVE_RATE
+        return NATIVE_RATE
+
+
+_CONDITION: dict = {}
+
+
+def _condition_fn(model: UniECGStage2):
+    """Jitted `(params, ids [B, T], mask, ecg tokens | None, slots | None) -> (condition, valid)`."""
+    if model.config not in _CONDITION:
+        def run(params, ids, mask, ecg_tokens, slots):
+            _, condition, valid = model.apply({"params": params}, ids, mask, ecg_tokens, slots)
+            return condition, valid
+        _CONDITION[model.config] = jax.jit(run)
+    return _CONDITION[model.config]
