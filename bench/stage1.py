@@ -16,17 +16,20 @@ Configs: `tiny` (configs/stage1.py:tiny) and `100m` (configs/stage1.py:small wit
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from uniecg_jax import sharding
 from uniecg_jax.config import load_config
 from uniecg_jax.interpret import Interpreter
 from uniecg_jax.train import build_task, optim, state as state_lib, step as step_lib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import matmul_peak, timed  # noqa: E402
 
 CONFIGS = {
     "tiny": ("configs/stage1.py:tiny", []),
@@ -37,24 +40,6 @@ CONFIGS = {
                                          "data.max_length=512", "train.batch_size=4",
                                          "model.llm.remat=none"]),
 }
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
-def matmul_peak(size: int = 2048) -> dict[str, float]:
-    a = jnp.asarray(np.random.RandomState(0).randn(size, size), jnp.float32)
-    b = a.astype(jnp.bfloat16)
-    f32 = jax.jit(lambda x: x @ x)
-    bf16 = jax.jit(lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32))
-    flops = 2 * size ** 3
-    return {"f32": flops / timed(lambda: f32(a).block_until_ready(), 5),
-            "bf16_f32acc": flops / timed(lambda: bf16(b).block_until_ready(), 5)}
 
 
 def random_batch(config, task, batch_size: int) -> dict:

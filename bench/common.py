@@ -1,0 +1,30 @@
+"""Shared benchmark helpers: wall-clock timing and the matmul peak every MFU figure is measured
+against (in the same run, on the same device)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Mean seconds per call after one warm-up call (`fn` must block until its work is done)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_peak(size: int = 2048) -> dict[str, float]:
+    """FLOP/s of a square f32 matmul and of bf16 x bf16 with f32 accumulation (our compute path)."""
+    a32 = jnp.asarray(np.random.RandomState(0).randn(size, size), jnp.float32)
+    a16 = a32.astype(jnp.bfloat16)
+    f32 = jax.jit(lambda x: x @ x)
+    bf16 = jax.jit(lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32))
+    flops = 2 * size ** 3
+    return {"f32": flops / timed(lambda: f32(a32).block_until_ready(), 5),
+            "bf16_f32acc": flops / timed(lambda: bf16(a16).block_until_ready(), 5)}
