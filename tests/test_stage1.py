@@ -214,3 +214,52 @@ def test_bad_checkpoints_and_records_fail_clearly(exported_model, tmp_path):
     with pytest.raises(UniECGError):
         interpret_eval.load_eval_records(str(tmp_path))
     assert os.path.isdir(exported_model)
+
+
+def test_init_from_hf_llama_and_ecg_coca_checkpoints(tmp_path):
+    """Stage 1 starts from an HF Llama directory and an ECG-CoCa/GEM torch checkpoint: the initial
+    params reproduce both PyTorch models, and training runs from them."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from ecg_coca_torch_reference import EcgTower, GemProjectors
+
+    from uniecg_jax.data.tokenizer import load_tiny
+    from uniecg_jax.models.llm import Decoder
+    from uniecg_jax.models.unified import UniECG
+
+    torch.manual_seed(0)
+    hf_dir = tmp_path / "hf"
+    hf_config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    hf_model = transformers.LlamaForCausalLM(hf_config).eval()
+    hf_model.save_pretrained(hf_dir)
+    load_tiny().save_pretrained(hf_dir)
+    tower, projectors = EcgTower(5000, 12, 50, 32, 1, 2).eval(), GemProjectors(32, 64, 64).eval()
+    state = {f"module.ecg.{k}": v for k, v in tower.state_dict().items()}
+    state.update({f"model.{k}": v for k, v in projectors.state_dict().items()})
+    ecg_ckpt = tmp_path / "ecg_coca.pt"
+    torch.save({"state_dict": state}, ecg_ckpt)
+
+    config = _config([f"init.hf_dir={hf_dir}", f"init.ecg_encoder_ckpt={ecg_ckpt}",
+                      "train.steps=1"])
+    task = build_task(config)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    abstract, _ = sharding.abstract_sharded_init(task.init_params, mesh, jax.random.PRNGKey(0))
+    params = task.initial_params(mesh, abstract)
+
+    ids = np.random.RandomState(0).randint(5, 500, (2, 9))
+    with torch.no_grad():
+        want_logits = hf_model(torch.tensor(ids)).logits.numpy()
+    got_logits = Decoder(build_unified(config.model)[1].llm).apply({"params": params["llm"]}, ids)
+    np.testing.assert_allclose(got_logits, want_logits, atol=1e-4)
+    ecg = np.random.RandomState(1).normal(size=(2, 12, 5000)).astype(np.float32)
+    with torch.no_grad():
+        want_tokens = projectors(tower(torch.tensor(ecg))).numpy()
+    model, _ = build_unified(config.model)
+    got_tokens = model.apply({"params": params}, ecg, method=UniECG.encode_ecg)
+    np.testing.assert_allclose(got_tokens, want_tokens, atol=1e-4)
+
+    result = train(config, str(tmp_path / "run"), task)
+    assert np.isfinite(result.history[-1]["loss"])
