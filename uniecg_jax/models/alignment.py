@@ -62,7 +62,7 @@ def gather_ecg_hidden(hidden: jax.Array, input_ids: jax.Array, ecg_token_ids: Se
       `[ECG]` tokens a row has are zeros with valid False.
     """
     count = len(ecg_token_ids)
-    is_ecg = jnp.isin(input_ids, jnp.asarray(ecg_token_ids, input_ids.dtype))
+    is_ecg = jnp.isin(input_ids, jnp.asarray(ecg_token_ids, jnp.int32))
     positions = jax.vmap(lambda row: jnp.nonzero(row, size=count, fill_value=-1)[0])(is_ecg)
     valid = positions >= 0
     gathered = jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)

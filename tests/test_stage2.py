@@ -1,0 +1,250 @@
+"""Stage 2 and the unified model: [ECG] vocabulary extension, gather, frozen rows, preservation,
+chat generation to WFDB, whole-model HF export, kill-and-resume."""
+import os
+import signal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uniecg_jax import sharding
+from uniecg_jax.config import ConfigError, load_config
+from uniecg_jax.interpret import Interpreter
+from uniecg_jax.models.alignment import gather_ecg_hidden
+from uniecg_jax.models.uniecg import build_stage2, extend_vocabulary, init_stage2_params
+from uniecg_jax.train import build_task
+from uniecg_jax.train.loop import train
+from uniecg_jax.unified_inference import UnifiedModel, parse_conditions
+
+STAGE1 = ["data.max_length=48", "data.num_synthetic=0", "model.llm.num_layers=1",
+          "model.ecg_encoder.layers=1"]
+TEXT_DIM = 32
+STAGE2 = [f"text.encoder=hash:{TEXT_DIM}", f"text.embed_dim={TEXT_DIM}", "data.num_synthetic=8",
+          "model.num_ecg_tokens=4", "data.max_length=96", "data.interpret_max_length=48",
+          "train.steps=24", "train.log_every=8", "train.checkpoint_every=0",
+          "train.learning_rate=2e-2", "train.warmup_steps=2"]
+REQUEST = ("Generate a 12-lead ECG that matches this report: Sinus rhythm. Normal ECG. "
+           "A 60-year-old woman, HR 110.")
+
+
+def _stage2_config(extra=()):
+    return load_config("configs/stage2.py:tiny", STAGE2 + list(extra))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A stage-1 model (random, lm_head scaled so its greedy answers are decided by clear margins,
+    as a trained model's are) and a stage-2 run on it; both exported."""
+    root = tmp_path_factory.mktemp("unified")
+    stage1_config = load_config("configs/stage1.py:tiny", STAGE1)
+    stage1_task = build_task(stage1_config)
+    params = jax.jit(lambda rng: nn.meta.unbox(stage1_task.init_params(rng)))(
+        jax.random.PRNGKey(0))
+    params = jax.device_get(params)
+    params["llm"]["lm_head"]["kernel"] = params["llm"]["lm_head"]["kernel"] * 10.0
+    stage1_dir = str(root / "stage1")
+    stage1_task.export(stage1_dir, params)
+
+    config = _stage2_config([f"init.stage1_ckpt={stage1_dir}"])
+    task = build_task(config)
+    result = train(config, str(root / "stage2"), task)
+    final = jax.device_get(result.state.params)
+    task.export(str(root / "stage2"), final)
+    return dict(stage1_dir=stage1_dir, stage1_params=params, stage2_dir=str(root / "stage2"),
+                config=config, params=final, history=result.history, root=root)
+
+
+@pytest.fixture(scope="module")
+def tiny_diffusion():
+    """An untrained tiny diffusion model conditioned on TEXT_DIM-d embeddings."""
+    from uniecg_jax.diffusion.layers import init_params_on_host
+    from uniecg_jax.diffusion.pipeline import DiffusionPipeline
+    from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
+    from uniecg_jax.models.vae import VAE, VAEConfig
+
+    config = load_config("configs/diffusion.py:tiny", [f"text.embed_dim={TEXT_DIM}"])
+    unet = ConditionalUNet(UNetConfig.from_config(config.model.unet, config.diffusion.num_steps))
+    vae = VAE(VAEConfig.from_config(config.model.vae))
+    unet_params = init_params_on_host(unet, 0, jnp.zeros((1, 128, 4)), jnp.zeros((1,), jnp.int32),
+                                      jnp.zeros((1, TEXT_DIM + 3)))
+    vae_params = init_params_on_host(vae, 1, jnp.zeros((1, 1024, 12)))
+    return DiffusionPipeline.from_config(config, vae_params, unet_params), config
+
+
+def test_gathered_ecg_hidden_states_equal_a_manual_gather():
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((3, 10, 6)).astype(np.float32)
+    ecg_ids = (20, 21, 22)
+    ids = rng.integers(3, 19, (3, 10))
+    ids[0, [4, 5, 6]] = ecg_ids
+    ids[1, [1, 7, 9]] = ecg_ids          # scattered: still in sequence order
+    ids[2, [8, 9]] = ecg_ids[:2]         # only two of the three
+    gathered, valid = jax.jit(gather_ecg_hidden, static_argnums=2)(hidden, ids, ecg_ids)
+    np.testing.assert_array_equal(gathered[0], hidden[0, [4, 5, 6]])
+    np.testing.assert_array_equal(gathered[1], hidden[1, [1, 7, 9]])
+    np.testing.assert_array_equal(gathered[2, :2], hidden[2, [8, 9]])
+    np.testing.assert_array_equal(gathered[2, 2], 0.0)
+    np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 1, 1], [1, 1, 0]])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_alignment_head_kinds_have_named_params_and_ignore_missing_slots(kind):
+    config = _stage2_config([f"model.alignment.kind={kind}", "model.alignment.hidden_dim=16"])
+    build_task(config)  # fills ecg_token_ids / vocab
+    model, cfg = build_stage2(config.model)
+    boxed = init_stage2_params(model, jax.random.PRNGKey(0))
+    for leaf in jax.tree.leaves(boxed["alignment"], is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        assert isinstance(leaf, nn.Partitioned), "alignment params need logical axis names"
+    params = nn.meta.unbox(boxed)
+    ids = np.full((2, 12), 7)
+    ids[:, 3:3 + cfg.num_ecg_tokens] = cfg.ecg_token_ids
+    _, condition, valid = model.apply({"params": params}, ids)
+    assert condition.shape == (2, TEXT_DIM) and bool(valid.all())
+    # A padding slot (token not emitted) must not change the pooled output of the rest.
+    hidden = jax.random.normal(jax.random.PRNGKey(1), (1, cfg.num_ecg_tokens, 64))
+    head = lambda h, v: model.apply({"params": params}, h, v,  # noqa: E731
+                                    method=lambda m, h, v: m.alignment(h, v))
+    partial = jnp.arange(cfg.num_ecg_tokens)[None] < 2
+    np.testing.assert_allclose(head(hidden, partial),
+                               head(hidden.at[:, 2:].set(99.0), partial), atol=1e-5)
+
+
+def test_vocabulary_extension_adds_mean_rows():
+    from uniecg_jax.data.tokenizer import load_tiny
+
+    tokenizer = load_tiny()
+    rng = np.random.default_rng(0)
+    llm = {"embedding": rng.standard_normal((512, 8)).astype(np.float32),
+           "lm_head": {"kernel": rng.standard_normal((8, 512)).astype(np.float32)}}
+    cfg = load_config("configs/llm.py:tiny").model
+    grown, grown_cfg, ids = extend_vocabulary(llm, cfg, tokenizer, 3)
+    assert ids == [512, 513, 514] and grown_cfg.vocab_size == 515 == len(tokenizer)
+    np.testing.assert_allclose(grown["embedding"][512:], np.repeat(
+        llm["embedding"].mean(0, keepdims=True), 3, 0), rtol=1e-6)
+    np.testing.assert_allclose(grown["lm_head"]["kernel"][:, 514], llm["lm_head"]["kernel"].mean(1),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(grown["embedding"][:512], llm["embedding"])
+    again, _, same_ids = extend_vocabulary(grown, grown_cfg, tokenizer, 3)  # idempotent
+    assert same_ids == ids and again["embedding"].shape == (515, 8)
+
+
+def test_stage2_trains_only_new_rows_and_the_alignment_head(trained):
+    history = trained["history"]
+    assert history[-1]["token_nll"] < history[0]["token_nll"] - 1.0, history
+    old, new = trained["stage1_params"], trained["params"]
+    ids = list(trained["config"].model.ecg_token_ids)
+    for got, want in zip(jax.tree.leaves(new["ecg_tower"]), jax.tree.leaves(old["ecg_tower"])):
+        np.testing.assert_array_equal(got, want)
+    for name in old["llm"]:
+        if name in ("embedding", "lm_head"):
+            continue
+        for got, want in zip(jax.tree.leaves(new["llm"][name]), jax.tree.leaves(old["llm"][name])):
+            np.testing.assert_array_equal(got, want)
+    vocab = old["llm"]["embedding"].shape[0]
+    np.testing.assert_array_equal(new["llm"]["embedding"][:vocab], old["llm"]["embedding"])
+    np.testing.assert_array_equal(new["llm"]["lm_head"]["kernel"][:, :vocab],
+                                  old["llm"]["lm_head"]["kernel"])
+    mean_row = old["llm"]["embedding"].mean(0)
+    assert all(np.abs(new["llm"]["embedding"][i] - mean_row).max() > 1e-3 for i in ids)
+    model, _ = build_stage2(trained["config"].model)
+    initial = nn.meta.unbox(jax.jit(lambda r: init_stage2_params(model, r))(jax.random.PRNGKey(0)))
+    changed = [np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in
+               zip(jax.tree.leaves(new["alignment"]), jax.tree.leaves(initial["alignment"]))]
+    assert all(changed)
+
+
+def test_stage2_greedy_interpretation_equals_stage1(trained):
+    from uniecg_jax.train.stage1 import bundled_split
+
+    ecgs = np.stack([r.to_encoder_input() for r in bundled_split(5, 0, 0)["test"][:3]])
+    stage1 = Interpreter.load(trained["stage1_dir"]).interpret(ecgs, max_new_tokens=8)
+    unified = UnifiedModel.load(trained["stage2_dir"])
+    assert unified.interpreter().interpret(ecgs, max_new_tokens=8) == stage1
+    turn = unified.chat("Interpret this 12-lead ECG and give the evidence for your diagnosis.",
+                        ecg=ecgs[0], max_new_tokens=8)
+    assert not turn.emitted_ecg_tokens and turn.text == stage1[0] and turn.generated_ecg is None
+
+
+@pytest.mark.slow
+def test_chat_emits_ecg_tokens_for_a_request_and_writes_a_readable_wfdb(trained, tiny_diffusion,
+                                                                        tmp_path):
+    import wfdb
+
+    unified = UnifiedModel.load(trained["stage2_dir"], diffusion=tiny_diffusion[0])
+    turn = unified.chat(REQUEST, out_dir=str(tmp_path), steps=2, max_new_tokens=8)
+    assert turn.emitted_ecg_tokens
+    assert turn.token_ids == list(unified.ecg_token_ids)
+    assert turn.conditions == {"sex": "F", "age": 60.0, "heart_rate": 110.0}
+    assert turn.condition.shape == (TEXT_DIM,) and np.isfinite(turn.condition).all()
+    record = wfdb.rdrecord(turn.files[0])
+    assert record.n_sig == 12 and record.sig_len == 1024 and record.sig_name[6] == "V1"
+    assert os.path.isfile(turn.files[0] + ".png")
+    # The condition is the alignment head on the [ECG] hidden states of prompt + answer.
+    ids = np.asarray([unified.text_prompt_ids(REQUEST) + turn.token_ids])
+    _, condition, _ = unified.model.apply({"params": unified.params}, ids)
+    np.testing.assert_allclose(turn.condition, condition[0], atol=1e-5)
+
+
+def test_parse_conditions():
+    assert parse_conditions("a 45-year-old man with heart rate of 52") == {
+        "sex": "M", "age": 45.0, "heart_rate": 52.0}
+    assert parse_conditions("female, age 71, 130 bpm") == {"sex": "F", "age": 71.0,
+                                                           "heart_rate": 130.0}
+    assert parse_conditions("sinus rhythm") == {"sex": None, "age": None, "heart_rate": None}
+
+
+@pytest.mark.slow
+def test_whole_model_hf_export_round_trips(trained, tiny_diffusion, tmp_path):
+    import transformers
+
+    from uniecg_jax.convert.unified_export import export_unified, load_unified_export
+
+    out = str(tmp_path / "hf")
+    export_unified(trained["stage2_dir"], out, diffusion=tiny_diffusion)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "llm"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(out, "llm"))
+    ids = list(trained["config"].model.ecg_token_ids)
+    assert [tokenizer.convert_tokens_to_ids(f"[ECG{i}]") for i in range(len(ids))] == ids
+    np.testing.assert_array_equal(hf.get_input_embeddings().weight.detach().numpy()[ids],
+                                  trained["params"]["llm"]["embedding"][ids])
+    rebuilt = load_unified_export(out)
+    for got, want in zip(jax.tree.leaves(rebuilt.params), jax.tree.leaves(trained["params"])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for got, want in zip(jax.tree.leaves(rebuilt.diffusion.unet_params),
+                         jax.tree.leaves(tiny_diffusion[0].unet_params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert rebuilt.chat(REQUEST, max_new_tokens=8).token_ids == list(ids)
+
+
+def test_bad_stage2_configs_fail_clearly():
+    with pytest.raises(ConfigError, match="weight_decay"):
+        build_task(_stage2_config(["train.weight_decay=0.1"]))
+    with pytest.raises(ConfigError, match="num_ecg_tokens"):
+        build_task(_stage2_config(["model.num_ecg_tokens=0"]))
+
+
+@pytest.mark.slow
+def test_stage2_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+    config = _stage2_config(["train.steps=4", "train.log_every=1"])
+    full = train(config, str(tmp_path / "full"), build_task(config))
+    workdir = str(tmp_path / "resumed")
+    to_global = sharding.global_batch_from_host
+    calls = []
+
+    def preempt_at_second_batch(local_batch, mesh):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return to_global(local_batch, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch_from_host", preempt_at_second_batch)
+    interrupted = train(config, workdir, build_task(config))
+    monkeypatch.setattr(sharding, "global_batch_from_host", to_global)
+    assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.steps_run == 2
+    resumed = train(config, workdir, build_task(config))
+    assert resumed.steps_run == 2
+    for got, want in zip(jax.tree.leaves(jax.device_get(resumed.state.params)),
+                         jax.tree.leaves(jax.device_get(full.state.params))):
+        np.testing.assert_array_equal(got, want)
