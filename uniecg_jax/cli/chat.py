@@ -1,0 +1,72 @@
+"""`uniecg chat`: one model that interprets an ECG or generates one from text, as it decides.
+
+  uniecg chat --ckpt /tmp/stage2 --diffusion /tmp/diffusion \\
+      --prompt "Generate a 12-lead ECG that matches this report: sinus tachycardia. 60-year-old woman, HR 110"
+  uniecg chat --ckpt /tmp/stage2 --ecg uniecg_jax/assets/ecg_samples/cinc2021/E07500 --prompt "Interpret this ECG."
+  uniecg chat --ckpt /tmp/stage2 --diffusion /tmp/diffusion          # interactive; ':ecg PATH' loads a record
+
+When the model answers with its [ECG] tokens the ECG is sampled and written to --out as WFDB + PNG.
+"""
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("chat", help="interpret or generate ECGs with the unified model",
+                                   description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="stage-2 train workdir or model dir")
+    parser.add_argument("--diffusion", default=None, help="diffusion model dir (for generation)")
+    parser.add_argument("--ecg", default=None, help="WFDB record (path without extension)")
+    parser.add_argument("--prompt", default=None, help="one request; without it: interactive")
+    parser.add_argument("--out", default="generated_ecgs", help="folder for generated records")
+    parser.add_argument("--sex", default=None, choices=["M", "F"])
+    parser.add_argument("--age", type=float, default=None)
+    parser.add_argument("--hr", type=float, default=None, help="heart rate (bpm)")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run_chat)
+
+
+def _read_ecg(path):
+    from uniecg_jax.data import read_record
+    return read_record(path).to_encoder_input()
+
+
+def run_chat(args) -> int:
+    from uniecg_jax.unified_inference import UnifiedModel
+
+    model = UnifiedModel.load(args.ckpt, diffusion=args.diffusion)
+    ecg = _read_ecg(args.ecg) if args.ecg else None
+    count = 0
+
+    def answer(prompt):
+        nonlocal count
+        turn = model.chat(prompt, ecg=ecg, out_dir=args.out, sex=args.sex, age=args.age,
+                          heart_rate=args.hr, max_new_tokens=args.max_new_tokens, steps=args.steps,
+                          seed=args.seed + count, record_name=f"chat_{count:03d}")
+        count += 1
+        if turn.emitted_ecg_tokens:
+            print(f"[ECG tokens emitted] conditions {turn.conditions}")
+            for stem in turn.files:
+                print(f"wrote {stem}.hea/.dat/.png")
+        if turn.text:
+            print(turn.text)
+
+    if args.prompt is not None:
+        answer(args.prompt)
+        return 0
+    print("uniecg chat: type a request; ':ecg PATH' attaches a record, ':noecg' drops it, ':q' quits")
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if line in (":q", ":quit", "exit"):
+            return 0
+        if line.startswith(":ecg "):
+            ecg = _read_ecg(line[5:].strip())
+            print(f"attached {line[5:].strip()}")
+        elif line == ":noecg":
+            ecg = None
+        elif line:
+            answer(line)

@@ -1,0 +1,26 @@
+"""`uniecg convert export-unified`: the whole stage-2 model (+ diffusion) as an HF-style directory.
+
+  uniecg convert export-unified --ckpt /tmp/stage2 --diffusion /tmp/diffusion --out /tmp/uniecg_hf
+
+The lead wires it into `uniecg convert` by calling `add_parser(actions)` on its sub-parsers.
+"""
+from __future__ import annotations
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export-unified", help="stage-2 model (+ diffusion) -> HF LLM dir + safetensors components")
+    parser.add_argument("--ckpt", required=True, help="stage-2 train workdir or model dir")
+    parser.add_argument("--diffusion", default=None, help="diffusion model dir to include")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default=None, help="LLM tensor dtype (default: param dtype)")
+    parser.set_defaults(handler=run_export_unified)
+
+
+def run_export_unified(args) -> int:
+    from uniecg_jax.convert.unified_export import export_unified
+
+    export_unified(args.ckpt, args.out, diffusion=args.diffusion, dtype=args.dtype)
+    print(f"wrote {args.out} (llm/ = HF causal LM with the [ECG] tokens; uniecg_config.json; "
+          "component safetensors). Load with uniecg_jax.convert.unified_export.load_unified_export")
+    return 0
