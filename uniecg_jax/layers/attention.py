@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from uniecg_jax.layers.linear import DenseGeneral
+from uniecg_jax.layers.linear import DenseGeneral, einsum
 from uniecg_jax.layers.rope import apply_rope
 
 MASKED_SCORE = float(jnp.finfo(jnp.float32).min)  # finite (not -inf): fully masked rows stay NaN-free
@@ -86,14 +86,12 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         grouped_query = query.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
         # scores [B, K, G, T, S] accumulated in f32; softmax in f32.
-        scores = jnp.einsum("btkgd,bskd->bkgts", grouped_query.astype(self.dtype),
-                            key.astype(self.dtype), preferred_element_type=jnp.float32)
+        scores = einsum("btkgd,bskd->bkgts", grouped_query, key, self.dtype, jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         allowed = attention_weights_mask(query_offset, length, key_mask)
         scores = jnp.where(allowed, scores, MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        context = jnp.einsum("bkgts,bskd->btkgd", probs, value.astype(self.dtype),
-                             preferred_element_type=jnp.float32).astype(self.dtype)
+        context = einsum("bkgts,bskd->btkgd", probs, value, self.dtype)
         context = context.reshape(batch, length, self.num_heads, self.head_dim)
         context = nn.with_logical_constraint(
             context, ("activation_batch", "activation_length", "activation_heads", None))
