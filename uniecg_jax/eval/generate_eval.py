@@ -190,8 +190,10 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
     pipeline, config = load_pipeline(ckpt)
     config = diffusion_train.with_training_defaults(config)
     text_encoder = diffusion_train.text_encoder_for(config)
+    clip_records = diffusion_train.training_records(config) if clip_dir or data == "bundled" \
+        else []
     if data == "bundled":
-        records = diffusion_train.training_records(config)
+        records = clip_records
     else:
         from uniecg_jax.eval.interpret_eval import load_eval_records
         records = diffusion_train.with_measured_heart_rate(load_eval_records(data, config))
@@ -200,7 +202,7 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
     items = eval_items(records, text_encoder)
     clip = None
     if clip_dir:
-        clip = get_or_train_clip(clip_dir, diffusion_train.training_records(config), text_encoder,
+        clip = get_or_train_clip(clip_dir, clip_records, text_encoder,
                                  str(config.text.encoder), steps=clip_steps, seed=seed)
     results = {"ckpt": os.path.abspath(ckpt), "data": data, "num_records": len(records),
                "samples_per_record": n, "sampler": sampler, "steps": steps, "guidance": guidance,

@@ -169,9 +169,12 @@ def diffusion_data_source(config: ml_collections.ConfigDict):
 
 
 def to_loss_batch(batch: dict) -> dict:
-    """Data-pipeline names -> the names `diffusion.losses` read (ecg, hr)."""
-    return {"ecg": batch["signal"], "text_embedding": batch["text_embedding"],
-            "sex": batch["sex"], "age": batch["age"], "hr": batch["heart_rate"]}
+    """Data-pipeline names -> the names `diffusion.losses` read (ecg, hr); a precomputed scaled
+    `latent` `[B, L/8, 4]`, when present, replaces encoding `signal` with the frozen VAE."""
+    out = {"text_embedding": batch["text_embedding"], "sex": batch["sex"], "age": batch["age"],
+           "hr": batch["heart_rate"]}
+    out.update({"latent": batch["latent"]} if "latent" in batch else {"ecg": batch["signal"]})
+    return out
 
 
 _SOURCES: dict = {}
@@ -378,7 +381,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> DiffusionRunResult:
                        build_vae_task(config))
     if vae_result.stopped_by_signal:
         return DiffusionRunResult(vae_result, None, None, vae_result.stopped_by_signal)
-    task = build_unet_task(config, vae_result.state.params)
+    # On the host: the UNet phase's first step donates its state, and device_put onto an equal
+    # sharding would alias (and so delete) the VAE result's arrays.
+    vae_params = jax.device_get(vae_result.state.params)
+    vae_result.state = vae_result.state.replace(params=vae_params)
+    task = build_unet_task(config, vae_params)
     unet_result = train(phase_config(config, "unet"), os.path.join(workdir, UNET_DIR), task)
     if unet_result.stopped_by_signal:
         return DiffusionRunResult(vae_result, unet_result, None, unet_result.stopped_by_signal)

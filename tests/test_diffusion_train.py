@@ -1,0 +1,303 @@
+"""Diffusion training (VAE then UNet in the shared loop), generation CLI, generation eval, ECG-CLIP,
+FID/CLIP closed forms and the DiffuSETS import CLI."""
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+import wfdb
+
+from uniecg_jax import sharding
+from uniecg_jax.cli import main as cli_main
+from uniecg_jax.config import load_config
+from uniecg_jax.diffusion.pipeline import load_pipeline
+from uniecg_jax.errors import CheckpointError
+from uniecg_jax.eval import generate_eval
+from uniecg_jax.models import ecg_clip
+from uniecg_jax.train import diffusion as diffusion_train, optim, state as state_lib, \
+    step as step_lib
+
+TEXT_DIM = 16
+# A hashing text encoder (no model load), bundled records only (no 2 s/record synthetic ECGs).
+TINY = [f"text.encoder=hash:{TEXT_DIM}", f"text.embed_dim={TEXT_DIM}", "train.batch_size=8",
+        "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=0",
+        "train.vae_steps=2", "train.unet_steps=4", "train.learning_rate=2e-3",
+        # Data parallel over the 8 devices: compiles much faster than fsdp on 2 cores (fsdp and
+        # tensor sharding are checked by the one-step comparison).
+        "mesh.data=-1", "mesh.fsdp=1"]
+
+
+def _config(extra=()):
+    config = diffusion_train.with_training_defaults(
+        load_config("configs/diffusion.py:tiny", TINY + list(extra)))
+    config.data.num_synthetic = 0
+    return config
+
+
+def _batch(config, seed=0):
+    """A UNet batch with precomputed latents (the frozen VAE encoder is left out of the compared
+    program: compiling it on a 2x2x2 CPU mesh takes minutes)."""
+    rng = np.random.default_rng(seed)
+    return {"latent": rng.standard_normal((8, 128, 4)).astype(np.float32),
+            "text_embedding": rng.standard_normal((8, TEXT_DIM)).astype(np.float32),
+            "sex": (np.arange(8) % 2).astype(np.float32),
+            "age": rng.uniform(20, 80, 8).astype(np.float32),
+            "heart_rate": rng.uniform(50, 120, 8).astype(np.float32)}
+
+
+def _one_step(mesh, config, task, batch):
+    abstract_params, _ = sharding.abstract_sharded_init(task.init_params, mesh,
+                                                        jax.random.PRNGKey(0))
+    train_cfg = diffusion_train.phase_config(config, "unet").train
+    tx, schedule, labels = optim.make_optimizer(train_cfg, abstract_params)
+    _, shardings = state_lib.abstract_train_state(task.init_params, tx, mesh)
+    params = task.initial_params(mesh, abstract_params)
+    state = state_lib.init_train_state(task.init_params, tx, mesh, jax.random.PRNGKey(0),
+                                       shardings, params)
+    step = step_lib.jit_train_step(step_lib.make_train_step(task.loss_fn, tx, schedule, labels),
+                                   shardings, mesh)
+    state, metrics = step(state, sharding.global_batch_from_host(batch, mesh),
+                          jax.random.PRNGKey(1))
+    return jax.device_get(state), jax.device_get(metrics)
+
+
+@pytest.mark.slow  # compiling the sharded UNet step takes 1-2 min on 2 loaded cores
+def test_unet_step_on_8_devices_equals_one_device():
+    config = _config()
+    task = diffusion_train.build_unet_task(config)
+    batch = _batch(config)
+    single = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    ref_state, ref_metrics = _one_step(single, config, task, batch)
+    # fsdp x tensor over all 8 devices. (On a 2x2x2 data/fsdp/tensor mesh XLA:CPU's partitioner
+    # warns "involuntary full rematerialization" in the cross-attention and the loss moves by
+    # 0.3%; every 1- and 2-axis mesh of 8 devices matches to 1e-7.)
+    state, metrics = _one_step(sharding.make_mesh(dict(data=1, fsdp=4, tensor=2)), config, task,
+                               batch)
+    assert 0.5 < ref_metrics["loss"] < 3.0  # epsilon MSE of an untrained UNet is ~1
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+    # Adam's first update is ~lr * sign(grad): a real bug moves a parameter by ~lr (2e-3).
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(state.params),
+                                 jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+    # The frozen VAE did not move at all.
+    initial = task.initial_params(single, sharding.abstract_sharded_init(
+        task.init_params, single, jax.random.PRNGKey(0))[0])
+    for got, want in zip(jax.tree.leaves(state.params["vae"]), jax.tree.leaves(initial["vae"])):
+        np.testing.assert_array_equal(got, np.asarray(want))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """An uninterrupted two-phase run (also the model the CLI tests use)."""
+    workdir = str(tmp_path_factory.mktemp("diffusion"))
+    result = diffusion_train.run(_config(), workdir)
+    return workdir, result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A randomly initialised tiny model exported like a trained one (no train-step compiles), for
+    the generation and eval tests."""
+    from uniecg_jax.diffusion.layers import init_params_on_host
+
+    config = _config()
+    vae, unet = diffusion_train.build_models(config)
+    params = {"vae": init_params_on_host(vae, 0, *diffusion_train._vae_inputs(config))["params"],
+              "unet": init_params_on_host(unet, 1, *diffusion_train._unet_inputs(unet))["params"]}
+    workdir = str(tmp_path_factory.mktemp("exported"))
+    diffusion_train.export_model(os.path.join(workdir, "model"), params, config)
+    return workdir
+
+
+@pytest.mark.slow  # the two train-step compiles take ~2 min on 2 loaded cores
+def test_two_phase_training_exports_and_loads(trained):
+    workdir, full = trained
+    assert full.stopped_by_signal is None and full.vae.steps_run == 2 and full.unet.steps_run == 4
+    vae_losses = [h["loss"] for h in full.vae.history]
+    assert np.all(np.isfinite(vae_losses)) and len(full.unet.history) == 4
+    assert os.path.isfile(os.path.join(workdir, "unet", "metrics.jsonl"))
+    # The UNet phase kept the VAE phase's final weights exactly (frozen by the optimizer).
+    for got, want in zip(jax.tree.leaves(jax.device_get(full.unet.state.params["vae"])),
+                         jax.tree.leaves(jax.device_get(full.vae.state.params))):
+        np.testing.assert_array_equal(got, want)
+
+    # The export loads with one call and holds the trained UNet.
+    pipeline, config = load_pipeline(workdir)
+    assert config.text.encoder == f"hash:{TEXT_DIM}"
+    np.testing.assert_array_equal(
+        pipeline.unet_params["params"]["null_condition"],
+        jax.device_get(full.unet.state.params["unet"]["null_condition"]))
+
+
+@pytest.mark.slow  # two more runs (~1 min each on 2 loaded cores)
+def test_two_phase_resume_after_sigterm_equals_uninterrupted(trained, tmp_path, monkeypatch):
+    workdir, full = trained
+    # SIGTERM while the UNet's 2nd batch is placed: that step finishes, is saved, the run stops;
+    # the same command resumes (VAE phase: restore only) and ends bit-identical.
+    resumed_dir = str(tmp_path / "resumed")
+    to_global = sharding.global_batch_from_host
+    calls = []
+
+    def preempt(local_batch, mesh):
+        calls.append(1)
+        if len(calls) == 2 + 2:  # 2 VAE batches, then the UNet's 2nd
+            os.kill(os.getpid(), signal.SIGTERM)
+        return to_global(local_batch, mesh)
+
+    monkeypatch.setattr(sharding, "global_batch_from_host", preempt)
+    interrupted = diffusion_train.run(_config(), resumed_dir)
+    monkeypatch.setattr(sharding, "global_batch_from_host", to_global)
+    assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.model_dir is None
+    assert interrupted.unet.steps_run == 2
+    resumed = diffusion_train.run(_config(), resumed_dir)
+    assert resumed.vae.steps_run == 0 and resumed.unet.steps_run == 2
+    for got, want in zip(jax.tree.leaves(jax.device_get(resumed.unet.state.params)),
+                         jax.tree.leaves(jax.device_get(full.unet.state.params))):
+        np.testing.assert_array_equal(got, want)
+
+
+
+def test_generate_cli_writes_wfdb_that_rdrecord_reads(exported, tmp_path, capsys):
+    workdir = exported
+    out = str(tmp_path / "gen")
+    args = ["generate", "--ckpt", workdir, "--text", "sinus tachycardia", "--hr", "110",
+            "--age", "60", "--sex", "F", "--n", "2", "--out", out, "--steps", "3", "--seed", "7",
+            "--rate", "500", "--no-png"]
+    assert cli_main(args) == 0
+    pipeline, config = load_pipeline(workdir)
+    embedding = diffusion_train.text_encoder_for(config).encode(["sinus tachycardia"])[0]
+    expected = pipeline.generate(embedding, "F", 60, 110, n=2, steps=3, seed=7, sample_rate=500)
+    for i in range(2):
+        record = wfdb.rdrecord(os.path.join(out, f"gen_{i:03d}"))
+        assert record.fs == 500 and record.sig_len == 5000 and record.n_sig == 12
+        assert record.sig_name[:3] == ["I", "II", "III"] and record.units[0] == "mV"
+        # Written in physical units; the only difference is the ADC quantisation.
+        np.testing.assert_allclose(record.p_signal.T, expected[i], atol=2e-3)
+    info = json.load(open(os.path.join(out, "generation.json")))
+    assert info["records"] == ["gen_000", "gen_001"] and info["seed"] == 7
+
+    capsys.readouterr()
+    assert cli_main(args[:7] + ["--age", "-5"] + args[9:]) == 1
+    assert "age must be in [0, 120]" in capsys.readouterr().err
+    assert cli_main(["generate", "--ckpt", workdir, "--hr", "80", "--age", "60", "--sex", "F",
+                     "--out", out]) == 1
+    assert "--text" in capsys.readouterr().err
+    np.save(tmp_path / "wide.npy", np.ones(TEXT_DIM + 5, np.float32))
+    assert cli_main(["generate", "--ckpt", workdir, "--embedding", str(tmp_path / "wide.npy"),
+                     "--hr", "80", "--age", "60", "--sex", "F", "--out", out]) == 1
+    assert "does not match the model's text_embed_dim" in capsys.readouterr().err
+
+
+def test_eval_generate_metrics_on_tiny_run(exported, tmp_path):
+    workdir = exported
+    out = str(tmp_path / "eval.json")
+    results = generate_eval.run_eval(workdir, out, clip_dir=str(tmp_path / "clip"), n=1, steps=2,
+                                     max_records=6, clip_steps=3, batch_size=8)
+    saved = json.load(open(out))
+    assert saved["num_records"] == 6
+    for name in ("model", "baseline_unconditional"):
+        metrics = results[name]
+        requested = np.array(metrics["requested_hr"])
+        detected = np.array(metrics["detected_hr"], dtype=float)
+        ok = np.isfinite(detected)
+        if ok.any():
+            np.testing.assert_allclose(metrics["hr_mae"],
+                                       np.mean(np.abs(detected[ok] - requested[ok])), rtol=1e-9)
+        assert 0.0 <= metrics["qrs_f1_vs_reference"] <= 1.0
+        assert -1.0 <= metrics["clip_score"] <= 1.0 and metrics["fid"] >= 0
+        assert len(metrics["amplitude"]["std_ratio"]) == 12
+        assert saved[name]["fid"] == pytest.approx(metrics["fid"])
+    # A second run loads the CLIP saved by the first instead of training it again.
+    model, variables, config = ecg_clip.load_clip(str(tmp_path / "clip"))
+    assert config.text.encoder == f"hash:{TEXT_DIM}" and model.cfg.text_embed_dim == TEXT_DIM
+
+
+def test_fid_and_clip_score_closed_forms():
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((200, 6))
+    assert generate_eval.feature_fid(features, features) == pytest.approx(0.0, abs=1e-6)
+    shift = np.array([1.0, -2.0, 0.5, 0.0, 3.0, 1.0])
+    # Same covariance, means apart by `shift`: FID = |shift|^2 exactly.
+    assert generate_eval.feature_fid(features, features + shift) == pytest.approx(
+        float(shift @ shift), rel=1e-6)
+    # N(0, a^2 I) vs N(m, b^2 I) in d dims: |m|^2 + d (a - b)^2.
+    d, a, b = 6, 1.5, 0.5
+    assert generate_eval.frechet_distance(np.zeros(d), a ** 2 * np.eye(d), shift, b ** 2 * np.eye(d)
+                                          ) == pytest.approx(shift @ shift + d * (a - b) ** 2)
+    scores = generate_eval.clip_scores(features, 3.0 * features)
+    assert scores["clip_score"] == pytest.approx(1.0) and scores["clip_score_100"] == pytest.approx(100)
+    assert generate_eval.clip_scores(features, -features)["clip_score_100"] == 0.0
+    knn = generate_eval.knn_precision_recall(features, features)
+    assert knn["precision"] == knn["recall"] == 1.0
+    far = generate_eval.knn_precision_recall(features + 100.0, features)
+    assert far["precision"] == far["recall"] == 0.0
+    beats = np.array([0.4, 1.2, 2.0, 2.8])
+    assert generate_eval.aligned_qrs_f1(beats + 0.33, beats) == pytest.approx(1.0)
+
+
+def test_ecg_clip_learns_to_pair_ecgs_with_their_text():
+    rng = np.random.default_rng(0)
+    t = np.arange(1024) / 102.4
+    # Two "reports" (slow / fast sinusoid-like rhythms) with two fixed text embeddings.
+    texts = np.eye(2, 8, dtype=np.float32)
+    labels = np.arange(32) % 2
+    ecgs = np.stack([np.sin(2 * np.pi * (1.0 + 1.5 * y) * t + rng.uniform(0, 6))[None].repeat(12, 0)
+                     for y in labels]).astype(np.float32)
+    model, variables, losses = ecg_clip.train_clip(ecgs, texts[labels], steps=40, batch_size=16,
+                                                   seed=0)
+    # 8 copies of each text per batch are all positives, so the loss floor is log(8).
+    assert losses[0] > np.log(8) + 0.3 and losses[-1] < np.log(8) + 0.02, losses
+    ecg_features = ecg_clip.embed_ecgs(model, variables, ecgs)
+    text_features = ecg_clip.embed_texts(model, variables, texts)
+    nearest = np.argmax(np.asarray(ecg_clip.normalize(ecg_features)) @
+                        np.asarray(ecg_clip.normalize(text_features)).T, axis=1)
+    assert (nearest == labels).mean() >= 0.9
+
+
+def test_convert_diffusets_cli_round_trip(tmp_path):
+    import sys
+    import torch
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from diffusets_torch_reference import ECGconditional, vae_decoder, vae_encoder
+    from uniecg_jax.convert import diffusets
+    from uniecg_jax.models.unet import UNetConfig
+
+    torch.manual_seed(0)
+    unet = ECGconditional(steps=1000, kernel_size=7, num_levels=7, n_channels=4, text_embed_dim=24)
+    torch.save(unet.state_dict(), tmp_path / "unet.pth")
+    vae = {"encoder": vae_encoder((128, 256, 512), 32).state_dict(),
+           "decoder": vae_decoder((128, 256, 512), 32).state_dict()}
+    torch.save(vae, tmp_path / "vae.pth")
+    out = str(tmp_path / "model")
+    args = _convert_args(["--vae", str(tmp_path / "vae.pth"), "--unet", str(tmp_path / "unet.pth"),
+                          "--out", out])
+    assert args.handler(args) == 0
+    pipeline, config = load_pipeline(out)
+    assert config.model.unet.text_embed_dim == 24 and config.text.embed_dim == 24
+    want = diffusets.unet_from_torch(unet.state_dict(), UNetConfig(text_embed_dim=24))
+    for got, ref in zip(jax.tree.leaves(pipeline.unet_params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    torch.save({"encoder": vae["encoder"]}, tmp_path / "encoder_only.pth")
+    args = _convert_args(["--vae", str(tmp_path / "encoder_only.pth"), "--unet",
+                          str(tmp_path / "unet.pth"), "--out", out])
+    with pytest.raises(CheckpointError, match="encoder_only.pth: needs both encoder and decoder"):
+        args.handler(args)
+
+
+def _convert_args(argv):
+    """`uniecg convert diffusets ARGV` parsed by the subcommand's own parser (the lead wires it
+    into cli/convert.py)."""
+    import argparse
+
+    from uniecg_jax.cli import convert_diffusets
+
+    parser = argparse.ArgumentParser()
+    convert_diffusets.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["diffusets"] + argv)
+    args.config_overrides = []
+    return args
