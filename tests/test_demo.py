@@ -11,6 +11,8 @@ def test_demo_quick_trains_interprets_and_reports_against_baselines(tmp_path, ca
     out = capsys.readouterr().out
     assert "== stage 1" in out and "held-out records" in out
     assert "model: diagnosis F1" in out and "baseline: diagnosis F1" in out
+    assert "== diffusion" in out and "baseline: unconditional" in out
+    assert "== stage 2" in out
     metrics_path = workdir / "eval_interpret" / "results.jsonl.metrics.json"
     metrics = json.loads(metrics_path.read_text())
     assert metrics["model"]["num_records"] == metrics["baseline"]["num_records"] > 0

@@ -2,6 +2,8 @@
 
     uniecg convert from-hf --hf-dir /ckpt/vicuna-7b --out /ckpt/vicuna-orbax [--config configs/llm.py:vicuna_7b] [--dtype float32]
     uniecg convert to-hf --ckpt /ckpt/vicuna-orbax --out /ckpt/vicuna-hf [--dtype bfloat16]
+    uniecg convert diffusets --vae vae.pth --unet unet.pth --out /ckpt/diffusets   (see convert_diffusets)
+    uniecg convert export-unified --ckpt W/stage2 --diffusion W/diffusion --out D (see convert_unified)
 
 from-hf infers the model config from the HF config.json unless --config is given (then the shapes
 must agree, or the error names the tensor). The tokenizer files travel with the checkpoint.
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("convert", help="convert LLM checkpoints to/from Hugging Face")
+    parser = subparsers.add_parser(
+        "convert", help="convert checkpoints: HF LLMs both ways, DiffuSETS, unified HF export")
     actions = parser.add_subparsers(dest="direction", metavar="DIRECTION")
     actions.required = True
     from_hf = actions.add_parser("from-hf", help="HF safetensors dir -> uniecg checkpoint")
@@ -27,6 +30,10 @@ def register(subparsers) -> None:
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0,
                        help="shard safetensors above this size (GiB)")
     to_hf.set_defaults(handler=run_from_ckpt_to_hf)
+    # Other model families convert through their own modules (argparse only at import time).
+    from uniecg_jax.cli import convert_diffusets, convert_unified
+    convert_diffusets.add_parser(actions)
+    convert_unified.add_parser(actions)
 
 
 def run_from_hf(args) -> int:

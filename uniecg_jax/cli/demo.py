@@ -5,6 +5,12 @@
 2. Interprets the held-out records and prints judge-free metrics (diagnosis statement F1, heart-rate
    error, lead coverage) against trivial baselines (always the most common statement, always the
    mean heart rate).
+3. Diffusion: trains a tiny DiffuSETS-style VAE + conditional UNet on the same ECGs plus synthetic
+   ones at chosen heart rates, generates ECGs at requested rates and prints the heart-rate MAE (QRS
+   detection) against the unconditioned baseline.
+4. Stage 2: adds `[ECG]` tokens to the stage-1 model and aligns their hidden states with the
+   diffusion model's text space; then the single model interprets a held-out ECG and, asked for one,
+   generates an ECG through its own `[ECG]` tokens, with both metrics against baselines.
 
 Everything lands in --workdir (default ./runs/demo); rerunning resumes finished stages.
 """
@@ -78,5 +84,18 @@ def run(args) -> int:
     print(f"interpretation on {len(items)} held-out records:")
     for line in interpret_eval.summary_lines(metrics):
         print("  " + line)
-    print(f"== demo done in {time.perf_counter() - started:.0f} s; details in {out}.metrics.json")
+
+    print("== diffusion: text (+ sex, age, heart rate) -> ECG")
+    from uniecg_jax.diffusion.demo import run_demo as run_diffusion_demo
+    diffusion_dir = os.path.join(workdir, "diffusion")
+    for line in run_diffusion_demo(diffusion_dir, quick=args.quick):
+        print(line)
+
+    print("== stage 2: [ECG] tokens aligned to the diffusion text space; one model, both tasks")
+    from uniecg_jax.stage2_demo import run_demo as run_stage2_demo
+    for line in run_stage2_demo(os.path.join(workdir, "stage2"), stage1_dir, diffusion_dir,
+                                quick=args.quick):
+        print(line)
+    print(f"== demo done in {time.perf_counter() - started:.0f} s; interpretation details in "
+          f"{out}.metrics.json")
     return 0

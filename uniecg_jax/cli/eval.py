@@ -24,6 +24,8 @@ def register(subparsers) -> None:
     interpret.add_argument("--host-index", type=int, default=None)
     interpret.add_argument("--host-count", type=int, default=None)
     interpret.set_defaults(handler=run_interpret)
+    from uniecg_jax.cli import eval_generate
+    eval_generate.add_parser(jobs)
 
 
 def run_interpret(args) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Any
 
 import jax
@@ -274,6 +275,9 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         initial_params = functools.partial(_params_from_stage1, config, model, stage1_dir)
 
     llm_params = s2cfg.unified.llm.num_params()
+    # Exact count of everything the model holds (tower, LLM, alignment head), from abstract shapes.
+    num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(
+        jax.eval_shape(init_params, jax.random.PRNGKey(0))))
     batch = int(config.train.batch_size)
     flops = batch * max_length * llm_flops_per_token(config.model.llm, max_length, llm_params)
     source = (f"bundled + {config.data.num_synthetic} synthetic reports (held-out patients "
@@ -282,7 +286,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     task = TrainTask(
         name="stage2", init_params=init_params, loss_fn=loss_fn, make_data=make_data,
         abstract_batch=abstract_batch, flops_per_step=flops, tokens_per_step=batch * max_length,
-        num_params=llm_params,
+        num_params=num_params,
         data_description=f"{source}; tokenizer {tokenizer_path or 'tiny (bundled)'} + {count} "
                          f"[ECG] tokens (ids {s2cfg.ecg_token_ids[0]}..{s2cfg.ecg_token_ids[-1]}); "
                          f"from {stage1_dir or 'random init'}",
