@@ -10,7 +10,6 @@ included), then read back by each pipeline for one epoch after one warm-up epoch
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import shutil
 import sys

@@ -20,3 +20,30 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def preempt_at_batch(monkeypatch):
+    """`preempt_at_batch(n)`: the n-th global batch placed by the train loop sends SIGTERM to this
+    process (the loop finishes that step, saves a final checkpoint and returns, as on a preempted
+    pod); `preempt_at_batch(None)` restores normal behaviour."""
+    import os
+    import signal
+
+    from uniecg_jax import sharding
+
+    to_global = sharding.global_batch_from_host
+
+    def arm(n):
+        if n is None:
+            monkeypatch.setattr(sharding, "global_batch_from_host", to_global)
+            return
+        calls = []
+
+        def place(local_batch, mesh):
+            calls.append(1)
+            if len(calls) == n:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return to_global(local_batch, mesh)
+        monkeypatch.setattr(sharding, "global_batch_from_host", place)
+    return arm

@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from data_fixtures import LEADS, write_grounding_file, write_mimic_root, write_ptbxl_root, \
     write_wfdb

@@ -1,13 +1,12 @@
 """The canonical record, the readers (bundled Challenge records, MIMIC-IV-ECG, PTB-XL, ECG-Grounding),
 resampling, the synthetic generator, and every bad-input case naming the file and the problem."""
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 
-from data_fixtures import MIMIC_ORDER, write_grounding_file, write_mimic_root, write_ptbxl_root, \
+from data_fixtures import write_grounding_file, write_mimic_root, write_ptbxl_root, \
     write_wfdb
 from uniecg_jax.data import (LEADS, bundled_record_paths, bundled_samples_dir,
                              load_bundled_records, read_record, record as record_lib)

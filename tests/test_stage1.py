@@ -1,7 +1,6 @@
 """Stage 1 (ECG -> text): splice, sharded step, loss regression, resume, sharded eval, bad inputs."""
 import json
 import os
-import signal
 
 import flax.linen as nn
 import jax
@@ -124,7 +123,7 @@ def test_one_step_on_8_devices_equals_one_device(task_and_batch):
 EXPECTED_LOSSES = (6.3231, 5.2684)
 
 
-def test_fixed_seed_loss_regression_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_fixed_seed_loss_regression_and_resume_equals_uninterrupted(tmp_path, preempt_at_batch):
     config = _config(["train.steps=6"])
     full = train(config, str(tmp_path / "full"), build_task(config))
     losses = [h["loss"] for h in full.history]
@@ -135,18 +134,9 @@ def test_fixed_seed_loss_regression_and_resume_equals_uninterrupted(tmp_path, mo
     # and exits; rerunning the same config in the same workdir resumes (params, Adam state, data
     # position) and ends bit-identical to the uninterrupted run.
     workdir = str(tmp_path / "resumed")
-    to_global = sharding.global_batch_from_host
-    calls = []
-
-    def preempt_at_third_batch(local_batch, mesh):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return to_global(local_batch, mesh)
-
-    monkeypatch.setattr(sharding, "global_batch_from_host", preempt_at_third_batch)
+    preempt_at_batch(3)
     interrupted = train(config, workdir, build_task(config))
-    monkeypatch.setattr(sharding, "global_batch_from_host", to_global)
+    preempt_at_batch(None)
     assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.steps_run == 3
     resumed = train(config, workdir, build_task(config))
     assert resumed.steps_run == 3

@@ -1,7 +1,6 @@
 """Stage 2 and the unified model: [ECG] vocabulary extension, gather, frozen rows, preservation,
 chat generation to WFDB, whole-model HF export, kill-and-resume."""
 import os
-import signal
 
 import flax.linen as nn
 import jax
@@ -9,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uniecg_jax import sharding
 from uniecg_jax.config import ConfigError, load_config
 from uniecg_jax.interpret import Interpreter
 from uniecg_jax.models.alignment import gather_ecg_hidden
@@ -226,22 +224,13 @@ def test_bad_stage2_configs_fail_clearly():
 
 
 @pytest.mark.slow
-def test_stage2_kill_and_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_stage2_kill_and_resume_equals_uninterrupted(tmp_path, preempt_at_batch):
     config = _stage2_config(["train.steps=4", "train.log_every=1"])
     full = train(config, str(tmp_path / "full"), build_task(config))
     workdir = str(tmp_path / "resumed")
-    to_global = sharding.global_batch_from_host
-    calls = []
-
-    def preempt_at_second_batch(local_batch, mesh):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return to_global(local_batch, mesh)
-
-    monkeypatch.setattr(sharding, "global_batch_from_host", preempt_at_second_batch)
+    preempt_at_batch(2)
     interrupted = train(config, workdir, build_task(config))
-    monkeypatch.setattr(sharding, "global_batch_from_host", to_global)
+    preempt_at_batch(None)
     assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.steps_run == 2
     resumed = train(config, workdir, build_task(config))
     assert resumed.steps_run == 2

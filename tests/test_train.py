@@ -161,7 +161,7 @@ REGRESSION_OVERRIDES = ["model.num_layers=1", "train.seq_len=32", "train.batch_s
 REGRESSION_LOSSES = {1: 6.243210, 10: 6.115173, 20: 5.739375}
 
 
-def test_fixed_seed_loss_regression_loss_falls_and_sigterm_resume_is_bit_exact(tmp_path, monkeypatch):
+def test_fixed_seed_loss_regression_loss_falls_and_sigterm_resume_is_bit_exact(tmp_path, preempt_at_batch):
     config = load_config("configs/llm.py:tiny", REGRESSION_OVERRIDES + [
         "train.steps=20", "train.checkpoint_every=5"])
     result = train(config, str(tmp_path / "run"), build_task(config))
@@ -177,22 +177,14 @@ def test_fixed_seed_loss_regression_loss_falls_and_sigterm_resume_is_bit_exact(t
 
     # Preempted in step 8 (SIGTERM to this process as the 8th batch is placed): the loop finishes
     # that step and writes a final checkpoint at 8; then a second run resumes from it (params, optimizer, data position).
-    to_global = sharding.global_batch_from_host
-    calls = []
-
-    def preempt_at_eighth_batch(local_batch, mesh):
-        calls.append(1)
-        if len(calls) == 8:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return to_global(local_batch, mesh)
-    monkeypatch.setattr(sharding, "global_batch_from_host", preempt_at_eighth_batch)
+    preempt_at_batch(8)
     # Logging every 5 steps: the metrics of steps 6-8 are flushed at the preemption, not lost.
     config = load_config("configs/llm.py:tiny", REGRESSION_OVERRIDES + [
         "train.steps=20", "train.checkpoint_every=5", "train.log_every=5"])
     task = build_task(config)
     interrupted = train(config, str(tmp_path / "resumed"), task)
     assert interrupted.stopped_by_signal == "SIGTERM" and int(interrupted.state.step) == 8
-    monkeypatch.setattr(sharding, "global_batch_from_host", to_global)
+    preempt_at_batch(None)
     resumed = train(config, str(tmp_path / "resumed"), build_task(config))
     assert resumed.stopped_by_signal is None and resumed.steps_run == 12
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(resumed.state)),

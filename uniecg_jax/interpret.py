@@ -48,6 +48,13 @@ def export_model(workdir: str, params: Any, config: ml_collections.ConfigDict, t
     return directory
 
 
+def model_exporter(config: ml_collections.ConfigDict, tokenizer):
+    """The `task.export(workdir, params)` hook of objectives that serve a model (stage 1, 2)."""
+    def export(workdir: str, params: Any) -> str:
+        return export_model(workdir, params, config, tokenizer)
+    return export
+
+
 @dataclasses.dataclass
 class Interpreter:
     """A UniECG model with its params and tokenizer, ready to interpret batches of ECGs."""

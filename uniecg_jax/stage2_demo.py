@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 
 
 def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = False) -> list[str]:

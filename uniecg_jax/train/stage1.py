@@ -9,6 +9,7 @@ patient) plus synthetic ECGs with known heart rate. The LLM starts from an HF ch
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from uniecg_jax.models.unified import UniECGConfig, build_unified, expand_at_placeholder
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
+from uniecg_jax.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
 
 
@@ -197,26 +199,14 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     task = TrainTask(
         name="stage1", init_params=init_params, loss_fn=loss_fn, make_data=make_data,
         abstract_batch=abstract_batch, flops_per_step=flops, tokens_per_step=batch * seq,
-        num_params=llm_params + _tower_params(ucfg),
+        num_params=sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(
+            jax.eval_shape(init_params, jax.random.PRNGKey(0)))),
         data_description=f"{source}; tokenizer {tokenizer_path or 'tiny (bundled)'}; "
                          f"{num_ecg} ECG tokens + {max_length} text tokens per example",
         initial_params=initial_params)
     task.tokenizer = tokenizer
-
-    def export(workdir, params):
-        from uniecg_jax.interpret import export_model
-        return export_model(workdir, params, config, tokenizer)
-    task.export = export
+    task.export = model_exporter(config, tokenizer)
     return task
-
-
-def _tower_params(ucfg: UniECGConfig) -> int:
-    enc, proj = ucfg.encoder, ucfg.projector
-    encoder = (enc.num_leads * enc.patch_size * enc.width + (enc.num_tokens + 1) * enc.width
-               + enc.layers * (4 * enc.width ** 2 + 2 * enc.width * enc.mlp_dim))
-    projector = (enc.width * proj.ecg_proj_dim + proj.ecg_proj_dim * proj.llm_hidden_size
-                 + proj.llm_hidden_size ** 2)
-    return encoder + projector
 
 
 def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:

@@ -32,6 +32,7 @@ from uniecg_jax.models.uniecg import (UniECGStage2, build_stage2, ecg_token_name
                                       extend_vocabulary, init_stage2_params, stage1_model,
                                       stage1_params)
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
+from uniecg_jax.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
 
 # Batch fields of the interpretation (stage-1) examples that keep the [ECG] rows out of answers.
@@ -292,11 +293,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                          f"from {stage1_dir or 'random init'}",
         initial_params=initial_params)
     task.tokenizer = tokenizer
-
-    def export(workdir, params):
-        from uniecg_jax.interpret import export_model
-        return export_model(workdir, params, config, tokenizer)
-    task.export = export
+    task.export = model_exporter(config, tokenizer)
     return task
 
 
