@@ -1,10 +1,17 @@
-"""`uniecg demo --quick`: the README's main job end to end (tiny steps) through the CLI."""
+"""`uniecg demo --quick`: the README's main job end to end (tiny steps) through the CLI.
+
+Slow (several minutes on 2 cores: it compiles stage 1, the VAE, the UNet and stage 2); run with
+`python -m pytest -m slow`. Each part also has fast tests of its own in the default run.
+"""
 import json
 import os
+
+import pytest
 
 from uniecg_jax.cli import main
 
 
+@pytest.mark.slow
 def test_demo_quick_trains_interprets_and_reports_against_baselines(tmp_path, capsys):
     workdir = tmp_path / "demo"
     assert main(["demo", "--quick", "--workdir", str(workdir)]) == 0
@@ -21,3 +28,11 @@ def test_demo_quick_trains_interprets_and_reports_against_baselines(tmp_path, ca
     assert len(rows) == metrics["model"]["num_records"]
     assert len({row["record_id"] for row in rows}) == len(rows)
     assert os.path.isfile(workdir / "stage1" / "model" / "config.json")
+    # The demo's models serve the evaluation jobs: generation through the LLM's [ECG] tokens.
+    out_json = tmp_path / "eval_llm.json"
+    assert main(["eval", "generate", "--via", "llm", "--stage2-ckpt", str(workdir / "stage2"),
+                 "--ckpt", str(workdir / "diffusion"), "--out", str(out_json),
+                 "--max-records", "2", "--n", "1", "--steps", "3"]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["num_records"] == 2 and -1.0 <= result["embedding_cosine"]["mean"] <= 1.0
+    assert {"via_llm", "true_embedding"} <= set(result)

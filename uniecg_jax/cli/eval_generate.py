@@ -28,6 +28,10 @@ def add_parser(jobs_subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="records per generation batch")
     parser.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 baseline")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--via", default="diffusion", choices=("diffusion", "llm"),
+                        help="llm: condition through a stage-2 model's [ECG] tokens (needs "
+                             "--stage2-ckpt), reported beside the true text embedding")
+    parser.add_argument("--stage2-ckpt", default=None, help="stage-2 workdir or model dir")
     parser.set_defaults(handler=run)
 
 
@@ -37,6 +41,8 @@ def run(args) -> int:
 
     if args.n < 1 or args.steps < 1:
         raise UniECGError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    if args.via == "llm":
+        return run_via_llm(args)
     results = generate_eval.run_eval(
         args.ckpt, args.out, clip_dir=args.clip, data=args.data, n=args.n, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, baseline=not args.no_baseline,
@@ -44,5 +50,50 @@ def run(args) -> int:
         batch_size=args.batch_size)
     print(f"wrote {args.out} ({results['num_records']} records x {args.n})")
     for line in generate_eval.summary_lines(results):
+        print(line)
+    return 0
+
+
+def run_via_llm(args) -> int:
+    """Fidelity metrics of ECGs generated through the stage-2 model's [ECG] tokens, beside the
+    same metrics with the true text-encoder embedding, and the predicted-vs-true cosine, on the
+    stage-2 held-out reports (`--data bundled`) or a prep/WFDB folder."""
+    import json
+    import os
+
+    from uniecg_jax.data.text_encoder import get_text_encoder
+    from uniecg_jax.errors import UniECGError
+    from uniecg_jax.eval import llm_generate_eval
+    from uniecg_jax.eval.generate_eval import get_or_train_clip
+    from uniecg_jax.train import diffusion as diffusion_train
+    from uniecg_jax.unified_inference import UnifiedModel
+
+    if not args.stage2_ckpt:
+        raise UniECGError("--via llm needs --stage2-ckpt (a stage-2 workdir or model dir)")
+    unified = UnifiedModel.load(args.stage2_ckpt, diffusion=args.ckpt)
+    config = unified.config
+    text_encoder = get_text_encoder(str(config.text.encoder))
+    if args.data == "bundled":
+        from uniecg_jax.train.stage1 import bundled_split
+        records = bundled_split(int(config.data.holdout_every), int(config.data.num_synthetic),
+                                int(config.seed))["test"]
+    else:
+        from uniecg_jax.eval.interpret_eval import load_eval_records
+        records = load_eval_records(args.data, config)
+    records = diffusion_train.with_measured_heart_rate(records)
+    if args.max_records:
+        records = records[:args.max_records]
+    clip = None
+    if args.clip:
+        clip = get_or_train_clip(args.clip, records, text_encoder, str(config.text.encoder),
+                                 steps=args.clip_steps, seed=args.seed)
+    metrics = llm_generate_eval.run(unified, records, text_encoder=text_encoder, n=args.n,
+                                    steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                    clip=clip, batch_size=args.batch_size)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(metrics, f, indent=1, default=lambda v: getattr(v, "tolist", lambda: str(v))())
+    print(f"wrote {args.out} ({len(records)} records, via the LLM's [ECG] tokens)")
+    for line in llm_generate_eval.summary_lines(metrics):
         print(line)
     return 0
