@@ -58,6 +58,10 @@ def get_config(arg=None):
         freeze="",
         augment_roll=False))     # rotate ECGs in time by a random offset (small-data runs)
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=96, batch_size=8))
+    # `uniecg eval interpret --judge`: any OpenAI-compatible chat-completions endpoint.
+    config.eval.judge = ml_collections.ConfigDict(dict(
+        model="gpt-4o-2024-08-06", base_url="https://api.openai.com/v1",
+        api_key_env="OPENAI_API_KEY", temperature=0.0, timeout_s=120.0, max_retries=2))
     if variant == "demo":
         config.model.llm.update(hidden_size=128, intermediate_size=352, num_layers=3)
         config.model.ecg_encoder.width = 64

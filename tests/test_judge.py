@@ -2,6 +2,7 @@
 (no real endpoint is ever called)."""
 import http.server
 import json
+import os
 import threading
 
 import pytest
@@ -159,3 +160,28 @@ def test_config_from_configdict():
     cfg = ml_collections.ConfigDict(dict(model="m", base_url="http://x/v1", api_key_env="",
                                          temperature=0.2, timeout_s=5.0, max_retries=0))
     assert J.JudgeConfig.from_config(cfg) == J.JudgeConfig("m", "http://x/v1", "", 0.2, 5.0, 0)
+
+
+def test_eval_results_are_judged_resumably(tmp_path):
+    """`uniecg eval interpret --judge` path: every merged row judged once, a rerun asks nothing."""
+    from uniecg_jax.eval import interpret_eval
+
+    out = tmp_path / "results.jsonl"
+    rows = [{"record_id": f"r{i}", "generated": "Sinus rhythm.", "reference": "",
+             "reference_labels": ["sinus rhythm"]} for i in range(2)]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = _Server()
+    try:
+        answer = {"choices": [{"message": {"content": json.dumps(GOOD_ANSWER)}}]}
+        server.responses = [(200, answer), (200, answer)]
+        config = J.JudgeConfig(model="judge-stub", base_url=server.base_url, api_key_env="X_KEY")
+        os.environ["X_KEY"] = "secret"
+        summary = interpret_eval.judge_results(str(out), config, progress=False)
+        assert len(server.requests) == 2
+        assert summary["num_records"] == 2 and summary["judge_model"] == "judge-stub"
+        assert summary["average"] == pytest.approx(EXPECTED_SCORES["average"])
+        again = interpret_eval.judge_results(str(out), config, progress=False)
+        assert len(server.requests) == 2 and again == summary
+    finally:
+        server.close()
+        os.environ.pop("X_KEY", None)

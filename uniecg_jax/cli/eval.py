@@ -23,6 +23,11 @@ def register(subparsers) -> None:
     interpret.add_argument("--prompt", default=None)
     interpret.add_argument("--host-index", type=int, default=None)
     interpret.add_argument("--host-count", type=int, default=None)
+    interpret.add_argument("--judge", action="store_true",
+                           help="also score with the GEM-style judge LLM (config eval.judge: any "
+                                "OpenAI-compatible endpoint; the API key from its env variable)")
+    interpret.add_argument("--judge-model", default=None, help="override eval.judge.model")
+    interpret.add_argument("--judge-url", default=None, help="override eval.judge.base_url")
     interpret.set_defaults(handler=run_interpret)
     from uniecg_jax.cli import eval_generate
     eval_generate.add_parser(jobs)
@@ -59,4 +64,15 @@ def run_interpret(args) -> int:
     for line in interpret_eval.summary_lines(metrics):
         print(line)
     print(json.dumps({"baseline_text": metrics["baseline_text"]}))
+    if args.judge:
+        import dataclasses
+
+        from uniecg_jax.eval.judge import JudgeConfig
+        judge_config = JudgeConfig.from_config(interpreter.config.eval.get("judge", None))
+        judge_config = dataclasses.replace(
+            judge_config, **{k: v for k, v in (("model", args.judge_model),
+                                               ("base_url", args.judge_url)) if v})
+        scores = interpret_eval.judge_results(args.out, judge_config)
+        print(f"judge {scores['judge_model']} ({scores['num_records']} records): average "
+              f"{scores['average']:.2f}; {scores['aggregation']}")
     return 0

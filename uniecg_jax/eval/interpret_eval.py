@@ -179,3 +179,35 @@ def summary_lines(metrics: dict) -> list[str]:
                      f"macro {m['diagnosis']['macro']['f1']:.3f}; {hr_text}; "
                      f"lead coverage {m['leads']['coverage']:.2f}")
     return lines
+
+
+def judge_results(out: str, judge_config, progress: bool = True) -> dict:
+    """Scores every row of a merged OUT with the GEM-style judge (`uniecg_jax.eval.judge`).
+
+    Resumable like generation: judged rows go to OUT.judge.jsonl as they finish and are skipped on
+    a rerun. Writes and returns OUT.judge.json: the mean of each criterion, with the judge model and
+    the aggregation named.
+    """
+    from tqdm import tqdm
+
+    from uniecg_jax.eval import judge
+
+    with open(out) as f:
+        rows = [json.loads(line) for line in f]
+    judged_path = out + ".judge.jsonl"
+    judged = read_part(judged_path)
+    with open(judged_path, "a") as f:
+        for row in tqdm(rows, disable=not progress, desc="judge"):
+            if row["record_id"] in judged:
+                continue
+            reference = row["reference"] or ", ".join(row["reference_labels"])
+            result = judge.judge_report(row["generated"], reference, judge_config)
+            result = {"record_id": row["record_id"], **result}
+            f.write(json.dumps(result) + "\n")
+            f.flush()
+            judged[row["record_id"]] = result
+    summary = judge.aggregate_judge_scores([judged[row["record_id"]] for row in rows],
+                                           judge_config.model)
+    with open(out + ".judge.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
