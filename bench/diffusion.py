@@ -1,0 +1,189 @@
+"""Text-to-ECG diffusion benchmark: training throughput, sampling speed, DDIM vs DDPM fidelity.
+
+    python bench/diffusion.py                                   # tiny + diffusets sizes (~15 min, 2 cores)
+    python bench/diffusion.py --sizes tiny --batches 1,8        # smoke run
+    python bench/diffusion.py --demo-workdir /tmp/demo/diffusion  # + HR MAE on the demo model
+
+On one device (plain local jit, donated state):
+  1. training steps/s and ECGs/s: VAE step and UNet step (UNet on latents of the frozen VAE encoder,
+     epsilon MSE + condition dropout), each forward + backward + AdamW;
+  2. sampling ECGs/s (text condition -> latent -> VAE decode) for DDPM-1000 and DDIM-50 at each batch
+     size. The UNet pass per denoising step is measured from DDIM-10 and DDIM-50 runs
+     (t(s) = decode + s * step); DDPM-1000 is timed in full where `--full-ddpm` allows (tiny by
+     default) and otherwise extrapolated as decode + 1000 * step (printed as "extrapolated");
+  3. on the demo model (`uniecg_jax.diffusion.demo`, trained if --demo-workdir has none): the
+     heart-rate MAE of DDPM-1000 and DDIM-50 samples at the demo's requested rates, and the speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from uniecg_jax.config import load_config
+from uniecg_jax.diffusion import losses
+from uniecg_jax.diffusion.layers import init_params_on_host
+from uniecg_jax.diffusion.pipeline import DiffusionPipeline
+from uniecg_jax.diffusion.schedule import NoiseSchedule
+from uniecg_jax.train import diffusion as diffusion_train
+
+TEXT_DIM = 384
+
+
+def timed(fn, repeats: int, min_seconds: float = 1.0) -> float:
+    """Mean seconds per call after one warm-up (compile) call: at least `repeats` calls and at least
+    `min_seconds` in total (fast calls are repeated for resolution); fn must block."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while calls < repeats or time.perf_counter() - start < min_seconds:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def size_config(size: str):
+    return diffusion_train.with_training_defaults(load_config(f"configs/diffusion.py:{size}"))
+
+
+def host_params(config):
+    vae, unet = diffusion_train.build_models(config)
+    return (vae, unet, init_params_on_host(vae, 0, *diffusion_train._vae_inputs(config)),
+            init_params_on_host(unet, 1, *diffusion_train._unet_inputs(unet)))
+
+
+def train_throughput(config, batch: int, repeats: int) -> dict:
+    """Steps/s of the VAE step and of the UNet step (frozen VAE encoder inside) at `batch`."""
+    vae, unet, vae_vars, unet_vars = host_params(config)
+    rng = np.random.default_rng(0)
+    data = {"ecg": jnp.asarray(rng.standard_normal((batch, 12, 1024)) * 0.3, jnp.float32),
+            "text_embedding": jnp.asarray(rng.standard_normal((batch, TEXT_DIM)), jnp.float32),
+            "sex": jnp.zeros((batch,)), "age": jnp.full((batch,), 60.0),
+            "hr": jnp.full((batch,), 75.0)}
+    tx = optax.adamw(1e-4)
+    out = {}
+    for name, params, loss in (
+            ("vae", vae_vars, lambda p, r: losses.vae_loss(p, data, r, vae, config)),
+            ("unet", unet_vars, lambda p, r: losses.diffusion_loss(
+                p, data, r, unet, config, vae=vae, vae_params=vae_vars))):
+        @jax.jit
+        def step(params, opt_state, rng, loss=loss):
+            (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, rng)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, value
+
+        state = {"params": params, "opt": tx.init(params), "i": 0}
+
+        def run_step():
+            state["i"] += 1
+            state["params"], state["opt"], value = step(state["params"], state["opt"],
+                                                        jax.random.PRNGKey(state["i"]))
+            value.block_until_ready()
+        start = time.perf_counter()
+        run_step()
+        compile_s = time.perf_counter() - start
+        seconds = timed(run_step, repeats)
+        out[name] = dict(step_s=seconds, ecgs_per_s=batch / seconds, compile_s=compile_s)
+    return out
+
+
+def sampling_speed(config, batch: int, full_ddpm: bool) -> dict:
+    """ECGs/s of DDIM-50 and DDPM-1000 (timed or extrapolated) at `batch`."""
+    vae, unet, vae_vars, unet_vars = host_params(config)
+    pipeline = DiffusionPipeline(vae, vae_vars, unet, unet_vars,
+                                 NoiseSchedule.from_config(
+                                     config.diffusion))
+    text = np.random.default_rng(0).standard_normal((batch, TEXT_DIM)).astype(np.float32)
+
+    def gen(sampler, steps):
+        return lambda: pipeline.generate(text, "F", 60.0, 75.0, n=1, sampler=sampler, steps=steps)
+    compile_start = time.perf_counter()
+    gen("ddim", 10)()
+    gen("ddim", 50)()
+    compile_s = time.perf_counter() - compile_start
+    ddim10, ddim50 = timed(gen("ddim", 10), 1), timed(gen("ddim", 50), 1)
+    per_step = max((ddim50 - ddim10) / 40, 1e-9)
+    decode = max(ddim10 - 10 * per_step, 0.0)
+    out = {"unet_step_s": per_step, "decode_s": decode, "ddim50_s": ddim50,
+           "compile_s": compile_s}
+    if full_ddpm:
+        out["ddpm1000_s"] = timed(gen("ddpm", 1000), 1)
+        out["ddpm1000_extrapolated"] = False
+    else:
+        out["ddpm1000_s"] = decode + 1000 * per_step
+        out["ddpm1000_extrapolated"] = True
+    out["ddim50_ecgs_per_s"] = batch / ddim50
+    out["ddpm1000_ecgs_per_s"] = batch / out["ddpm1000_s"]
+    out["speedup"] = out["ddpm1000_s"] / ddim50
+    return out
+
+
+def demo_fidelity(workdir: str, n: int) -> dict:
+    """HR MAE of DDPM-1000 vs DDIM-50 samples on the demo model (trained here if missing)."""
+    from uniecg_jax.diffusion import demo
+    from uniecg_jax.diffusion.pipeline import load_pipeline
+
+    if not os.path.isfile(os.path.join(workdir, "model", "config.json")):
+        for line in demo.run_demo(workdir, quick=False):
+            print(line, flush=True)
+    pipeline, config = load_pipeline(workdir)
+    out = {}
+    for sampler, steps in (("ddim", 50), ("ddpm", 1000)):
+        out[f"{sampler}{steps}"] = demo.hr_mae_at_rates(pipeline, config, demo.REQUESTED_RATES,
+                                                        guidance=1.0, sampler=sampler,
+                                                        steps=steps, n=n)
+        # The first call compiled; time a second one.
+        start = time.perf_counter()
+        demo.hr_mae_at_rates(pipeline, config, demo.REQUESTED_RATES, guidance=1.0,
+                             sampler=sampler, steps=steps, n=n, seed=1)
+        out[f"{sampler}{steps}"]["seconds"] = time.perf_counter() - start
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="tiny,diffusets")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--train-repeats", type=int, default=3)
+    parser.add_argument("--full-ddpm", default="tiny",
+                        help="sizes whose DDPM-1000 is timed in full (others extrapolated)")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--demo-workdir", default=None)
+    parser.add_argument("--demo-n", type=int, default=4)
+    args = parser.parse_args()
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.devices()[0].platform})",
+          flush=True)
+    for size in args.sizes.split(","):
+        config = size_config(size)
+        with config.unlocked():
+            config.text.embed_dim = TEXT_DIM
+        if not args.skip_train:
+            result = train_throughput(config, args.train_batch, args.train_repeats)
+            for name, r in result.items():
+                print(f"[{size}] train {name:<4} batch {args.train_batch}: {r['step_s'] * 1e3:8.1f} "
+                      f"ms/step  {r['ecgs_per_s']:7.1f} ECGs/s  (compile {r['compile_s']:.0f} s)",
+                      flush=True)
+        for batch in (int(b) for b in args.batches.split(",")):
+            r = sampling_speed(config, batch, size in args.full_ddpm.split(","))
+            tag = " (extrapolated)" if r["ddpm1000_extrapolated"] else ""
+            print(f"[{size}] sample batch {batch:>3}: UNet step {r['unet_step_s'] * 1e3:.1f} ms, "
+                  f"decode {r['decode_s'] * 1e3:.0f} ms | DDIM-50 {r['ddim50_s']:.2f} s = "
+                  f"{r['ddim50_ecgs_per_s']:.2f} ECGs/s | DDPM-1000 {r['ddpm1000_s']:.1f} s{tag} = "
+                  f"{r['ddpm1000_ecgs_per_s']:.3f} ECGs/s | speed-up {r['speedup']:.1f}x", flush=True)
+    if args.demo_workdir:
+        r = demo_fidelity(args.demo_workdir, args.demo_n)
+        for name, score in r.items():
+            print(f"[demo model] {name}: HR MAE {score['hr_mae']:.1f} bpm ({score['undetected']} "
+                  f"undetected) over {len(score['detected_hr'])} ECGs, {score['seconds']:.1f} s",
+                  flush=True)
+        print(f"[demo model] DDIM-50 speed-up over DDPM-1000: "
+              f"{r['ddpm1000']['seconds'] / r['ddim50']['seconds']:.1f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
