@@ -66,13 +66,15 @@ def train_throughput(config, batch: int, repeats: int) -> dict:
             "hr": jnp.full((batch,), 75.0)}
     tx = optax.adamw(1e-4)
     out = {}
+    # Batch and frozen VAE are jit arguments: closed over, XLA would constant-fold the frozen
+    # encoder's convolutions away and the UNet step would look cheaper than it is.
     for name, params, loss in (
-            ("vae", vae_vars, lambda p, r: losses.vae_loss(p, data, r, vae, config)),
-            ("unet", unet_vars, lambda p, r: losses.diffusion_loss(
-                p, data, r, unet, config, vae=vae, vae_params=vae_vars))):
+            ("vae", vae_vars, lambda p, d, frozen, r: losses.vae_loss(p, d, r, vae, config)),
+            ("unet", unet_vars, lambda p, d, frozen, r: losses.diffusion_loss(
+                p, d, r, unet, config, vae=vae, vae_params=frozen))):
         @jax.jit
-        def step(params, opt_state, rng, loss=loss):
-            (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, rng)
+        def step(params, opt_state, data, frozen, rng, loss=loss):
+            (value, _), grads = jax.value_and_grad(loss, has_aux=True)(params, data, frozen, rng)
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, value
 
@@ -80,8 +82,8 @@ def train_throughput(config, batch: int, repeats: int) -> dict:
 
         def run_step():
             state["i"] += 1
-            state["params"], state["opt"], value = step(state["params"], state["opt"],
-                                                        jax.random.PRNGKey(state["i"]))
+            state["params"], state["opt"], value = step(state["params"], state["opt"], data,
+                                                        vae_vars, jax.random.PRNGKey(state["i"]))
             value.block_until_ready()
         start = time.perf_counter()
         run_step()
@@ -153,6 +155,7 @@ def main() -> None:
     parser.add_argument("--full-ddpm", default="tiny",
                         help="sizes whose DDPM-1000 is timed in full (others extrapolated)")
     parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-sample", action="store_true")
     parser.add_argument("--demo-workdir", default=None)
     parser.add_argument("--demo-n", type=int, default=4)
     args = parser.parse_args()
@@ -168,7 +171,7 @@ def main() -> None:
                 print(f"[{size}] train {name:<4} batch {args.train_batch}: {r['step_s'] * 1e3:8.1f} "
                       f"ms/step  {r['ecgs_per_s']:7.1f} ECGs/s  (compile {r['compile_s']:.0f} s)",
                       flush=True)
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in (int(b) for b in args.batches.split(",") if not args.skip_sample):
             r = sampling_speed(config, batch, size in args.full_ddpm.split(","))
             tag = " (extrapolated)" if r["ddpm1000_extrapolated"] else ""
             print(f"[{size}] sample batch {batch:>3}: UNet step {r['unet_step_s'] * 1e3:.1f} ms, "
