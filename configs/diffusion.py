@@ -1,8 +1,8 @@
 """Text-to-ECG latent diffusion (DiffuSETS design): VAE, conditional UNet, schedule, sampling.
 
   uniecg train --config configs/diffusion.py:tiny --workdir /tmp/diffusion
-  uniecg generate --config configs/diffusion.py:tiny --text "sinus tachycardia" --hr 110 --age 60 --sex F --n 4 --out /tmp/gen
-  uniecg convert diffusets --config configs/diffusion.py:diffusets --unet unet_model.pth --vae vae_model.pth
+  uniecg generate --ckpt /tmp/diffusion --text "sinus tachycardia" --hr 110 --age 60 --sex F --n 4 --out /tmp/gen
+  uniecg convert diffusets --vae vae_model.pth --unet unet_model.pth --out /ckpt/diffusets
 
 Variants: tiny (CPU, seconds per step), diffusets (the published sizes: VAE 128/256/512, UNet 7
 levels, kernel 7; 1000 DDPM steps, betas 0.00085-0.012 "linear" as DiffuSETS's diffusers default).
@@ -17,6 +17,7 @@ def get_config(arg=None):
     if variant not in ("tiny", "diffusets"):
         raise KeyError(f"unknown diffusion preset {variant!r}; choose from ['diffusets', 'tiny']")
     config = ml_collections.ConfigDict()
+    config.objective = "diffusion"   # `uniecg train`: VAE phase, then the UNet on frozen latents
     config.seed = 0
     config.distributed = False
     config.mesh = presets.mesh()
@@ -25,7 +26,11 @@ def get_config(arg=None):
         embed_dim=384,             # width of text embeddings (any width for precomputed ones)
         template="plain"))         # plain | diffusets ("Most importantly, the 1st diagnosis is ...")
     config.data = ml_collections.ConfigDict(dict(
-        signal_length=1024, sample_rate=102.4, num_leads=12))
+        signal_length=1024, sample_rate=102.4, num_leads=12,
+        source="bundled",          # "bundled" (+ synthetic ECGs) or a `uniecg prep` folder
+        num_synthetic=16, synthetic_heart_rates=(45., 60., 75., 90., 105., 120.),
+        cache_dir="",              # synthetic ECG cache ("" = WORKDIR/data_cache)
+        worker_count=0))
     config.model = ml_collections.ConfigDict()
     config.model.vae = ml_collections.ConfigDict(dict(
         num_leads=12, widths=(128, 256, 512), num_res_blocks=2, latent_channels=4, num_groups=32,
@@ -44,7 +49,8 @@ def get_config(arg=None):
     config.train = ml_collections.ConfigDict(dict(
         batch_size=256, steps=100000, learning_rate=1e-4, warmup_steps=1000, weight_decay=0.01,
         grad_clip=1.0, log_every=100, checkpoint_every=5000, keep_checkpoints=2,
-        kl_weight=1.0, vae_steps=50000, unet_steps=100000))
+        kl_weight=1.0, vae_steps=50000, unet_steps=100000, min_lr_ratio=0.1, b1=0.9, b2=0.999,
+        grad_accum_steps=1, freeze=""))
     config.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0,
                                                    output_rate=102.4))
     if variant == "tiny":

@@ -22,6 +22,10 @@ def run(args) -> int:
     from uniecg_jax.train.loop import train
 
     config = load_config(args.config, args.config_overrides)
+    if config.get("objective") == "diffusion":  # two phases (VAE, then UNet), two workdirs
+        from uniecg_jax.train.diffusion import run as run_diffusion
+        result = run_diffusion(config, args.workdir)
+        return 0 if result.stopped_by_signal in (None, "SIGTERM") else 1
     task = build_task(config)
     result = train(config, args.workdir, task)
     export = getattr(task, "export", None)  # objectives that serve a model write it at the end

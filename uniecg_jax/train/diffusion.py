@@ -329,7 +329,7 @@ def build_unet_task(config: ml_collections.ConfigDict, vae_params: Any = None) -
         name="diffusion/unet", init_params=init_params, loss_fn=loss_fn,
         make_data=_make_data_fn(config), abstract_batch=_abstract_batch(config),
         flops_per_step=flops, tokens_per_step=batch * latent_length,
-        num_params=_num_params(abstract["unet"]), data_description=lambda: describe_data(config),
+        num_params=_num_params(abstract), data_description=lambda: describe_data(config),
         initial_params=initial_params)
     task.export = lambda workdir, params: export_model(os.path.join(workdir, MODEL_DIR), params,
                                                        config)
