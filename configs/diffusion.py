@@ -34,7 +34,10 @@ def get_config(arg=None):
     config.model = ml_collections.ConfigDict()
     config.model.vae = ml_collections.ConfigDict(dict(
         num_leads=12, widths=(128, 256, 512), num_res_blocks=2, latent_channels=4, num_groups=32,
-        attention_heads=1, scaling_factor=0.18215, dtype="float32", param_dtype="float32"))
+        attention_heads=1, scaling_factor=0.18215, dtype="float32", param_dtype="float32",
+        # True: after the VAE phase, scaling_factor = 1 / std of its latents (unit-variance data
+        # for the DDPM schedule). False keeps DiffuSETS's 0.18215 (imported weights).
+        auto_scale=False))
     config.model.unet = ml_collections.ConfigDict(dict(
         latent_channels=4, latent_length=128, num_levels=7, kernel_size=7, num_heads=8,
         bottleneck_kernel_size=3, bottleneck_heads=4, bottleneck_hidden=32,
@@ -54,7 +57,8 @@ def get_config(arg=None):
     config.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0,
                                                    output_rate=102.4))
     if variant == "tiny":
-        config.model.vae.update(dict(widths=(16, 32, 64), num_res_blocks=1, num_groups=8))
+        config.model.vae.update(dict(widths=(16, 32, 64), num_res_blocks=1, num_groups=8,
+                                     auto_scale=True))
         config.model.unet.update(dict(num_levels=3, num_heads=2, bottleneck_heads=2,
                                       bottleneck_hidden=8))
         config.train.update(dict(batch_size=8, steps=200, learning_rate=1e-3, warmup_steps=10,

@@ -301,3 +301,24 @@ def _convert_args(argv):
     args = parser.parse_args(["diffusets"] + argv)
     args.config_overrides = []
     return args
+
+
+def test_latent_scaling_factor_normalises_the_trained_vae_latents():
+    """auto_scale: 1 / std of the VAE's latent means, so scaled latents have unit variance."""
+    import jax.numpy as jnp
+
+    from uniecg_jax.config import load_config
+    from uniecg_jax.diffusion.layers import init_params_on_host
+    from uniecg_jax.models.vae import VAE, VAEConfig
+    from uniecg_jax.train import diffusion as diffusion_train
+
+    config = diffusion_train.with_training_defaults(load_config(
+        "configs/diffusion.py:tiny", ["text.encoder=hash:16", "text.embed_dim=16"]))
+    config.data.num_synthetic = 0
+    vae = VAE(VAEConfig.from_config(config.model.vae))
+    params = init_params_on_host(vae, 0, jnp.zeros((1, 1024, 12)))["params"]
+    factor = diffusion_train.latent_scaling_factor(config, params, max_records=16)
+    records = diffusion_train.training_records(config)[:16]
+    ecgs = np.stack([r.to_diffusion_input() for r in records]).transpose(0, 2, 1)
+    _, mean, _ = vae.apply({"params": params}, jnp.asarray(ecgs), method=VAE.encode)
+    np.testing.assert_allclose(float(jnp.std(mean)) * factor, 1.0, rtol=1e-4)

@@ -370,6 +370,27 @@ class DiffusionRunResult:
     stopped_by_signal: str | None
 
 
+def latent_scaling_factor(config: ml_collections.ConfigDict, vae_params, max_records: int = 256
+                          ) -> float:
+    """1 / std of the trained VAE's latent means over (up to `max_records`) training ECGs.
+
+    The DDPM schedule assumes unit-variance data; DiffuSETS's fixed 0.18215 (kept for its released
+    weights, `model.vae.auto_scale=False`) only fits a VAE whose latents have std ~5.5. A VAE trained
+    here gets its own factor, as Stable Diffusion derived 0.18215 from its VAE.
+    """
+    if config.data.source == "bundled":
+        ecgs = np.stack([r.to_diffusion_input() for r in training_records(config)[:max_records]])
+    else:
+        from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
+        examples = read_shards(shard_paths(str(config.data.source), "train"))[:max_records]
+        ecgs = np.stack([example_to_record(e).to_diffusion_input() for e in examples])
+    vae = VAE(VAEConfig.from_config(config.model.vae))
+    params = vae_params["vae"] if "vae" in vae_params else vae_params
+    _, mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=VAE.encode))(
+        params, jnp.asarray(ecgs.transpose(0, 2, 1)))
+    return float(1.0 / max(float(jnp.std(mean)), 1e-6))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> DiffusionRunResult:
     """Both phases in `workdir` (resuming either), then the export to `workdir/model`."""
     from uniecg_jax.train.loop import train
@@ -385,6 +406,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> DiffusionRunResult:
     # sharding would alias (and so delete) the VAE result's arrays.
     vae_params = jax.device_get(vae_result.state.params)
     vae_result.state = vae_result.state.replace(params=vae_params)
+    if config.model.vae.get("auto_scale", False):
+        config.model.vae.scaling_factor = latent_scaling_factor(config, vae_params)
+        if jax.process_index() == 0:
+            print(f"[diffusion] latent scaling factor {config.model.vae.scaling_factor:.5f} "
+                  "(1 / std of the trained VAE's latents)", flush=True)
     task = build_unet_task(config, vae_params)
     unet_result = train(phase_config(config, "unet"), os.path.join(workdir, UNET_DIR), task)
     if unet_result.stopped_by_signal:
