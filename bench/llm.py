@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,24 +26,8 @@ from uniecg_jax import decoding
 from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig
 
-
-def timed(fn, repeats: int) -> float:
-    """Mean seconds per call after one warm-up call (fn must block until done)."""
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
-
-
-def matmul_peak(size: int = 2048) -> dict[str, float]:
-    a32 = jnp.asarray(np.random.RandomState(0).randn(size, size), jnp.float32)
-    a16 = a32.astype(jnp.bfloat16)
-    f32 = jax.jit(lambda x: x @ x)
-    bf16 = jax.jit(lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32))
-    flops = 2 * size ** 3
-    return {"f32": flops / timed(lambda: f32(a32).block_until_ready(), 5),
-            "bf16_f32acc": flops / timed(lambda: bf16(a16).block_until_ready(), 5)}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import matmul_peak, timed  # noqa: E402
 
 
 def flops_per_token(config: LLMConfig, seq: int) -> float:
