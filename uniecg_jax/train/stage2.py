@@ -297,6 +297,32 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     return task
 
 
+def _stage1_targets(stage1_dir: str, abstract_params) -> dict:
+    """Restore targets for a stage-1 checkpoint: every tensor straight onto its stage-2 sharding
+    (so a 7B model never gathers on one device); the vocabulary-sized ones (fewer rows before the
+    [ECG] tokens are added) keep that sharding except along the dimension that differs."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from uniecg_jax.checkpoint import stored_shapes
+
+    stored = stored_shapes(stage1_dir)
+
+    def target(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if name not in stored:
+            return leaf  # restore_model names the missing tensor
+        shape, dtype = stored[name]
+        sharding = leaf.sharding
+        if tuple(shape) != tuple(leaf.shape):
+            spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+            spec = [None if a != b else axis for axis, a, b in zip(spec, shape, leaf.shape)]
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+    stage1_part = {key: abstract_params[key] for key in ("ecg_tower", "llm")}
+    return jax.tree_util.tree_map_with_path(target, stage1_part)
+
+
 def _params_from_stage1(config, model: UniECGStage2, stage1_dir: str, mesh, abstract_params):
     """Stage-1 tower + LLM (vocabulary extended, mean rows) + a random alignment head, sharded."""
     import flax.linen as nn
@@ -306,7 +332,7 @@ def _params_from_stage1(config, model: UniECGStage2, stage1_dir: str, mesh, abst
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     fresh = jax.jit(lambda rng: nn.meta.unbox(init_stage2_params(model, rng)),
                     out_shardings=shardings)(jax.random.PRNGKey(int(config.seed)))
-    stage1, stage1_config = restore_model(stage1_dir)
+    stage1, stage1_config = restore_model(stage1_dir, _stage1_targets(stage1_dir, abstract_params))
     tokenizer, _ = _load_base_tokenizer(config, stage1_dir)
     llm, _, ids = extend_vocabulary(stage1["llm"], stage1_config.model.llm, tokenizer,
                                     int(config.model.num_ecg_tokens))
