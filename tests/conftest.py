@@ -47,3 +47,29 @@ def preempt_at_batch(monkeypatch):
             return to_global(local_batch, mesh)
         monkeypatch.setattr(sharding, "global_batch_from_host", place)
     return arm
+
+
+@pytest.fixture
+def resume_after_preemption(preempt_at_batch):
+    """`resume_after_preemption(config, workdir, build_task, at_batch)`: trains `config` in
+    `workdir`, preempted (SIGTERM) as batch `at_batch` is placed, checks the loop stopped after that
+    step, then reruns the same command to completion and returns the resumed TrainResult."""
+    from uniecg_jax.train.loop import train
+
+    def run(config, workdir, build_task, at_batch):
+        preempt_at_batch(at_batch)
+        interrupted = train(config, workdir, build_task(config))
+        preempt_at_batch(None)
+        assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.steps_run == at_batch
+        return train(config, workdir, build_task(config))
+    return run
+
+
+def assert_trees_equal(got, want) -> None:
+    """Every leaf of two pytrees (fetched to host) is bit-identical."""
+    import jax
+    import numpy as np
+
+    for got_leaf, want_leaf in zip(jax.tree.leaves(jax.device_get(got)),
+                                   jax.tree.leaves(jax.device_get(want))):
+        np.testing.assert_array_equal(got_leaf, want_leaf)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_equal
 
 from uniecg_jax import sharding
 from uniecg_jax.checkpoint import save_model
@@ -123,7 +124,7 @@ def test_one_step_on_8_devices_equals_one_device(task_and_batch):
 EXPECTED_LOSSES = (6.3231, 5.2684)
 
 
-def test_fixed_seed_loss_regression_and_resume_equals_uninterrupted(tmp_path, preempt_at_batch):
+def test_fixed_seed_loss_regression_and_resume_equals_uninterrupted(tmp_path, resume_after_preemption):
     config = _config(["train.steps=6"])
     full = train(config, str(tmp_path / "full"), build_task(config))
     losses = [h["loss"] for h in full.history]
@@ -133,16 +134,9 @@ def test_fixed_seed_loss_regression_and_resume_equals_uninterrupted(tmp_path, pr
     # Preempted during step 3 (SIGTERM as its batch is placed): the loop finishes the step, saves,
     # and exits; rerunning the same config in the same workdir resumes (params, Adam state, data
     # position) and ends bit-identical to the uninterrupted run.
-    workdir = str(tmp_path / "resumed")
-    preempt_at_batch(3)
-    interrupted = train(config, workdir, build_task(config))
-    preempt_at_batch(None)
-    assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.steps_run == 3
-    resumed = train(config, workdir, build_task(config))
+    resumed = resume_after_preemption(config, str(tmp_path / "resumed"), build_task, 3)
     assert resumed.steps_run == 3
-    for got, want in zip(jax.tree.leaves(jax.device_get(resumed.state.params)),
-                         jax.tree.leaves(jax.device_get(full.state.params))):
-        np.testing.assert_array_equal(got, want)
+    assert_trees_equal(resumed.state.params, full.state.params)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_equal
 
 from uniecg_jax.config import ConfigError, load_config
 from uniecg_jax.interpret import Interpreter
@@ -224,16 +225,9 @@ def test_bad_stage2_configs_fail_clearly():
 
 
 @pytest.mark.slow
-def test_stage2_kill_and_resume_equals_uninterrupted(tmp_path, preempt_at_batch):
+def test_stage2_kill_and_resume_equals_uninterrupted(tmp_path, resume_after_preemption):
     config = _stage2_config(["train.steps=4", "train.log_every=1"])
     full = train(config, str(tmp_path / "full"), build_task(config))
-    workdir = str(tmp_path / "resumed")
-    preempt_at_batch(2)
-    interrupted = train(config, workdir, build_task(config))
-    preempt_at_batch(None)
-    assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.steps_run == 2
-    resumed = train(config, workdir, build_task(config))
+    resumed = resume_after_preemption(config, str(tmp_path / "resumed"), build_task, 2)
     assert resumed.steps_run == 2
-    for got, want in zip(jax.tree.leaves(jax.device_get(resumed.state.params)),
-                         jax.tree.leaves(jax.device_get(full.state.params))):
-        np.testing.assert_array_equal(got, want)
+    assert_trees_equal(resumed.state.params, full.state.params)
