@@ -1,6 +1,7 @@
 """Grouped-query self-attention with RoPE, causal + padding masks and an explicit KV cache.
 
-Cache layout (one layer): `{"k": [B, S, K, Dh], "v": [B, S, K, Dh]}` in the compute dtype. The cache
+Cache layout (one layer): `{"k": [B, K, S, Dh], "v": [B, K, S, Dh]}` in the compute dtype (heads
+before slots, so the score and context contractions read it without transposing it). The cache
 is a plain pytree passed in and returned (no mutable Flax collections), so decode loops can carry it
 through `lax.while_loop`. Slot s of the cache holds the token written at step s; the caller supplies
 `key_mask [B, S]` (1 = a real token lives in slot s) and `query_offset` (the slot of the first query),
@@ -55,7 +56,7 @@ class Attention(nn.Module):
           x: [B, T, D]; cos, sin: [B, T, Dh] rotary tables for these tokens.
           key_mask: [B, S] with S = T without cache or the cache length with one.
           query_offset: cache slot of x's first token (the write position).
-          layer_cache: {"k", "v": [B, S, K, Dh]} or None.
+          layer_cache: {"k", "v": [B, K, S, Dh]} or None.
         Returns: (output [B, T, D], updated layer_cache or None).
         """
         batch, length, _ = x.shape
@@ -75,24 +76,30 @@ class Attention(nn.Module):
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
 
+        key = key.transpose(0, 2, 1, 3)        # [B, K, T, Dh]
+        value = value.transpose(0, 2, 1, 3)
         new_cache = None
         if layer_cache is not None:
-            start = (0, query_offset, 0, 0)
+            start = (0, 0, query_offset, 0)
             key = lax.dynamic_update_slice(layer_cache["k"], key.astype(layer_cache["k"].dtype), start)
             value = lax.dynamic_update_slice(layer_cache["v"], value.astype(layer_cache["v"].dtype),
                                              start)
             new_cache = {"k": key, "v": value}
 
         groups = self.num_heads // self.num_kv_heads
-        grouped_query = query.reshape(batch, length, self.num_kv_heads, groups, self.head_dim)
+        # Both contractions keep (b, k) leading on every operand and output: XLA:CPU has no bf16
+        # kernel for other orders (e.g. "bkgts,bksd->btkgd" fails in DotThunk).
+        grouped_query = query.reshape(batch, length, self.num_kv_heads, groups,
+                                      self.head_dim).transpose(0, 2, 3, 1, 4)   # [B, K, G, T, Dh]
         # scores [B, K, G, T, S] accumulated in f32; softmax in f32.
-        scores = einsum("btkgd,bskd->bkgts", grouped_query, key, self.dtype, jnp.float32)
+        scores = einsum("bkgtd,bksd->bkgts", grouped_query, key, self.dtype, jnp.float32)
         scores = scores * (self.head_dim ** -0.5)
         allowed = attention_weights_mask(query_offset, length, key_mask)
         scores = jnp.where(allowed, scores, MASKED_SCORE)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        context = einsum("bkgts,bskd->btkgd", probs, value, self.dtype)
-        context = context.reshape(batch, length, self.num_heads, self.head_dim)
+        context = einsum("bkgts,bksd->bkgtd", probs, value, self.dtype)
+        context = context.transpose(0, 3, 1, 2, 4).reshape(batch, length, self.num_heads,
+                                                           self.head_dim)
         context = nn.with_logical_constraint(
             context, ("activation_batch", "activation_length", "activation_heads", None))
         out = DenseGeneral(x.shape[-1], ("q_heads", "head_dim", "embed"), axis=(-2, -1),

@@ -43,6 +43,26 @@ def _matmul_2d_fwd(a, b):
     return _matmul_2d(a, b), (a, b)
 
 
+def _row_major_transpose(x: jax.Array) -> jax.Array:
+    """x [M, K] -> x.T [K, M] materialised row-major.
+
+    XLA folds a plain transpose into the consuming dot's dimension numbers (or into a layout), and
+    XLA:CPU's fast bf16 matmul kernel (YNNPACK) only takes a left operand contracted over its last
+    dim: the weight gradient `a^T . g` otherwise falls back to an f32 upcast at ~0.4x the speed.
+    The barrier on the flattened copy forces a real row-major transpose (a cheap memory pass).
+    """
+    flat = lax.optimization_barrier(x.T.reshape(-1))
+    return flat.reshape(x.shape[1], x.shape[0])
+
+
+def _weight_grad(a: jax.Array, grad: jax.Array) -> jax.Array:
+    """a [M, K], grad [M, N] -> a^T . grad [K, N] in f32."""
+    if a.dtype != jnp.bfloat16 or jax.default_backend() != "cpu":
+        return lax.dot_general(a, grad, (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    return lax.dot(_row_major_transpose(a), grad, preferred_element_type=jnp.float32)
+
+
 def _matmul_2d_bwd(residuals, grad):
     # JAX's own transpose of a dot with preferred_element_type=f32 feeds the f32 cotangent into
     # f32 x bf16 dots, which XLA:CPU runs at f32 speed (2/3 of training FLOPs). Casting the
@@ -51,7 +71,7 @@ def _matmul_2d_bwd(residuals, grad):
     a, b = residuals
     grad = grad.astype(a.dtype)
     grad_a = lax.dot_general(grad, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    grad_b = lax.dot_general(a, grad, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    grad_b = _weight_grad(a, grad)
     return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
 
 
