@@ -42,6 +42,8 @@ def get_config(arg=None):
         latent_channels=4, latent_length=128, num_levels=7, kernel_size=7, num_heads=8,
         bottleneck_kernel_size=3, bottleneck_heads=4, bottleneck_hidden=32,
         text_embed_dim=config.text.get_ref("embed_dim"), time_embed_dim=64, time_hidden_dim=128,
+        base_channels=0,                            # 0 = DiffuSETS (widths from latent_channels)
+        scalar_condition_scale=(1.0, 1.0, 1.0),     # x (sex, age, hr); DiffuSETS feeds raw values
         dtype="float32", param_dtype="float32"))
     config.diffusion = ml_collections.ConfigDict(dict(
         num_steps=1000, beta_start=0.00085, beta_end=0.012,
@@ -59,8 +61,11 @@ def get_config(arg=None):
     if variant == "tiny":
         config.model.vae.update(dict(widths=(16, 32, 64), num_res_blocks=1, num_groups=8,
                                      auto_scale=True))
+        # A 32-wide input conv (DiffuSETS's 4-wide first block underfits badly at 3 levels) and
+        # scalars scaled to ~1 beside the unit-norm text embedding.
         config.model.unet.update(dict(num_levels=3, num_heads=2, bottleneck_heads=2,
-                                      bottleneck_hidden=8))
+                                      bottleneck_hidden=32, base_channels=32,
+                                      scalar_condition_scale=(1.0, 0.01, 0.01)))
         config.train.update(dict(batch_size=8, steps=200, learning_rate=1e-3, warmup_steps=10,
                                  log_every=10, checkpoint_every=100, vae_steps=200, unet_steps=200))
         config.sample.steps = 20

@@ -45,6 +45,13 @@ class UNetConfig:
     num_train_steps: int = 1000       # rows of the timestep table
     time_embed_dim: int = 64
     time_hidden_dim: int = 128
+    # 0 = DiffuSETS (the first block reads the latent channels directly); > 0 adds a kernel-3 input
+    # conv from the latent to this width, so small latents still get a wide network.
+    base_channels: int = 0
+    # Multiplies (sex, age, heart rate) before the condition's Linear. DiffuSETS feeds raw values
+    # (1, 1, 1); beside a unit-norm text embedding, raw ages/rates of ~50-150 swamp the Linear +
+    # LayerNorm at init, so models trained here use ~(1, 0.01, 0.01).
+    scalar_condition_scale: tuple = (1.0, 1.0, 1.0)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -56,6 +63,12 @@ class UNetConfig:
         for key in ("dtype", "param_dtype"):
             if key in values:
                 values[key] = as_dtype(values[key])
+        if "scalar_condition_scale" in values:
+            values["scalar_condition_scale"] = tuple(float(v) for v in
+                                                     values["scalar_condition_scale"])
+            if len(values["scalar_condition_scale"]) != NUM_SCALAR_CONDITIONS:
+                raise ValueError("model.unet.scalar_condition_scale needs 3 values (sex, age, "
+                                 f"heart rate), got {values['scalar_condition_scale']}")
         if num_train_steps is not None:
             values["num_train_steps"] = int(num_train_steps)
         return cls(**values)
@@ -63,6 +76,10 @@ class UNetConfig:
     @property
     def condition_dim(self) -> int:
         return self.text_embed_dim + NUM_SCALAR_CONDITIONS
+
+    @property
+    def first_block_channels(self) -> int:
+        return self.base_channels or self.latent_channels
 
 
 def unet_channel_plan(num_levels: int, base_channels: int) -> tuple[list[int], list[int]]:
@@ -219,16 +236,20 @@ class ConditionalUNet(nn.Module):
                              f"{down_steps} (2**(num_levels-1))")
         null_condition = self.param("null_condition", nn.with_logical_partitioning(
             nn.initializers.zeros_init(), ("embed",)), (cfg.condition_dim,), cfg.param_dtype)
-        condition = condition.astype(cfg.dtype)
+        scale = jnp.concatenate([jnp.ones((cfg.text_embed_dim,), jnp.float32),
+                                 jnp.asarray(cfg.scalar_condition_scale, jnp.float32)])
+        condition = (condition.astype(jnp.float32) * scale).astype(cfg.dtype)
         if drop_condition is not None:
             condition = jnp.where(drop_condition[:, None], null_condition.astype(cfg.dtype)[None],
                                   condition)
         timesteps = timesteps.astype(jnp.int32)
-        in_channels, out_channels = unet_channel_plan(cfg.num_levels, cfg.latent_channels)
+        in_channels, out_channels = unet_channel_plan(cfg.num_levels, cfg.first_block_channels)
         hidden = [2 * c for c in in_channels]
         n_down = cfg.num_levels - 1
 
         x = constrain(latent.astype(cfg.dtype))
+        if cfg.base_channels:
+            x = Conv1d(cfg.base_channels, 3, name="input_proj", **kw)(x)
         skips = []
         for i in range(n_down):
             h = Block(cfg, out_channels[i], hidden[i], name=f"down_{i}")(x, timesteps, condition)
