@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 
 def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = False) -> list[str]:
     """Trains stage 2 (configs/stage2.py:demo) from `stage1_dir` with the diffusion model's text
@@ -63,7 +61,7 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     predicted, emitted = predict_embeddings(unified, held_out_reports)
     train_mean = encoder.encode([r.report for r in split["train"]]).mean(0, keepdims=True)
     cosine = cosine_similarity(predicted, true)
-    baseline = cosine_similarity(np.repeat(train_mean, len(true), axis=0), true)
+    baseline = cosine_similarity(train_mean, true)     # [1, D] broadcasts against [N, D]
     lines = [f"stage 2: {result.steps_run} steps, token nll {last.get('token_nll', float('nan')):.3f},"
              f" alignment cosine {last.get('cosine', float('nan')):.3f} (train batch)",
              f"interpret {ecg_record.record_id}: {interpretation.text[:160]}",
