@@ -8,12 +8,14 @@ In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 
   2. training tokens/s, forward + backward + AdamW: ours vs PyTorch, f32 and bf16
      (ours: bf16 compute, f32 params; PyTorch: torch.autocast(bfloat16));
   3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
-  4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate().
+  4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
+     in f32 and with bf16 weights on both sides.
 The train step is a plain local jit (value_and_grad + optax.adamw, donated state) on one device.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -85,9 +87,11 @@ def torch_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int
     return batch * (seq - 1) / seconds
 
 
-def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int
-                        ) -> tuple[float, float]:
-    """(ours, HF generate()) new tokens per second, greedy, f32, same random weights."""
+def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int,
+                        bf16: bool = False) -> tuple[float, float]:
+    """(ours, HF generate()) new tokens per second, greedy, same random weights; f32, or bf16
+    weights and activations on both sides (ours: param_dtype = dtype = bfloat16, f32 accumulation;
+    PyTorch: the model cast with `.to(torch.bfloat16)`)."""
     import torch
     import transformers
     from uniecg_jax.convert.hf_llm import hf_config_from_model, hf_state_dict
@@ -96,6 +100,9 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
     params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.asarray(ids[:, :8]))["params"])()
     params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                           is_leaf=lambda x: hasattr(x, "unbox"))
+    if bf16:
+        model = Decoder(dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+        params_f32, params = params, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
 
     def ours():
         out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=())
@@ -105,8 +112,10 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
     hf_model = transformers.LlamaForCausalLM(hf_config_from_model(config)).float().eval()
     with torch.no_grad():
         state = {name: torch.from_numpy(np.asarray(t, np.float32).copy())
-                 for name, t in hf_state_dict(params, config)}
+                 for name, t in hf_state_dict(params_f32 if bf16 else params, config)}
         hf_model.load_state_dict(state, strict=False)
+    if bf16:
+        hf_model = hf_model.to(torch.bfloat16)
 
     def hf():
         with torch.no_grad():
@@ -162,10 +171,13 @@ def main() -> None:
         print(f"train {name:4s}: ours {ours:8.0f} tok/s   PyTorch {ref_text}   "
               f"MFU {100 * mfu:4.1f}% of the {peak_key} peak")
 
-    for batch in (1, 8):
-        ours, hf = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens)
-        print(f"decode batch {batch}: ours {ours:8.0f} tok/s   generate() {hf:8.0f} tok/s   "
-              f"ratio {ours / hf:5.2f}x   ({args.new_tokens} new tokens, prompt {args.prompt}, f32)")
+    for dtype_name in ("f32", "bf16"):
+        for batch in (1, 8):
+            ours, hf = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens,
+                                           bf16=dtype_name == "bf16")
+            print(f"decode {dtype_name:4s} batch {batch}: ours {ours:8.0f} tok/s   generate() "
+                  f"{hf:8.0f} tok/s   ratio {ours / hf:5.2f}x   ({args.new_tokens} new tokens, "
+                  f"prompt {args.prompt})")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,15 @@ def test_prefill_splice_and_right_padding_rejected(tiny):
     assert (np.asarray(noisy.tokens) != np.asarray(base.tokens)).any()
     with pytest.raises(ValueError, match="left-padded"):
         decoding.generate(model, params, ids, mask[:, ::-1], max_new_tokens=2)
+
+
+def test_greedy_tokens_equal_argmax_with_ties_and_nans():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 50)).astype(np.float32)
+    logits[1, [3, 17, 40]] = 9.0             # ties: the first index wins
+    logits[2, [5, 30]] = np.nan               # NaN: the first NaN wins (argmax semantics)
+    logits[3] = -np.inf                       # all -inf: index 0
+    logits[4, -1] = np.inf
+    got = np.asarray(decoding.greedy_tokens(jnp.asarray(logits)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), -1)))
+    np.testing.assert_array_equal(got[:5], [np.argmax(logits[0]), 3, 5, 0, 49])

@@ -79,10 +79,23 @@ def filter_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
     return logits
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` (first maximum; first NaN if any) as two plain reductions.
+
+    XLA:CPU lowers argmax to a variadic (value, index) reduce that runs ~3x slower than a max
+    followed by a min over matching indices: 0.6 vs 0.2 ms per step for [8, 32000] logits, ~3% of
+    a batch-8 decode step of the 60M benchmark model.
+    """
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    hit = (logits == best) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample_tokens(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Array:
     """logits [B, V] -> token ids [B] int32."""
     if sampling.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     return jax.random.categorical(rng, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
