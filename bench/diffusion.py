@@ -6,7 +6,7 @@
 
 On one device (plain local jit, donated state):
   1. training steps/s and ECGs/s: VAE step and UNet step (UNet on latents of the frozen VAE encoder,
-     epsilon MSE + condition dropout), each forward + backward + AdamW;
+     the config's epsilon or v MSE + condition dropout), each forward + backward + AdamW;
   2. sampling ECGs/s (text condition -> latent -> VAE decode) for DDPM-1000 and DDIM-50 at each batch
      size. The UNet pass per denoising step is measured from DDIM-10 and DDIM-50 runs
      (t(s) = decode + s * step); DDPM-1000 is timed in full where `--full-ddpm` allows (tiny by
@@ -29,6 +29,7 @@ from uniecg_jax.config import load_config
 from uniecg_jax.diffusion import losses
 from uniecg_jax.diffusion.layers import init_params_on_host
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline
+from uniecg_jax.diffusion.rhythm import requested_rhythm
 from uniecg_jax.diffusion.schedule import NoiseSchedule
 from uniecg_jax.train import diffusion as diffusion_train
 
@@ -64,6 +65,8 @@ def train_throughput(config, batch: int, repeats: int) -> dict:
             "text_embedding": jnp.asarray(rng.standard_normal((batch, TEXT_DIM)), jnp.float32),
             "sex": jnp.zeros((batch,)), "age": jnp.full((batch,), 60.0),
             "hr": jnp.full((batch,), 75.0)}
+    if unet.cfg.rhythm_condition:
+        data["rhythm"] = jnp.asarray(requested_rhythm(np.full(batch, 75.0), 10.0, 1024, seed=0))
     tx = optax.adamw(1e-4)
     out = {}
     # Batch and frozen VAE are jit arguments: closed over, XLA would constant-fold the frozen

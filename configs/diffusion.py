@@ -44,13 +44,15 @@ def get_config(arg=None):
         text_embed_dim=config.text.get_ref("embed_dim"), time_embed_dim=64, time_hidden_dim=128,
         base_channels=0,                            # 0 = DiffuSETS (widths from latent_channels)
         scalar_condition_scale=(1.0, 1.0, 1.0),     # x (sex, age, hr); DiffuSETS feeds raw values
+        rhythm_condition=False,    # True: beat-phase input channels (diffusion/rhythm.py)
         dtype="float32", param_dtype="float32"))
     config.diffusion = ml_collections.ConfigDict(dict(
         num_steps=1000, beta_start=0.00085, beta_end=0.012,
         beta_schedule="linear",    # linear (DiffuSETS/diffusers default) | scaled_linear (SD)
         prediction="epsilon",      # epsilon | v
         clip_sample=1.0,           # DDPM/DDIM clip of predicted x0 (diffusers default); 0 = off
-        cfg_dropout=0.1))          # probability of the null condition in training
+        cfg_dropout=0.1,           # probability of the null condition in training
+        latent="sample"))          # UNet targets: "sample" of the VAE posterior (DiffuSETS) | "mean"
     config.train = ml_collections.ConfigDict(dict(
         batch_size=256, steps=100000, learning_rate=1e-4, warmup_steps=1000, weight_decay=0.01,
         grad_clip=1.0, log_every=100, checkpoint_every=5000, keep_checkpoints=2,
@@ -61,11 +63,17 @@ def get_config(arg=None):
     if variant == "tiny":
         config.model.vae.update(dict(widths=(16, 32, 64), num_res_blocks=1, num_groups=8,
                                      auto_scale=True))
-        # A 32-wide input conv (DiffuSETS's 4-wide first block underfits badly at 3 levels) and
-        # scalars scaled to ~1 beside the unit-norm text embedding.
+        # A 32-wide input conv (DiffuSETS's 4-wide first block underfits badly at 3 levels),
+        # scalars scaled to ~1 beside the unit-norm text embedding, and the beat phase as input
+        # channels (a small model trained briefly ignores a heart-rate scalar; see rhythm.py).
         config.model.unet.update(dict(num_levels=3, num_heads=2, bottleneck_heads=2,
                                       bottleneck_hidden=32, base_channels=32,
-                                      scalar_condition_scale=(1.0, 0.01, 0.01)))
+                                      scalar_condition_scale=(1.0, 0.01, 0.01),
+                                      rhythm_condition=True))
+        # v targets weight the clean signal at high noise, where the beat layout is decided;
+        # posterior means keep a small VAE's posterior noise out of the generated latents; and
+        # auto_scale gives unit-variance latents, so x0 is clipped at 3 sigma rather than 1.
+        config.diffusion.update(dict(prediction="v", latent="mean", clip_sample=3.0))
         config.train.update(dict(batch_size=8, steps=200, learning_rate=1e-3, warmup_steps=10,
                                  log_every=10, checkpoint_every=100, vae_steps=200, unet_steps=200))
         config.sample.steps = 20

@@ -11,6 +11,7 @@ from uniecg_jax.diffusion.conditioning import ConditionError, build_condition, d
 from uniecg_jax.diffusion.layers import init_params_on_host
 from uniecg_jax.diffusion.losses import diffusion_loss, vae_loss
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline, guided_denoiser
+from uniecg_jax.diffusion.rhythm import requested_rhythm
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
 from uniecg_jax.models.vae import VAE, VAEConfig
 
@@ -207,7 +208,8 @@ def test_fixed_seed_loss_regression(tiny):
     batch = {"ecg": jnp.asarray(np.repeat(ecg, 2, axis=0), jnp.float32),
              "text_embedding": jnp.asarray(rng.standard_normal((2, TEXT_DIM)), jnp.float32),
              "sex": jnp.array([1.0, 0.0]), "age": jnp.array([60.0, 30.0]),
-             "hr": jnp.array([72.0, 72.0])}
+             "hr": jnp.array([72.0, 72.0]),
+             "rhythm": jnp.asarray(requested_rhythm([72.0, 72.0], 10.0, 1024, seed=0))}
 
     def run(loss_fn, params, steps, **kw):
         tx = optax.adam(1e-3)
@@ -233,4 +235,4 @@ def test_fixed_seed_loss_regression(tiny):
 
 
 VAE_LOSSES = [11681.8115234375, 9982.6279296875, 8333.896484375]
-UNET_LOSSES = [1.862935, 2.523177]  # tiny: base_channels 32, scalar scale (1, .01, .01)
+UNET_LOSSES = [0.3644450902938843, 0.9322786331176758]

@@ -80,7 +80,7 @@ def run_via_llm(args) -> int:
     else:
         from uniecg_jax.eval.interpret_eval import load_eval_records
         records = load_eval_records(args.data, config)
-    records = diffusion_train.with_measured_heart_rate(records)
+    records = diffusion_train.with_measured_rhythm(records)
     if args.max_records:
         records = records[:args.max_records]
     clip = None

@@ -27,6 +27,7 @@ def encode_example(record: ECGRecord, text_embedding: np.ndarray | None = None,
         nan_count=int(record.nan_count), age=record.age, sex=record.sex,
         heart_rate=record.heart_rate, report=record.report, labels=list(record.labels),
         measurements={k: float(v) for k, v in record.measurements.items()},
+        r_peaks=None if record.r_peaks is None else [float(t) for t in record.r_peaks],
         text_embedding=None if text_embedding is None
         else np.asarray(text_embedding, np.float32).tobytes(),
         conversation=[list(turn) for turn in conversation] if conversation else None)
@@ -54,7 +55,8 @@ def example_to_record(example: dict[str, Any]) -> ECGRecord:
                      source_path=example["source_path"], patient_id=example["patient_id"],
                      age=example["age"], sex=example["sex"], heart_rate=example["heart_rate"],
                      report=example["report"], labels=tuple(example["labels"]),
-                     measurements=example["measurements"])
+                     measurements=example["measurements"],
+                     r_peaks=None if example.get("r_peaks") is None else tuple(example["r_peaks"]))
 
 
 def read_summary(prep_dir: str | os.PathLike) -> dict[str, Any]:

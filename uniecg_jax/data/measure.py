@@ -53,3 +53,16 @@ def rhythm(lead: np.ndarray, fs: float) -> RhythmMeasurements:
 def heart_rate_bpm(signal: np.ndarray, fs: float, lead_index: int = 1) -> float:
     """Heart rate of a [12, T] signal measured on lead II (index 1) by QRS detection."""
     return rhythm(signal[lead_index], fs).heart_rate_bpm
+
+
+def with_measured_rhythm(record, lead_index: int = 1):
+    """`record` with `r_peaks` (seconds, QRS detection on lead II) and, when unknown, `heart_rate`
+    filled in; unchanged when both are known. Detection runs once here so data pipelines need none."""
+    if record.r_peaks is not None and record.heart_rate is not None:
+        return record
+    measured = rhythm(record.signal[lead_index], record.fs)
+    heart_rate = record.heart_rate
+    if heart_rate is None and np.isfinite(measured.heart_rate_bpm):
+        heart_rate = float(measured.heart_rate_bpm)
+    return dataclasses.replace(record, heart_rate=heart_rate,
+                               r_peaks=tuple(float(t) for t in measured.r_peaks / record.fs))

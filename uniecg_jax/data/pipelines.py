@@ -29,7 +29,7 @@ import numpy as np
 
 from uniecg_jax.data.examples import decode_example, encode_example, example_to_record, \
     shard_paths
-from uniecg_jax.data.record import ECGRecord
+from uniecg_jax.data.record import DIFFUSION_FS, ECGRecord
 from uniecg_jax.errors import UniECGError
 
 GENERATION_REQUEST = "Generate a 12-lead ECG that matches this report: "
@@ -178,27 +178,39 @@ class Stage2Example(grain.MapTransform):
 class DiffusionExample(grain.MapTransform):
     """Example -> signal [12, 1024] (10 s at 102.4 Hz) + text embedding + sex, age, heart rate.
     Heart rate: the source's, else data_prep's QRS measurement (`qrs_heart_rate`), else measured
-    here by QRS detection on lead II."""
+    here by QRS detection on lead II. With `rhythm`, also `rhythm` [1024, 2]: beat-phase features
+    (`diffusion.rhythm`) from the record's R peaks, detected here when data_prep stored none."""
+
+    def __init__(self, rhythm: bool = False):
+        self.rhythm = rhythm
 
     def map(self, example: dict) -> dict:
-        from uniecg_jax.data.measure import heart_rate_bpm
+        from uniecg_jax.data.measure import heart_rate_bpm, with_measured_rhythm
 
         if example.get("text_embedding") is None:
             raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
                               "with a --text-encoder, or pass one to records_source")
         record = example_to_record(example)
+        if self.rhythm and record.r_peaks is None:
+            record = with_measured_rhythm(record)
         heart_rate = record.heart_rate or record.measurements.get("qrs_heart_rate")
         if heart_rate is None:  # not measured in data_prep: detect QRS now (slower)
             measured = heart_rate_bpm(record.signal, record.fs)
             heart_rate = measured if np.isfinite(measured) else None
         known = np.array([record.sex is not None, record.age is not None, heart_rate is not None],
                          np.float32)
-        return dict(signal=record.to_diffusion_input(),
-                    text_embedding=np.asarray(example["text_embedding"], np.float32),
-                    sex=np.float32(record.sex_code),
-                    age=np.float32(UNKNOWN_AGE if record.age is None else record.age),
-                    heart_rate=np.float32(UNKNOWN_HEART_RATE if heart_rate is None else heart_rate),
-                    condition_known=known, record_key=_record_key(example))
+        signal = record.to_diffusion_input()
+        out = dict(signal=signal, text_embedding=np.asarray(example["text_embedding"], np.float32),
+                   sex=np.float32(record.sex_code),
+                   age=np.float32(UNKNOWN_AGE if record.age is None else record.age),
+                   heart_rate=np.float32(UNKNOWN_HEART_RATE if heart_rate is None else heart_rate),
+                   condition_known=known, record_key=_record_key(example))
+        if self.rhythm:
+            from uniecg_jax.diffusion.rhythm import rhythm_features
+
+            out["rhythm"] = rhythm_features(record.r_peaks, signal.shape[1] / DIFFUSION_FS,
+                                            signal.shape[1])
+        return out
 
 
 def make_loader(source, operations: Sequence[grain.Transformation], *, batch_size: int,
@@ -249,10 +261,11 @@ def stage2_loader(data, tokenizer=None, *, num_ecg_tokens: int = 8, max_length: 
                        batch_size=batch_size, **loader_kwargs)
 
 
-def diffusion_loader(data, *, batch_size: int = 8, split: str = "train", **loader_kwargs
-                     ) -> grain.DataLoader:
-    """Diffusion batches (signal [12, 1024] + text embedding + sex, age, heart rate)."""
-    return make_loader(open_source(data, split), [DiffusionExample()], batch_size=batch_size,
+def diffusion_loader(data, *, batch_size: int = 8, split: str = "train", rhythm: bool = False,
+                     **loader_kwargs) -> grain.DataLoader:
+    """Diffusion batches (signal [12, 1024] + text embedding + sex, age, heart rate; with `rhythm`,
+    beat-phase features [1024, 2] for rhythm-conditioned UNets)."""
+    return make_loader(open_source(data, split), [DiffusionExample(rhythm)], batch_size=batch_size,
                        **loader_kwargs)
 
 

@@ -58,6 +58,7 @@ class ECGRecord:
     sex: "M", "F" or None. age in years, heart_rate in bpm, or None when unknown.
     report: free text (joined report lines or verbalised diagnoses); labels: diagnosis names.
     measurements: machine measurements (ms / degrees), sentinel values already removed.
+    r_peaks: R-peak times in seconds from the record's start (QRS detection), None if not measured.
     """
 
     signal: np.ndarray
@@ -74,6 +75,7 @@ class ECGRecord:
     report: str = ""
     labels: tuple[str, ...] = ()
     measurements: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    r_peaks: tuple[float, ...] | None = None
 
     @property
     def num_samples(self) -> int:

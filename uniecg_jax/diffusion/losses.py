@@ -3,7 +3,8 @@ cfg)`, differentiable in `params`.
 
 Batches (from the diffusion data pipeline): `ecg` `[B, 12, L]` (or `[B, L, 12]`) in mV; for the UNet
 either `latent` `[B, L/8, 4]` (precomputed, scaled) or `ecg` plus a frozen VAE; and either
-`condition` `[B, D + 3]` or `text_embedding` `[B, D]`, `sex` `[B]` (M=1/F=0), `age` `[B]`, `hr` `[B]`.
+`condition` `[B, D + 3]` or `text_embedding` `[B, D]`, `sex` `[B]` (M=1/F=0), `age` `[B]`, `hr` `[B]`;
+for rhythm-conditioned UNets, `rhythm` `[B, T, 2]` beat-phase features (`diffusion.rhythm`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from uniecg_jax.diffusion import schedule as schedule_lib
+from uniecg_jax.diffusion.rhythm import pool_rhythm
 from uniecg_jax.models.unet import ConditionalUNet
 from uniecg_jax.models.vae import VAE, vae_loss_terms
 
@@ -31,6 +33,14 @@ def condition_from_batch(batch: Mapping[str, jax.Array]) -> jax.Array:
         return batch["condition"].astype(jnp.float32)
     scalars = [batch[k].astype(jnp.float32).reshape(-1, 1) for k in ("sex", "age", "hr")]
     return jnp.concatenate([batch["text_embedding"].astype(jnp.float32)] + scalars, axis=-1)
+
+
+def latent_rhythm(batch: Mapping[str, jax.Array], model: ConditionalUNet) -> jax.Array | None:
+    """`batch['rhythm']` `[B, T, 2]` pooled to the latent length, for rhythm-conditioned UNets
+    (None otherwise, or when the batch has no rhythm: unknown)."""
+    if not model.cfg.rhythm_condition or "rhythm" not in batch:
+        return None
+    return pool_rhythm(batch["rhythm"].astype(jnp.float32), model.cfg.latent_length)
 
 
 def vae_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, model: VAE, cfg
@@ -63,15 +73,19 @@ def diffusion_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
                              "vae_params to encode batch['ecg']")
         ecg = leads_last(batch["ecg"], vae.cfg.num_leads).astype(jnp.float32)
         shape = (ecg.shape[0], ecg.shape[1] // vae.cfg.downsampling, vae.cfg.latent_channels)
-        latent, _, _ = vae.apply(vae_params, ecg, jax.random.normal(vae_key, shape),
-                                 method=VAE.encode)
+        # DiffuSETS trains on a draw from the VAE posterior; "mean" trains on its mean, which a
+        # weak VAE's posterior noise would otherwise leave in every generated latent.
+        noise = (None if cfg.diffusion.get("latent", "sample") == "mean"
+                 else jax.random.normal(vae_key, shape))
+        latent, _, _ = vae.apply(vae_params, ecg, noise, method=VAE.encode)
         latent = jax.lax.stop_gradient(latent)
     batch_size = latent.shape[0]
     timesteps = jax.random.randint(t_key, (batch_size,), 0, schedule.num_steps)
     noise = jax.random.normal(noise_key, latent.shape, jnp.float32)
     noisy = schedule_lib.add_noise(schedule, latent, noise, timesteps)
     drop = jax.random.bernoulli(drop_key, cfg.diffusion.cfg_dropout, (batch_size,))
-    output = model.apply(params, noisy, timesteps, condition_from_batch(batch), drop)
+    output = model.apply(params, noisy, timesteps, condition_from_batch(batch), drop,
+                         latent_rhythm(batch, model))
     target = schedule_lib.training_target(schedule, latent, noise, timesteps)
     loss = jnp.mean(jnp.square(output - target))
     return loss, {"loss": loss, "dropped_fraction": jnp.mean(drop.astype(jnp.float32))}

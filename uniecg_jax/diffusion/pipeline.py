@@ -15,6 +15,7 @@ from scipy import signal as scipy_signal
 
 from uniecg_jax.diffusion import schedule as schedule_lib
 from uniecg_jax.diffusion.conditioning import build_condition, repeat_conditions
+from uniecg_jax.diffusion.rhythm import pool_rhythm, requested_rhythm
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
 from uniecg_jax.models.vae import VAE, VAEConfig
 
@@ -31,19 +32,20 @@ def resample_to(ecg: np.ndarray, source_rate: float, target_rate: float) -> np.n
 
 
 def guided_denoiser(unet: ConditionalUNet, unet_params: Any, condition: jax.Array,
-                    guidance: float):
+                    guidance: float, rhythm: jax.Array | None = None):
     """`(x_t, t) -> output` with classifier-free guidance `u + g (c - u)`.
 
-    g = 1 runs only the conditional model, g = 0 only the unconditional (null-condition) one;
-    otherwise both share one batched UNet call.
+    g = 1 runs only the conditional model, g = 0 only the unconditional (null-condition, no rhythm)
+    one; otherwise both share one batched UNet call. `rhythm` `[B, L, 2]`: beat-phase features for
+    rhythm-conditioned UNets.
     """
     batch = condition.shape[0]
 
     def conditional(x, t):
-        return unet.apply(unet_params, x, t, condition)
+        return unet.apply(unet_params, x, t, condition, None, rhythm)
 
     def unconditional(x, t):
-        return unet.apply(unet_params, x, t, condition, jnp.ones((batch,), bool))
+        return unet.apply(unet_params, x, t, condition, jnp.ones((batch,), bool), rhythm)
 
     if guidance == 1.0:
         return conditional
@@ -53,7 +55,8 @@ def guided_denoiser(unet: ConditionalUNet, unet_params: Any, condition: jax.Arra
     def guided(x, t):
         both = unet.apply(unet_params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                           jnp.concatenate([condition, condition]),
-                          jnp.arange(2 * batch) >= batch)
+                          jnp.arange(2 * batch) >= batch,
+                          None if rhythm is None else jnp.concatenate([rhythm, rhythm]))
         cond_out, uncond_out = both[:batch], both[batch:]
         return uncond_out + guidance * (cond_out - uncond_out)
     return guided
@@ -84,9 +87,9 @@ class DiffusionPipeline:
         if key not in self._compiled:
             cfg = self.unet.cfg
 
-            def run(unet_params, vae_params, condition, rng):
+            def run(unet_params, vae_params, condition, rhythm, rng):
                 shape = (condition.shape[0], cfg.latent_length, cfg.latent_channels)
-                denoise = guided_denoiser(self.unet, unet_params, condition, guidance)
+                denoise = guided_denoiser(self.unet, unet_params, condition, guidance, rhythm)
                 latent = schedule_lib.sample(denoise, self.schedule, shape, rng, sampler, steps, eta)
                 if not decode:
                     return latent
@@ -94,11 +97,23 @@ class DiffusionPipeline:
             self._compiled[key] = jax.jit(run)
         return self._compiled[key]
 
+    def rhythm_for(self, heart_rates, seed: int) -> np.ndarray | None:
+        """`[N, L/8, 2]` beat-phase features of regular beats at each row's heart rate (first beat
+        drawn from `seed`) for a rhythm-conditioned UNet; None for other UNets."""
+        if not self.unet.cfg.rhythm_condition:
+            return None
+        features = requested_rhythm(heart_rates, self.signal_length / NATIVE_RATE,
+                                    self.signal_length, seed)
+        return pool_rhythm(features, self.unet.cfg.latent_length)
+
     def sample_latents(self, condition: np.ndarray, sampler: str = "ddim", steps: int = 50,
-                       guidance: float = 1.0, eta: float = 0.0, seed: int = 0) -> np.ndarray:
-        """Condition `[N, D + 3]` -> latents `[N, L/8, 4]` (no decoding)."""
+                       guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
+                       rhythm: np.ndarray | None = None) -> np.ndarray:
+        """Condition `[N, D + 3]` -> latents `[N, L/8, 4]` (no decoding). `rhythm` `[N, L/8, 2]`
+        (rhythm-conditioned UNets; None = unknown rhythm)."""
         fn = self._sampler(sampler, steps, guidance, eta, decode=False)
         return np.asarray(fn(self.unet_params, self.vae_params, jnp.asarray(condition),
+                             None if rhythm is None else jnp.asarray(rhythm),
                              jax.random.PRNGKey(seed)))
 
     def generate(self, text_embedding, sex, age, hr, n: int = 1, sampler: str = "ddim",
@@ -110,14 +125,17 @@ class DiffusionPipeline:
           text_embedding: `[D]` or `[B, D]`; sex "M"/"F"; age years; hr bpm (scalars or `[B]`).
           sampler: "ddpm" (all training steps, the reference) or "ddim" (`steps` steps, `eta`).
           guidance: classifier-free guidance scale (1 = conditional, 0 = unconditional).
+            A rhythm-conditioned UNet also gets regular beats at `hr` (first beat from `seed`).
           sample_rate: 102.4 (native, T = 1024) or e.g. 500 (T = 5000, polyphase resampling).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         condition = build_condition(text_embedding, sex, age, hr, self.unet.cfg.text_embed_dim)
         condition = repeat_conditions(condition, n)
+        rhythm = self.rhythm_for(condition[:, -1], seed)   # the last condition column is the rate
         fn = self._sampler(sampler, steps, guidance, eta, decode=True)
         ecg = np.asarray(fn(self.unet_params, self.vae_params, jnp.asarray(condition),
+                            None if rhythm is None else jnp.asarray(rhythm),
                             jax.random.PRNGKey(seed)))
         ecg = np.swapaxes(ecg, 1, 2)  # [N, L, 12] -> [N, 12, L]
         return resample_to(ecg, NATIVE_RATE, sample_rate).astype(np.float32)

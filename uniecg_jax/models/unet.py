@@ -12,6 +12,10 @@ channels), so imported weights reproduce the reference outputs:
 * the condition is `[text embedding, sex, age, heart rate]` `[B, D + 3]`; each cross-attention maps it
   with Linear + LayerNorm to its keys/values. For classifier-free guidance a learned
   `null_condition` replaces it where `drop_condition` is set (DiffuSETS has no guidance).
+
+Options beyond DiffuSETS (off at its config): `base_channels` (a wide input conv) and
+`rhythm_condition`, the beat phase (`diffusion.rhythm`) as input channels and a per-block input,
+zeroed with the dropped condition.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import numpy as np
 from uniecg_jax.diffusion.layers import (
     Conv1d, ConvTranspose1d, Dense, GroupNorm, LayerNorm, MultiHeadAttention, as_dtype, constrain,
     mish)
+from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
 
 NUM_SCALAR_CONDITIONS = 3  # sex (M=1, F=0), age in years, heart rate in bpm
 
@@ -52,6 +57,10 @@ class UNetConfig:
     # (1, 1, 1); beside a unit-norm text embedding, raw ages/rates of ~50-150 swamp the Linear +
     # LayerNorm at init, so models trained here use ~(1, 0.01, 0.01).
     scalar_condition_scale: tuple = (1.0, 1.0, 1.0)
+    # True adds the beat phase (`diffusion.rhythm`: sin, cos) as 2 input channels beside the latent,
+    # read by the input conv (needs base_channels > 0), and projected into every block at that
+    # block's resolution, beside the timestep embedding. False = DiffuSETS.
+    rhythm_condition: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -72,6 +81,11 @@ class UNetConfig:
         if num_train_steps is not None:
             values["num_train_steps"] = int(num_train_steps)
         return cls(**values)
+
+    def __post_init__(self):
+        if self.rhythm_condition and not self.base_channels:
+            raise ValueError("model.unet.rhythm_condition needs model.unet.base_channels > 0 (the "
+                             "input conv reads the rhythm channels)")
 
     @property
     def condition_dim(self) -> int:
@@ -169,12 +183,14 @@ class Block(nn.Module):
     hidden: int
 
     @nn.compact
-    def __call__(self, x, timesteps, condition):
+    def __call__(self, x, timesteps, condition, rhythm=None):
         cfg = self.cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         in_channels = x.shape[-1]
         mid = (in_channels + self.out_channels) // 2
         h = x + TimeEmbedding(cfg, in_channels, name="time_emb")(timesteps)[:, None, :]
+        if rhythm is not None:  # beat phase at this resolution, projected per position
+            h = h + Dense(in_channels, name="rhythm_proj", **kw)(rhythm)
         h = Conv1d(mid, cfg.kernel_size, name="pre_shortcut_conv", **kw)(h)
         h = mish(GroupNorm(1, name="norm1", **kw)(h))
         h = Conv1d(mid, 1, name="shortcut_conv", **kw)(h)
@@ -193,12 +209,14 @@ class Bottleneck(nn.Module):
     cfg: UNetConfig
 
     @nn.compact
-    def __call__(self, x, timesteps, condition):
+    def __call__(self, x, timesteps, condition, rhythm=None):
         cfg = self.cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         channels = x.shape[-1]
         conv = lambda name: Conv1d(channels, cfg.bottleneck_kernel_size, name=name, **kw)  # noqa
         h = x + TimeEmbedding(cfg, channels, name="time_emb")(timesteps)[:, None, :]
+        if rhythm is not None:
+            h = h + Dense(channels, name="rhythm_proj", **kw)(rhythm)
         h = conv("conv1")(h)
         h = conv("conv1_2")(mish(GroupNorm(1, name="norm1", **kw)(h)))
         h = SelfAttention(cfg, cfg.bottleneck_hidden, cfg.bottleneck_heads,
@@ -218,13 +236,15 @@ class ConditionalUNet(nn.Module):
       timesteps: `[B]` int diffusion steps in [0, num_train_steps).
       condition: `[B, D + 3]` = text embedding ++ (sex, age, heart rate).
       drop_condition: optional `[B]` bool; True replaces the condition by the learned null condition
-        (classifier-free guidance).
+        (classifier-free guidance), and the rhythm by zeros.
+      rhythm: `[B, L, 2]` beat-phase features (`diffusion.rhythm`) when `rhythm_condition`; None or
+        zeros = rhythm unknown.
     Returns `[B, L, C]`.
     """
     cfg: UNetConfig
 
     @nn.compact
-    def __call__(self, latent, timesteps, condition, drop_condition=None):
+    def __call__(self, latent, timesteps, condition, drop_condition=None, rhythm=None):
         cfg = self.cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         if condition.shape[-1] != cfg.condition_dim:
@@ -248,22 +268,43 @@ class ConditionalUNet(nn.Module):
         n_down = cfg.num_levels - 1
 
         x = constrain(latent.astype(cfg.dtype))
+        # rhythm_at[i]: the beat phase averaged to level i's length (None without rhythm).
+        rhythm_at = [None] * cfg.num_levels
+        if cfg.rhythm_condition:
+            rhythm = self._rhythm_channels(rhythm, latent.shape, drop_condition)
+            x = jnp.concatenate([x, rhythm], axis=-1)
+            rhythm_at = [rhythm.reshape(rhythm.shape[0], -1, 2 ** i, rhythm.shape[-1]).mean(2)
+                         for i in range(cfg.num_levels)]
         if cfg.base_channels:
             x = Conv1d(cfg.base_channels, 3, name="input_proj", **kw)(x)
         skips = []
         for i in range(n_down):
-            h = Block(cfg, out_channels[i], hidden[i], name=f"down_{i}")(x, timesteps, condition)
+            h = Block(cfg, out_channels[i], hidden[i], name=f"down_{i}")(x, timesteps, condition,
+                                                                        rhythm_at[i])
             skips.append(h)
             x = Conv1d(out_channels[i], 3, stride=2, padding=(1, 1), name=f"downsample_{i}",
                        **kw)(h)
         skips.pop()  # the coarsest block's output feeds the bottleneck only through downsampling
-        x = Bottleneck(cfg, name="bottleneck")(x, timesteps, condition)
+        x = Bottleneck(cfg, name="bottleneck")(x, timesteps, condition, rhythm_at[n_down])
         for j in range(n_down):
             i = n_down + j
             x = ConvTranspose1d(x.shape[-1], 4, 2, 1, name=f"upsample_{j}", **kw)(x)
             if j > 0:
                 x = jnp.concatenate([x, skips[-j].astype(x.dtype)], axis=-1)
-            x = Block(cfg, out_channels[i], hidden[i], name=f"up_{j}")(x, timesteps, condition)
+            x = Block(cfg, out_channels[i], hidden[i], name=f"up_{j}")(
+                x, timesteps, condition, rhythm_at[n_down - 1 - j])
         x = mish(Conv1d(cfg.latent_channels, 3, name="output_conv", **kw)(x))
         x = Conv1d(cfg.latent_channels, 1, name="output_proj", **kw)(x)
         return x.astype(jnp.float32)
+
+    def _rhythm_channels(self, rhythm, latent_shape, drop_condition) -> jax.Array:
+        """`[B, L, 2]` in the compute dtype: `rhythm`, zeros where unknown or dropped."""
+        shape = (*latent_shape[:2], RHYTHM_CHANNELS)
+        if rhythm is None:
+            return jnp.zeros(shape, self.cfg.dtype)
+        if tuple(rhythm.shape) != shape:
+            raise ValueError(f"unet rhythm: expected {shape} (batch, latent length, sin/cos), got "
+                             f"{tuple(rhythm.shape)}")
+        if drop_condition is not None:
+            rhythm = jnp.where(drop_condition[:, None, None], 0.0, rhythm)
+        return rhythm.astype(self.cfg.dtype)

@@ -36,6 +36,7 @@ import numpy as np
 from uniecg_jax.config import ConfigError
 from uniecg_jax.diffusion import losses
 from uniecg_jax.diffusion.layers import init_params_on_host
+from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
 from uniecg_jax.models.vae import VAE, VAEConfig
 from uniecg_jax.train.loop import TrainTask
@@ -131,18 +132,12 @@ def cached_synthetic(n: int, heart_rates: Sequence[float], seed: int, cache_dir:
     return records
 
 
-def with_measured_heart_rate(records: Sequence) -> list:
-    """Records whose heart rate is unknown get the QRS-detected one (once, not every epoch)."""
-    from uniecg_jax.data.measure import heart_rate_bpm
+def with_measured_rhythm(records: Sequence) -> list:
+    """Records with R peaks and (when unknown) heart rate from QRS detection, measured once here
+    rather than every epoch (`data.measure.with_measured_rhythm`)."""
+    from uniecg_jax.data.measure import with_measured_rhythm as measured
 
-    out = []
-    for record in records:
-        if record.heart_rate is None:
-            measured = heart_rate_bpm(record.signal, record.fs)
-            if np.isfinite(measured):
-                record = dataclasses.replace(record, heart_rate=float(measured))
-        out.append(record)
-    return out
+    return [measured(record) for record in records]
 
 
 def training_records(config: ml_collections.ConfigDict) -> list:
@@ -152,10 +147,10 @@ def training_records(config: ml_collections.ConfigDict) -> list:
     config = with_training_defaults(config)
     cache_dir = str(config.data.cache_dir) or os.path.join(
         os.path.expanduser("~"), ".cache", "uniecg_jax")
-    records = with_measured_heart_rate(load_bundled_records())
-    return records + cached_synthetic(int(config.data.num_synthetic),
-                                      tuple(config.data.synthetic_heart_rates),
-                                      int(config.seed) + 1, cache_dir)
+    records = with_measured_rhythm(load_bundled_records())
+    return records + with_measured_rhythm(cached_synthetic(int(config.data.num_synthetic),
+                                                           tuple(config.data.synthetic_heart_rates),
+                                                           int(config.seed) + 1, cache_dir))
 
 
 def diffusion_data_source(config: ml_collections.ConfigDict):
@@ -170,10 +165,13 @@ def diffusion_data_source(config: ml_collections.ConfigDict):
 
 def to_loss_batch(batch: dict) -> dict:
     """Data-pipeline names -> the names `diffusion.losses` read (ecg, hr); a precomputed scaled
-    `latent` `[B, L/8, 4]`, when present, replaces encoding `signal` with the frozen VAE."""
+    `latent` `[B, L/8, 4]`, when present, replaces encoding `signal` with the frozen VAE; `rhythm`
+    passes through."""
     out = {"text_embedding": batch["text_embedding"], "sex": batch["sex"], "age": batch["age"],
            "hr": batch["heart_rate"]}
     out.update({"latent": batch["latent"]} if "latent" in batch else {"ecg": batch["signal"]})
+    if "rhythm" in batch:
+        out["rhythm"] = batch["rhythm"]
     return out
 
 
@@ -197,7 +195,8 @@ def _make_data_fn(config: ml_collections.ConfigDict):
         loader = diffusion_loader(_cached_source(config), batch_size=local_batch, split="train",
                                   seed=int(config.seed), process_index=process_index,
                                   process_count=process_count,
-                                  worker_count=int(config.data.worker_count))
+                                  worker_count=int(config.data.worker_count),
+                                  rhythm=bool(config.model.unet.get("rhythm_condition", False)))
         return iter(loader)
     return make_data
 
@@ -206,7 +205,7 @@ def _abstract_batch(config):
     def abstract_batch(global_batch):
         f32 = jnp.float32
         scalar = jax.ShapeDtypeStruct((global_batch,), f32)
-        return {"signal": jax.ShapeDtypeStruct(
+        batch = {"signal": jax.ShapeDtypeStruct(
                     (global_batch, int(config.data.num_leads), int(config.data.signal_length)), f32),
                 "text_embedding": jax.ShapeDtypeStruct((global_batch, int(config.text.embed_dim)),
                                                        f32),
@@ -214,6 +213,10 @@ def _abstract_batch(config):
                 "condition_known": jax.ShapeDtypeStruct((global_batch, 3), f32),
                 "record_key": jax.ShapeDtypeStruct((global_batch,), jnp.int64
                                                    if jax.config.jax_enable_x64 else jnp.int32)}
+        if config.model.unet.get("rhythm_condition", False):
+            batch["rhythm"] = jax.ShapeDtypeStruct(
+                (global_batch, int(config.data.signal_length), RHYTHM_CHANNELS), f32)
+        return batch
     return abstract_batch
 
 
