@@ -76,5 +76,6 @@ def get_config(arg=None):
         config.diffusion.update(dict(prediction="v", latent="mean", clip_sample=3.0))
         config.train.update(dict(batch_size=8, steps=200, learning_rate=1e-3, warmup_steps=10,
                                  log_every=10, checkpoint_every=100, vae_steps=200, unet_steps=200))
-        config.sample.steps = 20
+        # The demo-sized model follows its rhythm only with guidance (see diffusion/demo.py).
+        config.sample.update(dict(steps=20, guidance=3.0))
     return config

@@ -161,6 +161,17 @@ def test_guidance_zero_is_the_unconditional_model(tiny):
     np.testing.assert_allclose(g, u + 2 * (c - u), atol=1e-4)  # scale 2 extrapolates
 
 
+def test_sampling_defaults_to_the_config_guidance(tiny):
+    config, vae, vae_params, unet, unet_params = tiny
+    pipe = DiffusionPipeline.from_config(config, vae_params, unet_params)
+    assert pipe.default_guidance == config.sample.guidance == 3.0
+    cond = build_condition(np.ones((1, TEXT_DIM)), "F", 60, 110)
+    kw = dict(sampler="ddim", steps=2, seed=1)
+    default = pipe.sample_latents(cond, **kw)
+    np.testing.assert_array_equal(default, pipe.sample_latents(cond, guidance=3.0, **kw))
+    assert np.abs(default - pipe.sample_latents(cond, guidance=1.0, **kw)).max() > 1e-4
+
+
 def test_generate_shapes_and_seed(tiny):
     config, vae, vae_params, unet, unet_params = tiny
     pipe = DiffusionPipeline.from_config(config, vae_params, unet_params)

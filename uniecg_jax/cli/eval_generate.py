@@ -23,7 +23,8 @@ def add_parser(jobs_subparsers) -> None:
     parser.add_argument("--n", type=int, default=2, help="ECGs per record")
     parser.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance (default: the model's sample.guidance)")
     parser.add_argument("--max-records", type=int, default=0, help="0 = all")
     parser.add_argument("--batch-size", type=int, default=32, help="records per generation batch")
     parser.add_argument("--no-baseline", action="store_true", help="skip the guidance-0 baseline")

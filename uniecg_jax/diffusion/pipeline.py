@@ -66,21 +66,24 @@ class DiffusionPipeline:
     """A VAE + conditional UNet + noise schedule, with jitted batched seeded sampling."""
 
     def __init__(self, vae: VAE, vae_params: Any, unet: ConditionalUNet, unet_params: Any,
-                 schedule: schedule_lib.NoiseSchedule, signal_length: int = 1024):
+                 schedule: schedule_lib.NoiseSchedule, signal_length: int = 1024,
+                 default_guidance: float = 1.0):
         self.vae, self.vae_params = vae, vae_params
         self.unet, self.unet_params = unet, unet_params
         self.schedule = schedule
         self.signal_length = signal_length
+        self.default_guidance = float(default_guidance)   # `sample.guidance` of the model config
         self._compiled: dict = {}
 
     @classmethod
     def from_config(cls, config, vae_params: Any, unet_params: Any) -> "DiffusionPipeline":
         """From a `configs/diffusion.py` config and `{"params": ...}` trees."""
         unet_cfg = UNetConfig.from_config(config.model.unet, config.diffusion.num_steps)
+        guidance = config.sample.get("guidance", 1.0) if "sample" in config else 1.0
         return cls(VAE(VAEConfig.from_config(config.model.vae)), vae_params,
                    ConditionalUNet(unet_cfg), unet_params,
                    schedule_lib.NoiseSchedule.from_config(config.diffusion),
-                   int(config.data.signal_length))
+                   int(config.data.signal_length), guidance)
 
     def _sampler(self, sampler: str, steps: int, guidance: float, eta: float, decode: bool):
         key = (sampler, steps, float(guidance), float(eta), decode)
@@ -107,29 +110,32 @@ class DiffusionPipeline:
         return pool_rhythm(features, self.unet.cfg.latent_length)
 
     def sample_latents(self, condition: np.ndarray, sampler: str = "ddim", steps: int = 50,
-                       guidance: float = 1.0, eta: float = 0.0, seed: int = 0,
+                       guidance: float | None = None, eta: float = 0.0, seed: int = 0,
                        rhythm: np.ndarray | None = None) -> np.ndarray:
         """Condition `[N, D + 3]` -> latents `[N, L/8, 4]` (no decoding). `rhythm` `[N, L/8, 2]`
-        (rhythm-conditioned UNets; None = unknown rhythm)."""
+        (rhythm-conditioned UNets; None = unknown rhythm). guidance None = `default_guidance`."""
+        guidance = self.default_guidance if guidance is None else guidance
         fn = self._sampler(sampler, steps, guidance, eta, decode=False)
         return np.asarray(fn(self.unet_params, self.vae_params, jnp.asarray(condition),
                              None if rhythm is None else jnp.asarray(rhythm),
                              jax.random.PRNGKey(seed)))
 
     def generate(self, text_embedding, sex, age, hr, n: int = 1, sampler: str = "ddim",
-                 steps: int = 50, guidance: float = 1.0, seed: int = 0, eta: float = 0.0,
+                 steps: int = 50, guidance: float | None = None, seed: int = 0, eta: float = 0.0,
                  sample_rate: float = NATIVE_RATE) -> np.ndarray:
         """ECGs `[N, 12, T]` in mV: `n` samples for each of the B conditions (N = B * n).
 
         Args:
           text_embedding: `[D]` or `[B, D]`; sex "M"/"F"; age years; hr bpm (scalars or `[B]`).
           sampler: "ddpm" (all training steps, the reference) or "ddim" (`steps` steps, `eta`).
-          guidance: classifier-free guidance scale (1 = conditional, 0 = unconditional).
+          guidance: classifier-free guidance scale (1 = conditional, 0 = unconditional; None =
+            the model config's `sample.guidance`).
             A rhythm-conditioned UNet also gets regular beats at `hr` (first beat from `seed`).
           sample_rate: 102.4 (native, T = 1024) or e.g. 500 (T = 5000, polyphase resampling).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        guidance = self.default_guidance if guidance is None else guidance
         condition = build_condition(text_embedding, sex, age, hr, self.unet.cfg.text_embed_dim)
         condition = repeat_conditions(condition, n)
         rhythm = self.rhythm_for(condition[:, -1], seed)   # the last condition column is the rate

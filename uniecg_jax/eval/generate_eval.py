@@ -180,7 +180,7 @@ def get_or_train_clip(directory: str, records: Sequence, text_encoder, text_enco
 
 
 def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "bundled",
-             n: int = 2, sampler: str = "ddim", steps: int = 50, guidance: float = 1.0,
+             n: int = 2, sampler: str = "ddim", steps: int = 50, guidance: float | None = None,
              baseline: bool = True, max_records: int = 0, clip_steps: int = 300, seed: int = 0,
              batch_size: int = 32) -> dict:
     """Generates for every evaluation record, scores, writes `out` (JSON) and returns the metrics."""
@@ -188,6 +188,7 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
     from uniecg_jax.train import diffusion as diffusion_train
 
     pipeline, config = load_pipeline(ckpt)
+    guidance = pipeline.default_guidance if guidance is None else guidance
     config = diffusion_train.with_training_defaults(config)
     text_encoder = diffusion_train.text_encoder_for(config)
     clip_records = diffusion_train.training_records(config) if clip_dir or data == "bundled" \
@@ -196,7 +197,7 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
         records = clip_records
     else:
         from uniecg_jax.eval.interpret_eval import load_eval_records
-        records = diffusion_train.with_measured_heart_rate(load_eval_records(data, config))
+        records = diffusion_train.with_measured_rhythm(load_eval_records(data, config))
     if max_records:
         records = records[:max_records]
     items = eval_items(records, text_encoder)

@@ -37,7 +37,7 @@ def predict_embeddings(unified, reports: Sequence[str], batch_size: int = 8,
 
 
 def run(unified, records: Sequence, *, text_encoder, n: int = 1, steps: int = 50,
-        guidance: float = 1.0, seed: int = 0, clip=None, batch_size: int = 8) -> dict:
+        guidance: float | None = None, seed: int = 0, clip=None, batch_size: int = 8) -> dict:
     """Metrics dict: {"via_llm": fidelity metrics, "true_embedding": fidelity metrics,
     "embedding_cosine": {mean, min, per_record}, "emitted_rate": share of requests answered with
     all [ECG] tokens}. `unified.diffusion` must be loaded."""
@@ -50,6 +50,7 @@ def run(unified, records: Sequence, *, text_encoder, n: int = 1, steps: int = 50
     predicted, emitted = predict_embeddings(unified, items["report"], batch_size)
     cosine = cosine_similarity(predicted, items["text_embedding"])
     via_llm_items = dict(items, text_embedding=predicted.astype(np.float32))
+    guidance = unified.diffusion.default_guidance if guidance is None else guidance
     common = dict(n=n, sampler="ddim", steps=steps, guidance=guidance, seed=seed,
                   batch_size=batch_size)
     generated_llm = generate_for_items(unified.diffusion, via_llm_items, **common)
