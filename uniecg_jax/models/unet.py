@@ -190,7 +190,7 @@ class Block(nn.Module):
         mid = (in_channels + self.out_channels) // 2
         h = x + TimeEmbedding(cfg, in_channels, name="time_emb")(timesteps)[:, None, :]
         if rhythm is not None:  # beat phase at this resolution, projected per position
-            h = h + Dense(in_channels, name="rhythm_proj", **kw)(rhythm)
+            h = h + Dense(in_channels, kernel_axes=(None, "mlp"), name="rhythm_proj", **kw)(rhythm)
         h = Conv1d(mid, cfg.kernel_size, name="pre_shortcut_conv", **kw)(h)
         h = mish(GroupNorm(1, name="norm1", **kw)(h))
         h = Conv1d(mid, 1, name="shortcut_conv", **kw)(h)
@@ -215,8 +215,8 @@ class Bottleneck(nn.Module):
         channels = x.shape[-1]
         conv = lambda name: Conv1d(channels, cfg.bottleneck_kernel_size, name=name, **kw)  # noqa
         h = x + TimeEmbedding(cfg, channels, name="time_emb")(timesteps)[:, None, :]
-        if rhythm is not None:
-            h = h + Dense(channels, name="rhythm_proj", **kw)(rhythm)
+        if rhythm is not None:  # (the 2-wide input axis is never sharded)
+            h = h + Dense(channels, kernel_axes=(None, "mlp"), name="rhythm_proj", **kw)(rhythm)
         h = conv("conv1")(h)
         h = conv("conv1_2")(mish(GroupNorm(1, name="norm1", **kw)(h)))
         h = SelfAttention(cfg, cfg.bottleneck_hidden, cfg.bottleneck_heads,
