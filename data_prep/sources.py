@@ -159,13 +159,14 @@ def load_item(options: SourceOptions, item: WorkItem):
         conversation = list(sample.turns)
     record = dc.replace(record, patient_id=item.patient_id)
     if record.heart_rate is None:  # measured once here so pipelines need no QRS detection
-        from uniecg_jax.data.measure import rhythm
+        from uniecg_jax.data.measure import with_measured_rhythm
 
-        measured = rhythm(record.signal[1], record.fs)   # lead II
-        record = dc.replace(record, r_peaks=tuple(float(t) for t in measured.r_peaks / record.fs))
-        if measured.heart_rate_bpm == measured.heart_rate_bpm:
+        # The detected rate goes to measurements (heart_rate stays the source's: unknown).
+        measured = with_measured_rhythm(record)
+        record = dc.replace(record, r_peaks=measured.r_peaks)
+        if measured.heart_rate is not None:
             record = dc.replace(record, measurements={
-                **record.measurements, QRS_HEART_RATE: round(measured.heart_rate_bpm, 2)})
+                **record.measurements, QRS_HEART_RATE: round(measured.heart_rate, 2)})
     if conversation is None and options.build_conversations:
         conversation = conversations.build_conversation(record)
     return record, conversation

@@ -185,18 +185,17 @@ class DiffusionExample(grain.MapTransform):
         self.rhythm = rhythm
 
     def map(self, example: dict) -> dict:
-        from uniecg_jax.data.measure import heart_rate_bpm, with_measured_rhythm
+        from uniecg_jax.data.measure import with_measured_rhythm
 
         if example.get("text_embedding") is None:
             raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
                               "with a --text-encoder, or pass one to records_source")
         record = example_to_record(example)
-        if self.rhythm and record.r_peaks is None:
-            record = with_measured_rhythm(record)
         heart_rate = record.heart_rate or record.measurements.get("qrs_heart_rate")
-        if heart_rate is None:  # not measured in data_prep: detect QRS now (slower)
-            measured = heart_rate_bpm(record.signal, record.fs)
-            heart_rate = measured if np.isfinite(measured) else None
+        if heart_rate is None or (self.rhythm and record.r_peaks is None):
+            # Not measured in data_prep: one QRS detection now (slower) gives rate and peaks.
+            record = with_measured_rhythm(record)
+            heart_rate = heart_rate or record.heart_rate
         known = np.array([record.sex is not None, record.age is not None, heart_rate is not None],
                          np.float32)
         signal = record.to_diffusion_input()

@@ -29,15 +29,10 @@ def beat_phase(r_peaks_s: Sequence[float], duration_s: float, num_points: int) -
     """Phase in [0, 1) at `num_points` cell centres of a `duration_s` record, or None when fewer
     than 2 R peaks are known. Before the first and after the last peak the neighbouring RR interval
     is extended."""
-    peaks = np.sort(np.asarray(r_peaks_s, np.float64))
+    peaks = np.unique(np.asarray(r_peaks_s, np.float64))   # sorted, duplicates dropped
     if len(peaks) < 2:
         return None
     rr = np.diff(peaks)
-    if np.any(rr <= 0):
-        peaks = np.unique(peaks)
-        if len(peaks) < 2:
-            return None
-        rr = np.diff(peaks)
     times = (np.arange(num_points) + 0.5) * (duration_s / num_points)
     # Extend the beat grid by whole RR intervals past both ends so every time has a bracket.
     before = peaks[0] - rr[0] * np.arange(int(np.ceil(peaks[0] / rr[0])) + 1, 0, -1)
