@@ -19,6 +19,21 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best (minimum) seconds per call of each blocking `fn`, after one warm-up call each, timing
+    the functions in turn (A, B, A, B, ...) so that a slow spell of a shared host hits both sides
+    of a comparison instead of one of them."""
+    for fn in fns.values():
+        fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def matmul_peak(size: int = 2048) -> dict[str, float]:
     """FLOP/s of a square f32 matmul and of bf16 x bf16 with f32 accumulation (our compute path)."""
     a32 = jnp.asarray(np.random.RandomState(0).randn(size, size), jnp.float32)

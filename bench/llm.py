@@ -9,7 +9,8 @@ In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 
      (ours: bf16 compute, f32 params; PyTorch: torch.autocast(bfloat16));
   3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
   4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
-     in f32 and with bf16 weights on both sides.
+     in f32 and with bf16 weights on both sides; each side's best of --decode-repeats runs, the two
+     sides timed in turn (run-to-run spread on a shared 2-core host is ~10%).
 The train step is a plain local jit (value_and_grad + optax.adamw, donated state) on one device.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import matmul_peak, timed  # noqa: E402
+from common import interleaved_best, matmul_peak, timed  # noqa: E402
 
 
 def flops_per_token(config: LLMConfig, seq: int) -> float:
@@ -88,10 +89,11 @@ def torch_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int
 
 
 def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int,
-                        bf16: bool = False) -> tuple[float, float]:
+                        bf16: bool = False, repeats: int = 3) -> tuple[float, float]:
     """(ours, HF generate()) new tokens per second, greedy, same random weights; f32, or bf16
     weights and activations on both sides (ours: param_dtype = dtype = bfloat16, f32 accumulation;
-    PyTorch: the model cast with `.to(torch.bfloat16)`)."""
+    PyTorch: the model cast with `.to(torch.bfloat16)`). Each side's best of `repeats` runs, the two
+    sides timed in turn."""
     import torch
     import transformers
     from uniecg_jax.convert.hf_llm import hf_config_from_model, hf_state_dict
@@ -107,7 +109,6 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
     def ours():
         out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=())
         out.tokens.block_until_ready()
-    ours_s = timed(ours, 2)
 
     hf_model = transformers.LlamaForCausalLM(hf_config_from_model(config)).float().eval()
     with torch.no_grad():
@@ -123,8 +124,8 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
                                                                            dtype=torch.long),
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0)
-    hf_s = timed(hf, 1)
-    return batch * new_tokens / ours_s, batch * new_tokens / hf_s
+    best = interleaved_best({"ours": ours, "hf": hf}, repeats)
+    return batch * new_tokens / best["ours"], batch * new_tokens / best["hf"]
 
 
 def main() -> None:
@@ -135,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed train steps per variant")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--decode-repeats", type=int, default=3,
+                        help="timed decode runs per side (best taken)")
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
     import torch
@@ -174,7 +177,7 @@ def main() -> None:
     for dtype_name in ("f32", "bf16"):
         for batch in (1, 8):
             ours, hf = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens,
-                                           bf16=dtype_name == "bf16")
+                                           bf16=dtype_name == "bf16", repeats=args.decode_repeats)
             print(f"decode {dtype_name:4s} batch {batch}: ours {ours:8.0f} tok/s   generate() "
                   f"{hf:8.0f} tok/s   ratio {ours / hf:5.2f}x   ({args.new_tokens} new tokens, "
                   f"prompt {args.prompt})")
