@@ -10,7 +10,8 @@ In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 
   3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
   4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
      in f32 and with bf16 weights on both sides; each side's best of --decode-repeats runs, the two
-     sides timed in turn (run-to-run spread on a shared 2-core host is ~10%).
+     sides timed in turn (run-to-run spread on a shared 2-core host is ~10%). Where `generate` uses
+     kernels.small_batch_matmul (f32, batch 2-8 on CPU) the line also gives our loop with XLA's dot.
 The train step is a plain local jit (value_and_grad + optax.adamw, donated state) on one device.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import optax
 
 from uniecg_jax import decoding
+from uniecg_jax.kernels import small_batch_matmul
 from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig
 
@@ -89,11 +91,12 @@ def torch_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int
 
 
 def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int,
-                        bf16: bool = False, repeats: int = 3) -> tuple[float, float]:
-    """(ours, HF generate()) new tokens per second, greedy, same random weights; f32, or bf16
-    weights and activations on both sides (ours: param_dtype = dtype = bfloat16, f32 accumulation;
-    PyTorch: the model cast with `.to(torch.bfloat16)`). Each side's best of `repeats` runs, the two
-    sides timed in turn."""
+                        bf16: bool = False, repeats: int = 3) -> dict[str, float]:
+    """New tokens per second, greedy, same random weights, for "ours", "hf" (generate()) and, where
+    `generate` uses kernels.small_batch_matmul, "ours_xla_dot" (the same loop with XLA's dot); f32,
+    or bf16 weights and activations on both sides (ours: param_dtype = dtype = bfloat16, f32
+    accumulation; PyTorch: the model cast with `.to(torch.bfloat16)`). Each one's best of `repeats`
+    runs, timed in turn."""
     import torch
     import transformers
     from uniecg_jax.convert.hf_llm import hf_config_from_model, hf_state_dict
@@ -106,9 +109,14 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
         model = Decoder(dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
         params_f32, params = params, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
 
-    def ours():
-        out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=())
+    def ours(small_batch_kernel=None):
+        out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=(),
+                                small_batch_kernel=small_batch_kernel)
         out.tokens.block_until_ready()
+    runs = {"ours": ours}
+    if small_batch_matmul.usable(model.config.compute_dtype, model.config.params_dtype, batch,
+                                 params):
+        runs["ours_xla_dot"] = lambda: ours(small_batch_kernel=False)
 
     hf_model = transformers.LlamaForCausalLM(hf_config_from_model(config)).float().eval()
     with torch.no_grad():
@@ -124,8 +132,8 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
                                                                            dtype=torch.long),
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0)
-    best = interleaved_best({"ours": ours, "hf": hf}, repeats)
-    return batch * new_tokens / best["ours"], batch * new_tokens / best["hf"]
+    best = interleaved_best({**runs, "hf": hf}, repeats)
+    return {name: batch * new_tokens / seconds for name, seconds in best.items()}
 
 
 def main() -> None:
@@ -176,11 +184,15 @@ def main() -> None:
 
     for dtype_name in ("f32", "bf16"):
         for batch in (1, 8):
-            ours, hf = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens,
-                                           bf16=dtype_name == "bf16", repeats=args.decode_repeats)
+            rates = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens,
+                                        bf16=dtype_name == "bf16", repeats=args.decode_repeats)
+            ours, hf = rates["ours"], rates["hf"]
+            kernel = (f"   [small_batch_matmul kernel; XLA dot alone {rates['ours_xla_dot']:.0f}"
+                      f" tok/s = {rates['ours_xla_dot'] / hf:.2f}x]"
+                      if "ours_xla_dot" in rates else "")
             print(f"decode {dtype_name:4s} batch {batch}: ours {ours:8.0f} tok/s   generate() "
                   f"{hf:8.0f} tok/s   ratio {ours / hf:5.2f}x   ({args.new_tokens} new tokens, "
-                  f"prompt {args.prompt})")
+                  f"prompt {args.prompt}){kernel}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from uniecg_jax import decoding  # noqa: E402
 from uniecg_jax.convert import hf_llm, hf_testing  # noqa: E402
+from uniecg_jax.kernels import small_batch_matmul  # noqa: E402
 from uniecg_jax.models.llm import Decoder, LLMConfig  # noqa: E402
 
 PROMPTS = [[5, 17, 42, 8, 9, 60, 33], [11, 12], [70, 71, 72, 73]]
@@ -24,11 +25,15 @@ def tiny(tmp_path_factory):
     return hf_model, Decoder(config), params
 
 
-def test_greedy_matches_hf_generate_on_padded_batch(tiny):
+@pytest.mark.parametrize("small_batch_kernel", [True, False])
+def test_greedy_matches_hf_generate_on_padded_batch(tiny, small_batch_kernel):
     hf_model, model, params = tiny
+    if small_batch_kernel and not small_batch_matmul.load():
+        pytest.skip("kernels.small_batch_matmul is not built here (no C++ compiler)")
     ids, mask = decoding.left_pad(PROMPTS, pad_token_id=0)
     max_new = 12
-    out = decoding.generate(model, params, ids, mask, max_new_tokens=max_new, stop_token_ids=())
+    out = decoding.generate(model, params, ids, mask, max_new_tokens=max_new, stop_token_ids=(),
+                            small_batch_kernel=small_batch_kernel)
     with torch.no_grad():
         ref = hf_model.generate(torch.tensor(ids, dtype=torch.long),
                                 attention_mask=torch.tensor(mask, dtype=torch.long),

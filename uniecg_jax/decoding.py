@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniecg_jax.kernels import small_batch_matmul
+from uniecg_jax.layers.linear import PACKED
 from uniecg_jax.models.llm import Decoder, init_cache
 
 
@@ -100,7 +102,8 @@ def sample_tokens(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.
 
 
 def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
-                   stop_token_ids: tuple[int, ...], pad_token_id: int, params: Any,
+                   stop_token_ids: tuple[int, ...], pad_token_id: int, small_batch_kernel: bool,
+                   params: Any,
                    input_ids: jax.Array, attention_mask: jax.Array,
                    extra_embeddings: jax.Array | None, extra_positions: jax.Array | None,
                    rng: jax.Array) -> GenerateOutput:
@@ -111,6 +114,12 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
     logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask,
                                 extra_embeddings=extra_embeddings, extra_positions=extra_positions,
                                 cache=cache, only_last=True)
+    step_variables = {"params": params}
+    if small_batch_kernel:
+        # Pack every kernel once for small_batch_matmul (a second copy of the weights while this
+        # call runs); applying with the collection mutable builds it.
+        _, packed = model.apply({"params": params}, input_ids[:, -1:], mutable=[PACKED])
+        step_variables[PACKED] = packed[PACKED]
     rng, step_rng = jax.random.split(rng)
     first = sample_tokens(logits[:, -1], sampling, step_rng)
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -124,7 +133,7 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
     def body(state):
         step, tokens, done, lengths, cache, rng = state
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)      # [B, 1]
-        logits, cache = model.apply({"params": params}, previous,
+        logits, cache = model.apply(step_variables, previous,
                                     attention_mask=jnp.ones_like(previous), cache=cache)
         rng, step_rng = jax.random.split(rng)
         token = sample_tokens(logits[:, -1], sampling, step_rng)
@@ -143,15 +152,17 @@ _JITTED: dict = {}
 
 
 def generate_fn(model: Decoder, max_new_tokens: int, sampling: Sampling = Sampling(),
-                stop_token_ids: Sequence[int] = (), pad_token_id: int = 0):
+                stop_token_ids: Sequence[int] = (), pad_token_id: int = 0,
+                small_batch_kernel: bool = False):
     """The jitted `(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng) ->
-    GenerateOutput` for these static settings (cached), for callers that manage shardings."""
+    GenerateOutput` for these static settings (cached), for callers that manage shardings.
+    `small_batch_kernel`: decode steps use `kernels.small_batch_matmul` (see `generate`)."""
     key = (model.config, int(max_new_tokens), sampling, tuple(int(t) for t in stop_token_ids),
-           int(pad_token_id))
+           int(pad_token_id), bool(small_batch_kernel))
     if key not in _JITTED:
         def fn(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng):
-            return _generate_impl(model, key[1], sampling, key[3], key[4], params, input_ids,
-                                  attention_mask, extra_embeddings, extra_positions, rng)
+            return _generate_impl(model, key[1], sampling, key[3], key[4], key[5], params,
+                                  input_ids, attention_mask, extra_embeddings, extra_positions, rng)
         _JITTED[key] = jax.jit(fn)
     return _JITTED[key]
 
@@ -160,7 +171,8 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
              max_new_tokens: int = 32, stop_token_ids: Sequence[int] | None = None,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None,
              extra_embeddings=None, extra_positions=None,
-             pad_token_id: int | None = None) -> GenerateOutput:
+             pad_token_id: int | None = None,
+             small_batch_kernel: bool | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row for LEFT-padded prompts.
 
     Args:
@@ -168,6 +180,9 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
       stop_token_ids: a row stops after emitting any of these (default: the config's eos).
       sampling: greedy by default.
       extra_embeddings [B, N, D] / extra_positions [B, N]: spliced into the prompt at prefill.
+      small_batch_kernel: decode steps run the model's matmuls through
+        `kernels.small_batch_matmul` (1.3-3x XLA:CPU's dot for 2..8 rows in f32). None (default):
+        wherever `small_batch_matmul.usable` says it applies; False: never.
     Returns: GenerateOutput(tokens [B, max_new_tokens], lengths [B]).
     """
     cfg = model.config
@@ -183,7 +198,10 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
     if not sampling.greedy and rng is None:
         raise ValueError("generate: sampling needs an rng key")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    fn = generate_fn(model, max_new_tokens, sampling, stop, pad)
+    if small_batch_kernel is None:
+        small_batch_kernel = small_batch_matmul.usable(cfg.compute_dtype, cfg.params_dtype,
+                                                       input_ids.shape[0], params)
+    fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel)
     extra_positions = None if extra_positions is None else jnp.asarray(extra_positions, jnp.int32)
     return fn(params, input_ids, jnp.asarray(attention_mask, jnp.int32), extra_embeddings,
               extra_positions, rng)
