@@ -6,7 +6,8 @@
 In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 by default):
   1. matmul peak: a big f32 matmul and a bf16 matmul with f32 accumulation (our compute path);
   2. training tokens/s, forward + backward + AdamW: ours vs PyTorch, f32 and bf16
-     (ours: bf16 compute, f32 params; PyTorch: torch.autocast(bfloat16));
+     (ours: bf16 compute, f32 params; PyTorch: torch.autocast(bfloat16)); each side's best of
+     --steps steps, the two sides stepped in turn;
   3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
   4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
      in f32 and with bf16 weights on both sides; each side's best of --decode-repeats runs, the two
@@ -32,7 +33,7 @@ from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved_best, matmul_peak, timed  # noqa: E402
+from common import interleaved_best, matmul_peak  # noqa: E402
 
 
 def flops_per_token(config: LLMConfig, seq: int) -> float:
@@ -42,7 +43,8 @@ def flops_per_token(config: LLMConfig, seq: int) -> float:
         config.resolved_head_dim * seq
 
 
-def ours_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int) -> float:
+def ours_train_step(config: LLMConfig, batch: int, seq: int):
+    """A blocking callable: one jitted train step (value_and_grad + AdamW, donated state)."""
     model = Decoder(config)
     ids = jnp.asarray(np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)))
     params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), ids[:1, :8])["params"])()
@@ -66,12 +68,11 @@ def ours_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int)
     def run():
         state[0], state[1], loss = step(state[0], state[1], ids)
         loss.block_until_ready()
-    seconds = timed(run, steps)
-    return batch * (seq - 1) / seconds
+    return run
 
 
-def torch_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int,
-                             bf16: bool) -> float:
+def torch_train_step(config: LLMConfig, batch: int, seq: int, bf16: bool):
+    """A blocking callable: one HF Llama train step (forward, backward, AdamW)."""
     import torch
     import transformers
     from uniecg_jax.convert.hf_llm import hf_config_from_model
@@ -86,8 +87,7 @@ def torch_train_tokens_per_s(config: LLMConfig, batch: int, seq: int, steps: int
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    seconds = timed(run, steps)
-    return batch * (seq - 1) / seconds
+    return run
 
 
 def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int,
@@ -141,7 +141,8 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3, help="timed train steps per variant")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="timed train steps per side (best taken)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--decode-repeats", type=int, default=3,
@@ -173,9 +174,12 @@ def main() -> None:
     rows = []
     for name, cfg, torch_bf16, peak_key in (("f32", config, False, "f32"),
                                            ("bf16", bf16, True, "bf16_f32acc")):
-        ours = ours_train_tokens_per_s(cfg, args.batch, args.seq, args.steps)
-        ref = None if args.skip_torch else torch_train_tokens_per_s(
-            config, args.batch, args.seq, args.steps, torch_bf16)
+        steps = {"ours": ours_train_step(cfg, args.batch, args.seq)}
+        if not args.skip_torch:
+            steps["torch"] = torch_train_step(config, args.batch, args.seq, torch_bf16)
+        best = interleaved_best(steps, args.steps)
+        ours = args.batch * (args.seq - 1) / best["ours"]
+        ref = args.batch * (args.seq - 1) / best["torch"] if "torch" in best else None
         mfu = ours * fpt / peak[peak_key]
         rows.append((name, ours, ref, mfu))
         ref_text = "n/a" if ref is None else f"{ref:8.0f} tok/s   ratio {ours / ref:5.2f}x"
