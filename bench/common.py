@@ -19,18 +19,28 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def interleaved_best(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best (minimum) seconds per call of each blocking `fn`, after one warm-up call each, timing
-    the functions in turn (A, B, A, B, ...) so that a slow spell of a shared host hits both sides
-    of a comparison instead of one of them."""
-    for fn in fns.values():
-        fn()
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
+def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int,
+                     calls_per_turn: int = 1, warm_each_turn: bool = False) -> dict[str, float]:
+    """Best (minimum) seconds per call of each blocking `fn`, after one warm-up call each.
+
+    The functions take turns (A, B, A, B, ... for `rounds` rounds), so that a slow spell of a shared
+    host hits both sides of a comparison instead of one of them; each turn times `calls_per_turn`
+    calls. `warm_each_turn` adds one untimed call at the start of every turn: the first JAX train
+    step after a PyTorch step ran ~30% slower here (allocator and cache state left by the other
+    framework), a cost that a training loop running one framework never pays.
+    """
+    if not warm_each_turn:
+        for fn in fns.values():
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if warm_each_turn:
+                fn()
+            for _ in range(calls_per_turn):
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 

@@ -6,8 +6,8 @@
 In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 by default):
   1. matmul peak: a big f32 matmul and a bf16 matmul with f32 accumulation (our compute path);
   2. training tokens/s, forward + backward + AdamW: ours vs PyTorch, f32 and bf16
-     (ours: bf16 compute, f32 params; PyTorch: torch.autocast(bfloat16)); each side's best of
-     --steps steps, the two sides stepped in turn;
+     (ours: bf16 compute, f32 params; PyTorch: torch.autocast(bfloat16)); each side's best
+     step over --rounds turns of --steps timed steps (after an untimed one), the sides in turn;
   3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
   4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
      in f32 and with bf16 weights on both sides; each side's best of --decode-repeats runs, the two
@@ -31,6 +31,7 @@ from uniecg_jax import decoding
 from uniecg_jax.kernels import small_batch_matmul
 from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig
+from uniecg_jax.train.lm import next_token_loss
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved_best, matmul_peak  # noqa: E402
@@ -53,10 +54,9 @@ def ours_train_step(config: LLMConfig, batch: int, seq: int):
     tx = optax.adamw(3e-4, weight_decay=0.01)
     opt_state = tx.init(params)
 
-    def loss_fn(params, ids):
+    def loss_fn(params, ids):  # the objective `uniecg train` runs (HF's side: labels=ids)
         logits = model.apply({"params": params}, ids[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1).mean()
+        return next_token_loss(logits, ids[:, 1:], jnp.ones_like(ids[:, 1:]))[0]
 
     def train_step(params, opt_state, ids):
         loss, grads = jax.value_and_grad(loss_fn)(params, ids)
@@ -141,8 +141,10 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3,
-                        help="timed train steps per side (best taken)")
+    parser.add_argument("--steps", type=int, default=2,
+                        help="timed train steps per turn (best taken)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="turns per side in training, ours and PyTorch alternating")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--decode-repeats", type=int, default=3,
@@ -177,7 +179,7 @@ def main() -> None:
         steps = {"ours": ours_train_step(cfg, args.batch, args.seq)}
         if not args.skip_torch:
             steps["torch"] = torch_train_step(config, args.batch, args.seq, torch_bf16)
-        best = interleaved_best(steps, args.steps)
+        best = interleaved_best(steps, args.rounds, args.steps, warm_each_turn=True)
         ours = args.batch * (args.seq - 1) / best["ours"]
         ref = args.batch * (args.seq - 1) / best["torch"] if "torch" in best else None
         mfu = ours * fpt / peak[peak_key]

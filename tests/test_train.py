@@ -67,6 +67,11 @@ def test_next_token_loss_matches_manual_cross_entropy():
     loss, aux = lm.next_token_loss(logits, targets, mask)
     np.testing.assert_allclose(loss, (nll * mask).sum() / 4, rtol=1e-6)
     assert float(aux["num_tokens"]) == 4
+    targets_on_top = np.where(np.arange(2)[:, None] == 0, logits.argmax(-1), targets)  # row 0 all hits
+    _, top = lm.next_token_loss(logits, targets_on_top, mask)
+    hits = (logits.argmax(-1) == targets_on_top) * mask
+    np.testing.assert_allclose(top["accuracy"], hits.sum() / 4, rtol=1e-6)
+    assert float(top["accuracy"]) >= 0.5  # row 0's two counted targets are the top logits
     log_z = np.log(np.exp(logits).sum(-1))
     z_loss, _ = lm.next_token_loss(logits, targets, mask, z_loss=1e-2)
     np.testing.assert_allclose(z_loss, (nll * mask).sum() / 4 + 1e-2 * (log_z ** 2 * mask).sum() / 4,

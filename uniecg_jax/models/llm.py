@@ -62,6 +62,7 @@ class LLMConfig:
     dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False
+    attention_query_chunk: int = 128
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -71,6 +72,9 @@ class LLMConfig:
             raise ValueError(f"model.family must be 'llama' or 'qwen2', got {self.family!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention_query_chunk < 0:
+            raise ValueError("model.attention_query_chunk must be >= 0 (0 = dense attention), got "
+                             f"{self.attention_query_chunk}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model.num_heads={self.num_heads} is not a multiple of "
                              f"model.num_kv_heads={self.num_kv_heads}")
@@ -143,7 +147,7 @@ class DecoderLayer(nn.Module):
         attn_out, layer_cache = Attention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
             qkv_bias=cfg.has_qkv_bias, out_bias=cfg.attention_bias and cfg.family == "llama",
-            name="attention", **dtypes)(normed, cos, sin, key_mask, query_offset, layer_cache)
+            query_chunk=cfg.attention_query_chunk, name="attention", **dtypes)(normed, cos, sin, key_mask, query_offset, layer_cache)
         x = x + attn_out
         normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **dtypes)(x)
         x = x + SwiGLU(cfg.intermediate_size, name="mlp", **dtypes)(normed)

@@ -40,6 +40,7 @@ def llm(name: str) -> ml_collections.ConfigDict:
         dtype="float32",           # compute dtype (bfloat16 for training at scale)
         remat="none",              # none | full | dots_saveable | dots_with_no_batch_dims_saveable
         scan_layers=False,         # stack layers with nn.scan (faster compiles for deep models)
+        attention_query_chunk=128,  # cache-less causal attention in query chunks (0 = dense [T, T])
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

@@ -89,7 +89,7 @@ def finalize_model_config(config: ml_collections.ConfigDict, tokenizer) -> None:
         hf_model = model_config_from_hf(config.init.hf_dir)
         with config.unlocked():
             for key, value in hf_model.items():
-                if key in ("param_dtype", "dtype", "remat", "scan_layers"):
+                if key in ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_chunk"):
                     continue
                 config.model.llm[key] = value
             config.model.projector.llm_hidden_size = config.model.llm.hidden_size
