@@ -92,4 +92,5 @@ def test_init_and_training_never_build_packed_kernels(kernel):
     _, state = layer.apply(variables, x, mutable=True)
     assert PACKED not in state
     grad = jax.grad(lambda p: layer.apply({"params": p}, x).sum())(variables["params"])
-    np.testing.assert_allclose(np.asarray(grad["kernel"].unbox()), 4.0)   # d(sum x.W)/dW = sum of x rows
+    # d(sum x.W)/dW = the sum of x's rows
+    np.testing.assert_allclose(np.asarray(grad["kernel"].unbox()), 4.0)

@@ -67,7 +67,8 @@ def test_next_token_loss_matches_manual_cross_entropy():
     loss, aux = lm.next_token_loss(logits, targets, mask)
     np.testing.assert_allclose(loss, (nll * mask).sum() / 4, rtol=1e-6)
     assert float(aux["num_tokens"]) == 4
-    targets_on_top = np.where(np.arange(2)[:, None] == 0, logits.argmax(-1), targets)  # row 0 all hits
+    # Row 0's targets are its top logits (all hits); row 1 keeps the random targets.
+    targets_on_top = np.where(np.arange(2)[:, None] == 0, logits.argmax(-1), targets)
     _, top = lm.next_token_loss(logits, targets_on_top, mask)
     hits = (logits.argmax(-1) == targets_on_top) * mask
     np.testing.assert_allclose(top["accuracy"], hits.sum() / 4, rtol=1e-6)

@@ -63,7 +63,7 @@ def causal_attention_in_chunks(grouped_query: jax.Array, key: jax.Array, value: 
         allowed = attention_weights_mask(start, stop - start, key_mask[:, :stop])
         parts.append(grouped_attention(grouped_query[:, :, :, start:stop], key[:, :, :stop],
                                        value[:, :, :stop], allowed, dtype))
-    return jnp.concatenate(parts, axis=3) if len(parts) > 1 else parts[0]
+    return jnp.concatenate(parts, axis=3)
 
 
 class Attention(nn.Module):

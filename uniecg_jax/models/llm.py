@@ -147,7 +147,8 @@ class DecoderLayer(nn.Module):
         attn_out, layer_cache = Attention(
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.resolved_head_dim,
             qkv_bias=cfg.has_qkv_bias, out_bias=cfg.attention_bias and cfg.family == "llama",
-            query_chunk=cfg.attention_query_chunk, name="attention", **dtypes)(normed, cos, sin, key_mask, query_offset, layer_cache)
+            query_chunk=cfg.attention_query_chunk, name="attention", **dtypes,
+        )(normed, cos, sin, key_mask, query_offset, layer_cache)
         x = x + attn_out
         normed = RMSNorm(cfg.rms_norm_eps, name="post_attention_norm", **dtypes)(x)
         x = x + SwiGLU(cfg.intermediate_size, name="mlp", **dtypes)(normed)
