@@ -11,7 +11,7 @@ On one device (plain local jit, donated state):
      size. The UNet pass per denoising step is measured from DDIM-10 and DDIM-50 runs
      (t(s) = decode + s * step); DDPM-1000 is timed in full where `--full-ddpm` allows (tiny by
      default) and otherwise extrapolated as decode + 1000 * step (printed as "extrapolated");
-  3. on the demo model (`uniecg_jax.diffusion.demo`, trained if --demo-workdir has none): the
+  3. on the demo model (`uniecg_jax.demo.diffusion`, trained if --demo-workdir has none): the
      heart-rate MAE of DDPM-1000 and DDIM-50 samples at the demo's requested rates, and the speed-up.
 """
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 import optax
 
 from uniecg_jax.config import load_config
-from uniecg_jax.diffusion import demo, losses
+from uniecg_jax.demo import diffusion as demo
+from uniecg_jax.diffusion import losses
 from uniecg_jax.diffusion.layers import init_params_on_host
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline
 from uniecg_jax.diffusion.rhythm import requested_rhythm

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from uniecg_jax import decoding
+from uniecg_jax.inference import decoding
 from uniecg_jax.kernels import small_batch_matmul
 from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig

@@ -25,7 +25,7 @@ import numpy as np
 
 from uniecg_jax import sharding
 from uniecg_jax.config import load_config
-from uniecg_jax.interpret import Interpreter
+from uniecg_jax.inference.interpret import Interpreter
 from uniecg_jax.train import build_task, optim, state as state_lib, step as step_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +80,7 @@ def bench_training(config, task, steps: int, peak: float) -> dict:
 
 
 def bench_interpretation(config, task, params, new_tokens: int, batches: tuple[int, ...]) -> dict:
-    from uniecg_jax.models.unified import build_unified
+    from uniecg_jax.models.stage1 import build_unified
 
     model, _ = build_unified(config.model)
     interpreter = Interpreter(model, params, task.tokenizer, config)

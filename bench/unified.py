@@ -43,16 +43,16 @@ def main(argv=None) -> None:
 
     import flax.linen as nn
 
-    from uniecg_jax import decoding
+    from uniecg_jax.inference import decoding
     from uniecg_jax.config import load_config
     from uniecg_jax.diffusion.layers import init_params_on_host
     from uniecg_jax.diffusion.pipeline import DiffusionPipeline
     from uniecg_jax.models.llm import Decoder
     from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
-    from uniecg_jax.models.uniecg import build_stage2, init_stage2_params
+    from uniecg_jax.models.stage2 import build_stage2, init_stage2_params
     from uniecg_jax.models.vae import VAE, VAEConfig
     from uniecg_jax.train.stage2 import finalize_stage2_config
-    from uniecg_jax.unified_inference import UnifiedModel, _condition_fn
+    from uniecg_jax.inference.chat import UnifiedModel, _condition_fn
 
     config = load_config(f"configs/stage2.py:{args.stage2}")
     tokenizer, *_ = finalize_stage2_config(config)

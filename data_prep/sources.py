@@ -11,7 +11,7 @@ from typing import Any
 
 from uniecg_jax.errors import RecordError, UniECGError
 
-from uniecg_jax.cli.prep import SOURCES  # noqa: E402  (one list for the CLI and here)
+SOURCES = ("mimic", "ptbxl", "cinc", "grounding", "synthetic")
 
 
 @dataclasses.dataclass(frozen=True)

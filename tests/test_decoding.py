@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from uniecg_jax import decoding  # noqa: E402
+from uniecg_jax.inference import decoding  # noqa: E402
 from uniecg_jax.convert import hf_llm, hf_testing  # noqa: E402
 from uniecg_jax.kernels import small_batch_matmul  # noqa: E402
 from uniecg_jax.models.llm import Decoder, LLMConfig  # noqa: E402

@@ -14,8 +14,8 @@ from uniecg_jax.checkpoint import save_model
 from uniecg_jax.config import load_config
 from uniecg_jax.errors import CheckpointError, UniECGError
 from uniecg_jax.eval import interpret_eval
-from uniecg_jax.interpret import Interpreter
-from uniecg_jax.models.unified import build_unified, expand_at_placeholder
+from uniecg_jax.inference.interpret import Interpreter
+from uniecg_jax.models.stage1 import build_unified, expand_at_placeholder
 from uniecg_jax.train import build_task, optim, state as state_lib, step as step_lib
 from uniecg_jax.train.loop import train
 
@@ -53,7 +53,7 @@ def test_placeholder_expansion_equals_manual_concatenation():
     # Manual: embed text, concatenate [text before, ECG tokens, text after] per row, and run the
     # decoder on those embeddings (every position overridden).
     from uniecg_jax.models.llm import Decoder
-    from uniecg_jax.models.unified import UniECG
+    from uniecg_jax.models.stage1 import UniECG
     ecg_tokens = model.apply({"params": params}, ecg, method=UniECG.encode_ecg)
     table = np.asarray(params["llm"]["embedding"])
     rows = []
@@ -209,7 +209,7 @@ def test_init_from_hf_llama_and_ecg_coca_checkpoints(tmp_path):
 
     from uniecg_jax.data.tokenizer import load_tiny
     from uniecg_jax.models.llm import Decoder
-    from uniecg_jax.models.unified import UniECG
+    from uniecg_jax.models.stage1 import UniECG
 
     torch.manual_seed(0)
     hf_dir = tmp_path / "hf"

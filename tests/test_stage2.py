@@ -10,12 +10,12 @@ import pytest
 from conftest import assert_trees_equal
 
 from uniecg_jax.config import ConfigError, load_config
-from uniecg_jax.interpret import Interpreter
+from uniecg_jax.inference.interpret import Interpreter
 from uniecg_jax.models.alignment import gather_ecg_hidden
-from uniecg_jax.models.uniecg import build_stage2, extend_vocabulary, init_stage2_params
+from uniecg_jax.models.stage2 import build_stage2, extend_vocabulary, init_stage2_params
 from uniecg_jax.train import build_task
 from uniecg_jax.train.loop import train
-from uniecg_jax.unified_inference import UnifiedModel, parse_conditions
+from uniecg_jax.inference.chat import UnifiedModel, parse_conditions
 
 STAGE1 = ["data.max_length=48", "data.num_synthetic=0", "model.llm.num_layers=1",
           "model.ecg_encoder.layers=1"]

@@ -33,7 +33,7 @@ def _read_ecg(path):
 
 
 def run_chat(args) -> int:
-    from uniecg_jax.unified_inference import UnifiedModel
+    from uniecg_jax.inference.chat import UnifiedModel
 
     model = UnifiedModel.load(args.ckpt, diffusion=args.diffusion)
     ecg = _read_ecg(args.ecg) if args.ecg else None

@@ -17,6 +17,7 @@ Everything lands in --workdir (default ./runs/demo); rerunning resumes finished 
 from __future__ import annotations
 
 import os
+import time
 
 
 def register(subparsers) -> None:
@@ -32,70 +33,39 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
-def _stage1_overrides(args) -> list[str]:
-    overrides = list(args.config_overrides)
-    if args.quick:
-        overrides += ["train.steps=4", "train.log_every=2", "data.num_synthetic=4",
-                      "eval.max_new_tokens=16", "train.checkpoint_every=0"]
-    if args.stage1_steps is not None:
-        overrides.append(f"train.steps={args.stage1_steps}")
-    if args.num_synthetic is not None:
-        overrides.append(f"data.num_synthetic={args.num_synthetic}")
-    return overrides
-
-
 def run(args) -> int:
-    import time
-
-    from uniecg_jax.config import load_config
-    from uniecg_jax.eval import interpret_eval
-    from uniecg_jax.interpret import Interpreter
-    from uniecg_jax.train import build_task
-    from uniecg_jax.train.loop import train
+    # Imported here, not at the top: `uniecg --help` must not pay for jax and the models.
+    from uniecg_jax.demo import diffusion as diffusion_demo, stage1 as stage1_demo, \
+        stage2 as stage2_demo
 
     started = time.perf_counter()
     workdir = os.path.abspath(args.workdir)
     stage1_dir = os.path.join(workdir, "stage1")
+    diffusion_dir = os.path.join(workdir, "diffusion")
     print(f"== uniecg demo: workdir {workdir}")
 
-    print("== stage 1: ECG -> text (tiny UniECG on bundled + synthetic ECGs)")
-    config = load_config("configs/stage1.py:demo", _stage1_overrides(args))
-    task = build_task(config)
-    result = train(config, stage1_dir, task)
-    if result.stopped_by_signal:
+    print("== stage 1: ECG -> text (tiny UniECG on bundled + synthetic ECGs), then held-out records "
+          "vs trivial baselines")
+    overrides = list(args.config_overrides)
+    if args.stage1_steps is not None:
+        overrides.append(f"train.steps={args.stage1_steps}")
+    if args.num_synthetic is not None:
+        overrides.append(f"data.num_synthetic={args.num_synthetic}")
+    lines = stage1_demo.run_demo(stage1_dir, quick=args.quick, overrides=overrides)
+    if lines is None:
         return 1
-    task.export(stage1_dir, result.state.params)
-
-    print("== stage 1 evaluation: held-out records vs trivial baselines")
-    interpreter = Interpreter.load(stage1_dir)
-    items = interpret_eval.items_from_records(
-        interpret_eval.load_eval_records("bundled", interpreter.config))
-    out = os.path.join(workdir, "eval_interpret", "results.jsonl")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    for stale in (out, out + ".part-0-of-1", out + ".part-0-of-1.done"):
-        if os.path.exists(stale) and result.steps_run:
-            os.remove(stale)  # the model changed: old generations are not its answers
-    interpret_eval.run_shard(interpreter, items, out, process_index=0, process_count=1,
-                             batch_size=int(config.eval.batch_size), progress=False)
-    metrics = interpret_eval.merge(out, 1, items)
-    example = interpret_eval.read_part(out + ".part-0-of-1")[items[0].record_id]
-    print(f"example held-out record {items[0].record_id}:\n  generated: {example['generated']}\n"
-          f"  reference: {example['reference'] or example['reference_labels']}")
-    print(f"interpretation on {len(items)} held-out records:")
-    for line in interpret_eval.summary_lines(metrics):
-        print("  " + line)
+    _print(lines)
 
     print("== diffusion: text (+ sex, age, heart rate) -> ECG")
-    from uniecg_jax.diffusion.demo import run_demo as run_diffusion_demo
-    diffusion_dir = os.path.join(workdir, "diffusion")
-    for line in run_diffusion_demo(diffusion_dir, quick=args.quick):
-        print(line)
+    _print(diffusion_demo.run_demo(diffusion_dir, quick=args.quick))
 
     print("== stage 2: [ECG] tokens aligned to the diffusion text space; one model, both tasks")
-    from uniecg_jax.stage2_demo import run_demo as run_stage2_demo
-    for line in run_stage2_demo(os.path.join(workdir, "stage2"), stage1_dir, diffusion_dir,
-                                quick=args.quick):
-        print(line)
-    print(f"== demo done in {time.perf_counter() - started:.0f} s; interpretation details in "
-          f"{out}.metrics.json")
+    _print(stage2_demo.run_demo(os.path.join(workdir, "stage2"), stage1_dir, diffusion_dir,
+                                quick=args.quick))
+    print(f"== demo done in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _print(lines) -> None:
+    for line in lines:
+        print(line)

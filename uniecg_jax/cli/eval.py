@@ -40,7 +40,7 @@ def run_interpret(args) -> int:
     import jax
 
     from uniecg_jax.eval import interpret_eval
-    from uniecg_jax.interpret import Interpreter
+    from uniecg_jax.inference.interpret import Interpreter
 
     host = jax.process_index() if args.host_index is None else args.host_index
     hosts = jax.process_count() if args.host_count is None else args.host_count

@@ -67,7 +67,7 @@ def run_via_llm(args) -> int:
     from uniecg_jax.eval import llm_generate_eval
     from uniecg_jax.eval.generate_eval import get_or_train_clip
     from uniecg_jax.train import diffusion as diffusion_train
-    from uniecg_jax.unified_inference import UnifiedModel
+    from uniecg_jax.inference.chat import UnifiedModel
 
     if not args.stage2_ckpt:
         raise UniECGError("--via llm needs --stage2-ckpt (a stage-2 workdir or model dir)")

@@ -27,8 +27,8 @@ def run(args) -> int:
     import numpy as np
 
     from uniecg_jax.data import read_record
-    from uniecg_jax.decoding import Sampling
-    from uniecg_jax.interpret import Interpreter
+    from uniecg_jax.inference.decoding import Sampling
+    from uniecg_jax.inference.interpret import Interpreter
 
     interpreter = Interpreter.load(args.ckpt)
     records = [read_record(path) for path in args.ecg]

@@ -83,8 +83,8 @@ def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = 
     from uniecg_jax.checkpoint import tokenizer_path
     from uniecg_jax.config import config_to_json
     from uniecg_jax.convert.hf_llm import save_hf
-    from uniecg_jax.interpret import resolve_model_dir
-    from uniecg_jax.unified_inference import UnifiedModel
+    from uniecg_jax.inference.interpret import resolve_model_dir
+    from uniecg_jax.inference.chat import UnifiedModel
 
     directory = resolve_model_dir(ckpt)
     unified = UnifiedModel.load(directory)
@@ -124,8 +124,8 @@ def load_unified_export(out_dir: str):
 
     from uniecg_jax.convert.hf_llm import load_hf_params
     from uniecg_jax.data.tokenizer import load_tokenizer
-    from uniecg_jax.models.uniecg import abstract_stage2_params, build_stage2
-    from uniecg_jax.unified_inference import UnifiedModel
+    from uniecg_jax.models.stage2 import abstract_stage2_params, build_stage2
+    from uniecg_jax.inference.chat import UnifiedModel
 
     path = os.path.join(out_dir, CONFIG_FILE)
     if not os.path.isfile(path):

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from uniecg_jax.models.unified import UniECGConfig, build_unified, expand_at_placeholder
+from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
-from uniecg_jax.interpret import model_exporter
+from uniecg_jax.inference.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
 
 

@@ -28,11 +28,11 @@ import numpy as np
 
 from uniecg_jax.config import ConfigError
 from uniecg_jax.errors import UniECGError
-from uniecg_jax.models.uniecg import (UniECGStage2, build_stage2, ecg_token_names,
+from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, ecg_token_names,
                                       extend_vocabulary, init_stage2_params, stage1_model,
                                       stage1_params)
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
-from uniecg_jax.interpret import model_exporter
+from uniecg_jax.inference.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
 
 # Batch fields of the interpretation (stage-1) examples that keep the [ECG] rows out of answers.
@@ -43,7 +43,7 @@ def stage1_model_dir(config: ml_collections.ConfigDict) -> str | None:
     """The stage-1 model checkpoint directory of `init.stage1_ckpt` (workdir or model dir)."""
     if not config.init.stage1_ckpt:
         return None
-    from uniecg_jax.interpret import resolve_model_dir
+    from uniecg_jax.inference.interpret import resolve_model_dir
     return resolve_model_dir(str(config.init.stage1_ckpt))
 
 

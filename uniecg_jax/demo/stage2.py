@@ -19,11 +19,11 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     from uniecg_jax.diffusion.pipeline import load_pipeline
     from uniecg_jax.eval import ecg_fidelity
     from uniecg_jax.eval.llm_generate_eval import cosine_similarity, predict_embeddings
-    from uniecg_jax.interpret import Interpreter
+    from uniecg_jax.inference.interpret import Interpreter
     from uniecg_jax.train import build_task
     from uniecg_jax.train.loop import train
     from uniecg_jax.train.stage1 import bundled_split
-    from uniecg_jax.unified_inference import UnifiedModel
+    from uniecg_jax.inference.chat import UnifiedModel
 
     pipeline, diffusion_config = load_pipeline(diffusion_dir)
     overrides = [f"init.stage1_ckpt={stage1_dir}",

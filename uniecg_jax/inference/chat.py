@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from uniecg_jax import decoding
+from uniecg_jax.inference import decoding
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.models.llm import Decoder
-from uniecg_jax.models.uniecg import UniECGStage2, abstract_stage2_params, build_stage2, \
+from uniecg_jax.models.stage2 import UniECGStage2, abstract_stage2_params, build_stage2, \
     stage1_model, stage1_params
 
 DEFAULT_SEX, DEFAULT_AGE, DEFAULT_HEART_RATE = "M", 50.0, 70.0
@@ -99,7 +99,7 @@ class UnifiedModel:
         from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
         from uniecg_jax.data.tokenizer import load_tokenizer
         from uniecg_jax.errors import CheckpointError
-        from uniecg_jax.interpret import resolve_model_dir
+        from uniecg_jax.inference.interpret import resolve_model_dir
 
         directory = resolve_model_dir(path)
         config = load_model_config(directory)
@@ -118,7 +118,7 @@ class UnifiedModel:
 
     def interpreter(self):
         """The stage-1 Interpreter on this model's tower + LLM (same params, same computation)."""
-        from uniecg_jax.interpret import Interpreter
+        from uniecg_jax.inference.interpret import Interpreter
 
         if not hasattr(self, "_interpreter"):
             self._interpreter = Interpreter(stage1_model(self.model.config),
@@ -162,7 +162,7 @@ class UnifiedModel:
             out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
                                     max_new_tokens=max_new, sampling=sampling, rng=rng)
         else:
-            from uniecg_jax.interpret import _encode_fn
+            from uniecg_jax.inference.interpret import _encode_fn
 
             interpreter = self.interpreter()
             ids, mask, slots = interpreter.build_inputs(list(prompts))

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from uniecg_jax import decoding
+from uniecg_jax.inference import decoding
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models.llm import Decoder
-from uniecg_jax.models.unified import UniECG, build_unified
+from uniecg_jax.models.stage1 import UniECG, build_unified
 
 DEFAULT_PROMPT = "Interpret this 12-lead ECG and give the evidence for your diagnosis."
 MODEL_SUBDIR = "model"  # where `uniecg train` exports the final model inside a workdir

@@ -24,7 +24,7 @@ import ml_collections
 from uniecg_jax.models.alignment import AlignmentConfig, AlignmentHead, gather_ecg_hidden
 from uniecg_jax.models.ecg_encoder import ECGTower
 from uniecg_jax.models.llm import Decoder
-from uniecg_jax.models.unified import UniECG, UniECGConfig
+from uniecg_jax.models.stage1 import UniECG, UniECGConfig
 
 STAGE1_KEYS = ("ecg_tower", "llm")
 
