@@ -19,8 +19,10 @@ import os
 import sys
 import time
 
-from data_prep.sources import SOURCES, SourceOptions, WorkItem, list_items, load_item, split_of
-from uniecg_jax.data.examples import SPLITS, encode_example
+from data_prep.sources import SOURCES, SourceOptions, WorkItem, list_items, load_item
+from uniecg_jax.data.examples import encode_example
+from uniecg_jax.data.prompts import PROMPT_TEMPLATES, report_text
+from uniecg_jax.data.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, patient_split
 from uniecg_jax.errors import RecordError, UniECGError
 
 SUMMARY_JSON, SKIPPED_JSONL = "summary.json", "skipped.jsonl"
@@ -36,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--shard-size", type=int, default=1000, help="records per shard")
     parser.add_argument("--text-encoder", default="minilm",
                         help="minilm | hash[:D] | precomputed:FILE.npz | none")
-    parser.add_argument("--prompt-template", default="plain", choices=("plain", "diffusets"),
+    parser.add_argument("--prompt-template", default="plain", choices=PROMPT_TEMPLATES,
                         help="text fed to the encoder: the report, or DiffuSETS' diagnosis prompt")
     parser.add_argument("--missing-leads", default="error", choices=("error", "zero"))
     parser.add_argument("--num-records", type=int, default=100, help="synthetic: how many")
@@ -56,7 +58,7 @@ class PrepOptions:
     shard_size: int = 1000
     text_encoder: str = "minilm"        # minilm | hash[:D] | precomputed:FILE.npz | none
     prompt_template: str = "plain"      # plain | diffusets
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
     progress: bool = True
 
 
@@ -76,7 +78,7 @@ def plan_shards(items: list[WorkItem], shard_size: int,
                 fractions: tuple[float, float, float]) -> list[ShardPlan]:
     by_split: dict[str, list[WorkItem]] = {split: [] for split in SPLITS}
     for item in items:
-        by_split[split_of(item.patient_id, fractions)].append(item)
+        by_split[patient_split(item.patient_id, fractions)].append(item)
     plans = []
     for split, split_items in by_split.items():
         count = max(1, -(-len(split_items) // shard_size)) if split_items else 0
@@ -99,7 +101,7 @@ def _encoder(name: str):
 def _embed(options: PrepOptions, records, skipped) -> list:
     """Text embeddings for the loaded records; a record whose precomputed embedding is missing is
     moved to `skipped`. Returns [(record, conversation, embedding or None)]."""
-    from uniecg_jax.data.text_encoder import PrecomputedEmbeddings, report_text
+    from uniecg_jax.data.text_encoder import PrecomputedEmbeddings
 
     encoder = _encoder(options.text_encoder)
     if encoder is None:
@@ -227,9 +229,8 @@ def write_summary(options: PrepOptions, plans: list[ShardPlan], listing_skipped:
 
 def options_from_args(args) -> PrepOptions:
     try:
-        fractions = tuple(float(x) for x in args.split.split(","))
-        assert len(fractions) == 3 and abs(sum(fractions) - 1) < 1e-6
-    except (ValueError, AssertionError):
+        fractions = check_fractions(args.split.split(","))
+    except UniECGError:
         raise UniECGError(f"--split {args.split!r}: need three fractions summing to 1") from None
     source = SourceOptions(source=args.source, root=args.root, missing_leads=args.missing_leads,
                            num_records=args.num_records, seed=args.seed, ecg_root=args.ecg_root,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import os
 import re
 from typing import Any
@@ -171,11 +170,3 @@ def load_item(options: SourceOptions, item: WorkItem):
         conversation = conversations.build_conversation(record)
     return record, conversation
 
-
-def split_of(patient_id: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
-    """Deterministic patient-level split: sha256(patient id) -> [0, 1) -> train/validation/test."""
-    digest = hashlib.sha256(str(patient_id).encode()).digest()
-    position = int.from_bytes(digest[:8], "big") / 2 ** 64
-    if position < fractions[0]:
-        return "train"
-    return "validation" if position < fractions[0] + fractions[1] else "test"

@@ -9,14 +9,19 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from data_fixtures import LEADS, write_grounding_file, write_mimic_root, write_ptbxl_root, \
     write_wfdb
 from data_prep.prep import PrepOptions, run_prep
 from data_prep.sources import SourceOptions
 from uniecg_jax.data import bundled_record_paths, load_bundled_records
-from uniecg_jax.data.examples import read_shards, read_summary, shard_paths
-from uniecg_jax.data.text_encoder import HashingTextEncoder, diffusets_prompt, get_text_encoder
+from uniecg_jax.data.bundled import bundled_split
+from uniecg_jax.data.examples import example_to_record, read_shards, read_summary, shard_paths
+from uniecg_jax.data.prompts import diffusets_prompt, report_text
+from uniecg_jax.data.splits import check_fractions, holdout_fractions, patient_split
+from uniecg_jax.data.text_encoder import HashingTextEncoder, TemplatedEncoder, get_text_encoder
+from uniecg_jax.errors import UniECGError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,16 +211,96 @@ def test_kill_and_resume_produces_the_same_shards(tmp_path):
     assert read_summary(out)["num_written"] == 12
 
 
-def test_hashing_encoder_and_diffusets_prompt():
+def test_hashing_encoder():
     encoder = get_text_encoder("hash:64")
     vectors = encoder.encode(["sinus rhythm normal ecg", "sinus rhythm normal ecg",
                               "atrial fibrillation"])
     assert vectors.shape == (3, 64) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_array_equal(vectors[0], vectors[1])
-    assert diffusets_prompt(["sinus rhythm", "left axis deviation"]) == (
-        "Most importantly, the 1st diagnosis is sinus rhythm. As a supplementary condition, the "
-        "2nd diagnosis is left axis deviation.")
+
+
+def test_diffusets_prompt_is_upstream_prompt_propcess():
+    """Strings returned by `prompt_propcess` (utils/text_to_emb.py of PKUDigitalHealth/DiffuSETS at
+    b610a00201d02d433a95f0d31eaba059313f7b04) for the same inputs."""
+    report = ("Sinus rhythm|Left axis deviation|Low QRS voltages in precordial leads|"
+              "Borderline ECG|Abnormal ECG")
+    assert diffusets_prompt(report) == (
+        "Most importantly, the 1st diagnosis is {Sinus rhythm}."
+        "As a supplementary condition, the 2nd diagnosis is {Left axis deviation}."
+        "As a supplementary condition, the 3rd diagnosis is {Low QRS voltages in precordial leads}."
+        "As a supplementary condition, the 4th diagnosis is {Borderline ECG}."
+        "As a supplementary condition, the 5th diagnosis is {Abnormal ECG}.")
+    assert diffusets_prompt("a||b|") == (
+        "Most importantly, the 1st diagnosis is {a}."
+        "As a supplementary condition, the 2nd diagnosis is {}."
+        "As a supplementary condition, the 3rd diagnosis is {b}.")
+    assert diffusets_prompt("Sinus rhythm. Normal ECG; borderline") == (
+        "Most importantly, the 1st diagnosis is {Sinus rhythm. Normal ECG; borderline}.")
+    assert diffusets_prompt("") == "" and diffusets_prompt("|") == (
+        "Most importantly, the 1st diagnosis is {}.")
+    # Labels (MIMIC-IV-ECG report lines) are joined with `|` as DiffuSETS joins them.
+    assert report_text("ignored", ("Sinus rhythm", "Normal ECG"), "diffusets") == diffusets_prompt(
+        "Sinus rhythm|Normal ECG")
+    assert report_text("Sinus rhythm|Normal ECG", (), "plain") == "Sinus rhythm|Normal ECG"
+
+
+def test_training_encoder_and_prep_read_the_diffusets_prompt(tmp_path):
+    class Recorder:
+        name, dim = "recorder", 2
+
+        def __init__(self):
+            self.texts = []
+
+        def encode(self, texts):
+            self.texts += list(texts)
+            return np.zeros((len(texts), 2), np.float32)
+
+    recorder = Recorder()
+    TemplatedEncoder(recorder, "diffusets").encode(["Sinus rhythm|Normal ECG"])
+    assert recorder.texts == [diffusets_prompt("Sinus rhythm|Normal ECG")]
+
+    write_mimic_root(str(tmp_path / "mimic"), n=2)
+    run_prep(PrepOptions(SourceOptions(source="mimic", root=str(tmp_path / "mimic"),
+                                       build_conversations=False),
+                         out_dir=str(tmp_path / "out"), workers=1, shard_size=8,
+                         text_encoder="hash:32", prompt_template="diffusets", progress=False))
+    encoder = HashingTextEncoder(32)
+    for example in _all_examples(tmp_path / "out"):
+        record = example_to_record(example)
+        assert len(record.labels) >= 2
+        expected = encoder.encode([diffusets_prompt("|".join(record.labels))])[0]
+        np.testing.assert_array_equal(example["text_embedding"], expected)
+
+
+def test_patient_split_is_one_deterministic_rule_with_configurable_fractions():
+    ids = [f"patient_{i}" for i in range(20000)]
+    splits = [patient_split(p, (0.7, 0.2, 0.1)) for p in ids]
+    for name, fraction in zip(("train", "validation", "test"), (0.7, 0.2, 0.1)):
+        assert splits.count(name) / len(ids) == pytest.approx(fraction, abs=0.015)
+    # Another process with another hash seed puts every patient in the same split.
+    code = ("from uniecg_jax.data.splits import patient_split; print(''.join(patient_split("
+            "f'patient_{i}', (0.7, 0.2, 0.1))[0] for i in range(300)))")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                           env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    assert other.stdout.strip() == "".join(s[0] for s in splits[:300])
+    # Pinned: sha256 positions (changing the rule moves every prepared dataset's splits).
+    assert [patient_split(p) for p in ("E07500", "mimic_10000000", "ptbxl_15709")] == [
+        "test", "train", "train"]
+    assert holdout_fractions(5) == (0.8, 0.0, 0.2) and holdout_fractions(0) == (1.0, 0.0, 0.0)
+    for bad in ((0.8, 0.3, 0.1), (1.2, -0.1, -0.1), (0.5, 0.5)):
+        with pytest.raises(UniECGError, match="split fractions"):
+            check_fractions(bad)
+
+
+def test_prep_and_bundled_data_split_patients_alike(tmp_path):
+    """`uniecg prep` of the bundled records and the in-memory bundled split hold out the same
+    patients (both train at fraction 0.8: prep's validation + test = bundled test)."""
+    _prep(tmp_path, "cinc", "bundled", workers=1, shard_size=64)
+    prep_train = {e["record_id"] for e in read_shards(shard_paths(tmp_path, "train"))}
+    bundled = bundled_split(5, 0, 0)
+    assert prep_train == {r.record_id for r in bundled["train"]}
+    assert len(bundled["test"]) >= 5 and prep_train.isdisjoint(r.record_id for r in bundled["test"])
 
 
 def test_minilm_encoder_real_model():

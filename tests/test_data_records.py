@@ -1,6 +1,8 @@
 """The canonical record, the readers (bundled Challenge records, MIMIC-IV-ECG, PTB-XL, ECG-Grounding),
 resampling, the synthetic generator, and every bad-input case naming the file and the problem."""
+import dataclasses
 import json
+import os
 import shutil
 
 import numpy as np
@@ -15,6 +17,7 @@ from uniecg_jax.data.readers.grounding import iter_grounding_file, read_groundin
 from uniecg_jax.data.readers.mimic import MimicDataset
 from uniecg_jax.data.readers.ptbxl import PTBXLDataset
 from uniecg_jax.errors import RecordError
+from uniecg_jax.eval import ecg_fidelity
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,55 @@ def test_resampling_preserves_heart_rate_by_qrs_detection(bundled):
         assert after == pytest.approx(before, rel=0.02), record.record_id
 
 
+@pytest.fixture(scope="module")
+def simulated():
+    """neurokit2-simulated 12-lead ECGs (`ecg_simulate(method="multileads")`, 500 Hz) at known rates."""
+    return synthetic.generate(4, heart_rates=[50.0, 75.0, 120.0, 150.0], seed=11)
+
+
+def test_heart_rate_metric_is_the_conditioning_measurement(simulated):
+    """The rate the diffusion model is conditioned on (`with_measured_rhythm` of the 102.4 Hz record)
+    and the rate the fidelity metric reads off an ECG are one measurement: equal, within 3 bpm of
+    the simulated rate, and in agreement with an independent detector (wfdb XQRS)."""
+    from wfdb import processing
+
+    ecgs = np.stack([r.to_diffusion_input() for r in simulated])      # [4, 12, 1024] at 102.4 Hz
+    truth = np.array([r.heart_rate for r in simulated])
+    unmeasured = [dataclasses.replace(r, heart_rate=None).resampled(record_lib.DIFFUSION_FS)
+                  for r in simulated]
+    conditioning = np.array([measure.with_measured_rhythm(r).heart_rate for r in unmeasured])
+    metric = ecg_fidelity.heart_rate_mae(ecgs, record_lib.DIFFUSION_FS, truth)
+    np.testing.assert_array_equal(metric["detected_hr"], conditioning)
+    np.testing.assert_allclose(conditioning, truth, atol=3.0)
+    assert metric["undetected"] == 0 and metric["hr_mae"] < 3.0
+    xqrs_conf = processing.XQRS.Conf(qrs_thr_init=measure.XQRS_INITIAL_THRESHOLD)
+    for ecg, rate in zip(ecgs, conditioning):
+        lead_ii = record_lib.resample(ecg[1:2], record_lib.DIFFUSION_FS, 500.0)[0]
+        beats = processing.xqrs_detect(lead_ii.astype(np.float64), fs=500.0, verbose=False,
+                                       conf=xqrs_conf)
+        assert 60.0 / np.median(np.diff(beats) / 500.0) == pytest.approx(rate, abs=3.0)
+    by_xqrs = ecg_fidelity.heart_rate_mae(ecgs, record_lib.DIFFUSION_FS, truth, method="xqrs")
+    np.testing.assert_allclose(by_xqrs["detected_hr"], conditioning, atol=3.0)
+
+
+def test_resample_is_scipy_polyphase_with_exact_length_for_any_leading_shape():
+    """One resampler for records and generated ECGs: resample_poly's default Kaiser(5) filter
+    (what `diffusion.pipeline.resample_to` computed too), float32, exactly round(T * ratio)
+    samples, over the last axis of [..., T]."""
+    import scipy.signal
+
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((2, 12, 1024)).astype(np.float32)          # generated ECGs
+    up = record_lib.resample(batch, record_lib.DIFFUSION_FS, 500.0)
+    assert up.shape == (2, 12, 5000) and up.dtype == np.float32
+    np.testing.assert_allclose(up, scipy.signal.resample_poly(batch.astype(np.float64), 625, 128,
+                                                              axis=-1), atol=1e-5)
+    np.testing.assert_array_equal(up[1], record_lib.resample(batch[1], record_lib.DIFFUSION_FS,
+                                                             500.0))
+    odd = record_lib.resample(batch[0], record_lib.DIFFUSION_FS, 257.0)    # 257/102.4: 1285/512
+    assert odd.shape == (12, round(1024 * 257.0 / 102.4))
+
+
 def test_resample_pad_crop_and_nonfinite():
     t = np.arange(5000) / 500.0
     sine = np.sin(2 * np.pi * 2.0 * t)[None].astype(np.float32)
@@ -128,6 +180,22 @@ def test_synthetic_generator_is_deterministic_and_reports_its_rate():
     record = synthetic.generate(1, heart_rates=[55.0], seed=0)[0]
     assert record.report == "sinus bradycardia. heart rate 55 bpm. otherwise normal ecg."
     assert record.signal.shape == (12, 5000) and record.heart_rate == 55.0
+
+
+def test_cached_synthetic_generates_once_and_recovers_from_a_corrupt_file(tmp_path):
+    cache = str(tmp_path / "cache")
+    first = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
+    assert [r.heart_rate for r in first] == [60.0, 90.0]
+    (path,) = [os.path.join(cache, name) for name in os.listdir(cache)]
+    with open(path, "wb") as f:
+        f.write(b"not a pickle")
+    again = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
+    np.testing.assert_array_equal(again[1].signal, first[1].signal)
+    os.utime(path, (0, 0))                                  # the next call reads the file
+    cached = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
+    assert os.stat(path).st_mtime == 0 and cached[0].record_id == first[0].record_id
+    other = synthetic.cached_synthetic(2, seed=3, heart_rates=[61.0], cache_dir=cache)
+    assert [r.heart_rate for r in other] == [61.0, 61.0] and len(os.listdir(cache)) == 2
 
 
 # ---- bad input: each names the file and the problem ----

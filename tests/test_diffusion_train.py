@@ -12,9 +12,13 @@ import wfdb
 from uniecg_jax import sharding
 from uniecg_jax.cli import main as cli_main
 from uniecg_jax.config import load_config
+from uniecg_jax.data.bundled import diffusion_records
+from uniecg_jax.data.measure import heart_rate_bpm
+from uniecg_jax.data.record import DIFFUSION_FS
+from uniecg_jax.data.text_encoder import text_encoder_for
 from uniecg_jax.diffusion.pipeline import load_pipeline
 from uniecg_jax.errors import CheckpointError
-from uniecg_jax.eval import generate_eval
+from uniecg_jax.eval import ecg_fidelity, generate_eval
 from uniecg_jax.models import ecg_clip
 from uniecg_jax.train import diffusion as diffusion_train, optim, state as state_lib, \
     step as step_lib
@@ -169,7 +173,7 @@ def test_generate_cli_writes_wfdb_that_rdrecord_reads(exported, tmp_path, capsys
             "--rate", "500", "--no-png"]
     assert cli_main(args) == 0
     pipeline, config = load_pipeline(workdir)
-    embedding = diffusion_train.text_encoder_for(config).encode(["sinus tachycardia"])[0]
+    embedding = text_encoder_for(config).encode(["sinus tachycardia"])[0]
     expected = pipeline.generate(embedding, "F", 60, 110, n=2, steps=3, seed=7, sample_rate=500)
     for i in range(2):
         record = wfdb.rdrecord(os.path.join(out, f"gen_{i:03d}"))
@@ -199,15 +203,29 @@ def test_eval_generate_metrics_on_tiny_run(exported, tmp_path):
                                      max_records=6, clip_steps=3, batch_size=8)
     saved = json.load(open(out))
     assert saved["num_records"] == 6
-    for name in ("model", "baseline_unconditional"):
+    # The heart-rate metric measures what the condition meant: on the real references at 102.4 Hz
+    # it reads the rates the records are conditioned on.
+    pipeline, config = load_pipeline(workdir)
+    config = diffusion_train.with_training_defaults(config)
+    items = generate_eval.eval_items(diffusion_records(config)[:6], text_encoder_for(config))
+    real = ecg_fidelity.heart_rate_mae(items["real"], DIFFUSION_FS, items["hr"])
+    assert real["undetected"] == 0 and real["hr_mae"] < 3.0
+    for name, guidance in (("model", pipeline.default_guidance), ("baseline_unconditional", 0.0)):
         metrics = results[name]
-        requested = np.array(metrics["requested_hr"])
-        detected = np.array(metrics["detected_hr"], dtype=float)
+        np.testing.assert_array_equal(metrics["requested_hr"], items["hr"])
+        # Every figure is the metric of the ECGs the job generated (same seed, regenerated here).
+        generated = generate_eval.generate_for_items(pipeline, items, n=1, sampler="ddim",
+                                                     steps=2, guidance=guidance, seed=0)
+        detected = np.array([heart_rate_bpm(ecg, DIFFUSION_FS) for ecg in generated])
+        np.testing.assert_array_equal(np.array(metrics["detected_hr"], dtype=float), detected)
         ok = np.isfinite(detected)
-        if ok.any():
-            np.testing.assert_allclose(metrics["hr_mae"],
-                                       np.mean(np.abs(detected[ok] - requested[ok])), rtol=1e-9)
-        assert 0.0 <= metrics["qrs_f1_vs_reference"] <= 1.0
+        assert metrics["hr_undetected"] == int((~ok).sum())
+        expected_mae = np.mean(np.abs(detected[ok] - items["hr"][ok])) if ok.any() else np.nan
+        np.testing.assert_allclose(metrics["hr_mae"], expected_mae, rtol=1e-12, equal_nan=True)
+        f1 = [generate_eval.aligned_qrs_f1(generate_eval.beat_times(ecg, "kalidas2017"),
+                                           generate_eval.beat_times(ref, "kalidas2017"))
+              for ecg, ref in zip(generated, items["real"])]
+        assert metrics["qrs_f1_vs_reference"] == pytest.approx(np.mean(f1), abs=1e-12)
         assert -1.0 <= metrics["clip_score"] <= 1.0 and metrics["fid"] >= 0
         assert len(metrics["amplitude"]["std_ratio"]) == 12
         assert saved[name]["fid"] == pytest.approx(metrics["fid"])
@@ -318,7 +336,7 @@ def test_latent_scaling_factor_normalises_the_trained_vae_latents():
     vae = VAE(VAEConfig.from_config(config.model.vae))
     params = init_params_on_host(vae, 0, jnp.zeros((1, 1024, 12)))["params"]
     factor = diffusion_train.latent_scaling_factor(config, params, max_records=16)
-    records = diffusion_train.training_records(config)[:16]
+    records = diffusion_records(config)[:16]
     ecgs = np.stack([r.to_diffusion_input() for r in records]).transpose(0, 2, 1)
     _, mean, _ = vae.apply({"params": params}, jnp.asarray(ecgs), method=VAE.encode)
     np.testing.assert_allclose(float(jnp.std(mean)) * factor, 1.0, rtol=1e-4)

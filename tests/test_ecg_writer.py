@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import wfdb
 
-from uniecg_jax.diffusion.ecg_writer import LEAD_NAMES, plot_ecg_paper, write_generated, write_wfdb
+from uniecg_jax.data.record import LEADS
+from uniecg_jax.diffusion.ecg_writer import plot_ecg_paper, write_generated, write_wfdb
 from uniecg_jax.errors import RecordError
 
 
@@ -14,7 +15,7 @@ def test_wfdb_round_trip(tmp_path, rate, length):
     stem = write_wfdb(ecg, str(tmp_path), "gen_0", rate, comments=["text: sinus tachycardia"])
     record = wfdb.rdrecord(stem)
     assert record.fs == pytest.approx(rate)
-    assert record.sig_name == list(LEAD_NAMES)
+    assert record.sig_name == list(LEADS)
     assert record.units == ["mV"] * 12
     assert record.p_signal.shape == (length, 12)
     # 16-bit storage: error within one ADC step of each lead's range.

@@ -155,7 +155,7 @@ def test_stage2_trains_only_new_rows_and_the_alignment_head(trained):
 
 
 def test_stage2_greedy_interpretation_equals_stage1(trained):
-    from uniecg_jax.train.stage1 import bundled_split
+    from uniecg_jax.data.bundled import bundled_split
 
     ecgs = np.stack([r.to_encoder_input() for r in bundled_split(5, 0, 0)["test"][:3]])
     stage1 = Interpreter.load(trained["stage1_dir"]).interpret(ecgs, max_new_tokens=8)

@@ -8,11 +8,10 @@ import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep.sources import split_of
 from uniecg_jax.data.record import ENCODER_LENGTH, NUM_LEADS, ECGRecord
+from uniecg_jax.data.splits import DEFAULT_FRACTIONS, patient_split
 from uniecg_jax.errors import RecordError
 
-SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 log = logging.getLogger(__name__)
 
 
@@ -70,7 +69,7 @@ def generate(config: ECGBuilderConfig, keys_and_patients, read, split: str, batc
     from uniecg_jax.data.text_encoder import get_text_encoder
 
     encoder = get_text_encoder(config.text_encoder) if config.text_encoder else None
-    chosen = [(k, p) for k, p in keys_and_patients if split_of(p, SPLIT_FRACTIONS) == split]
+    chosen = [(k, p) for k, p in keys_and_patients if patient_split(p, DEFAULT_FRACTIONS) == split]
     for start in range(0, len(chosen), batch):
         records = []
         for key, _ in chosen[start:start + batch]:
@@ -102,6 +101,6 @@ class ECGBuilderBase(tfds.core.GeneratorBasedBuilder):
 
     def _splits(self, keys_and_patients, read) -> dict:
         """Generators of the splits that have records (TFDS rejects an empty split)."""
-        present = {split_of(p, SPLIT_FRACTIONS) for _, p in keys_and_patients}
+        present = {patient_split(p, DEFAULT_FRACTIONS) for _, p in keys_and_patients}
         return {split: generate(self.builder_config, keys_and_patients, read, split)
                 for split in ("train", "validation", "test") if split in present}

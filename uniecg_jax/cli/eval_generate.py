@@ -66,7 +66,8 @@ def run_via_llm(args) -> int:
     from uniecg_jax.errors import UniECGError
     from uniecg_jax.eval import llm_generate_eval
     from uniecg_jax.eval.generate_eval import get_or_train_clip
-    from uniecg_jax.train import diffusion as diffusion_train
+    from uniecg_jax.data.bundled import bundled_split
+    from uniecg_jax.data.measure import with_measured_rhythms
     from uniecg_jax.inference.chat import UnifiedModel
 
     if not args.stage2_ckpt:
@@ -75,13 +76,12 @@ def run_via_llm(args) -> int:
     config = unified.config
     text_encoder = get_text_encoder(str(config.text.encoder))
     if args.data == "bundled":
-        from uniecg_jax.train.stage1 import bundled_split
         records = bundled_split(int(config.data.holdout_every), int(config.data.num_synthetic),
                                 int(config.seed))["test"]
     else:
         from uniecg_jax.eval.interpret_eval import load_eval_records
         records = load_eval_records(args.data, config)
-    records = diffusion_train.with_measured_rhythm(records)
+    records = with_measured_rhythms(records)
     if args.max_records:
         records = records[:args.max_records]
     clip = None

@@ -50,7 +50,7 @@ def text_embedding_for(config, text: str | None, embedding_path: str | None):
         return np.asarray(embedding, np.float32)  # [D] or [B, D]; widths checked downstream
     if text is None or not text.strip():
         raise ConditionError("give the report with --text (non-empty) or --embedding FILE.npy")
-    from uniecg_jax.train.diffusion import text_encoder_for
+    from uniecg_jax.data.text_encoder import text_encoder_for
     return text_encoder_for(config).encode([text])[0]
 
 

@@ -10,10 +10,10 @@ import msgpack
 import numpy as np
 
 from uniecg_jax.data.record import NUM_LEADS, ECGRecord
+from uniecg_jax.data.splits import SPLITS
 from uniecg_jax.errors import UniECGError
 
 FORMAT_VERSION = 1
-SPLITS = ("train", "validation", "test")
 
 
 def encode_example(record: ECGRecord, text_embedding: np.ndarray | None = None,

@@ -29,13 +29,10 @@ import numpy as np
 
 from uniecg_jax.data.examples import decode_example, encode_example, example_to_record, \
     shard_paths
-from uniecg_jax.data.record import DIFFUSION_FS, ECGRecord
+from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE, ECGRecord
 from uniecg_jax.errors import UniECGError
 
 GENERATION_REQUEST = "Generate a 12-lead ECG that matches this report: "
-# DiffuSETS conditions on age and heart rate as numbers; unknown values get these (and a 0 in
-# `condition_known`) instead of NaN.
-UNKNOWN_AGE, UNKNOWN_HEART_RATE = 50.0, 70.0
 
 
 class ExampleListSource:

@@ -13,6 +13,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import scipy.signal
 
 from uniecg_jax.errors import RecordError
 
@@ -26,6 +27,9 @@ ENCODER_LENGTH = 5000
 DIFFUSION_LENGTH = 1024
 DIFFUSION_FS = 102.4
 RECORD_SECONDS = 10.0
+# DiffuSETS conditions on age and heart rate as numbers; unknown values get these (and a 0 in
+# `condition_known`) instead of NaN, and generation requests that state none get them too.
+UNKNOWN_AGE, UNKNOWN_HEART_RATE = 50.0, 70.0
 
 # Sampling rates outside this range are not 12-lead diagnostic ECGs (or a corrupt header).
 MIN_FS, MAX_FS = 50.0, 10000.0
@@ -166,19 +170,22 @@ def map_leads(signal: np.ndarray, names: Sequence[str], *, path: str,
 
 
 def resample(signal: np.ndarray, source_fs: float, target_fs: float) -> np.ndarray:
-    """Polyphase resampling of [C, T] from `source_fs` to `target_fs` Hz -> [C, T'] float32.
+    """Polyphase resampling of [..., T] from `source_fs` to `target_fs` Hz -> [..., T'] float32.
 
-    T' = round(T * target_fs / source_fs). 500 -> 102.4 Hz is the exact ratio 128/625.
+    T' = round(T * target_fs / source_fs). 500 -> 102.4 Hz is the exact ratio 128/625. The one
+    resampler of the package (records, generated ECGs, QRS detection). DiffuSETS publishes no
+    preprocessing code (PKUDigitalHealth/DiffuSETS @ b610a00 ships only precomputed latents), so the
+    choice is ours: scipy's polyphase filter with its default Kaiser(5) anti-aliasing FIR, as the
+    former `diffusion.pipeline.resample_to` did too (they agree to 2e-7 mV); kept from this copy:
+    the exact output length, float32 output, and the ratio found to 1/10000 (not 1/1000).
     """
-    import scipy.signal
-
     if math.isclose(source_fs, target_fs):
         return np.asarray(signal, dtype=np.float32)
     ratio = fractions.Fraction(target_fs / source_fs).limit_denominator(10000)
     up, down = ratio.numerator, ratio.denominator
-    out = scipy.signal.resample_poly(signal.astype(np.float64), up, down, axis=-1,
+    out = scipy.signal.resample_poly(np.asarray(signal, dtype=np.float64), up, down, axis=-1,
                                      window=_antialias_filter(up, down))
-    expected = int(round(signal.shape[-1] * target_fs / source_fs))
+    expected = int(round(np.shape(signal)[-1] * target_fs / source_fs))
     return pad_or_crop(out.astype(np.float32), expected)
 
 
@@ -186,8 +193,6 @@ def resample(signal: np.ndarray, source_fs: float, target_fs: float) -> np.ndarr
 def _antialias_filter(up: int, down: int) -> np.ndarray:
     """resample_poly's own default FIR (Kaiser, beta 5), designed once per ratio: designing it is
     most of the cost of resampling one 10 s record."""
-    import scipy.signal
-
     max_rate = max(up, down)
     half_length = 10 * max_rate
     taps = scipy.signal.firwin(2 * half_length + 1, 1.0 / max_rate, window=("kaiser", 5.0))

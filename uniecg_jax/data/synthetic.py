@@ -2,6 +2,10 @@
 and a matching text report, for unlimited demo/test data."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
 import warnings
 from typing import Sequence
 
@@ -58,3 +62,36 @@ def generate(n: int, heart_rates: Sequence[float] | None = None, seed: int = 0,
     return [generate_one(float(hr), seed=seed * 100003 + i, record_id=f"synthetic_{seed}_{i}",
                          fs=fs, age=float(ages[i]), sex=str(sexes[i]))
             for i, hr in enumerate(heart_rates)]
+
+
+def default_cache_dir() -> str:
+    """$UNIECG_CACHE, else ~/.cache/uniecg_jax."""
+    return os.environ.get("UNIECG_CACHE", os.path.expanduser("~/.cache/uniecg_jax"))
+
+
+def cached_synthetic(count: int, seed: int, heart_rates: Sequence[float] | None = None,
+                     cache_dir: str | None = None) -> list[ECGRecord]:
+    """`generate(count, rates, seed)`, pickled once in `cache_dir` (default `default_cache_dir()`),
+    as neurokit2 takes ~2 s per record. heart_rates: cycled over the `count` records, or None for
+    `generate`'s uniform 45-125 bpm draw. The file name is keyed by count, seed and rates; a
+    corrupt, truncated or stale file is regenerated."""
+    if count <= 0:
+        return []
+    rates = None if heart_rates is None else [float(heart_rates[i % len(heart_rates)])
+                                              for i in range(count)]
+    directory = cache_dir or default_cache_dir()
+    key = hashlib.sha1(json.dumps([count, rates, seed]).encode()).hexdigest()[:12]
+    path = os.path.join(directory, f"synthetic_n{count}_seed{seed}_{key}.pkl")
+    try:
+        with open(path, "rb") as f:
+            records = pickle.load(f)
+        if len(records) == count:
+            return records
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError):
+        pass
+    records = generate(count, heart_rates=rates, seed=seed)
+    os.makedirs(directory, exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        pickle.dump(records, f)
+    os.replace(path + ".tmp", path)
+    return records

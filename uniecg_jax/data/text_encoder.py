@@ -8,6 +8,9 @@ Interface: any object with `name: str`, `dim: int` and `encode(texts: list[str])
 - `hash[:D]`: a deterministic bag-of-words hashing encoder (no model) for tests and tiny configs.
 - `precomputed:FILE.npz`: the user's own embeddings of any width (e.g. DiffuSETS' 1536-d), an npz
   with `keys` (record ids or report texts) and `embeddings` [N, D].
+
+`text_encoder_for(config)` is the encoder a diffusion config names (`text.encoder`, `text.template`),
+shared by training, generation, evaluation and the demos.
 """
 from __future__ import annotations
 
@@ -18,10 +21,9 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from uniecg_jax.config import ConfigError
+from uniecg_jax.data.prompts import report_text
 from uniecg_jax.errors import UniECGError
-
-_ORDINALS = ("1st", "2nd", "3rd")
-
 
 class TextEncoder(Protocol):
     name: str
@@ -29,29 +31,6 @@ class TextEncoder(Protocol):
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """[N] texts -> [N, dim] float32."""
-
-
-def diffusets_prompt(diagnoses: Sequence[str]) -> str:
-    """DiffuSETS' rewrite of a report's diagnoses:
-    "Most importantly, the 1st diagnosis is A. As a supplementary condition, the 2nd diagnosis is B."
-    """
-    parts = []
-    for index, diagnosis in enumerate(d.strip().rstrip(".") for d in diagnoses if d.strip()):
-        ordinal = _ORDINALS[index] if index < 3 else f"{index + 1}th"
-        lead = "Most importantly, the" if index == 0 else "As a supplementary condition, the"
-        parts.append(f"{lead} {ordinal} diagnosis is {diagnosis}.")
-    return " ".join(parts)
-
-
-def report_text(report: str, labels: Sequence[str] = (), template: str = "plain") -> str:
-    """The text fed to the encoder: the report as is ("plain") or DiffuSETS' template ("diffusets",
-    over `labels`, else the report split on `|`, `.` or `;`)."""
-    if template == "plain":
-        return report
-    if template == "diffusets":
-        items = list(labels) or [p for p in re.split(r"[|.;]", report) if p.strip()]
-        return diffusets_prompt(items)
-    raise ValueError(f"unknown prompt template {template!r}; use 'plain' or 'diffusets'")
 
 
 def minilm_model_dir() -> str:
@@ -169,3 +148,30 @@ def get_text_encoder(name: str = "minilm"):
         return PrecomputedEmbeddings(name.split(":", 1)[1])
     raise UniECGError(f"unknown text encoder {name!r}; use minilm, hash[:D], "
                       "precomputed:FILE.npz or none")
+
+
+class TemplatedEncoder:
+    """Wraps a text encoder so reports go through a prompt template (`data.prompts`) first."""
+
+    def __init__(self, encoder, template: str):
+        self.encoder, self.template = encoder, template
+        self.dim = getattr(encoder, "dim", None)
+        self.name = f"{getattr(encoder, 'name', 'encoder')}+{template}"
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """[N] reports -> [N, dim] float32 embeddings of their templated text."""
+        return self.encoder.encode([report_text(t, (), self.template) for t in texts])
+
+
+def text_encoder_for(config):
+    """The frozen text encoder of `config.text` (`encoder`, `template`, default "plain"), checked
+    against `text.embed_dim`. Raises ConfigError for `text.encoder=none` or a width mismatch."""
+    encoder = get_text_encoder(str(config.text.encoder))
+    if encoder is None:
+        raise ConfigError("text.encoder=none: the diffusion model needs text embeddings")
+    dim = getattr(encoder, "dim", None)
+    if dim is not None and int(dim) != int(config.text.embed_dim):
+        raise ConfigError(f"text.encoder={config.text.encoder!r} gives {dim}-d embeddings but "
+                          f"text.embed_dim={config.text.embed_dim}")
+    template = str(config.text.get("template", "plain"))
+    return TemplatedEncoder(encoder, template) if template != "plain" else encoder

@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from uniecg_jax.data.record import DIFFUSION_FS
+
 SYNTHETIC_RATES = (50.0, 65.0, 80.0, 95.0, 110.0, 125.0)
 REQUESTED_RATES = (55.0, 75.0, 100.0, 120.0)
 # Classifier-free guidance of the headline score: at 1 the demo-sized model barely follows the rhythm
@@ -46,14 +48,14 @@ def hr_mae_at_rates(pipeline, config, rates: Sequence[float], *, guidance: float
     age 55, sex M) in one batch and returns `ecg_fidelity.heart_rate_mae` plus the wall time."""
     from uniecg_jax.data.synthetic import synthetic_report
     from uniecg_jax.eval.ecg_fidelity import heart_rate_mae
-    from uniecg_jax.train.diffusion import text_encoder_for
+    from uniecg_jax.data.text_encoder import text_encoder_for
 
     embeddings = text_encoder_for(config).encode([synthetic_report(r) for r in rates])
     start = time.perf_counter()
     ecgs = pipeline.generate(embeddings, sex="M", age=55.0, hr=np.asarray(rates, np.float32), n=n,
                              sampler=sampler, steps=steps, guidance=guidance, seed=seed)
     seconds = time.perf_counter() - start
-    result = heart_rate_mae(ecgs, 102.4, np.repeat(np.asarray(rates, np.float64), n))
+    result = heart_rate_mae(ecgs, DIFFUSION_FS, np.repeat(np.asarray(rates, np.float64), n))
     result["seconds"] = seconds
     return result
 

@@ -17,12 +17,13 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     from uniecg_jax.data.pipelines import GENERATION_REQUEST
     from uniecg_jax.data.text_encoder import get_text_encoder
     from uniecg_jax.diffusion.pipeline import load_pipeline
-    from uniecg_jax.eval import ecg_fidelity
+    from uniecg_jax.data.bundled import bundled_split
+    from uniecg_jax.data.measure import heart_rate_bpm
+    from uniecg_jax.data.record import UNKNOWN_HEART_RATE
     from uniecg_jax.eval.llm_generate_eval import cosine_similarity, predict_embeddings
     from uniecg_jax.inference.interpret import Interpreter
     from uniecg_jax.train import build_task
     from uniecg_jax.train.loop import train
-    from uniecg_jax.train.stage1 import bundled_split
     from uniecg_jax.inference.chat import UnifiedModel
 
     pipeline, diffusion_config = load_pipeline(diffusion_dir)
@@ -47,7 +48,7 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     interpretation = unified.chat("Interpret this 12-lead ECG and give the evidence for your "
                                   "diagnosis.", ecg=ecg_record.to_encoder_input())
     report_record = next((r for r in held_out if r.heart_rate), held_out[-1])
-    rate = float(report_record.heart_rate or 70.0)
+    rate = float(report_record.heart_rate or UNKNOWN_HEART_RATE)
     request = f"{GENERATION_REQUEST}{report_record.report} Heart rate {rate:.0f} bpm."
     out_dir = os.path.join(workdir, "generated")
     turn = unified.chat(request, out_dir=out_dir, steps=50)
@@ -70,7 +71,7 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     if not turn.emitted_ecg_tokens:
         lines.append(f"generate: the model did not emit [ECG] tokens (answered {turn.text[:80]!r})")
         return lines
-    measured = ecg_fidelity.heart_rate(turn.generated_ecg, turn.sample_rate)
+    measured = heart_rate_bpm(turn.generated_ecg, turn.sample_rate)
     lines += [f"generate from {report_record.record_id}'s report: wrote {turn.files[0]}.hea/.png",
               f"  requested HR {rate:.0f} bpm, measured {measured:.0f} bpm "
               f"(|error| {abs(measured - rate):.0f})",

@@ -1,7 +1,8 @@
 """Condition vectors for the UNet: text embedding ++ (sex, age, heart rate), validated.
 
 DiffuSETS feeds raw values: sex M=1 / F=0, age in years, heart rate in beats per minute, appended to
-the text embedding in that order (`[B, D + 3]`). Its prompt template is `diffusets_prompt`.
+the text embedding in that order (`[B, D + 3]`). Its prompt template is
+`uniecg_jax.data.prompts.diffusets_prompt`.
 """
 from __future__ import annotations
 
@@ -9,27 +10,9 @@ import numpy as np
 
 from uniecg_jax.errors import UniECGError
 
-ORDINALS = {1: "1st", 2: "2nd", 3: "3rd"}
-
 
 class ConditionError(UniECGError, ValueError):
     """A generation condition (text embedding, sex, age, heart rate) is missing or invalid."""
-
-
-def diffusets_prompt(report: str) -> str:
-    """DiffuSETS's template for a `|`-joined report: "Most importantly, the 1st diagnosis is {a}.
-    As a supplementary condition, the 2nd diagnosis is {b}." (empty parts are kept, as theirs)."""
-    parts = report.split("|")
-    if parts and parts[-1] == "":
-        parts = parts[:-1]
-    sentences = []
-    for i, part in enumerate(parts, start=1):
-        if i == 1:
-            sentences.append("Most importantly, the 1st diagnosis is {" + part + "}.")
-        else:
-            ordinal = ORDINALS.get(i, f"{i}th")
-            sentences.append(f"As a supplementary condition, the {ordinal} diagnosis is {{{part}}}.")
-    return "".join(sentences)
 
 
 def _sex_codes(sex, batch: int) -> np.ndarray:

@@ -8,16 +8,16 @@ from typing import Sequence
 
 import numpy as np
 
+from uniecg_jax.data.record import LEADS
 from uniecg_jax.errors import RecordError
 
-LEAD_NAMES = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 PAPER_SPEED_MM_S = 25.0
 GAIN_MM_MV = 10.0
 
 
 def _check(ecg: np.ndarray, what: str) -> np.ndarray:
     ecg = np.asarray(ecg, dtype=np.float64)
-    if ecg.ndim != 2 or ecg.shape[0] != len(LEAD_NAMES):
+    if ecg.ndim != 2 or ecg.shape[0] != len(LEADS):
         raise RecordError(f"{what}: expected an ECG [12, T], got shape {ecg.shape}")
     if not np.all(np.isfinite(ecg)):
         raise RecordError(f"{what}: signal contains NaN or Inf")
@@ -31,8 +31,8 @@ def write_wfdb(ecg: np.ndarray, directory: str, record_name: str, sample_rate: f
     import wfdb
     ecg = _check(ecg, f"{record_name}")
     os.makedirs(directory, exist_ok=True)
-    wfdb.wrsamp(record_name, fs=float(sample_rate), units=["mV"] * len(LEAD_NAMES),
-                sig_name=list(LEAD_NAMES), p_signal=ecg.T, fmt=["16"] * len(LEAD_NAMES),
+    wfdb.wrsamp(record_name, fs=float(sample_rate), units=["mV"] * len(LEADS),
+                sig_name=list(LEADS), p_signal=ecg.T, fmt=["16"] * len(LEADS),
                 comments=[str(c).replace("\n", " ") for c in comments], write_dir=directory)
     return os.path.join(directory, record_name)
 
@@ -64,7 +64,7 @@ def plot_ecg_paper(ecg: np.ndarray, sample_rate: float, path: str, title: str | 
         ax.axhline(y, color="#f4c6c6" if round(y) % 5 else "#e08080", lw=0.3 if round(y) % 5 else 0.7)
     times_mm = np.arange(ecg.shape[1]) / sample_rate * PAPER_SPEED_MM_S
     per_segment = int(round(segment * sample_rate))
-    for index, name in enumerate(LEAD_NAMES):
+    for index, name in enumerate(LEADS):
         row, column = index % 3, index // 3
         baseline = height_mm - (row + 0.5) * row_mm
         start = column * per_segment

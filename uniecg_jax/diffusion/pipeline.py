@@ -11,25 +11,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import signal as scipy_signal
 
+from uniecg_jax.data.record import DIFFUSION_FS, resample
 from uniecg_jax.diffusion import schedule as schedule_lib
 from uniecg_jax.diffusion.conditioning import build_condition, repeat_conditions
 from uniecg_jax.diffusion.rhythm import pool_rhythm, requested_rhythm
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
 from uniecg_jax.models.vae import VAE, VAEConfig
-
-NATIVE_RATE = 102.4  # DiffuSETS: 10 s resampled to 1024 samples
-
-
-def resample_to(ecg: np.ndarray, source_rate: float, target_rate: float) -> np.ndarray:
-    """Polyphase resampling along the last axis (102.4 -> 500 Hz is exactly x625/128)."""
-    if abs(source_rate - target_rate) < 1e-9:
-        return ecg
-    from fractions import Fraction
-    ratio = Fraction(target_rate / source_rate).limit_denominator(1000)
-    return scipy_signal.resample_poly(ecg, ratio.numerator, ratio.denominator, axis=-1)
-
 
 def guided_denoiser(unet: ConditionalUNet, unet_params: Any, condition: jax.Array,
                     guidance: float, rhythm: jax.Array | None = None):
@@ -105,7 +93,7 @@ class DiffusionPipeline:
         drawn from `seed`) for a rhythm-conditioned UNet; None for other UNets."""
         if not self.unet.cfg.rhythm_condition:
             return None
-        features = requested_rhythm(heart_rates, self.signal_length / NATIVE_RATE,
+        features = requested_rhythm(heart_rates, self.signal_length / DIFFUSION_FS,
                                     self.signal_length, seed)
         return pool_rhythm(features, self.unet.cfg.latent_length)
 
@@ -122,7 +110,7 @@ class DiffusionPipeline:
 
     def generate(self, text_embedding, sex, age, hr, n: int = 1, sampler: str = "ddim",
                  steps: int = 50, guidance: float | None = None, seed: int = 0, eta: float = 0.0,
-                 sample_rate: float = NATIVE_RATE) -> np.ndarray:
+                 sample_rate: float = DIFFUSION_FS) -> np.ndarray:
         """ECGs `[N, 12, T]` in mV: `n` samples for each of the B conditions (N = B * n).
 
         Args:
@@ -144,7 +132,7 @@ class DiffusionPipeline:
                             None if rhythm is None else jnp.asarray(rhythm),
                             jax.random.PRNGKey(seed)))
         ecg = np.swapaxes(ecg, 1, 2)  # [N, L, 12] -> [N, 12, L]
-        return resample_to(ecg, NATIVE_RATE, sample_rate).astype(np.float32)
+        return resample(ecg, DIFFUSION_FS, sample_rate)
 
 
 

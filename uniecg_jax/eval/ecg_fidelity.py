@@ -1,10 +1,8 @@
 """Judge-free fidelity metrics for generated ECGs (DiffuSETS-style).
 
-* heart rate by QRS detection: neurokit2 `ecg_peaks(method="kalidas2017")` on a signal upsampled
-  from 102.4 Hz to `detect_rate` (the detector's filters need more than 51 Hz of bandwidth), or
-  `method="xqrs"` (wfdb XQRS at the native rate, exactly DiffuSETS's evaluation); like DiffuSETS,
-  the first lead (from `lead`) with two or more beats gives the rate;
-* heart-rate MAE against the requested rates;
+* heart-rate MAE against the requested rates, the rate measured by `data.measure.heart_rate_bpm`:
+  the very rule that measured the training records' rates the model was conditioned on (Kalidas
+  2017 on the cleaned lead II, upsampled from 102.4 Hz, median RR; `method="xqrs"` for wfdb XQRS);
 * QRS-detection precision/recall/F1 against reference beat times (tolerance window);
 * per-lead amplitude statistics, generated vs real.
 CLIP score / FID need the ECG-text CLIP (later work).
@@ -15,41 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from uniecg_jax.diffusion.pipeline import resample_to
-
-
-def detect_qrs(signal: np.ndarray, sample_rate: float, method: str = "kalidas2017",
-               detect_rate: float = 500.0) -> np.ndarray:
-    """R-peak times in seconds of one lead `[T]`."""
-    signal = np.nan_to_num(np.asarray(signal, dtype=np.float64))
-    if method == "xqrs":
-        from wfdb import processing
-        detector = processing.XQRS(sig=signal, fs=sample_rate)
-        detector.detect(verbose=False)
-        return np.asarray(detector.qrs_inds, dtype=np.float64) / sample_rate
-    if method != "kalidas2017":
-        raise ValueError(f"QRS method must be kalidas2017 or xqrs, got {method!r}")
-    import neurokit2 as nk
-    rate = sample_rate
-    if sample_rate < detect_rate:
-        signal, rate = resample_to(signal, sample_rate, detect_rate), detect_rate
-    try:
-        _, info = nk.ecg_peaks(signal, sampling_rate=int(round(rate)), method="kalidas2017")
-    except Exception:  # flat or degenerate signals: no beats
-        return np.zeros(0)
-    return np.asarray(info["ECG_R_Peaks"], dtype=np.float64) / rate
-
-
-def heart_rate(ecg: np.ndarray, sample_rate: float, lead: int = 1, method: str = "kalidas2017"
-               ) -> float:
-    """Beats per minute of a 12-lead ECG `[12, T]` from the first lead (starting at `lead`, II by
-    default) with at least two detected beats; NaN when none has."""
-    ecg = np.asarray(ecg)
-    for index in list(range(lead, ecg.shape[0])) + list(range(lead)):
-        beats = detect_qrs(ecg[index], sample_rate, method)
-        if len(beats) > 1:
-            return float(60.0 / np.mean(np.diff(beats)))
-    return float("nan")
+from uniecg_jax.data.measure import heart_rate_bpm
 
 
 def heart_rate_mae(ecgs: np.ndarray, sample_rate: float, requested: Sequence[float] | float,
@@ -58,7 +22,7 @@ def heart_rate_mae(ecgs: np.ndarray, sample_rate: float, requested: Sequence[flo
     detectable rhythm are counted in `undetected` and left out of the mean."""
     ecgs = np.asarray(ecgs)
     requested = np.broadcast_to(np.asarray(requested, dtype=np.float64), (len(ecgs),))
-    rates = np.array([heart_rate(e, sample_rate, method=method) for e in ecgs])
+    rates = np.array([heart_rate_bpm(e, sample_rate, method=method) for e in ecgs])
     valid = np.isfinite(rates)
     mae = float(np.mean(np.abs(rates[valid] - requested[valid]))) if valid.any() else float("nan")
     return {"hr_mae": mae, "detected_hr": rates.tolist(), "undetected": int((~valid).sum())}

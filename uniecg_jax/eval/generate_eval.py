@@ -27,9 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import linalg
 
+from uniecg_jax.data.bundled import diffusion_records
+from uniecg_jax.data.measure import detect_r_peaks, with_measured_rhythms
+from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
+from uniecg_jax.data.text_encoder import text_encoder_for
 from uniecg_jax.eval import ecg_fidelity
-
-NATIVE_RATE = 102.4
 
 
 # ------------------------------------------------------------------------------ feature metrics
@@ -99,8 +101,6 @@ def aligned_qrs_f1(generated_beats: np.ndarray, reference_beats: np.ndarray,
 def eval_items(records: Sequence, text_encoder) -> dict:
     """Conditions and references of evaluation records: text embedding, sex code, age, hr,
     real ECG `[N, 12, 1024]` (unknown age/hr default as in training: 50 / 70)."""
-    from uniecg_jax.data.pipelines import UNKNOWN_AGE, UNKNOWN_HEART_RATE
-
     return {"record_id": [r.record_id for r in records],
             "report": [r.report for r in records],
             "text_embedding": np.asarray(text_encoder.encode([r.report for r in records]),
@@ -127,14 +127,19 @@ def generate_for_items(pipeline, items: dict, *, n: int, sampler: str, steps: in
     return np.concatenate(outputs)
 
 
+def beat_times(ecg: np.ndarray, qrs_method: str) -> np.ndarray:
+    """R-peak times (s) on lead II of a `[12, 1024]` ECG at 102.4 Hz (`data.measure`)."""
+    return detect_r_peaks(ecg[1], DIFFUSION_FS, qrs_method) / DIFFUSION_FS
+
+
 def fidelity_metrics(generated: np.ndarray, items: dict, n: int, clip=None,
                      qrs_method: str = "kalidas2017") -> dict:
     """All metrics for `generated` `[R * n, 12, L]` against `items` (see module docstring)."""
     requested = np.repeat(items["hr"], n)
-    hr = ecg_fidelity.heart_rate_mae(generated, NATIVE_RATE, requested, method=qrs_method)
-    real_beats = [ecg_fidelity.detect_qrs(ecg[1], NATIVE_RATE, qrs_method) for ecg in items["real"]]
-    f1 = [aligned_qrs_f1(ecg_fidelity.detect_qrs(ecg[1], NATIVE_RATE, qrs_method),
-                         real_beats[i // n]) for i, ecg in enumerate(generated)]
+    hr = ecg_fidelity.heart_rate_mae(generated, DIFFUSION_FS, requested, method=qrs_method)
+    real_beats = [beat_times(ecg, qrs_method) for ecg in items["real"]]
+    f1 = [aligned_qrs_f1(beat_times(ecg, qrs_method), real_beats[i // n])
+          for i, ecg in enumerate(generated)]
     metrics = {"num_generated": int(len(generated)), "hr_mae": hr["hr_mae"],
                "hr_undetected": hr["undetected"], "detected_hr": hr["detected_hr"],
                "requested_hr": requested.tolist(), "qrs_f1_vs_reference": float(np.mean(f1)),
@@ -185,19 +190,18 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
              batch_size: int = 32) -> dict:
     """Generates for every evaluation record, scores, writes `out` (JSON) and returns the metrics."""
     from uniecg_jax.diffusion.pipeline import load_pipeline
-    from uniecg_jax.train import diffusion as diffusion_train
+    from uniecg_jax.train.diffusion import with_training_defaults
 
     pipeline, config = load_pipeline(ckpt)
     guidance = pipeline.default_guidance if guidance is None else guidance
-    config = diffusion_train.with_training_defaults(config)
-    text_encoder = diffusion_train.text_encoder_for(config)
-    clip_records = diffusion_train.training_records(config) if clip_dir or data == "bundled" \
-        else []
+    config = with_training_defaults(config)
+    text_encoder = text_encoder_for(config)
+    clip_records = diffusion_records(config) if clip_dir or data == "bundled" else []
     if data == "bundled":
         records = clip_records
     else:
         from uniecg_jax.eval.interpret_eval import load_eval_records
-        records = diffusion_train.with_measured_rhythm(load_eval_records(data, config))
+        records = with_measured_rhythms(load_eval_records(data, config))
     if max_records:
         records = records[:max_records]
     items = eval_items(records, text_encoder)

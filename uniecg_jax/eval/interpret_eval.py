@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.eval import report_metrics
 
@@ -57,7 +58,6 @@ def load_eval_records(data: str, config=None) -> list:
     from uniecg_jax.data import read_record
 
     if data == "bundled":
-        from uniecg_jax.train.stage1 import bundled_split
         data_cfg = config.data
         return bundled_split(int(data_cfg.holdout_every), int(data_cfg.num_synthetic),
                              int(config.seed))["test"]

@@ -32,7 +32,8 @@ import os
 import re
 from typing import Iterable, Mapping, Sequence
 
-LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+from uniecg_jax.data.record import LEADS
+
 MEASUREMENTS = ("heart_rate", "pr", "qrs", "qt", "qtc")
 UNITS = {"heart_rate": "bpm", "pr": "ms", "qrs": "ms", "qt": "ms", "qtc": "ms"}
 

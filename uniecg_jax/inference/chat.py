@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
 from uniecg_jax.inference import decoding
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.stage2 import UniECGStage2, abstract_stage2_params, build_stage2, \
     stage1_model, stage1_params
 
-DEFAULT_SEX, DEFAULT_AGE, DEFAULT_HEART_RATE = "M", 50.0, 70.0
+DEFAULT_SEX = "M"
 _AGE = re.compile(r"\b(\d{1,3})\s*-?\s*(?:years?|yrs?|y)\s*-?\s*old\b|\bage[sd]?\s*[:=]?\s*(\d{1,3})\b",
                   re.IGNORECASE)
 _HEART_RATE = re.compile(r"\b(?:HR|heart\s+rate|rate)\s*(?:of|[:=~])?\s*(\d{2,3})\b"
@@ -200,9 +201,9 @@ class UnifiedModel:
         turn.condition = condition[0]
         turn.conditions = {
             "sex": sex or stated["sex"] or DEFAULT_SEX,
-            "age": float(age if age is not None else stated["age"] or DEFAULT_AGE),
+            "age": float(age if age is not None else stated["age"] or UNKNOWN_AGE),
             "heart_rate": float(heart_rate if heart_rate is not None
-                                else stated["heart_rate"] or DEFAULT_HEART_RATE)}
+                                else stated["heart_rate"] or UNKNOWN_HEART_RATE)}
         if self.diffusion is None:
             turn.text = turn.text or "[ECG tokens emitted; no diffusion model loaded]"
             return turn
@@ -222,8 +223,7 @@ class UnifiedModel:
         return turn
 
     def diffusion_sample_rate(self) -> float:
-        from uniecg_jax.diffusion.pipeline import NATIVE_RATE
-        return NATIVE_RATE
+        return DIFFUSION_FS
 
 
 _CONDITION: dict = {}

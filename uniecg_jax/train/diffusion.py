@@ -20,12 +20,10 @@ W/data_cache), or a `uniecg prep` folder (`data.source=/path`, with text embeddi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import pickle
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,7 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from uniecg_jax.config import ConfigError
+from uniecg_jax.data.bundled import diffusion_records
+from uniecg_jax.data.text_encoder import text_encoder_for
 from uniecg_jax.diffusion import losses
 from uniecg_jax.diffusion.layers import init_params_on_host
 from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
@@ -82,77 +81,6 @@ def phase_config(config: ml_collections.ConfigDict, phase: str) -> ml_collection
 
 # ----------------------------------------------------------------------------------------- data
 
-class TemplatedEncoder:
-    """Wraps a text encoder so reports go through the configured prompt template first."""
-
-    def __init__(self, encoder, template: str):
-        self.encoder, self.template = encoder, template
-        self.dim = getattr(encoder, "dim", None)
-
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        from uniecg_jax.data.text_encoder import report_text
-        return self.encoder.encode([report_text(t, (), self.template) for t in texts])
-
-
-def text_encoder_for(config: ml_collections.ConfigDict):
-    """The frozen text encoder of `config.text` (templated), checked against `text.embed_dim`."""
-    from uniecg_jax.data.text_encoder import get_text_encoder
-
-    encoder = get_text_encoder(str(config.text.encoder))
-    if encoder is None:
-        raise ConfigError("text.encoder=none: the diffusion model needs text embeddings")
-    dim = getattr(encoder, "dim", None)
-    if dim is not None and int(dim) != int(config.text.embed_dim):
-        raise ConfigError(f"text.encoder={config.text.encoder!r} gives {dim}-d embeddings but "
-                          f"text.embed_dim={config.text.embed_dim}")
-    template = str(config.text.get("template", "plain"))
-    return TemplatedEncoder(encoder, template) if template != "plain" else encoder
-
-
-def cached_synthetic(n: int, heart_rates: Sequence[float], seed: int, cache_dir: str | None
-                     ) -> list:
-    """`n` synthetic ECGRecords at `heart_rates` (cycled), generated once (~2 s each) and pickled
-    in `cache_dir` under a name keyed by n, rates and seed."""
-    from uniecg_jax.data import synthetic
-
-    if n <= 0:
-        return []
-    rates = [float(heart_rates[i % len(heart_rates)]) for i in range(n)]
-    key = hashlib.sha1(json.dumps([n, rates, seed]).encode()).hexdigest()[:12]
-    path = os.path.join(cache_dir, f"synthetic_{n}_{seed}_{key}.pkl") if cache_dir else None
-    if path and os.path.exists(path):
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    records = synthetic.generate(n, heart_rates=rates, seed=seed)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        with open(path + ".tmp", "wb") as f:
-            pickle.dump(records, f)
-        os.replace(path + ".tmp", path)
-    return records
-
-
-def with_measured_rhythm(records: Sequence) -> list:
-    """Records with R peaks and (when unknown) heart rate from QRS detection, measured once here
-    rather than every epoch (`data.measure.with_measured_rhythm`)."""
-    from uniecg_jax.data.measure import with_measured_rhythm as measured
-
-    return [measured(record) for record in records]
-
-
-def training_records(config: ml_collections.ConfigDict) -> list:
-    """Bundled real records + cached synthetic ECGs at the configured heart rates."""
-    from uniecg_jax.data import load_bundled_records
-
-    config = with_training_defaults(config)
-    cache_dir = str(config.data.cache_dir) or os.path.join(
-        os.path.expanduser("~"), ".cache", "uniecg_jax")
-    records = with_measured_rhythm(load_bundled_records())
-    return records + with_measured_rhythm(cached_synthetic(int(config.data.num_synthetic),
-                                                           tuple(config.data.synthetic_heart_rates),
-                                                           int(config.seed) + 1, cache_dir))
-
-
 def diffusion_data_source(config: ml_collections.ConfigDict):
     """What `diffusion_loader` reads: a prep folder path or an in-memory source with embeddings."""
     from uniecg_jax.data.pipelines import records_source
@@ -160,7 +88,7 @@ def diffusion_data_source(config: ml_collections.ConfigDict):
     config = with_training_defaults(config)
     if config.data.source != "bundled":
         return str(config.data.source)
-    return records_source(training_records(config), text_encoder=text_encoder_for(config))
+    return records_source(diffusion_records(config), text_encoder=text_encoder_for(config))
 
 
 def to_loss_batch(batch: dict) -> dict:
@@ -382,7 +310,8 @@ def latent_scaling_factor(config: ml_collections.ConfigDict, vae_params, max_rec
     here gets its own factor, as Stable Diffusion derived 0.18215 from its VAE.
     """
     if config.data.source == "bundled":
-        ecgs = np.stack([r.to_diffusion_input() for r in training_records(config)[:max_records]])
+        records = diffusion_records(with_training_defaults(config))[:max_records]
+        ecgs = np.stack([r.to_diffusion_input() for r in records])
     else:
         from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
         examples = read_shards(shard_paths(str(config.data.source), "train"))[:max_records]

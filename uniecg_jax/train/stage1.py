@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from typing import Any
 
 import jax
@@ -18,59 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
-
-
-def is_heldout(patient_id: str, holdout_every: int) -> bool:
-    """Deterministic patient-level hold-out for the bundled data (same answer on every host)."""
-    return holdout_every > 0 and zlib.crc32(str(patient_id).encode()) % holdout_every == 0
-
-
-@functools.lru_cache(maxsize=4)
-def bundled_split(holdout_every: int, num_synthetic: int, seed: int) -> dict[str, list]:
-    """{"train": [...], "test": [...]} ECGRecords: bundled records split by patient + synthetic
-    ones (train gets 3/4 of the synthetic ECGs, test the rest)."""
-    from uniecg_jax.data import load_bundled_records
-
-    records = load_bundled_records()
-    train = [r for r in records if not is_heldout(r.patient_id, holdout_every)]
-    test = [r for r in records if is_heldout(r.patient_id, holdout_every)]
-    if num_synthetic:
-        generated = cached_synthetic(num_synthetic, seed + 1)
-        cut = (3 * num_synthetic) // 4
-        train += generated[:cut]
-        test += generated[cut:]
-    return {"train": train, "test": test}
-
-
-def cached_synthetic(count: int, seed: int) -> list:
-    """`synthetic.generate(count, seed=seed)`, cached on disk (neurokit2 takes ~2 s per record).
-
-    Cache: $UNIECG_CACHE or ~/.cache/uniecg_jax; a corrupt or stale file is regenerated.
-    """
-    import os
-    import pickle
-
-    from uniecg_jax.data import synthetic
-
-    directory = os.environ.get("UNIECG_CACHE", os.path.expanduser("~/.cache/uniecg_jax"))
-    path = os.path.join(directory, f"synthetic_n{count}_seed{seed}.pkl")
-    try:
-        with open(path, "rb") as f:
-            records = pickle.load(f)
-        if len(records) == count:
-            return records
-    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError):
-        pass
-    records = synthetic.generate(count, seed=seed)
-    os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(records, f)
-    os.replace(path + ".tmp", path)
-    return records
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict):

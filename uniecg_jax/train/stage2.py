@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from uniecg_jax.config import ConfigError
+from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, ecg_token_names,
                                       extend_vocabulary, init_stage2_params, stage1_model,
@@ -195,7 +196,6 @@ def stage2_data_source(config: ml_collections.ConfigDict, split: str):
     """A prep folder path, or bundled + synthetic records with reports embedded by `text.encoder`
     (embedded once per process and cached)."""
     from uniecg_jax.data.pipelines import records_source
-    from uniecg_jax.train.stage1 import bundled_split
 
     if config.data.source != "bundled":
         return config.data.source
