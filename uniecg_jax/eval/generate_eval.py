@@ -189,7 +189,6 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
 
     pipeline, config = load_pipeline(ckpt)
     guidance = pipeline.default_guidance if guidance is None else guidance
-    config = diffusion_train.with_training_defaults(config)
     text_encoder = diffusion_train.text_encoder_for(config)
     clip_records = diffusion_train.training_records(config) if clip_dir or data == "bundled" \
         else []
