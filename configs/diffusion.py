@@ -9,7 +9,11 @@ levels, kernel 7; 1000 DDPM steps, betas 0.00085-0.012 "linear" as DiffuSETS's d
 """
 import ml_collections
 
+from uniecg_jax.diffusion.schedule import DiffusionConfig
 from uniecg_jax.models import presets
+from uniecg_jax.models.unet import UNetConfig
+from uniecg_jax.models.vae import VAEConfig
+from uniecg_jax.train.schema import DiffusionTrainConfig, train_group
 
 
 def get_config(arg=None):
@@ -32,32 +36,15 @@ def get_config(arg=None):
         cache_dir="",              # synthetic ECG cache ("" = WORKDIR/data_cache)
         worker_count=0))
     config.model = ml_collections.ConfigDict()
-    config.model.vae = ml_collections.ConfigDict(dict(
-        num_leads=12, widths=(128, 256, 512), num_res_blocks=2, latent_channels=4, num_groups=32,
-        attention_heads=1, scaling_factor=0.18215, dtype="float32", param_dtype="float32",
-        # True: after the VAE phase, scaling_factor = 1 / std of its latents (unit-variance data
-        # for the DDPM schedule). False keeps DiffuSETS's 0.18215 (imported weights).
-        auto_scale=False))
-    config.model.unet = ml_collections.ConfigDict(dict(
-        latent_channels=4, latent_length=128, num_levels=7, kernel_size=7, num_heads=8,
-        bottleneck_kernel_size=3, bottleneck_heads=4, bottleneck_hidden=32,
-        text_embed_dim=config.text.get_ref("embed_dim"), time_embed_dim=64, time_hidden_dim=128,
-        base_channels=0,                            # 0 = DiffuSETS (widths from latent_channels)
-        scalar_condition_scale=(1.0, 1.0, 1.0),     # x (sex, age, hr); DiffuSETS feeds raw values
-        rhythm_condition=False,    # True: beat-phase input channels (diffusion/rhythm.py)
-        dtype="float32", param_dtype="float32"))
-    config.diffusion = ml_collections.ConfigDict(dict(
-        num_steps=1000, beta_start=0.00085, beta_end=0.012,
-        beta_schedule="linear",    # linear (DiffuSETS/diffusers default) | scaled_linear (SD)
-        prediction="epsilon",      # epsilon | v
-        clip_sample=1.0,           # DDPM/DDIM clip of predicted x0 (diffusers default); 0 = off
-        cfg_dropout=0.1,           # probability of the null condition in training
-        latent="sample"))          # UNet targets: "sample" of the VAE posterior (DiffuSETS) | "mean"
-    config.train = ml_collections.ConfigDict(dict(
+    # The field defaults are DiffuSETS's published shapes (VAEConfig, UNetConfig, DiffusionConfig
+    # document each field); `model.unet.num_train_steps` comes from `diffusion.num_steps`.
+    config.model.vae = ml_collections.ConfigDict(VAEConfig().to_dict())
+    config.model.unet = ml_collections.ConfigDict(UNetConfig().to_dict())
+    config.model.unet.text_embed_dim = config.text.get_ref("embed_dim")
+    config.diffusion = ml_collections.ConfigDict(DiffusionConfig().to_dict())
+    config.train = train_group(DiffusionTrainConfig(
         batch_size=256, steps=100000, learning_rate=1e-4, warmup_steps=1000, weight_decay=0.01,
-        grad_clip=1.0, log_every=100, checkpoint_every=5000, keep_checkpoints=2,
-        kl_weight=1.0, vae_steps=50000, unet_steps=100000, min_lr_ratio=0.1, b1=0.9, b2=0.999,
-        grad_accum_steps=1, freeze=""))
+        b2=0.999, log_every=100, checkpoint_every=5000))
     config.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0,
                                                    output_rate=102.4))
     if variant == "tiny":

@@ -9,6 +9,7 @@ Variants: tiny (CPU), small (~60M), llama2_7b, vicuna_7b, llama3_8b, qwen2_5_7b,
 import ml_collections
 
 from uniecg_jax.models import presets
+from uniecg_jax.train.schema import LMTrainConfig, train_group
 
 VARIANTS = ("tiny", "small", "llama2_7b", "vicuna_7b", "llama3_8b", "qwen2_5_7b", "qwen2_5_0_5b")
 
@@ -21,14 +22,7 @@ def get_config(arg=None):
     config.mesh = presets.mesh()
     config.distributed = False      # call jax.distributed.initialize() (multi-host pods)
     config.seed = 0
-    config.train = ml_collections.ConfigDict(dict(
-        batch_size=8, seq_len=128, steps=100, learning_rate=3e-4, warmup_steps=10,
-        min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.95, grad_clip=1.0, grad_accum_steps=1,
-        log_every=10, checkpoint_every=50, keep_checkpoints=2, async_checkpoint=True,
-        freeze="",                  # regex over param paths (a/b/kernel) kept fixed
-        z_loss=0.0,                 # weight of the log(Z)^2 term (0 = off)
-        data="auto",                # auto | reports | synthetic (see uniecg_jax/train/lm.py)
-        compilation_cache_dir=""))  # persist compiled steps here: restarts skip compilation
+    config.train = train_group(LMTrainConfig(weight_decay=0.01, b2=0.95, checkpoint_every=50))
     config.init = ml_collections.ConfigDict(dict(hf_dir=""))
     if variant not in ("tiny",):
         config.model.dtype = "bfloat16"

@@ -12,6 +12,7 @@ ECG-CoCa tower, 1024-d ecg_projector, Vicuna-7B), qwen2_5_7b.
 import ml_collections
 
 from uniecg_jax.models import ecg_encoder, presets
+from uniecg_jax.train.schema import Stage1TrainConfig, train_group
 
 VARIANTS = {
     # name: (LLM preset, encoder preset, ecg_proj_dim)
@@ -50,13 +51,9 @@ def get_config(arg=None):
         system="",               # optional system prompt
     ))
     config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt=""))
-    config.train = ml_collections.ConfigDict(dict(
-        batch_size=8, steps=300, learning_rate=2e-3, warmup_steps=20, min_lr_ratio=0.1,
-        weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0, grad_accum_steps=1, z_loss=0.0,
-        log_every=25, checkpoint_every=100, keep_checkpoints=2, async_checkpoint=True,
-        # GEM freezes the pretrained ECG encoder; the tiny model trains it from scratch.
-        freeze="",
-        augment_roll=False))     # rotate ECGs in time by a random offset (small-data runs)
+    # GEM freezes the pretrained ECG encoder (the 7B variants below); tiny trains it from scratch.
+    config.train = train_group(Stage1TrainConfig(steps=300, learning_rate=2e-3, warmup_steps=20,
+                                                 log_every=25))
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=96, batch_size=8))
     # `uniecg eval interpret --judge`: any OpenAI-compatible chat-completions endpoint.
     config.eval.judge = ml_collections.ConfigDict(dict(

@@ -20,6 +20,9 @@ import os
 
 import ml_collections
 
+from uniecg_jax.models.alignment import AlignmentConfig
+from uniecg_jax.train.schema import Stage2TrainConfig, train_group
+
 VARIANTS = ("tiny", "demo", "vicuna_7b", "qwen2_5_7b")
 # Everything but the LLM's embedding / lm_head (whose old rows are masked in the loss instead).
 FREEZE_ALL_BUT_NEW_ROWS = r"^(ecg_tower/|llm/(?!embedding$|lm_head/))"
@@ -46,10 +49,8 @@ def get_config(arg=None):
     config.model = stage1.model
     config.model.num_ecg_tokens = 8
     config.model.ecg_token_ids = [-1]   # filled by the trainer from the tokenizer (list of N ids)
-    config.model.alignment = ml_collections.ConfigDict(dict(
-        kind="mlp",            # mlp | transformer (GILL-style learned queries)
-        hidden_dim=256, output_dim=384, layers=2, heads=4, num_queries=4,
-        param_dtype="float32", dtype="float32"))
+    # kind: mlp | transformer (GILL-style learned queries)
+    config.model.alignment = ml_collections.ConfigDict(AlignmentConfig(hidden_dim=256).to_dict())
     config.text = ml_collections.ConfigDict(dict(
         encoder="minilm",      # the diffusion model's frozen text encoder (uniecg_jax.data.text_encoder)
         embed_dim=384))
@@ -60,16 +61,9 @@ def get_config(arg=None):
         interpret_max_length=stage1.data.max_length))   # interpretation (preservation) examples
     config.init = ml_collections.ConfigDict(dict(
         stage1_ckpt=""))       # stage-1 train workdir or model checkpoint; "" = random (tests)
-    config.train = ml_collections.ConfigDict(dict(
-        batch_size=8, steps=200, learning_rate=3e-3, warmup_steps=10, min_lr_ratio=0.1,
-        # Decoupled weight decay would move the frozen vocabulary rows: must stay 0.
-        weight_decay=0.0, b1=0.9, b2=0.98, grad_clip=1.0, grad_accum_steps=1, z_loss=0.0,
-        log_every=25, checkpoint_every=100, keep_checkpoints=2, async_checkpoint=True,
-        token_loss_weight=1.0, mse_weight=1.0, cosine_weight=1.0,
-        # Stage-1 CE on interpretation answers (grads reach only the new rows): keeps the [ECG]
-        # tokens out of interpretations. 0 = off (then no ECG data is read).
-        preservation_weight=1.0,
-        freeze=FREEZE_ALL_BUT_NEW_ROWS))
+    # weight_decay stays 0 (the default): decoupled decay would move the frozen vocabulary rows.
+    config.train = train_group(Stage2TrainConfig(steps=200, learning_rate=3e-3, log_every=25,
+                                                 freeze=FREEZE_ALL_BUT_NEW_ROWS))
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=stage1.eval.max_new_tokens,
                                                  batch_size=8, generation_tokens=12))
     if variant == "demo":

@@ -20,7 +20,7 @@ from uniecg_jax.diffusion.pipeline import load_pipeline
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.eval import ecg_fidelity, generate_eval
 from uniecg_jax.models import ecg_clip
-from uniecg_jax.train import diffusion as diffusion_train, optim, state as state_lib, \
+from uniecg_jax.train import diffusion as diffusion_train, loop, optim, state as state_lib, \
     step as step_lib
 
 TEXT_DIM = 16
@@ -34,10 +34,13 @@ TINY = [f"text.encoder=hash:{TEXT_DIM}", f"text.embed_dim={TEXT_DIM}", "train.ba
 
 
 def _config(extra=()):
-    config = diffusion_train.with_training_defaults(
-        load_config("configs/diffusion.py:tiny", TINY + list(extra)))
-    config.data.num_synthetic = 0
-    return config
+    return load_config("configs/diffusion.py:tiny", TINY + ["data.num_synthetic=0"] + list(extra))
+
+
+def _run(workdir):
+    """`uniecg train`'s path: both phases of the shared loop, then the export."""
+    config = _config()
+    return loop.run(config, workdir, diffusion_train.build_task(config))
 
 
 def _batch(config, seed=0):
@@ -98,7 +101,7 @@ def test_unet_step_on_8_devices_equals_one_device():
 def trained(tmp_path_factory):
     """An uninterrupted two-phase run (also the model the CLI tests use)."""
     workdir = str(tmp_path_factory.mktemp("diffusion"))
-    result = diffusion_train.run(_config(), workdir)
+    result = _run(workdir)
     return workdir, result
 
 
@@ -120,13 +123,15 @@ def exported(tmp_path_factory):
 @pytest.mark.slow  # the two train-step compiles take ~2 min on 2 loaded cores
 def test_two_phase_training_exports_and_loads(trained):
     workdir, full = trained
-    assert full.stopped_by_signal is None and full.vae.steps_run == 2 and full.unet.steps_run == 4
-    vae_losses = [h["loss"] for h in full.vae.history]
-    assert np.all(np.isfinite(vae_losses)) and len(full.unet.history) == 4
+    vae, unet = full.phases["vae"], full.phases["unet"]
+    assert full.stopped_by_signal is None and vae.steps_run == 2 and unet.steps_run == 4
+    assert full.model_dir == os.path.join(workdir, "model")
+    vae_losses = [h["loss"] for h in vae.history]
+    assert np.all(np.isfinite(vae_losses)) and len(unet.history) == 4
     assert os.path.isfile(os.path.join(workdir, "unet", "metrics.jsonl"))
     # The UNet phase kept the VAE phase's final weights exactly (frozen by the optimizer).
-    for got, want in zip(jax.tree.leaves(jax.device_get(full.unet.state.params["vae"])),
-                         jax.tree.leaves(jax.device_get(full.vae.state.params))):
+    for got, want in zip(jax.tree.leaves(jax.device_get(unet.state.params["vae"])),
+                         jax.tree.leaves(jax.device_get(vae.state.params))):
         np.testing.assert_array_equal(got, want)
 
     # The export loads with one call and holds the trained UNet.
@@ -134,7 +139,12 @@ def test_two_phase_training_exports_and_loads(trained):
     assert config.text.encoder == f"hash:{TEXT_DIM}"
     np.testing.assert_array_equal(
         pipeline.unet_params["params"]["null_condition"],
-        jax.device_get(full.unet.state.params["unet"]["null_condition"]))
+        jax.device_get(unet.state.params["unet"]["null_condition"]))
+    # auto_scale (tiny): the UNet phase's config, and so the export, got the trained VAE's factor.
+    assert config.model.vae.auto_scale
+    assert config.model.vae.scaling_factor == pytest.approx(diffusion_train.latent_scaling_factor(
+        config, jax.device_get(vae.state.params)), rel=1e-6)
+    assert config.model.vae.scaling_factor != 0.18215
 
 
 @pytest.mark.slow  # two more runs (~1 min each on 2 loaded cores)
@@ -153,14 +163,15 @@ def test_two_phase_resume_after_sigterm_equals_uninterrupted(trained, tmp_path, 
         return to_global(local_batch, mesh)
 
     monkeypatch.setattr(sharding, "global_batch_from_host", preempt)
-    interrupted = diffusion_train.run(_config(), resumed_dir)
+    interrupted = _run(resumed_dir)
     monkeypatch.setattr(sharding, "global_batch_from_host", to_global)
     assert interrupted.stopped_by_signal == "SIGTERM" and interrupted.model_dir is None
-    assert interrupted.unet.steps_run == 2
-    resumed = diffusion_train.run(_config(), resumed_dir)
-    assert resumed.vae.steps_run == 0 and resumed.unet.steps_run == 2
-    for got, want in zip(jax.tree.leaves(jax.device_get(resumed.unet.state.params)),
-                         jax.tree.leaves(jax.device_get(full.unet.state.params))):
+    assert interrupted.phases["unet"].steps_run == 2
+    resumed = _run(resumed_dir)
+    assert resumed.phases["vae"].steps_run == 0 and resumed.phases["unet"].steps_run == 2
+    assert resumed.model_dir is not None
+    for got, want in zip(jax.tree.leaves(jax.device_get(resumed.phases["unet"].state.params)),
+                         jax.tree.leaves(jax.device_get(full.phases["unet"].state.params))):
         np.testing.assert_array_equal(got, want)
 
 
@@ -206,7 +217,6 @@ def test_eval_generate_metrics_on_tiny_run(exported, tmp_path):
     # The heart-rate metric measures what the condition meant: on the real references at 102.4 Hz
     # it reads the rates the records are conditioned on.
     pipeline, config = load_pipeline(workdir)
-    config = diffusion_train.with_training_defaults(config)
     items = generate_eval.eval_items(diffusion_records(config)[:6], text_encoder_for(config))
     real = ecg_fidelity.heart_rate_mae(items["real"], DIFFUSION_FS, items["hr"])
     assert real["undetected"] == 0 and real["hr_mae"] < 3.0
@@ -330,9 +340,8 @@ def test_latent_scaling_factor_normalises_the_trained_vae_latents():
     from uniecg_jax.models.vae import VAE, VAEConfig
     from uniecg_jax.train import diffusion as diffusion_train
 
-    config = diffusion_train.with_training_defaults(load_config(
-        "configs/diffusion.py:tiny", ["text.encoder=hash:16", "text.embed_dim=16"]))
-    config.data.num_synthetic = 0
+    config = load_config("configs/diffusion.py:tiny", ["text.encoder=hash:16",
+                                                       "text.embed_dim=16", "data.num_synthetic=0"])
     vae = VAE(VAEConfig.from_config(config.model.vae))
     params = init_params_on_host(vae, 0, jnp.zeros((1, 1024, 12)))["params"]
     factor = diffusion_train.latent_scaling_factor(config, params, max_records=16)

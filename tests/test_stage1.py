@@ -229,6 +229,7 @@ def test_init_from_hf_llama_and_ecg_coca_checkpoints(tmp_path):
     config = _config([f"init.hf_dir={hf_dir}", f"init.ecg_encoder_ckpt={ecg_ckpt}",
                       "train.steps=1"])
     task = build_task(config)
+    config = task.config  # model.llm as finalised from the HF checkpoint and tokenizer
     mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
     abstract, _ = sharding.abstract_sharded_init(task.init_params, mesh, jax.random.PRNGKey(0))
     params = task.initial_params(mesh, abstract)

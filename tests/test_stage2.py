@@ -48,6 +48,7 @@ def trained(tmp_path_factory):
 
     config = _stage2_config([f"init.stage1_ckpt={stage1_dir}"])
     task = build_task(config)
+    config = task.config
     result = train(config, str(root / "stage2"), task)
     final = jax.device_get(result.state.params)
     task.export(str(root / "stage2"), final)
@@ -91,7 +92,7 @@ def test_gathered_ecg_hidden_states_equal_a_manual_gather():
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
 def test_alignment_head_kinds_have_named_params_and_ignore_missing_slots(kind):
     config = _stage2_config([f"model.alignment.kind={kind}", "model.alignment.hidden_dim=16"])
-    build_task(config)  # fills ecg_token_ids / vocab
+    config = build_task(config).config  # the finalised config: ecg_token_ids / vocab filled
     model, cfg = build_stage2(config.model)
     boxed = init_stage2_params(model, jax.random.PRNGKey(0))
     for leaf in jax.tree.leaves(boxed["alignment"], is_leaf=lambda x: isinstance(x, nn.Partitioned)):

@@ -1,4 +1,5 @@
 """Train step, optimizer, loop and checkpoint resume on the tiny LM."""
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from uniecg_jax.config import load_config
 from uniecg_jax.train import build_task, lm, optim, state as state_lib, step as step_lib
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.train.checkpointing import RunCheckpointer
-from uniecg_jax.train.loop import enable_compilation_cache, train
+from uniecg_jax.train.loop import Phase, enable_compilation_cache, run, train
 
 SEQ = 16  # tokens per row of the hand-made batches
 
@@ -340,3 +341,38 @@ def test_dry_run_compiles_for_the_mesh_and_donates_the_whole_train_state(capsys)
     # (the accumulation scan body is counted once by XLA's cost analysis).
     per_device = task.flops_per_step / 8
     assert per_device / 4 < report["compiler_flops_per_device"] < per_device * 2
+
+
+def test_run_trains_phases_in_order_from_the_previous_params_exports_and_resumes(tmp_path):
+    """`loop.run` over a two-phase task (the shape diffusion's VAE-then-UNet uses): phase `b` starts
+    from phase `a`'s final params (at learning rate 0 it ends with them), the last phase's export
+    gets its final params, and a rerun restores both phases and trains nothing."""
+    config = load_config("configs/llm.py:tiny", REGRESSION_OVERRIDES + [
+        "train.steps=2", "train.checkpoint_every=0"])
+    frozen = load_config("configs/llm.py:tiny", REGRESSION_OVERRIDES + [
+        "train.steps=1", "train.checkpoint_every=0", "train.learning_rate=0.0"])
+    seen, exported = [], []
+
+    def phase_a(workdir, previous):
+        seen.append(("a", previous))
+        return build_task(config)
+
+    def phase_b(workdir, previous):
+        seen.append(("b", previous))
+        task = build_task(frozen)
+        return dataclasses.replace(
+            task, initial_params=lambda mesh, abstract: jax.tree.map(
+                lambda x, a: jax.device_put(x, a.sharding), previous, abstract),
+            export=lambda workdir, params: exported.append(jax.device_get(params)) or workdir)
+
+    task = dataclasses.replace(build_task(config), phases=(Phase("a", phase_a),
+                                                           Phase("b", phase_b)))
+    result = run(config, str(tmp_path), task)
+    assert result.stopped_by_signal is None and result.model_dir == str(tmp_path)
+    assert [name for name, _ in seen] == ["a", "b"] and seen[0][1] is None
+    assert result.phases["a"].steps_run == 2 and result.phases["b"].steps_run == 1
+    assert os.path.isfile(tmp_path / "a" / "metrics.jsonl")
+    for got, want in zip(jax.tree.leaves(exported[0]), jax.tree.leaves(seen[1][1])):
+        np.testing.assert_array_equal(got, want)
+    again = run(config, str(tmp_path), task)
+    assert again.phases["a"].steps_run == 0 and again.phases["b"].steps_run == 0

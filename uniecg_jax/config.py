@@ -3,6 +3,11 @@
 Every config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`; `arg` selects a
 preset (`tiny`, `llama2_7b`, ...). The loaded config is locked, so a mistyped override key is an error
 that names the key and the file instead of silently creating a new field.
+
+The fields of the model and train groups are declared once, by frozen dataclasses
+(`uniecg_jax.models.schema.ConfigSchema`: `LLMConfig`, `UNetConfig`, ..., `train.schema.TrainConfig`);
+config files derive their groups from them. A checkpoint's config.json written by an older version is
+brought up to date by `upgrade_config` (the `MIGRATIONS` table) when it is read.
 """
 from __future__ import annotations
 
@@ -15,11 +20,13 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from uniecg_jax.models.schema import ConfigError
+
+__all__ = ["ConfigError", "MIGRATIONS", "apply_override", "config_from_json", "config_to_json",
+           "load_config", "load_config_file", "replace_values", "split_config_args",
+           "upgrade_config"]
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-class ConfigError(ValueError):
-    """A config file, preset or override is invalid."""
 
 
 def _resolve_path(spec_path: str) -> str:
@@ -146,6 +153,28 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return config
 
 
+def replace_values(config: ml_collections.ConfigDict, changes: dict[str, Any]
+                   ) -> ml_collections.ConfigDict:
+    """A NEW locked config: `config` with each dotted key of `changes` set (a mapping value replaces
+    a whole group); `config` itself is not touched. Every key must exist already, so a typo is an
+    error rather than a new field. Finalisation (vocabulary sizes, token ids, phase steps) uses this
+    instead of unlocking and rewriting a locked config."""
+    values = config.to_dict()
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            if not isinstance(node, dict) or part not in node:
+                raise ConfigError(f"replace_values: no config group {key.rsplit('.', 1)[0]}")
+            node = node[part]
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"replace_values: unknown config key {key}")
+        node[leaf] = value.to_dict() if hasattr(value, "to_dict") else value
+    updated = ml_collections.ConfigDict(values)
+    updated.lock()
+    return updated
+
+
 def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separates `--config.a.b=v` / `--config.a.b v` overrides from other CLI arguments."""
     rest, overrides = [], []
@@ -172,8 +201,55 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+# How configs written by older versions (a checkpoint's config.json) differ from today's, oldest
+# first: (dotted key, objectives it applies to (None = all), action, why). `drop` removes the key;
+# `add:<json>` sets a key the older version did not write to the value that version behaved as.
+MIGRATIONS: tuple[tuple[str, tuple[str, ...] | None, str, str], ...] = (
+    # Diffusion configs before the objective registry / data layer (were patched at train time by
+    # train/diffusion.py's TRAINING_DEFAULTS, removed in the config redesign, issue 13).
+    ("objective", ("diffusion",), 'add:"diffusion"', "diffusion configs before `objective`"),
+    ("data.source", ("diffusion",), 'add:"bundled"', "before prep folders"),
+    ("data.num_synthetic", ("diffusion",), "add:16", "before synthetic ECGs were configurable"),
+    ("data.synthetic_heart_rates", ("diffusion",), "add:[45.0, 60.0, 75.0, 90.0, 105.0, 120.0]",
+     "before synthetic ECGs were configurable"),
+    ("data.cache_dir", ("diffusion",), 'add:""', "before the synthetic cache was configurable"),
+    ("data.worker_count", ("diffusion",), "add:0", "before grain workers were configurable"),
+    # Stage 1/2 declared a z-loss weight that no loss read (issue 13): removed, not implemented.
+    ("train.z_loss", ("stage1", "stage2"), "drop", "stage 1/2 never read train.z_loss"),
+)
+
+
+def _objective_of(values: dict) -> str | None:
+    """The objective a config.json was written for (diffusion configs may predate `objective`)."""
+    if "objective" in values:
+        return values["objective"]
+    model = values.get("model")
+    return "diffusion" if isinstance(model, dict) and "unet" in model and "vae" in model else None
+
+
+def upgrade_config(values: dict) -> dict:
+    """A copy of a config dict (a checkpoint's config.json) with `MIGRATIONS` applied: keys removed
+    since it was written are dropped, keys added since are set to the value the old version used."""
+    values = json.loads(json.dumps(values))
+    objective = _objective_of(values)
+    for key, objectives, action, _ in MIGRATIONS:
+        if objectives is not None and objective not in objectives:
+            continue
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if action == "drop":
+            node.pop(leaf, None)
+        elif action.startswith("add:") and leaf not in node:
+            node[leaf] = json.loads(action[len("add:"):])
+    return values
+
+
 def config_from_json(text: str) -> ml_collections.ConfigDict:
-    """Inverse of `config_to_json` (lists stay lists); the result is locked."""
-    config = ml_collections.ConfigDict(json.loads(text))
+    """Inverse of `config_to_json` (lists stay lists), upgraded by `upgrade_config`; locked."""
+    config = ml_collections.ConfigDict(upgrade_config(json.loads(text)))
     config.lock()
     return config

@@ -45,13 +45,12 @@ def convert(vae_path: str, unet_path: str, out: str, config) -> str:
     from uniecg_jax.errors import CheckpointError
     from uniecg_jax.models.unet import UNetConfig
     from uniecg_jax.models.vae import VAEConfig
-    from uniecg_jax.train.diffusion import with_training_defaults
 
     unet_state = diffusets.load_torch_file(unet_path)
     vae_state = diffusets.load_torch_file(vae_path)
     if not hasattr(unet_state, "items"):
         raise CheckpointError(f"{unet_path}: expected a state dict, got {type(unet_state).__name__}")
-    config = ml_collections.ConfigDict(with_training_defaults(config).to_dict())
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy: text widths set below
     width = text_width_of(unet_state)
     if width is not None:
         config.text.embed_dim = width

@@ -1,7 +1,8 @@
 """`uniecg train --config configs/<x>.py:<variant> --workdir DIR [--config.a.b=v ...]`.
 
-Trains the config's `objective` (see `uniecg_jax.train.TRAINERS`) and resumes automatically from the
-newest checkpoint in DIR. SIGTERM saves a final checkpoint and exits with status 0, so a preempted job
+Trains the config's `objective` (see `uniecg_jax.train.TRAINERS`; every phase of a multi-phase one,
+such as diffusion's VAE then UNet, each in DIR/<phase>), exports the servable model, and resumes
+automatically from the newest checkpoint in DIR. SIGTERM saves a final checkpoint and exits with status 0, so a preempted job
 simply runs the same command again.
 """
 from __future__ import annotations
@@ -19,16 +20,8 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from uniecg_jax.config import load_config
     from uniecg_jax.train import build_task
-    from uniecg_jax.train.loop import train
+    from uniecg_jax.train.loop import run as run_task
 
     config = load_config(args.config, args.config_overrides)
-    if config.get("objective") == "diffusion":  # two phases (VAE, then UNet), two workdirs
-        from uniecg_jax.train.diffusion import run as run_diffusion
-        result = run_diffusion(config, args.workdir)
-        return 0 if result.stopped_by_signal in (None, "SIGTERM") else 1
-    task = build_task(config)
-    result = train(config, args.workdir, task)
-    export = getattr(task, "export", None)  # objectives that serve a model write it at the end
-    if export is not None and result.stopped_by_signal is None:
-        print(f"[{task.name}] exported model to {export(args.workdir, result.state.params)}")
-    return 0 if result.stopped_by_signal is None or result.stopped_by_signal == "SIGTERM" else 1
+    result = run_task(config, args.workdir, build_task(config))
+    return 0 if result.stopped_by_signal in (None, "SIGTERM") else 1

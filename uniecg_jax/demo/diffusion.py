@@ -29,17 +29,15 @@ GUIDANCE = 3.0
 def demo_config(quick: bool, workdir: str):
     """configs/diffusion.py:tiny sized for the demo (quick: seconds; full: a few minutes)."""
     from uniecg_jax.config import load_config
-    from uniecg_jax.train.diffusion import with_training_defaults
 
     overrides = ["text.encoder=hash:64", "text.embed_dim=64", "train.batch_size=8",
                  "train.log_every=50", "train.checkpoint_every=0", "train.warmup_steps=20"]
     overrides += (["train.vae_steps=6", "train.unet_steps=6", "train.log_every=3"] if quick else
                   ["train.vae_steps=300", "train.unet_steps=1500"])
-    config = with_training_defaults(load_config("configs/diffusion.py:tiny", overrides))
-    config.data.num_synthetic = 6 if quick else 36
-    config.data.synthetic_heart_rates = SYNTHETIC_RATES
-    config.data.cache_dir = os.path.join(os.path.abspath(workdir), "data_cache")
-    return config
+    overrides += [f"data.num_synthetic={6 if quick else 36}",
+                  f"data.synthetic_heart_rates={SYNTHETIC_RATES!r}",
+                  f"data.cache_dir={os.path.join(os.path.abspath(workdir), 'data_cache')}"]
+    return load_config("configs/diffusion.py:tiny", overrides)
 
 
 def hr_mae_at_rates(pipeline, config, rates: Sequence[float], *, guidance: float, sampler: str,
@@ -64,10 +62,11 @@ def run_demo(workdir: str, quick: bool = False) -> list[str]:
     """Trains (or resumes) the demo model in `workdir` and returns printable result lines."""
     from uniecg_jax.diffusion.pipeline import load_pipeline
     from uniecg_jax.train import diffusion as diffusion_train
+    from uniecg_jax.train.loop import run
 
     config = demo_config(quick, workdir)
     start = time.perf_counter()
-    result = diffusion_train.run(config, workdir)
+    result = run(config, workdir, diffusion_train.build_task(config))
     if result.stopped_by_signal:
         return [f"diffusion demo: interrupted by {result.stopped_by_signal}; rerun to resume"]
     train_s = time.perf_counter() - start

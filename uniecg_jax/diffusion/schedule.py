@@ -14,6 +14,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniecg_jax.models.schema import ConfigSchema
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig(ConfigSchema):
+    """The schema of `config.diffusion`: the noise schedule and the training target."""
+    config_group = "diffusion"
+    num_steps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"    # linear (DiffuSETS/diffusers default) | scaled_linear (SD)
+    prediction: str = "epsilon"      # epsilon | v
+    clip_sample: float = 1.0         # DDPM/DDIM clip of predicted x0 (diffusers default); 0 = off
+    cfg_dropout: float = 0.1         # probability of the null condition in training
+    latent: str = "sample"           # UNet targets: "sample" of the VAE posterior (DiffuSETS) | "mean"
+
 
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
@@ -29,11 +45,10 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, diffusion_cfg) -> "NoiseSchedule":
-        """From `config.diffusion` (num_steps, beta_start, beta_end, beta_schedule, prediction,
-        clip_sample)."""
-        return make_schedule(diffusion_cfg.num_steps, diffusion_cfg.beta_start,
-                             diffusion_cfg.beta_end, diffusion_cfg.beta_schedule,
-                             diffusion_cfg.prediction, diffusion_cfg.clip_sample)
+        """From `config.diffusion` (read strictly as a `DiffusionConfig`)."""
+        cfg = DiffusionConfig.from_config(diffusion_cfg)
+        return make_schedule(cfg.num_steps, cfg.beta_start, cfg.beta_end, cfg.beta_schedule,
+                             cfg.prediction, cfg.clip_sample)
 
 
 def make_schedule(num_steps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,

@@ -190,11 +190,9 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
              batch_size: int = 32) -> dict:
     """Generates for every evaluation record, scores, writes `out` (JSON) and returns the metrics."""
     from uniecg_jax.diffusion.pipeline import load_pipeline
-    from uniecg_jax.train.diffusion import with_training_defaults
 
     pipeline, config = load_pipeline(ckpt)
     guidance = pipeline.default_guidance if guidance is None else guidance
-    config = with_training_defaults(config)
     text_encoder = text_encoder_for(config)
     clip_records = diffusion_records(config) if clip_dir or data == "bundled" else []
     if data == "bundled":

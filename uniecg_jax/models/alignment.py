@@ -20,13 +20,16 @@ import jax
 import jax.numpy as jnp
 
 from uniecg_jax.layers.linear import DenseGeneral, matmul, to_dtype
+from uniecg_jax.models.schema import ConfigSchema
 
 ALIGNMENT_KINDS = ("mlp", "transformer")
 
 
 @dataclasses.dataclass(frozen=True)
-class AlignmentConfig:
-    """Alignment head shape. `output_dim` = the text encoder's width (MiniLM: 384)."""
+class AlignmentConfig(ConfigSchema):
+    """Alignment head shape (`model.alignment`). `output_dim` = the text encoder's width (MiniLM:
+    384)."""
+    config_group = "model.alignment"
     kind: str = "mlp"
     hidden_dim: int = 512       # mlp hidden width / transformer width
     output_dim: int = 384
@@ -42,11 +45,6 @@ class AlignmentConfig:
         if self.kind == "transformer" and self.hidden_dim % self.heads:
             raise ValueError(f"model.alignment.hidden_dim={self.hidden_dim} is not divisible by "
                              f"model.alignment.heads={self.heads}")
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "AlignmentConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(cfg).items() if k in names})
 
 
 def gather_ecg_hidden(hidden: jax.Array, input_ids: jax.Array, ecg_token_ids: Sequence[int]

@@ -24,33 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm
-from uniecg_jax.models.vae import VAEConfig
+from uniecg_jax.models.schema import ConfigSchema, dtype_field
 
 
 @dataclasses.dataclass(frozen=True)
-class ECGClipConfig:
-    """Shape of the ECG-text CLIP."""
+class ECGClipConfig(ConfigSchema):
+    """Shape of the ECG-text CLIP (the schema of a CLIP checkpoint's `clip` group)."""
+    config_group = "clip"
     text_embed_dim: int = 384
     num_leads: int = 12
     widths: tuple[int, ...] = (32, 64, 128, 128)
     kernel_size: int = 7
     num_groups: int = 8
     embed_dim: int = 64          # DiffuSETS: CLIP(embed_dim=64)
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @classmethod
-    def from_config(cls, clip_cfg) -> "ECGClipConfig":
-        """From a ConfigDict/dict (known fields only; widths as a tuple, dtypes by name), the same
-        conversion as `VAEConfig.from_config`."""
-        return VAEConfig.from_config.__func__(cls, clip_cfg)
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["widths"] = list(self.widths)
-        for key in ("dtype", "param_dtype"):
-            out[key] = jnp.dtype(out[key]).name
-        return out
+    dtype: Any = dtype_field(jnp.float32)
+    param_dtype: Any = dtype_field(jnp.float32)
 
 
 def swish(x: jax.Array) -> jax.Array:

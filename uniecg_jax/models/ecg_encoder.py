@@ -31,18 +31,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from uniecg_jax.layers.linear import DenseGeneral, to_dtype
+from uniecg_jax.models.schema import ConfigSchema
 
 Array = jax.Array
 
-def _get(cfg: Mapping[str, Any] | None, key: str, default: Any) -> Any:
-    if cfg is None:
-        return default
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
 
 @dataclasses.dataclass(frozen=True)
-class ECGEncoderConfig:
-    """Shape and numerics of the ECG-CoCa tower. `heads` must divide `width`."""
+class ECGEncoderConfig(ConfigSchema):
+    """Shape and numerics of the ECG-CoCa tower (`model.ecg_encoder`). `heads` must divide `width`."""
+    config_group = "model.ecg_encoder"
     width: int = 768
     layers: int = 12
     heads: int = 12
@@ -61,12 +58,6 @@ class ECGEncoderConfig:
         if self.num_samples % self.patch_size:
             raise ValueError(f"ecg_encoder.num_samples={self.num_samples} is not a multiple of "
                              f"patch_size={self.patch_size}")
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "ECGEncoderConfig":
-        """Builds from `cfg.model.ecg_encoder` (missing fields take the full-size defaults)."""
-        kwargs = {f.name: _get(cfg, f.name, f.default) for f in dataclasses.fields(cls)}
-        return cls(**kwargs)
 
     @property
     def num_patches(self) -> int:
@@ -87,9 +78,10 @@ class ECGEncoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProjectorConfig:
+class ProjectorConfig(ConfigSchema):
     """GEM's `ecg_projector` (linear, ecg width -> ecg_proj_dim) and `mm_projector` (mlp{depth}x_gelu,
     ecg_proj_dim -> llm_hidden_size). `ecg_width` is filled from the encoder when left at 0."""
+    config_group = "model.projector"
     ecg_proj_dim: int = 1024
     llm_hidden_size: int = 4096
     mm_projector_depth: int = 2
@@ -98,12 +90,11 @@ class ProjectorConfig:
     dtype: str = "float32"
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None, ecg_width: int | None = None
-                    ) -> "ProjectorConfig":
-        kwargs = {f.name: _get(cfg, f.name, f.default) for f in dataclasses.fields(cls)}
-        if ecg_width is not None and not kwargs["ecg_width"]:
-            kwargs["ecg_width"] = ecg_width
-        return cls(**kwargs)
+    def from_config(cls, cfg: Any = None, group: str | None = None, ecg_width: int | None = None,
+                    **derived: Any) -> "ProjectorConfig":
+        """`ConfigSchema.from_config`; `ecg_width` (the encoder's width) fills an `ecg_width` of 0."""
+        config = super().from_config(cfg, group, **derived)
+        return config.replace(ecg_width=ecg_width) if ecg_width and not config.ecg_width else config
 
 
 def encoder_config_dict(variant: str = "full") -> ml_collections.ConfigDict:
@@ -115,16 +106,13 @@ def encoder_config_dict(variant: str = "full") -> ml_collections.ConfigDict:
     }
     if variant not in presets:
         raise KeyError(f"unknown ECG encoder preset {variant!r}; choose from {sorted(presets)}")
-    base = {f.name: f.default for f in dataclasses.fields(ECGEncoderConfig)}
-    base.update(presets[variant])
-    return ml_collections.ConfigDict(base)
+    return ml_collections.ConfigDict(ECGEncoderConfig(**presets[variant]).to_dict())
 
 
 def projector_config_dict(llm_hidden_size: int, ecg_proj_dim: int = 1024) -> ml_collections.ConfigDict:
     """`model.projector` config; GEM uses ecg_proj_dim 1024 (CLIP ViT-L width) and mlp2x_gelu."""
-    base = {f.name: f.default for f in dataclasses.fields(ProjectorConfig)}
-    base.update(llm_hidden_size=llm_hidden_size, ecg_proj_dim=ecg_proj_dim)
-    return ml_collections.ConfigDict(base)
+    return ml_collections.ConfigDict(ProjectorConfig(
+        llm_hidden_size=llm_hidden_size, ecg_proj_dim=ecg_proj_dim).to_dict())
 
 
 def _dense(features: int, axes: tuple[str, str], param_dtype: Any, dtype: Any,
@@ -305,7 +293,7 @@ class ECGTower(nn.Module):
 
 def build_tower(model_cfg: Mapping[str, Any]) -> ECGTower:
     """ECGTower from `cfg.model` (reads `model.ecg_encoder` and `model.projector`)."""
-    encoder_cfg = ECGEncoderConfig.from_config(_get(model_cfg, "ecg_encoder", None))
-    projector_cfg = ProjectorConfig.from_config(_get(model_cfg, "projector", None),
+    encoder_cfg = ECGEncoderConfig.from_config(model_cfg.get("ecg_encoder", None))
+    projector_cfg = ProjectorConfig.from_config(model_cfg.get("projector", None),
                                                 ecg_width=encoder_cfg.width)
     return ECGTower(encoder_cfg, projector_cfg)

@@ -36,33 +36,53 @@ from uniecg_jax.layers.linear import DenseGeneral, matmul, to_dtype
 from uniecg_jax.layers.mlp import SwiGLU
 from uniecg_jax.layers.norms import RMSNorm
 from uniecg_jax.layers.rope import RopeConfig, rope_cos_sin
+from uniecg_jax.models.schema import ConfigSchema
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
-class LLMConfig:
-    """Decoder shape and numerics; fields are exactly those of `presets.llm` (rope_scaling flattened
-    into a `RopeScaling`)."""
-    family: str = "llama"
+class RopeScaling(ConfigSchema):
+    """HF `rope_scaling` (`model.rope_scaling`): kind is none | linear | dynamic | llama3. Reads like
+    the HF dict (`dict(config.rope_scaling)`), which the HF converter writes back."""
+    config_group = "model.rope_scaling"
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def keys(self):
+        return self.to_dict().keys()
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig(ConfigSchema):
+    """Decoder shape and numerics: the schema of `model` (configs/llm.py) / `model.llm` (stages);
+    `presets.llm` derives its ConfigDicts from it."""
+    config_group = "model"
+    family: str = "llama"              # llama | qwen2 (qwen2 = q/k/v biases)
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_layers: int = 32
     num_heads: int = 32
     num_kv_heads: int = 32
-    head_dim: int = 0
+    head_dim: int = 0                  # 0 = hidden_size // num_heads
     rope_theta: float = 10000.0
-    rope_scaling: tuple = (("kind", "none"),)
+    rope_scaling: RopeScaling = RopeScaling()
     rms_norm_eps: float = 1e-5
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    remat: str = "none"
-    scan_layers: bool = False
-    attention_query_chunk: int = 128
+    attention_bias: bool = False       # q/k/v biases (Qwen2)
+    param_dtype: str = "float32"       # master weights
+    dtype: str = "float32"             # compute dtype (bfloat16 for training at scale)
+    remat: str = "none"                # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    scan_layers: bool = False          # stack layers with nn.scan (faster compiles for deep models)
+    attention_query_chunk: int = 128   # cache-less causal attention in query chunks (0 = dense)
     bos_token_id: int = 1
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -81,18 +101,6 @@ class LLMConfig:
         if self.head_dim == 0 and self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size={self.hidden_size} is not divisible by "
                              f"num_heads={self.num_heads}; set model.head_dim")
-
-    @classmethod
-    def from_config(cls, model_config: Any) -> "LLMConfig":
-        """From the `model` ConfigDict (or a plain dict) of configs/llm.py-style configs."""
-        fields = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(fields) - known
-        if unknown:
-            raise ValueError(f"model config has unknown LLM fields {sorted(unknown)}")
-        scaling = fields.get("rope_scaling") or {"kind": "none"}
-        fields["rope_scaling"] = tuple(sorted(dict(scaling).items()))
-        return cls(**fields)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -113,12 +121,12 @@ class LLMConfig:
 
     @property
     def rope(self) -> RopeConfig:
-        scaling = dict(self.rope_scaling)
+        scaling = self.rope_scaling
         return RopeConfig(
-            head_dim=self.resolved_head_dim, theta=self.rope_theta, kind=scaling.get("kind", "none"),
-            factor=scaling.get("factor", 1.0), low_freq_factor=scaling.get("low_freq_factor", 1.0),
-            high_freq_factor=scaling.get("high_freq_factor", 4.0),
-            original_max_position_embeddings=scaling.get("original_max_position_embeddings", 8192),
+            head_dim=self.resolved_head_dim, theta=self.rope_theta, kind=scaling.kind,
+            factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
             max_position_embeddings=self.max_position_embeddings)
 
     def num_params(self) -> int:

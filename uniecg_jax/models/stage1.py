@@ -20,6 +20,9 @@ import jax.numpy as jnp
 
 from uniecg_jax.models.ecg_encoder import ECGEncoderConfig, ECGTower, ProjectorConfig
 from uniecg_jax.models.llm import Decoder, LLMConfig
+from uniecg_jax.models.schema import check_group_keys
+
+UNIECG_GROUPS = ("llm", "ecg_encoder", "projector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +32,14 @@ class UniECGConfig:
     projector: ProjectorConfig
 
     @classmethod
-    def from_config(cls, model_config: Any) -> "UniECGConfig":
-        """From `config.model` with sub-groups `llm`, `ecg_encoder`, `projector`."""
-        llm = LLMConfig.from_config(model_config.llm)
-        encoder = ECGEncoderConfig.from_config(model_config.ecg_encoder)
-        projector = ProjectorConfig.from_config(model_config.projector, ecg_width=encoder.width)
+    def from_config(cls, model_config: Any, group: str = "model") -> "UniECGConfig":
+        """From `config.model` with sub-groups `llm`, `ecg_encoder`, `projector` (each loaded by its
+        dataclass's strict `from_config`; any other key is an error)."""
+        values = check_group_keys(model_config, UNIECG_GROUPS, group)
+        llm = LLMConfig.from_config(values.get("llm"), f"{group}.llm")
+        encoder = ECGEncoderConfig.from_config(values.get("ecg_encoder"), f"{group}.ecg_encoder")
+        projector = ProjectorConfig.from_config(values.get("projector"), f"{group}.projector",
+                                                ecg_width=encoder.width)
         if projector.llm_hidden_size != llm.hidden_size:
             raise ValueError(f"model.projector.llm_hidden_size={projector.llm_hidden_size} must equal "
                              f"model.llm.hidden_size={llm.hidden_size}")

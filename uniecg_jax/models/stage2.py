@@ -24,7 +24,8 @@ import ml_collections
 from uniecg_jax.models.alignment import AlignmentConfig, AlignmentHead, gather_ecg_hidden
 from uniecg_jax.models.ecg_encoder import ECGTower
 from uniecg_jax.models.llm import Decoder
-from uniecg_jax.models.stage1 import UniECG, UniECGConfig
+from uniecg_jax.models.schema import ConfigError, check_group_keys
+from uniecg_jax.models.stage1 import UNIECG_GROUPS, UniECG, UniECGConfig
 
 STAGE1_KEYS = ("ecg_tower", "llm")
 
@@ -42,19 +43,27 @@ class Stage2Config:
     ecg_token_ids: tuple[int, ...]
 
     @classmethod
-    def from_config(cls, model_config: Any) -> "Stage2Config":
-        """From `config.model` (llm, ecg_encoder, projector, alignment, num_ecg_tokens,
-        ecg_token_ids)."""
-        ids = tuple(int(i) for i in (model_config.get("ecg_token_ids", None) or ()))
-        count = int(model_config.num_ecg_tokens)
+    def from_config(cls, model_config: Any, group: str = "model") -> "Stage2Config":
+        """From `config.model`: the stage-1 groups (llm, ecg_encoder, projector), `alignment`,
+        `num_ecg_tokens` and `ecg_token_ids` (any other key is an error)."""
+        values = check_group_keys(
+            model_config, UNIECG_GROUPS + ("alignment", "num_ecg_tokens", "ecg_token_ids"), group)
+        ids = values.get("ecg_token_ids") or ()
+        count = values.get("num_ecg_tokens")
+        if not isinstance(count, int) or not all(isinstance(i, int) for i in ids):
+            raise ConfigError(f"{group}.num_ecg_tokens must be an integer and {group}.ecg_token_ids"
+                              f" a list of integers, got {count!r} and {ids!r}")
         if len(ids) != count:
-            raise ValueError(f"model.ecg_token_ids has {len(ids)} ids but model.num_ecg_tokens is "
-                             f"{count}; build the config with train.stage2.finalize_stage2_config")
-        unified = UniECGConfig.from_config(model_config)
+            raise ConfigError(f"{group}.ecg_token_ids has {len(ids)} ids but "
+                              f"{group}.num_ecg_tokens is {count}; build the config with "
+                              "train.stage2.finalize_stage2_config")
+        unified = UniECGConfig.from_config({k: values[k] for k in UNIECG_GROUPS if k in values},
+                                           group)
         if max(ids) >= unified.llm.vocab_size:
-            raise ValueError(f"[ECG] token id {max(ids)} is outside the vocabulary "
-                             f"(model.llm.vocab_size={unified.llm.vocab_size})")
-        return cls(unified, AlignmentConfig.from_config(model_config.alignment), ids)
+            raise ConfigError(f"[ECG] token id {max(ids)} is outside the vocabulary "
+                              f"({group}.llm.vocab_size={unified.llm.vocab_size})")
+        return cls(unified, AlignmentConfig.from_config(values.get("alignment"),
+                                                        f"{group}.alignment"), tuple(ids))
 
     @property
     def num_ecg_tokens(self) -> int:

@@ -28,16 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniecg_jax.diffusion.layers import (
-    Conv1d, ConvTranspose1d, Dense, GroupNorm, LayerNorm, MultiHeadAttention, as_dtype, constrain,
+    Conv1d, ConvTranspose1d, Dense, GroupNorm, LayerNorm, MultiHeadAttention, constrain,
     mish)
 from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
+from uniecg_jax.models.schema import ConfigSchema, derived_field, dtype_field
 
 NUM_SCALAR_CONDITIONS = 3  # sex (M=1, F=0), age in years, heart rate in bpm
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
-    """Shape of the conditional UNet (built from `config.model.unet`)."""
+class UNetConfig(ConfigSchema):
+    """Shape of the conditional UNet (the schema of `config.model.unet`)."""
+    config_group = "model.unet"
     latent_channels: int = 4
     latent_length: int = 128
     num_levels: int = 7
@@ -47,7 +49,7 @@ class UNetConfig:
     bottleneck_heads: int = 4
     bottleneck_hidden: int = 32
     text_embed_dim: int = 384
-    num_train_steps: int = 1000       # rows of the timestep table
+    num_train_steps: int = derived_field(1000, "diffusion.num_steps")  # rows of the timestep table
     time_embed_dim: int = 64
     time_hidden_dim: int = 128
     # 0 = DiffuSETS (the first block reads the latent channels directly); > 0 adds a kernel-3 input
@@ -56,33 +58,26 @@ class UNetConfig:
     # Multiplies (sex, age, heart rate) before the condition's Linear. DiffuSETS feeds raw values
     # (1, 1, 1); beside a unit-norm text embedding, raw ages/rates of ~50-150 swamp the Linear +
     # LayerNorm at init, so models trained here use ~(1, 0.01, 0.01).
-    scalar_condition_scale: tuple = (1.0, 1.0, 1.0)
+    scalar_condition_scale: tuple[float, ...] = (1.0, 1.0, 1.0)
     # True adds the beat phase (`diffusion.rhythm`: sin, cos) as 2 input channels beside the latent,
     # read by the input conv (needs base_channels > 0), and projected into every block at that
     # block's resolution, beside the timestep embedding. False = DiffuSETS.
     rhythm_condition: bool = False
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
+    dtype: Any = dtype_field(jnp.float32)
+    param_dtype: Any = dtype_field(jnp.float32)
 
     @classmethod
-    def from_config(cls, unet_cfg, num_train_steps: int | None = None) -> "UNetConfig":
-        """From `config.model.unet` (a ConfigDict/dict); dtypes given by name."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(unet_cfg).items() if k in fields}
-        for key in ("dtype", "param_dtype"):
-            if key in values:
-                values[key] = as_dtype(values[key])
-        if "scalar_condition_scale" in values:
-            values["scalar_condition_scale"] = tuple(float(v) for v in
-                                                     values["scalar_condition_scale"])
-            if len(values["scalar_condition_scale"]) != NUM_SCALAR_CONDITIONS:
-                raise ValueError("model.unet.scalar_condition_scale needs 3 values (sex, age, "
-                                 f"heart rate), got {values['scalar_condition_scale']}")
-        if num_train_steps is not None:
-            values["num_train_steps"] = int(num_train_steps)
-        return cls(**values)
+    def from_config(cls, unet_cfg: Any = None, num_train_steps: int | None = None,
+                    group: str | None = None) -> "UNetConfig":
+        """`ConfigSchema.from_config` of `config.model.unet`, with `num_train_steps` from
+        `config.diffusion.num_steps` (the default 1000 when not given)."""
+        derived = {} if num_train_steps is None else {"num_train_steps": int(num_train_steps)}
+        return super().from_config(unet_cfg, group, **derived)
 
     def __post_init__(self):
+        if len(self.scalar_condition_scale) != NUM_SCALAR_CONDITIONS:
+            raise ValueError("model.unet.scalar_condition_scale needs 3 values (sex, age, heart "
+                             f"rate), got {self.scalar_condition_scale}")
         if self.rhythm_condition and not self.base_channels:
             raise ValueError("model.unet.rhythm_condition needs model.unet.base_channels > 0 (the "
                              "input conv reads the rhythm channels)")

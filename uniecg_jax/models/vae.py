@@ -17,13 +17,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm, as_dtype, constrain, \
+from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm, constrain, \
     dot_product_attention
+from uniecg_jax.models.schema import ConfigSchema, dtype_field
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
-    """Shape of the VAE (built from `config.model.vae`)."""
+class VAEConfig(ConfigSchema):
+    """Shape of the VAE (the schema of `config.model.vae`)."""
+    config_group = "model.vae"
     num_leads: int = 12
     widths: tuple[int, ...] = (128, 256, 512)
     num_res_blocks: int = 2
@@ -31,19 +33,12 @@ class VAEConfig:
     num_groups: int = 32
     attention_heads: int = 1
     scaling_factor: float = 0.18215
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @classmethod
-    def from_config(cls, vae_cfg) -> "VAEConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in dict(vae_cfg).items() if k in fields}
-        if "widths" in values:
-            values["widths"] = tuple(int(w) for w in values["widths"])
-        for key in ("dtype", "param_dtype"):
-            if key in values:
-                values[key] = as_dtype(values[key])
-        return cls(**values)
+    dtype: Any = dtype_field(jnp.float32)
+    param_dtype: Any = dtype_field(jnp.float32)
+    # Read by the diffusion trainer, not the module: True sets scaling_factor = 1 / std of the
+    # trained VAE's latents after the VAE phase (unit-variance data for the DDPM schedule); False
+    # keeps DiffuSETS's 0.18215 (imported weights).
+    auto_scale: bool = False
 
     @property
     def downsampling(self) -> int:

@@ -2,8 +2,8 @@
 
     uniecg train --config configs/diffusion.py:tiny --workdir W
 
-Two phases of the shared train loop (`uniecg_jax.train.loop.train`), each with its own TrainTask,
-checkpoints and metrics.jsonl:
+Two phases of the shared train loop (`build_task(config).phases`, trained in order by
+`uniecg_jax.train.loop.run`), each with its own TrainTask, checkpoints and metrics.jsonl:
 
   W/vae    VAE (reconstruction + `train.kl_weight` x KL), `train.vae_steps` steps;
   W/unet   UNet (epsilon/v MSE with classifier-free-guidance condition dropout
@@ -13,7 +13,8 @@ checkpoints and metrics.jsonl:
   W/model  the export (`uniecg_jax.diffusion.pipeline.load_pipeline(W/model)`).
 
 Rerunning the command resumes whichever phase was interrupted (a finished VAE phase restores its
-final checkpoint and runs no step). Data: the bundled real records plus synthetic ECGs at
+final checkpoint and runs no step). With `model.vae.auto_scale` the UNet phase's config gets
+`model.vae.scaling_factor` from the trained VAE (a new config; the loaded one is never rewritten). Data: the bundled real records plus synthetic ECGs at
 `data.synthetic_heart_rates` (generated once, cached on disk under `data.cache_dir`, default
 W/data_cache), or a `uniecg prep` folder (`data.source=/path`, with text embeddings).
 """
@@ -33,50 +34,28 @@ import numpy as np
 
 from uniecg_jax.data.bundled import diffusion_records
 from uniecg_jax.data.text_encoder import text_encoder_for
+from uniecg_jax.config import ConfigError, replace_values
 from uniecg_jax.diffusion import losses
 from uniecg_jax.diffusion.layers import init_params_on_host
 from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
 from uniecg_jax.models.vae import VAE, VAEConfig
-from uniecg_jax.train.loop import TrainTask
+from uniecg_jax.train.loop import Phase, TrainTask
+from uniecg_jax.train.schema import load_train_config
 
 VAE_DIR, UNET_DIR, MODEL_DIR = "vae", "unet", "model"
 FROZEN_VAE = "^vae/"
 
-# Keys the shared loop/optimizer read that configs/diffusion.py may not define (older configs).
-TRAINING_DEFAULTS = {
-    "objective": "diffusion",
-    "train": dict(min_lr_ratio=0.1, b1=0.9, b2=0.999, grad_accum_steps=1, freeze=""),
-    "data": dict(source="bundled", num_synthetic=16,
-                 synthetic_heart_rates=(45.0, 60.0, 75.0, 90.0, 105.0, 120.0),
-                 cache_dir="", worker_count=0),
-}
-
-
-def with_training_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `config` with every key the diffusion trainer reads (missing ones defaulted)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    for key, value in TRAINING_DEFAULTS.items():
-        if isinstance(value, dict):
-            for sub, default in value.items():
-                if sub not in config[key]:
-                    config[key][sub] = default
-        elif key not in config:
-            config[key] = value
-    return config
-
-
 def phase_config(config: ml_collections.ConfigDict, phase: str) -> ml_collections.ConfigDict:
-    """The config one phase trains with: `train.steps` = vae_steps / unet_steps; the UNet phase
-    freezes `vae/` in addition to any user `train.freeze`."""
-    config = with_training_defaults(config)
+    """The (new) config one phase trains with: `train.steps` = vae_steps / unet_steps; the UNet
+    phase freezes `vae/` in addition to any user `train.freeze`."""
     if phase not in ("vae", "unet"):
         raise ValueError(f"phase must be 'vae' or 'unet', got {phase!r}")
-    config.train.steps = int(config.train[f"{phase}_steps"])
+    changes = {"train.steps": int(config.train[f"{phase}_steps"])}
     if phase == "unet":
-        user = str(config.train.freeze or "")
-        config.train.freeze = FROZEN_VAE if not user else f"{FROZEN_VAE}|{user}"
-    return config
+        user = str(config.train.freeze)
+        changes["train.freeze"] = FROZEN_VAE if not user else f"{FROZEN_VAE}|{user}"
+    return replace_values(config, changes)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -85,7 +64,6 @@ def diffusion_data_source(config: ml_collections.ConfigDict):
     """What `diffusion_loader` reads: a prep folder path or an in-memory source with embeddings."""
     from uniecg_jax.data.pipelines import records_source
 
-    config = with_training_defaults(config)
     if config.data.source != "bundled":
         return str(config.data.source)
     return records_source(diffusion_records(config), text_encoder=text_encoder_for(config))
@@ -215,7 +193,7 @@ def build_vae_task(config: ml_collections.ConfigDict) -> TrainTask:
         make_data=_make_data_fn(config), abstract_batch=_abstract_batch(config),
         flops_per_step=flops, tokens_per_step=batch * length,
         num_params=_num_params(abstract), data_description=lambda: describe_data(config),
-        initial_params=_sharded_host_init(vae, int(config.seed), inputs))
+        initial_params=_sharded_host_init(vae, int(config.seed), inputs), config=config)
 
 
 def build_unet_task(config: ml_collections.ConfigDict, vae_params: Any = None) -> TrainTask:
@@ -256,25 +234,49 @@ def build_unet_task(config: ml_collections.ConfigDict, vae_params: Any = None) -
                             *unet_inputs)
         + forward_flops(lambda p, x: vae.apply({"params": p}, x, method=VAE.encode),
                         plain["vae"], *vae_inputs))
-    task = TrainTask(
+    return TrainTask(
         name="diffusion/unet", init_params=init_params, loss_fn=loss_fn,
         make_data=_make_data_fn(config), abstract_batch=_abstract_batch(config),
         flops_per_step=flops, tokens_per_step=batch * latent_length,
         num_params=_num_params(abstract), data_description=lambda: describe_data(config),
-        initial_params=initial_params)
-    task.export = lambda workdir, params: export_model(os.path.join(workdir, MODEL_DIR), params,
-                                                       config)
-    return task
+        initial_params=initial_params, config=config,
+        export=lambda workdir, params: export_model(os.path.join(workdir, MODEL_DIR), params,
+                                                    config))
+
+
+def with_cache_dir(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """`config` with `data.cache_dir` = WORKDIR/data_cache when it is "" (a new config)."""
+    if config.data.cache_dir:
+        return config
+    return replace_values(config, {"data.cache_dir": os.path.join(os.path.abspath(workdir),
+                                                                  "data_cache")})
 
 
 def build_task(config: ml_collections.ConfigDict) -> TrainTask:
-    """The UNet-phase TrainTask (what `uniecg dry-run` compiles: the bigger step, including the
-    frozen VAE encoder). Full two-phase training is `run(config, workdir)`."""
-    return build_unet_task(config)
+    """The diffusion TrainTask: phases VAE (W/vae) then UNet (W/unet, on the VAE phase's final
+    params), trained by `loop.run`. Its own fields are the UNet phase with a fresh VAE: the step
+    `uniecg dry-run` compiles (the bigger one, including the frozen VAE encoder)."""
+    load_train_config(config)  # strict: an unknown train key fails here
+
+    def vae_phase(workdir: str, previous: Any) -> TrainTask:
+        del previous
+        return build_vae_task(with_cache_dir(config, workdir))
+
+    def unet_phase(workdir: str, vae_params: Any) -> TrainTask:
+        phase = with_cache_dir(config, workdir)
+        if phase.model.vae.auto_scale:
+            factor = latent_scaling_factor(phase, vae_params)
+            phase = replace_values(phase, {"model.vae.scaling_factor": factor})
+            if jax.process_index() == 0:
+                print(f"[diffusion] latent scaling factor {factor:.5f} (1 / std of the trained "
+                      "VAE's latents)", flush=True)
+        return build_unet_task(phase, vae_params)
+
+    return dataclasses.replace(build_unet_task(config), name="diffusion",
+                               phases=(Phase(VAE_DIR, vae_phase), Phase(UNET_DIR, unet_phase)))
 
 
 def describe_data(config: ml_collections.ConfigDict) -> str:
-    config = with_training_defaults(config)
     if config.data.source != "bundled":
         return f"{config.data.source}; text embeddings from the prep folder"
     return (f"bundled records + {config.data.num_synthetic} synthetic ECGs at "
@@ -290,15 +292,7 @@ def export_model(directory: str, params: Any, config: ml_collections.ConfigDict)
     from uniecg_jax.checkpoint import save_model
 
     params = {"vae": jax.device_get(params["vae"]), "unet": jax.device_get(params["unet"])}
-    return save_model(directory, params, with_training_defaults(config))
-
-
-@dataclasses.dataclass
-class DiffusionRunResult:
-    vae: Any             # loop.TrainResult of phase 1
-    unet: Any            # loop.TrainResult of phase 2 (None when phase 1 was interrupted)
-    model_dir: str | None
-    stopped_by_signal: str | None
+    return save_model(directory, params, config)
 
 
 def latent_scaling_factor(config: ml_collections.ConfigDict, vae_params, max_records: int = 256
@@ -310,7 +304,7 @@ def latent_scaling_factor(config: ml_collections.ConfigDict, vae_params, max_rec
     here gets its own factor, as Stable Diffusion derived 0.18215 from its VAE.
     """
     if config.data.source == "bundled":
-        records = diffusion_records(with_training_defaults(config))[:max_records]
+        records = diffusion_records(config)[:max_records]
         ecgs = np.stack([r.to_diffusion_input() for r in records])
     else:
         from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
@@ -321,33 +315,3 @@ def latent_scaling_factor(config: ml_collections.ConfigDict, vae_params, max_rec
     _, mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=VAE.encode))(
         params, jnp.asarray(ecgs.transpose(0, 2, 1)))
     return float(1.0 / max(float(jnp.std(mean)), 1e-6))
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> DiffusionRunResult:
-    """Both phases in `workdir` (resuming either), then the export to `workdir/model`."""
-    from uniecg_jax.train.loop import train
-
-    config = with_training_defaults(config)
-    if not config.data.cache_dir:
-        config.data.cache_dir = os.path.join(os.path.abspath(workdir), "data_cache")
-    vae_result = train(phase_config(config, "vae"), os.path.join(workdir, VAE_DIR),
-                       build_vae_task(config))
-    if vae_result.stopped_by_signal:
-        return DiffusionRunResult(vae_result, None, None, vae_result.stopped_by_signal)
-    # On the host: the UNet phase's first step donates its state, and device_put onto an equal
-    # sharding would alias (and so delete) the VAE result's arrays.
-    vae_params = jax.device_get(vae_result.state.params)
-    vae_result.state = vae_result.state.replace(params=vae_params)
-    if config.model.vae.get("auto_scale", False):
-        config.model.vae.scaling_factor = latent_scaling_factor(config, vae_params)
-        if jax.process_index() == 0:
-            print(f"[diffusion] latent scaling factor {config.model.vae.scaling_factor:.5f} "
-                  "(1 / std of the trained VAE's latents)", flush=True)
-    task = build_unet_task(config, vae_params)
-    unet_result = train(phase_config(config, "unet"), os.path.join(workdir, UNET_DIR), task)
-    if unet_result.stopped_by_signal:
-        return DiffusionRunResult(vae_result, unet_result, None, unet_result.stopped_by_signal)
-    model_dir = task.export(workdir, unet_result.state.params)
-    if jax.process_index() == 0:
-        print(f"[diffusion] exported model to {model_dir}", flush=True)
-    return DiffusionRunResult(vae_result, unet_result, model_dir, None)

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from uniecg_jax.train.loop import TrainTask
+from uniecg_jax.train.schema import load_train_config
 
 SYNTHETIC_EXAMPLES = 4096
 _FIRST_SYNTHETIC_ID = 3  # keep pad/bos/eos ids out of the synthetic stream
@@ -111,7 +112,7 @@ def lm_dataset(config: ml_collections.ConfigDict, process_index: int = 0, proces
     `process_count`-th example, so hosts never see the same rows.
     """
     seq_len = int(config.train.seq_len)
-    choice = str(config.train.get("data", "auto"))
+    choice = str(config.train.data)
     stream = None if choice == "synthetic" else _report_token_stream(config)
     if choice == "reports" and stream is None:
         raise ValueError("train.data='reports' needs uniecg_jax.data.tokenizer.load_tiny_tokenizer "
@@ -146,8 +147,9 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     from uniecg_jax.models.llm import build_decoder
 
     model, llm_config = build_decoder(config.model)
-    seq_len = int(config.train.seq_len)
-    z_loss = float(config.train.get("z_loss", 0.0))
+    train_config = load_train_config(config)
+    seq_len = train_config.seq_len
+    z_loss = train_config.z_loss
 
     def init_params(rng):
         return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
@@ -171,11 +173,11 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         abstract_batch=abstract_batch,
         flops_per_step=llm_flops_per_token(config.model, seq_len, num_params) * tokens,
         tokens_per_step=tokens, num_params=num_params,
-        data_description=lambda: _describe_data(config))
+        data_description=lambda: _describe_data(config), config=config)
 
 
 def _describe_data(config: ml_collections.ConfigDict) -> str:
-    choice = str(config.train.get("data", "auto"))
+    choice = str(config.train.data)
     stream = None if choice == "synthetic" else _report_token_stream(config)
     if stream is not None:
         return stream[1]

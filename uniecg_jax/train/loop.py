@@ -1,7 +1,9 @@
 """The one train-loop skeleton every objective shares (LM, stage 1, stage 2, diffusion).
 
-An objective describes itself as a `TrainTask` (how to init params, its loss, its data, its FLOPs);
-`train(config, workdir, task)` does the rest the same way for all of them:
+An objective describes itself as a `TrainTask` (how to init params, its loss, its data, its FLOPs,
+its finalised config, how to export the trained model, and, for a multi-phase objective such as
+diffusion's VAE-then-UNet, its `phases`); `run(config, workdir, task)` trains every phase with
+`train` and exports, the same way for all of them. `train(config, workdir, task)` is one phase:
 
   mesh from config -> optimizer (AdamW + schedule + clipping + freezing) -> abstract sharded train
   state -> restore the newest checkpoint in WORKDIR (state + data position) or initialise sharded ->
@@ -32,6 +34,19 @@ from uniecg_jax.train import checkpointing, optim, state as state_lib, step as s
 log = logging.getLogger("uniecg.train")
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One phase of a multi-phase objective, trained by `train` in WORKDIR/<name>.
+
+    Attributes:
+      name: the phase's subdirectory of the workdir (its checkpoints and metrics.jsonl).
+      build: `(workdir, previous) -> TrainTask`, where `previous` is the previous phase's final
+        params on the host (None for the first phase); the task's `config` is the phase's config.
+    """
+    name: str
+    build: Callable[[str, Any], "TrainTask"]
+
+
 @dataclasses.dataclass
 class TrainTask:
     """What an objective contributes to the shared loop.
@@ -50,6 +65,13 @@ class TrainTask:
         callable returning it (so building a task for a dry run reads no data).
       initial_params: optional `(mesh, abstract_params) -> params` used instead of random init when
         no checkpoint exists (e.g. an imported Hugging Face checkpoint), already sharded.
+      config: the config this task was built for after finalisation (vocabulary sizes and token ids
+        filled in, a phase's steps): what `train` reads and checkpoints. None = the config given.
+      tokenizer: the tokenizer the data is encoded with (objectives over text), else None.
+      export: optional `(workdir, params) -> model directory`: writes the servable model after the
+        last step (`run` calls it).
+      phases: for a multi-phase objective, the phases `run` trains in order (the task's own fields
+        then describe the step `dry_run` compiles); empty for a one-phase objective.
     """
     name: str
     init_params: Callable[[jax.Array], Any]
@@ -61,6 +83,10 @@ class TrainTask:
     num_params: int
     data_description: str | Callable[[], str] = ""
     initial_params: Callable[[Any, Any], Any] | None = None
+    config: ml_collections.ConfigDict | None = None
+    tokenizer: Any = None
+    export: Callable[[str, Any], str] | None = None
+    phases: tuple[Phase, ...] = ()
 
 
 @dataclasses.dataclass
@@ -69,6 +95,20 @@ class TrainResult:
     history: list[dict]
     stopped_by_signal: str | None
     steps_run: int
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `run` did: each phase's TrainResult by phase name (a one-phase task's under its task
+    name), the exported model directory (None when stopped early or nothing is exported), and the
+    signal that stopped it (None when it finished)."""
+    phases: dict[str, TrainResult]
+    model_dir: str | None
+    stopped_by_signal: str | None
+
+    @property
+    def last(self) -> TrainResult:
+        return list(self.phases.values())[-1]
 
 
 def _echo(message: str) -> None:
@@ -146,21 +186,54 @@ def _truncate_metrics(path: str, last_step: int) -> None:
         f.writelines(kept)
 
 
+def run(config: ml_collections.ConfigDict, workdir: str, task: TrainTask) -> RunResult:
+    """Trains (or resumes) every phase of `task` in `workdir`, then exports the model.
+
+    A one-phase task trains in `workdir`; a multi-phase one trains phase i in `workdir/<name>`, each
+    phase built from the previous one's final params, so rerunning after a kill resumes whichever
+    phase was interrupted (a finished phase restores its final checkpoint and runs no step). The
+    export (the last phase's `export`) runs only when every phase finished.
+    """
+    results: dict[str, TrainResult] = {}
+    if not task.phases:
+        last_task = task
+        results[task.name] = result = train(config, workdir, task)
+    else:
+        previous = None
+        for phase in task.phases:
+            last_task = phase.build(workdir, previous)
+            result = train(config, os.path.join(workdir, phase.name), last_task)
+            results[phase.name] = result
+            if result.stopped_by_signal:
+                break
+            # On the host: the next phase's first step donates its state, and device_put onto an
+            # equal sharding would alias (and so delete) this result's arrays.
+            previous = jax.device_get(result.state.params)
+            result.state = result.state.replace(params=previous)
+    model_dir = None
+    if result.stopped_by_signal is None and last_task.export is not None:
+        model_dir = last_task.export(workdir, result.state.params)
+        _echo(f"[{task.name}] exported model to {model_dir}")
+    return RunResult(results, model_dir, result.stopped_by_signal)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask) -> TrainResult:
-    """Runs (or resumes) training of `task` in `workdir` until `config.train.steps`."""
+    """Runs (or resumes) training of `task` in `workdir` until `train.steps` of `task.config` (or of
+    `config` for a task without one)."""
     # First, so a preemption notice during start-up (restore, compile) is not lost either.
     preemption = checkpointing.PreemptionFlag()
     try:
-        return _train(config, workdir, task, preemption)
+        return _train(task.config if task.config is not None else config, workdir, task,
+                      preemption)
     finally:
         preemption.restore()
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
            preemption: checkpointing.PreemptionFlag) -> TrainResult:
-    sharding_lib.maybe_initialize_distributed(bool(config.get("distributed", False)))
+    sharding_lib.maybe_initialize_distributed(bool(config.distributed))
     train_cfg = config.train
-    if train_cfg.get("compilation_cache_dir", ""):
+    if train_cfg.compilation_cache_dir:
         enable_compilation_cache(str(train_cfg.compilation_cache_dir))
     total_steps = int(train_cfg.steps)
     os.makedirs(workdir, exist_ok=True)
@@ -181,8 +254,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
     local_batch = global_batch // jax.process_count()
     data_iterator = task.make_data(jax.process_index(), jax.process_count(), local_batch)
     checkpointer = checkpointing.RunCheckpointer(
-        workdir, keep=int(train_cfg.get("keep_checkpoints", 2)),
-        async_save=bool(train_cfg.get("async_checkpoint", True)))
+        workdir, keep=int(train_cfg.keep_checkpoints), async_save=bool(train_cfg.async_checkpoint))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -277,6 +349,7 @@ def dry_run(config: ml_collections.ConfigDict, task: TrainTask) -> dict:
     Returns a dict of per-device memory (bytes: arguments, outputs, temporaries, generated code,
     aliased = donated and reused), parameter count, and model and compiler FLOPs per step.
     """
+    config = task.config if task.config is not None else config
     mesh = sharding_lib.make_mesh(config.mesh)
     global_batch = _global_batch_size(config, mesh)
     tx, schedule, labels, abstract_state, shardings = build_optimizer_and_state(config, task, mesh)

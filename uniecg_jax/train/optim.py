@@ -87,14 +87,14 @@ def make_optimizer(train_config: Mapping[str, Any], params: Any
       per-leaf "trainable"/"frozen" labels.
     """
     schedule = learning_rate_schedule(train_config)
-    labels = freeze_labels(params, str(train_config.get("freeze", "") or ""))
+    labels = freeze_labels(params, str(train_config["freeze"]))
     chain = []
     if float(train_config["grad_clip"]) > 0:
         # Inside the trainable branch, so the norm is over trained parameters only.
         chain.append(optax.clip_by_global_norm(float(train_config["grad_clip"])))
     chain.append(optax.adamw(
         learning_rate=schedule, b1=float(train_config["b1"]), b2=float(train_config["b2"]),
-        eps=float(train_config.get("eps", 1e-8)), weight_decay=float(train_config["weight_decay"]),
+        eps=float(train_config["eps"]), weight_decay=float(train_config["weight_decay"]),
         mask=weight_decay_mask))
     tx = optax.multi_transform({TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels)
     return tx, schedule, labels

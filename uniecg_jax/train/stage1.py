@@ -18,10 +18,12 @@ import ml_collections
 import numpy as np
 
 from uniecg_jax.data.bundled import bundled_split
+from uniecg_jax.config import replace_values
 from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
+from uniecg_jax.train.schema import load_train_config
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict):
@@ -32,28 +34,31 @@ def resolve_tokenizer(config: ml_collections.ConfigDict):
     return load_tokenizer(path), path
 
 
-def finalize_model_config(config: ml_collections.ConfigDict, tokenizer) -> None:
-    """Makes `config.model.llm` match the HF checkpoint (if any) and the tokenizer's vocabulary."""
+def finalize_model_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
+    """A new config whose `model.llm` matches the HF checkpoint (if any) and the tokenizer's
+    vocabulary and special ids (`config` itself is left as it is)."""
+    llm = config.model.llm.to_dict()
+    changes = {}
     if config.init.hf_dir:
         from uniecg_jax.convert.hf_llm import model_config_from_hf
 
-        hf_model = model_config_from_hf(config.init.hf_dir)
-        with config.unlocked():
-            for key, value in hf_model.items():
-                if key in ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_chunk"):
-                    continue
-                config.model.llm[key] = value
-            config.model.projector.llm_hidden_size = config.model.llm.hidden_size
-    with config.unlocked():
-        if len(tokenizer) > config.model.llm.vocab_size:
-            if not config.init.hf_dir:
-                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size "
-                                 f"is {config.model.llm.vocab_size}")
-            config.model.llm.vocab_size = len(tokenizer)  # `<ecg>` added to the HF tokenizer
-        config.model.llm.pad_token_id = int(tokenizer.pad_token_id)
-        config.model.llm.eos_token_id = int(tokenizer.eos_token_id)
-        if tokenizer.bos_token_id is not None:
-            config.model.llm.bos_token_id = int(tokenizer.bos_token_id)
+        hf_model = model_config_from_hf(config.init.hf_dir).to_dict()
+        for key, value in hf_model.items():
+            if key in ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_chunk"):
+                continue
+            llm[key] = value
+        changes["model.projector.llm_hidden_size"] = llm["hidden_size"]
+    if len(tokenizer) > llm["vocab_size"]:
+        if not config.init.hf_dir:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but model.llm.vocab_size "
+                             f"is {llm['vocab_size']}")
+        llm["vocab_size"] = len(tokenizer)  # `<ecg>` added to the HF tokenizer
+    llm["pad_token_id"] = int(tokenizer.pad_token_id)
+    llm["eos_token_id"] = int(tokenizer.eos_token_id)
+    if tokenizer.bos_token_id is not None:
+        llm["bos_token_id"] = int(tokenizer.bos_token_id)
+    changes["model.llm"] = llm
+    return replace_values(config, changes)
 
 
 def stage1_data_source(config: ml_collections.ConfigDict, split: str):
@@ -106,7 +111,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     from uniecg_jax.data.pipelines import stage1_loader
 
     tokenizer, tokenizer_path = resolve_tokenizer(config)
-    finalize_model_config(config, tokenizer)
+    config = finalize_model_config(config, tokenizer)
+    train_config = load_train_config(config)
     model, ucfg = build_unified(config.model)
     max_length = int(config.data.max_length)
     num_ecg = ucfg.num_ecg_tokens
@@ -116,7 +122,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         return model.init(rng, jnp.zeros((1, max_length), jnp.int32), jnp.zeros((1, *ecg_shape)),
                           jnp.zeros((1,), jnp.int32))["params"]
 
-    augment = bool(config.train.augment_roll)
+    augment = train_config.augment_roll
 
     def loss_fn(params, batch, rng):
         return stage1_loss(model, params, batch, rng, augment)
@@ -154,9 +160,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
             jax.eval_shape(init_params, jax.random.PRNGKey(0)))),
         data_description=f"{source}; tokenizer {tokenizer_path or 'tiny (bundled)'}; "
                          f"{num_ecg} ECG tokens + {max_length} text tokens per example",
-        initial_params=initial_params)
-    task.tokenizer = tokenizer
-    task.export = model_exporter(config, tokenizer)
+        initial_params=initial_params, config=config, tokenizer=tokenizer,
+        export=model_exporter(config, tokenizer))
     return task
 
 

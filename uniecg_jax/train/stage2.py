@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from uniecg_jax.config import ConfigError
+from uniecg_jax.config import ConfigError, replace_values
 from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, ecg_token_names,
@@ -35,6 +35,7 @@ from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, ecg_token_name
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
+from uniecg_jax.train.schema import load_train_config
 
 # Batch fields of the interpretation (stage-1) examples that keep the [ECG] rows out of answers.
 INTERPRET_PREFIX = "interpret/"
@@ -58,7 +59,8 @@ def _load_base_tokenizer(config: ml_collections.ConfigDict, stage1_dir: str | No
 
 
 def finalize_stage2_config(config: ml_collections.ConfigDict):
-    """Fills `config.model` for stage 2 and returns the tokenizer with the `[ECG]` tokens.
+    """The stage-2 config (a new one; `config` is left as it is) and the tokenizer with the `[ECG]`
+    tokens: returns (config, tokenizer, tokenizer path, stage-1 dir, vocabulary size before).
 
     With a stage-1 checkpoint its llm / ecg_encoder / projector shapes replace the config's. The N
     `[ECG]` tokens are added to the tokenizer (as `convert.hf_llm.add_tokens` does), their ids go to
@@ -71,26 +73,26 @@ def finalize_stage2_config(config: ml_collections.ConfigDict):
     count = int(config.model.num_ecg_tokens)
     if count < 1:
         raise ConfigError(f"model.num_ecg_tokens must be >= 1, got {count}")
-    with config.unlocked():
-        if stage1_dir:
-            stage1 = load_model_config(stage1_dir)
-            for group in ("llm", "ecg_encoder", "projector"):
-                config.model[group] = ml_collections.ConfigDict(stage1.model[group].to_dict())
-        old_vocab = int(config.model.llm.vocab_size)
-        if len(tokenizer) > old_vocab:
-            raise ConfigError(f"tokenizer {path or 'tiny'} has {len(tokenizer)} tokens but "
-                              f"model.llm.vocab_size is {old_vocab}")
-        names = ecg_token_names(count)
-        tokenizer.add_tokens(names, special_tokens=True)
-        ids = [int(tokenizer.convert_tokens_to_ids(name)) for name in names]
-        config.model.ecg_token_ids = ids
-        config.model.llm.vocab_size = max(old_vocab, len(tokenizer), max(ids) + 1)
-        config.model.llm.pad_token_id = int(tokenizer.pad_token_id)
-        config.model.llm.eos_token_id = int(tokenizer.eos_token_id)
+    groups = {group: config.model[group].to_dict() for group in ("llm", "ecg_encoder", "projector")}
+    if stage1_dir:
+        stage1 = load_model_config(stage1_dir)
+        groups = {group: stage1.model[group].to_dict() for group in groups}
+    llm = groups["llm"]
+    old_vocab = int(llm["vocab_size"])
+    if len(tokenizer) > old_vocab:
+        raise ConfigError(f"tokenizer {path or 'tiny'} has {len(tokenizer)} tokens but "
+                          f"model.llm.vocab_size is {old_vocab}")
+    names = ecg_token_names(count)
+    tokenizer.add_tokens(names, special_tokens=True)
+    ids = [int(tokenizer.convert_tokens_to_ids(name)) for name in names]
+    llm.update(vocab_size=max(old_vocab, len(tokenizer), max(ids) + 1),
+               pad_token_id=int(tokenizer.pad_token_id), eos_token_id=int(tokenizer.eos_token_id))
     if float(config.train.weight_decay) != 0.0:
         raise ConfigError(f"train.weight_decay={config.train.weight_decay}: must be 0 in stage 2 "
                           "(decoupled weight decay would move the frozen vocabulary rows)")
-    return tokenizer, path, stage1_dir, old_vocab
+    config = replace_values(config, {"model.ecg_token_ids": ids,
+                                     **{f"model.{group}": values for group, values in groups.items()}})
+    return config, tokenizer, path, stage1_dir, old_vocab
 
 
 def only_rows_train(table: jax.Array, trainable_rows: jax.Array, axis: int) -> jax.Array:
@@ -211,7 +213,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     """The `stage2` TrainTask."""
     from uniecg_jax.data.pipelines import stage2_loader
 
-    tokenizer, tokenizer_path, stage1_dir, old_vocab = finalize_stage2_config(config)
+    config, tokenizer, tokenizer_path, stage1_dir, old_vocab = finalize_stage2_config(config)
+    train_config = load_train_config(config)
     model, s2cfg = build_stage2(config.model)
     max_length = int(config.data.max_length)
     count = s2cfg.num_ecg_tokens
@@ -220,8 +223,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         raise ConfigError(f"model.alignment.output_dim={text_dim} must equal text.embed_dim="
                           f"{config.text.embed_dim} (the text encoder's width)")
     trainable_rows = new_row_mask(s2cfg.unified.llm.vocab_size, s2cfg.ecg_token_ids)
-    weights = (float(config.train.token_loss_weight), float(config.train.mse_weight),
-               float(config.train.cosine_weight), float(config.train.preservation_weight))
+    weights = (train_config.token_loss_weight, train_config.mse_weight,
+               train_config.cosine_weight, train_config.preservation_weight)
 
     def init_params(rng):
         return init_stage2_params(model, rng, max_length)
@@ -291,9 +294,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         data_description=f"{source}; tokenizer {tokenizer_path or 'tiny (bundled)'} + {count} "
                          f"[ECG] tokens (ids {s2cfg.ecg_token_ids[0]}..{s2cfg.ecg_token_ids[-1]}); "
                          f"from {stage1_dir or 'random init'}",
-        initial_params=initial_params)
-    task.tokenizer = tokenizer
-    task.export = model_exporter(config, tokenizer)
+        initial_params=initial_params, config=config, tokenizer=tokenizer,
+        export=model_exporter(config, tokenizer))
     return task
 
 
