@@ -1,12 +1,14 @@
-"""kernels.small_batch_matmul: the FFI kernel against numpy, its use in DenseGeneral and decoding."""
+"""kernels.small_batch_matmul: the FFI kernel against numpy, its injection into DenseGeneral."""
 import numpy as np
 import pytest
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from uniecg_jax.kernels import small_batch_matmul
-from uniecg_jax.layers.linear import PACKED, DenseGeneral
+from uniecg_jax.layers.linear import DenseGeneral
+from uniecg_jax.models.llm import Decoder, LLMConfig
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +49,40 @@ def test_dense_general_with_packed_kernels(kernel, features, axis, x_shape):
     x = jax.random.normal(jax.random.PRNGKey(0), x_shape)
     params = layer.init(jax.random.PRNGKey(1), x)["params"]
     want = layer.apply({"params": params}, x)
-    _, packed = layer.apply({"params": params}, x, mutable=[PACKED])
-    variables = {"params": params, **packed}
-    got = jax.jit(layer.apply)(variables, x)
+    packed = small_batch_matmul.packed_dense_kernels(layer, params, x)
+    assert list(packed) == [()]                    # the root layer's path
+
+    def injected(x):
+        with small_batch_matmul.packed_kernels_injected(packed):
+            return layer.apply({"params": params}, x)
+    got = jax.jit(injected)(x)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    hlo = jax.jit(layer.apply).lower(variables, x).as_text()
-    assert small_batch_matmul.TARGET in hlo
+    assert small_batch_matmul.TARGET in jax.jit(injected).lower(x).as_text()
     # 12 rows: outside the kernel's range, XLA's dot again.
     wide = jnp.concatenate([x] * (12 // int(np.prod(x.shape[:-2 if axis != -1 else -1]))), 0)
-    assert small_batch_matmul.TARGET not in jax.jit(layer.apply).lower(variables, wide).as_text()
-    np.testing.assert_allclose(np.asarray(layer.apply(variables, wide)),
+    assert small_batch_matmul.TARGET not in jax.jit(injected).lower(wide).as_text()
+    np.testing.assert_allclose(np.asarray(injected(wide)),
                                np.asarray(layer.apply({"params": params}, wide)), rtol=1e-6)
+
+
+def test_injection_reaches_every_dense_of_a_decoder_except_scanned_ones(kernel):
+    for scan_layers, expected in ((False, 2 * 7 + 1), (True, 1)):   # 7 Denses a layer + lm_head
+        model = Decoder(LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                  num_layers=2, num_heads=4, num_kv_heads=2,
+                                  scan_layers=scan_layers))
+        ids = jnp.ones((3, 1), jnp.int32)
+        params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), ids)["params"])
+        packed = small_batch_matmul.packed_dense_kernels(model, params, ids)
+        assert len(packed) == expected
+
+        def step(params, ids):
+            with small_batch_matmul.packed_kernels_injected(packed):
+                return model.apply({"params": params}, ids)
+        hlo = jax.jit(step).lower(params, ids).as_text()
+        assert hlo.count(f"@{small_batch_matmul.TARGET}") == expected
+        np.testing.assert_allclose(np.asarray(jax.jit(step)(params, ids)),
+                                   np.asarray(model.apply({"params": params}, ids)),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_usable_only_for_single_device_f32_small_batches(kernel):
@@ -84,13 +109,12 @@ def test_switched_off_by_environment(monkeypatch):
         small_batch_matmul.load.cache_clear()
 
 
-def test_init_and_training_never_build_packed_kernels(kernel):
+def test_dense_general_alone_never_uses_the_kernel(kernel):
     layer = DenseGeneral(8, ("a", "b"))
     x = jnp.ones((4, 16))
     variables = layer.init(jax.random.PRNGKey(0), x)
     assert set(variables) == {"params"}
-    _, state = layer.apply(variables, x, mutable=True)
-    assert PACKED not in state
+    assert small_batch_matmul.TARGET not in jax.jit(layer.apply).lower(variables, x).as_text()
     grad = jax.grad(lambda p: layer.apply({"params": p}, x).sum())(variables["params"])
     # d(sum x.W)/dW = the sum of x's rows
     np.testing.assert_allclose(np.asarray(grad["kernel"].unbox()), 4.0)

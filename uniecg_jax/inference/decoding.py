@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniecg_jax.kernels import small_batch_matmul
-from uniecg_jax.layers.linear import PACKED
 from uniecg_jax.models.llm import Decoder, init_cache
 
 
@@ -114,12 +113,10 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
     logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask,
                                 extra_embeddings=extra_embeddings, extra_positions=extra_positions,
                                 cache=cache, only_last=True)
-    step_variables = {"params": params}
-    if small_batch_kernel:
-        # Pack every kernel once for small_batch_matmul (a second copy of the weights while this
-        # call runs); applying with the collection mutable builds it.
-        _, packed = model.apply({"params": params}, input_ids[:, -1:], mutable=[PACKED])
-        step_variables[PACKED] = packed[PACKED]
+    # Every Dense kernel packed once for small_batch_matmul (a second copy of the weights while
+    # this call runs), injected into the decode step below.
+    packed = (small_batch_matmul.packed_dense_kernels(model, params, input_ids[:, -1:])
+              if small_batch_kernel else None)
     rng, step_rng = jax.random.split(rng)
     first = sample_tokens(logits[:, -1], sampling, step_rng)
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -133,8 +130,9 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
     def body(state):
         step, tokens, done, lengths, cache, rng = state
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)      # [B, 1]
-        logits, cache = model.apply(step_variables, previous,
-                                    attention_mask=jnp.ones_like(previous), cache=cache)
+        with small_batch_matmul.packed_kernels_injected(packed):
+            logits, cache = model.apply({"params": params}, previous,
+                                        attention_mask=jnp.ones_like(previous), cache=cache)
         rng, step_rng = jax.random.split(rng)
         token = sample_tokens(logits[:, -1], sampling, step_rng)
         token = jnp.where(done, pad_token_id, token)

@@ -8,7 +8,9 @@ Why: a batch-8 f32 decode step is ~85% [8, K] x [K, N] matmuls, which XLA:CPU ru
 of weights (its GEMM kernels re-pack the weights on every call and are tuned for large M); the
 kernel in small_batch_matmul.cc reads pre-packed column tiles once at ~20 GB/s per core, 1.3-3x
 faster per matmul on a 2-core AVX-512 host. `decoding.generate` packs the decoder's kernels once per
-call and uses it for f32 models on one CPU device with 2..8 rows (see `usable`).
+call and uses it for f32 models on one CPU device with 2..8 rows (see `usable`), by injecting it into
+every `DenseGeneral` of the decode step from outside (`packed_dense_kernels`,
+`packed_kernels_injected`): the layers themselves know nothing of this kernel.
 
 The C++ source is compiled on first use with the host's C++ compiler (`$CXX`, else c++ / g++) and
 `-march=native`, into `$UNIECG_KERNEL_CACHE` (default ~/.cache/uniecg_jax/kernels), keyed by the
@@ -17,19 +19,25 @@ False and callers keep XLA's own dot.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import pathlib
 import platform
 import shutil
 import subprocess
 import tempfile
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from uniecg_jax.layers.linear import DenseGeneral
 
 TILE = 32                     # columns per packed tile (small_batch_matmul.cc: kTile)
 MAX_ROWS = 8
@@ -131,3 +139,73 @@ def usable(compute_dtype, param_dtype, rows: int, arrays=()) -> bool:
         if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
             return False
     return load()
+
+
+
+# --- Injection into DenseGeneral (decoding) ---------------------------------------------------------
+# Module path (names from the root, e.g. ("layers_0", "attention", "query")) -> packed kernel.
+PackedKernels = dict[tuple[str, ...], jax.Array]
+
+
+def _is_dense_contract(context: nn.module.InterceptorContext) -> bool:
+    return isinstance(context.module, DenseGeneral) and context.method_name == "contract"
+
+
+def packed_dense_kernels(model: nn.Module, params: dict, *inputs: Any) -> PackedKernels:
+    """`pack` of the kernel of every `DenseGeneral` that `model.apply({"params": params}, *inputs)`
+    calls, keyed by module path: a second copy of those weights, built once per generate call.
+
+    The layers are found by an abstract run (`jax.eval_shape`: nothing enters the caller's graph
+    but the packing itself). Layers whose kernel the params tree holds stacked (inside `nn.scan`,
+    where a layer sees one slice of it) are left out and keep XLA's dot.
+    """
+    params = nn.meta.unbox(params)
+    seen: dict[tuple[str, ...], tuple[int, tuple[int, ...]]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if _is_dense_contract(context):
+            x, kernel = args
+            seen[context.module.path] = (_num_contracted(context.module, kernel), kernel.shape)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda p, *xs: model.apply({"params": p}, *xs), params, *inputs)
+    packed = {}
+    for path, (num_contracted, shape) in seen.items():
+        kernel = params
+        for name in (*path, "kernel"):
+            kernel = kernel.get(name) if hasattr(kernel, "get") else None
+        if kernel is not None and tuple(kernel.shape) == tuple(shape):
+            packed[path] = pack(kernel.reshape(math.prod(shape[:num_contracted]), -1))
+    return packed
+
+
+def _num_contracted(layer: DenseGeneral, kernel: jax.Array) -> int:
+    return kernel.ndim - (1 if isinstance(layer.features, int) else len(layer.features))
+
+
+@contextlib.contextmanager
+def packed_kernels_injected(packed: PackedKernels | None):
+    """Within this context (while tracing a model call), every `DenseGeneral` whose kernel is in
+    `packed` computes `x . kernel` with `matmul` on its packed kernel when it has 2..MAX_ROWS rows
+    in f32; every other matmul keeps XLA's dot. `packed=None`: no injection."""
+    if packed is None:
+        yield
+        return
+
+    def inject(next_fun, args, kwargs, context):
+        if _is_dense_contract(context) and context.module.path in packed:
+            layer = context.module
+            x, kernel = args
+            num_contracted = _num_contracted(layer, kernel)
+            batch_shape = x.shape[:x.ndim - num_contracted]
+            features = kernel.shape[num_contracted:]
+            rows = math.prod(batch_shape)
+            if 2 <= rows <= MAX_ROWS and jnp.dtype(layer.dtype) == jnp.float32:
+                depth = math.prod(kernel.shape[:num_contracted])
+                y = matmul(x.reshape(rows, depth), packed[layer.path], math.prod(features))
+                return y.reshape(batch_shape + features).astype(layer.out_dtype or layer.dtype)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(inject):
+        yield

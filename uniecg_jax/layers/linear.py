@@ -25,12 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from uniecg_jax.kernels import small_batch_matmul
-
 DType = Any
-# Variable collection of `small_batch_matmul.pack(kernel)` per DenseGeneral, built once by
-# `decoding.generate` for CPU decoding: `apply(..., mutable=[PACKED])` creates it.
-PACKED = "packed_kernels"
 
 
 def to_dtype(name_or_dtype: str | DType) -> jnp.dtype:
@@ -183,14 +178,7 @@ class DenseGeneral(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(self.kernel_init, tuple(self.kernel_axes)),
             kernel_shape, self.param_dtype)
-        y = None
-        # Built only on request (`apply(..., mutable=[PACKED])`), never by init or mutable=True.
-        build = self.is_mutable_collection(PACKED) and not self.is_mutable_collection("params")
-        if build or self.has_variable(PACKED, "kernel"):
-            y = self._small_batch_matmul(x, kernel, len(axis))
-        if y is None:
-            y = matmul(x, kernel, axis, tuple(range(len(axis))), self.dtype,
-                       self.out_dtype or self.dtype)
+        y = self.contract(x, kernel)
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(self.bias_init,
@@ -199,19 +187,14 @@ class DenseGeneral(nn.Module):
             y = y + bias.astype(y.dtype)
         return y
 
-    def _small_batch_matmul(self, x: jax.Array, kernel: jax.Array, num_contracted: int
-                            ) -> jax.Array | None:
-        """x . kernel through `small_batch_matmul` with this layer's packed kernel (created here
-        when the PACKED collection is mutable), or None where the kernel does not apply (rows
-        outside 2..8, non-f32 compute)."""
-        depth = math.prod(kernel.shape[:num_contracted])
-        features = kernel.shape[num_contracted:]
-        width = math.prod(features)
-        packed = self.variable(PACKED, "kernel",
-                               lambda: small_batch_matmul.pack(kernel.reshape(depth, width))).value
-        batch_shape = x.shape[:x.ndim - num_contracted]
-        rows = math.prod(batch_shape)
-        if not 2 <= rows <= small_batch_matmul.MAX_ROWS or jnp.dtype(self.dtype) != jnp.float32:
-            return None
-        y = small_batch_matmul.matmul(x.reshape(rows, depth), packed, width)
-        return y.reshape(batch_shape + features).astype(self.out_dtype or self.dtype)
+    def contract(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+        """x [..., *in_dims] . kernel [*in_dims, *features] -> [..., *features] in the output dtype,
+        without the bias.
+
+        A method of its own so that a caller can swap the matmul implementation from outside
+        (`flax.linen.intercept_methods`) without this layer knowing: decoding on CPU injects
+        `kernels.small_batch_matmul` here (`small_batch_matmul.packed_kernels_injected`).
+        """
+        num_contracted = kernel.ndim - (1 if isinstance(self.features, int) else len(self.features))
+        return matmul(x, kernel, tuple(range(x.ndim - num_contracted, x.ndim)),
+                      tuple(range(num_contracted)), self.dtype, self.out_dtype or self.dtype)
