@@ -4,9 +4,9 @@
     python bench/unified.py --stage2 tiny --diffusion diffusets --batches 1 8
 
 Parts, each jitted and timed after a warm-up call (median of --repeats):
-  llm_tokens:  prefill + KV-cached greedy decode of the N [ECG] tokens + eos (forced length N + 1)
-  projector:   the teacher-forced pass over prompt + tokens with return_hidden, [ECG] gather and
-               alignment head -> condition vectors
+  llm_tokens:  prefill + KV-cached greedy decode of the N [ECG] tokens + eos (forced length N + 1),
+               keeping the hidden states (as `UnifiedModel.chat` does)
+  projector:   [ECG] gather from those hidden states and the alignment head -> condition vectors
   ddim:        DDIM-50 latent sampling (conditional UNet, guidance 1)
   vae_decode:  latents -> 12 x 1024 signals
 Random weights (latency does not depend on them). Prints one line per batch size.
@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     from uniecg_jax.models.stage2 import build_stage2, init_stage2_params
     from uniecg_jax.models.vae import VAE, VAEConfig
     from uniecg_jax.train.stage2 import finalize_stage2_config
-    from uniecg_jax.inference.chat import UnifiedModel, _condition_fn
+    from uniecg_jax.inference.chat import UnifiedModel, alignment_fn
 
     config = load_config(f"configs/stage2.py:{args.stage2}")
     tokenizer, *_ = finalize_stage2_config(config)
@@ -76,8 +76,9 @@ def main(argv=None) -> None:
           f"LLM {llm_cfg.num_params() / 1e6:.1f}M, {s2cfg.num_ecg_tokens} [ECG] tokens, alignment "
           f"{s2cfg.alignment.kind}; diffusion:{args.diffusion}; DDIM-{args.steps}")
     decoder = Decoder(llm_cfg)
-    generate = decoding.generate_fn(decoder, new_tokens, decoding.Sampling(), (), llm_cfg.pad_token_id)
-    condition_fn = _condition_fn(model)
+    generate = decoding.generate_fn(decoder, new_tokens, decoding.Sampling(), (), llm_cfg.pad_token_id,
+                                    return_hidden=True)
+    align = alignment_fn(model)
     vae_decode = jax.jit(lambda p, z: vae.apply(p, z, method=VAE.decode))
     for batch in args.batches:
         ids, mask = decoding.left_pad([unified.text_prompt_ids(request)] * batch,
@@ -87,8 +88,8 @@ def main(argv=None) -> None:
         # Force the answer to be the [ECG] tokens (random weights would emit anything).
         answer = jnp.asarray(np.tile(list(s2cfg.ecg_token_ids) + [llm_cfg.eos_token_id], (batch, 1)))
         full_ids = jnp.concatenate([ids, answer], 1)
-        full_mask = jnp.concatenate([mask, jnp.ones_like(answer)], 1)
-        condition, _ = condition_fn(params, full_ids, full_mask, None, None)
+        hidden = generate(params["llm"], ids, mask, None, None, rng).hidden
+        condition, _ = align(params, hidden, full_ids)
         cond = jnp.concatenate([condition, jnp.tile(jnp.asarray([[0.0, 60.0, 110.0]]), (batch, 1))],
                                1)
         sampler = pipeline._sampler("ddim", args.steps, 1.0, 0.0, decode=False)
@@ -96,8 +97,7 @@ def main(argv=None) -> None:
         parts = {
             "llm_tokens": timed(lambda: generate(params["llm"], ids, mask, None, None, rng),
                                 args.repeats),
-            "projector": timed(lambda: condition_fn(params, full_ids, full_mask, None, None),
-                               args.repeats),
+            "projector": timed(lambda: align(params, hidden, full_ids), args.repeats),
             "ddim": timed(lambda: sampler(unet_params, vae_params, cond, rng), args.repeats),
             "vae_decode": timed(lambda: vae_decode(vae_params, latents), args.repeats),
         }

@@ -7,6 +7,7 @@ import pytest
 from data_prep.prep import PrepOptions, run_prep
 from data_prep.sources import SourceOptions
 from uniecg_jax.data import load_bundled_records, pipelines, tokenizer as tok
+from uniecg_jax.data.chat_format import GENERATION_REQUEST, InputBuilder
 from uniecg_jax.data.text_encoder import HashingTextEncoder
 from uniecg_jax.errors import UniECGError
 
@@ -35,19 +36,27 @@ def test_tiny_tokenizer_vocab_specials_and_chat_format():
     preset = llm("tiny")
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (
         preset.pad_token_id, preset.bos_token_id, preset.eos_token_id)
-    assert tok.placeholder_id(tokenizer) == 4
-    ids, mask = tok.encode_chat(tokenizer, [("user", "<image>\nWhat rhythm?"),
-                                            ("assistant", "sinus rhythm."),
-                                            ("user", "Rate?"), ("assistant", "72 bpm.")])
+    inputs = InputBuilder(tokenizer)
+    assert inputs.placeholder_id == 4
+    ids, mask = inputs.conversation([("user", "<image>\nWhat rhythm?"), ("assistant", "sinus rhythm."),
+                                     ("user", "Rate?"), ("assistant", "72 bpm.")])
     assert tokenizer.decode(ids) == ("<s>USER: <ecg>\nWhat rhythm? ASSISTANT: sinus rhythm.</s>"
                                      "USER: Rate? ASSISTANT: 72 bpm.</s>")
     trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
     assert trained == "sinus rhythm.</s>72 bpm.</s>"
-    prompt, _ = tok.encode_chat(tokenizer, [("user", "Hi"), ("assistant", None)])
+    # Served prompts are prefixes of the training ids: interpretation stops at "ASSISTANT:"
+    # (GEM's generation prompt), a generation request keeps the whole assistant prefix.
+    prompt = inputs.prompt_ids("Hi", with_ecg=True)
     assert tokenizer.decode(prompt) == "<s>USER: <ecg>\nHi ASSISTANT:"
-    ecg_ids = tok.add_ecg_generation_tokens(tokenizer, 4)
-    assert ecg_ids == [512, 513, 514, 515] and tok.add_ecg_generation_tokens(tokenizer, 4) == ecg_ids
+    example, _ = inputs.conversation([("user", "Hi"), ("assistant", "sinus rhythm.")])
+    assert example[:len(prompt)] == prompt
+    request = inputs.request_ids("Hi")
+    assert tokenizer.decode(request) == "<s>USER: Hi ASSISTANT: "
+    ecg_ids = tok.add_ecg_tokens(tokenizer, 4)
+    assert ecg_ids == [512, 513, 514, 515] and tok.add_ecg_tokens(tokenizer, 4) == ecg_ids
+    assert len(tokenizer) == 516
     assert tokenizer.convert_ids_to_tokens(ecg_ids) == ["[ECG0]", "[ECG1]", "[ECG2]", "[ECG3]"]
+    assert inputs.ecg_token_ids(4) == ecg_ids
 
 
 @pytest.mark.parametrize("process_count", [2, 3])
@@ -102,8 +111,8 @@ def test_stage1_tokens_placeholder_and_loss_mask(source, records):
     assert batch["input_ids"].shape == (4, 192) and batch["ecg"].shape == (4, 12, 5000)
     for row in range(4):
         ids = batch["input_ids"][row]
-        assert (ids == tok.placeholder_id(tokenizer)).sum() == 1
-        assert ids[batch["ecg_position"][row]] == tok.placeholder_id(tokenizer)
+        placeholder = InputBuilder(tokenizer).placeholder_id
+        assert (ids == placeholder).sum() == 1 and ids[batch["ecg_position"][row]] == placeholder
         np.testing.assert_array_equal(batch["ecg"][row], records[row].to_encoder_input())
         length = batch["attention_mask"][row].sum()
         assert (ids[length:] == tokenizer.pad_token_id).all() and (batch["loss_mask"][row][length:] == 0).all()
@@ -114,10 +123,14 @@ def test_stage1_tokens_placeholder_and_loss_mask(source, records):
 
 def test_stage2_ecg_tokens_and_embeddings(source, records):
     tokenizer = tok.load_tiny()
+    with pytest.raises(UniECGError, match="add_ecg_tokens"):   # never grown behind our back
+        pipelines.stage2_loader(source, tokenizer, num_ecg_tokens=4)
+    assert len(tokenizer) == 512
+    ecg_ids = tok.add_ecg_tokens(tokenizer, 4)
     batch = next(iter(pipelines.stage2_loader(source, tokenizer, num_ecg_tokens=4, max_length=40,
                                               batch_size=3, shuffle=False, process_index=0,
                                               process_count=1)))
-    ecg_ids = tok.add_ecg_generation_tokens(tokenizer, 4)
+    assert len(tokenizer) == 516
     embeddings = HashingTextEncoder(16).encode([r.report for r in records[:3]])
     np.testing.assert_array_equal(batch["text_embedding"], embeddings)
     for row in range(3):
@@ -126,8 +139,16 @@ def test_stage2_ecg_tokens_and_embeddings(source, records):
         assert ids[positions[-1] + 1] == tokenizer.eos_token_id
         assert np.flatnonzero(batch["loss_mask"][row]).tolist() == list(positions) + [positions[-1] + 1]
         text = tokenizer.decode(ids[: positions[0]])
-        assert text.startswith("<s>USER: " + pipelines.GENERATION_REQUEST)
+        assert text.startswith("<s>USER: " + GENERATION_REQUEST)
         assert text.endswith(" ASSISTANT: ")
+        # The ids before the [ECG] tokens are the serving prompt of the same request (a report
+        # too long for max_length loses its end, just before the assistant prefix).
+        served = InputBuilder(tokenizer).request_ids(GENERATION_REQUEST + records[row].report)
+        tail = tokenizer.encode(" ASSISTANT: ", add_special_tokens=False)
+        start = int(positions[0])
+        assert ids[:start - len(tail)].tolist() == served[:start - len(tail)]
+        assert ids[start - len(tail):start].tolist() == tail
+        assert (start == len(served)) == (len(served) + 5 <= 40)
     with pytest.raises(UniECGError, match="no text embedding"):
         unembedded = pipelines.records_source(records[:2])
         next(iter(pipelines.stage2_loader(unembedded, batch_size=1, process_index=0,

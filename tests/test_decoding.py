@@ -123,3 +123,29 @@ def test_greedy_tokens_equal_argmax_with_ties_and_nans():
     got = np.asarray(decoding.greedy_tokens(jnp.asarray(logits)))
     np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), -1)))
     np.testing.assert_array_equal(got[:5], [np.argmax(logits[0]), 3, 5, 0, 49])
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_returned_hidden_states_equal_a_full_forward_pass(tiny, stop_early):
+    """The decode pass's hidden states (prompt at prefill, each new token when fed back, the last
+    one by an extra step) equal one teacher-forced forward pass over prompt + answer."""
+    _, model, params = tiny
+    ids, mask = decoding.left_pad(PROMPTS)
+    max_new = 6
+    stops = ()
+    if stop_early:  # row 0 stops on its 3rd token while the others run on
+        free = decoding.generate(model, params, ids, mask, max_new_tokens=max_new,
+                                 stop_token_ids=())
+        stops = (int(np.asarray(free.tokens)[0, 2]),)
+    out = decoding.generate(model, params, ids, mask, max_new_tokens=max_new, stop_token_ids=stops,
+                            small_batch_kernel=False, return_hidden=True)
+    lengths = np.asarray(out.lengths)
+    assert lengths.min() < max_new if stop_early else (lengths == max_new).all()
+    answer_mask = (np.arange(max_new)[None] < lengths[:, None]).astype(np.int32)
+    full_mask = np.concatenate([mask, answer_mask], axis=1)
+    _, want = model.apply({"params": params}, np.concatenate([ids, out.tokens], axis=1),
+                          attention_mask=full_mask, return_hidden=True)
+    real = full_mask.astype(bool)
+    assert out.hidden.shape == want.shape
+    np.testing.assert_allclose(np.asarray(out.hidden)[real], np.asarray(want)[real], atol=1e-5)
+    assert np.abs(np.asarray(want)[real]).max() > 0.1

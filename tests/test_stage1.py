@@ -14,7 +14,7 @@ from uniecg_jax.checkpoint import save_model
 from uniecg_jax.config import load_config
 from uniecg_jax.errors import CheckpointError, UniECGError
 from uniecg_jax.eval import interpret_eval
-from uniecg_jax.inference.interpret import Interpreter
+from uniecg_jax.inference.interpret import DEFAULT_PROMPT, Interpreter
 from uniecg_jax.models.stage1 import build_unified, expand_at_placeholder
 from uniecg_jax.train import build_task, optim, state as state_lib, step as step_lib
 from uniecg_jax.train.loop import train
@@ -155,7 +155,40 @@ def test_interpret_is_batched_and_deterministic(exported_model):
     batch = interpreter.interpret(ecgs, max_new_tokens=6)
     single = [interpreter.interpret(ecgs[i:i + 1], max_new_tokens=6)[0] for i in range(3)]
     assert batch == single
-    assert all(isinstance(text, str) for text in batch)
+    # The served answer (host-built prompt, left padding, ECG splice at prefill, cached decode)
+    # equals greedy decoding by full forward passes of the training model on the same prompt.
+    placeholder = interpreter.inputs.placeholder_id
+    prompt = interpreter.inputs.prompt_ids(DEFAULT_PROMPT, with_ecg=True)
+    ids, eos = list(prompt), interpreter.model.config.llm.eos_token_id
+    for _ in range(6):
+        logits = interpreter.model.apply({"params": interpreter.params},
+                                         np.asarray([ids], np.int32), ecgs[:1],
+                                         np.asarray([ids.index(placeholder)], np.int32))
+        ids.append(int(np.argmax(logits[0, -1])))
+        if ids[-1] == eos:
+            break
+    want = interpreter.tokenizer.decode([t for t in ids[len(prompt):] if t != eos],
+                                        skip_special_tokens=True).strip()
+    assert want and batch[0] == want
+
+
+def test_training_conversations_and_serving_prompts_share_their_ids():
+    """Stage-1 training examples (system prompt set) begin with exactly the ids `Interpreter`
+    serves for the same question."""
+    from uniecg_jax.data.conversations import QUESTIONS
+
+    config = _config(["data.system=You are a cardiologist.", "data.max_length=256"])
+    task = build_task(config)
+    batch = next(task.make_data(0, 1, 4))
+    model, _ = build_unified(config.model)
+    interpreter = Interpreter(model, None, task.tokenizer, config)
+    prompts = [interpreter.inputs.prompt_ids(question, with_ecg=True) for question in QUESTIONS]
+    assert task.tokenizer.decode(prompts[0]).startswith("<s>You are a cardiologist. USER: <ecg>")
+    for row, loss_mask in zip(batch["input_ids"], batch["loss_mask"]):
+        matches = [p for p in prompts if row[:len(p)].tolist() == p]
+        assert len(matches) == 1
+        # ...and the answer (the first trained token) follows them and the prefix's space.
+        assert loss_mask[:len(matches[0]) + 1].sum() == 0 and loss_mask[len(matches[0]) + 1] == 1
 
 
 def test_eval_over_two_hosts_writes_each_record_once_and_resumes(exported_model, tmp_path):

@@ -12,7 +12,9 @@ from conftest import assert_trees_equal
 from uniecg_jax.config import ConfigError, load_config
 from uniecg_jax.inference.interpret import Interpreter
 from uniecg_jax.models.alignment import gather_ecg_hidden
-from uniecg_jax.models.stage2 import build_stage2, extend_vocabulary, init_stage2_params
+from uniecg_jax.convert.hf_llm import add_tokens
+from uniecg_jax.data.chat_format import ecg_token_names
+from uniecg_jax.models.stage2 import build_stage2, init_stage2_params
 from uniecg_jax.train import build_task
 from uniecg_jax.train.loop import train
 from uniecg_jax.inference.chat import UnifiedModel, parse_conditions
@@ -119,15 +121,27 @@ def test_vocabulary_extension_adds_mean_rows():
     llm = {"embedding": rng.standard_normal((512, 8)).astype(np.float32),
            "lm_head": {"kernel": rng.standard_normal((8, 512)).astype(np.float32)}}
     cfg = load_config("configs/llm.py:tiny").model
-    grown, grown_cfg, ids = extend_vocabulary(llm, cfg, tokenizer, 3)
+    grown, grown_cfg, ids = add_tokens(llm, cfg, tokenizer, ecg_token_names(3))
     assert ids == [512, 513, 514] and grown_cfg.vocab_size == 515 == len(tokenizer)
     np.testing.assert_allclose(grown["embedding"][512:], np.repeat(
         llm["embedding"].mean(0, keepdims=True), 3, 0), rtol=1e-6)
     np.testing.assert_allclose(grown["lm_head"]["kernel"][:, 514], llm["lm_head"]["kernel"].mean(1),
                                rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(grown["embedding"][:512], llm["embedding"])
-    again, _, same_ids = extend_vocabulary(grown, grown_cfg, tokenizer, 3)  # idempotent
+    # Tokens the tokenizer already has keep their (trained) rows: a second call changes nothing.
+    trained = dict(grown, embedding=np.asarray(grown["embedding"]).copy())
+    trained["embedding"][512:] = 7.0
+    again, _, same_ids = add_tokens(trained, grown_cfg, tokenizer, ecg_token_names(3))
     assert same_ids == ids and again["embedding"].shape == (515, 8)
+    np.testing.assert_array_equal(again["embedding"], trained["embedding"])
+    # A token added inside a padded table (id < rows) gets the mean of the other rows, too.
+    padded = {"embedding": rng.standard_normal((520, 8)).astype(np.float32)}
+    fresh = load_tiny()
+    grown, grown_cfg, ids = add_tokens(padded, cfg, fresh, ["[ECG0]"])
+    assert ids == [512] and grown["embedding"].shape == (520, 8) and grown_cfg.vocab_size == 520
+    others = np.delete(padded["embedding"], 512, axis=0)
+    np.testing.assert_allclose(grown["embedding"][512], others.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.delete(np.asarray(grown["embedding"]), 512, axis=0), others)
 
 
 def test_stage2_trains_only_new_rows_and_the_alignment_head(trained):
@@ -185,6 +199,49 @@ def test_chat_emits_ecg_tokens_for_a_request_and_writes_a_readable_wfdb(trained,
     ids = np.asarray([unified.text_prompt_ids(REQUEST) + turn.token_ids])
     _, condition, _ = unified.model.apply({"params": unified.params}, ids)
     np.testing.assert_allclose(turn.condition, condition[0], atol=1e-5)
+
+
+def test_stage2_training_requests_are_the_served_prompts(trained):
+    """A stage-2 training example holds, before its [ECG] tokens, exactly the ids `UnifiedModel`
+    serves for the same request; the interpretation path uses the same builder."""
+    from uniecg_jax.data import load_bundled_records
+    from uniecg_jax.data.chat_format import GENERATION_REQUEST
+    from uniecg_jax.data.pipelines import records_source, stage2_loader
+    from uniecg_jax.data.text_encoder import HashingTextEncoder
+
+    unified = UnifiedModel.load(trained["stage2_dir"])
+    records = load_bundled_records()[:4]
+    source = records_source(records, text_encoder=HashingTextEncoder(TEXT_DIM))
+    count = unified.model.config.num_ecg_tokens
+    batch = next(iter(stage2_loader(source, unified.tokenizer, num_ecg_tokens=count,
+                                    max_length=400, batch_size=4, shuffle=False, process_index=0,
+                                    process_count=1)))
+    for row, record in enumerate(records):
+        start = int(batch["ecg_token_positions"][row][0])
+        assert batch["input_ids"][row][:start].tolist() == unified.text_prompt_ids(
+            GENERATION_REQUEST + record.report)
+    assert unified.interpreter().inputs.prompt_ids("Hi", True) == unified.inputs.prompt_ids(
+        "Hi", True)
+
+
+def test_chat_samples_with_the_diffusion_checkpoints_sample_settings(trained, tiny_diffusion):
+    pipeline, config = tiny_diffusion
+    config = config.copy_and_resolve_references()
+    config.sample.update(dict(sampler="ddpm", steps=7, guidance=2.5, eta=0.3, output_rate=500.0))
+    calls = []
+
+    class Recording:
+        def generate(self, *args, **kwargs):
+            calls.append(kwargs)
+            return np.zeros((1, 12, 5000), np.float32)
+
+    unified = UnifiedModel.load(trained["stage2_dir"], diffusion=(Recording(), config))
+    turn = unified.chat(REQUEST, max_new_tokens=8)
+    assert turn.emitted_ecg_tokens and len(calls) == 1
+    assert {k: calls[0][k] for k in ("sampler", "steps", "guidance", "eta", "sample_rate")} == {
+        "sampler": "ddpm", "steps": 7, "guidance": 2.5, "eta": 0.3, "sample_rate": 500.0}
+    unified.chat(REQUEST, max_new_tokens=8, steps=3)   # an explicit argument wins
+    assert calls[1]["steps"] == 3 and calls[1]["sampler"] == "ddpm"
 
 
 def test_parse_conditions():

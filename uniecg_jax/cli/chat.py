@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     parser.add_argument("--sex", default=None, choices=["M", "F"])
     parser.add_argument("--age", type=float, default=None)
     parser.add_argument("--hr", type=float, default=None, help="heart rate (bpm)")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the diffusion model's sample.steps)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run_chat)

@@ -29,8 +29,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.data.tokenizer import add_tokens as add_tokenizer_tokens
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models.llm import Decoder, LLMConfig
+from uniecg_jax.models.vocabulary import grow_vocab_rows
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -416,37 +418,23 @@ def save_hf(params: Any, config: LLMConfig, out_dir: str, tokenizer_dir: str | N
 
 
 # ----------------------------------------------------------------------------- added tokens
-def add_tokens(params: dict, model_config: ml_collections.ConfigDict, tokenizer, tokens: list[str],
-               special: bool = True) -> tuple[dict, ml_collections.ConfigDict, list[int]]:
-    """Adds `tokens` (e.g. the stage-2 `[ECG]` tokens) to `tokenizer` and grows the embedding (and
-    untied lm_head) rows to cover them; new rows = mean of the existing rows.
+def add_tokens(params: dict, model_config: ml_collections.ConfigDict, tokenizer, tokens: list[str]
+               ) -> tuple[dict, ml_collections.ConfigDict, list[int]]:
+    """Adds `tokens` (e.g. the stage-2 `[ECG]` tokens) to `tokenizer` (in place, as special tokens:
+    `data.tokenizer.add_tokens`) and grows the embedding (and untied lm_head) to cover them; the
+    rows of newly added tokens = mean of the other rows (`models.vocabulary.grow_vocab_rows`).
+    Tokens the tokenizer already has keep their ids and rows, so a second call changes nothing.
 
-    Returns (params, model_config with the new vocab_size, ids of the tokens). The tokenizer is
-    modified in place (save it with `tokenizer.save_pretrained`).
+    Returns (params, model_config with the new vocab_size, ids of the tokens). Save the tokenizer
+    with `tokenizer.save_pretrained`.
     """
-    tokenizer.add_tokens(list(tokens), special_tokens=special)
-    token_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
-    old_vocab = int(model_config.vocab_size)
-    new_vocab = max(old_vocab, len(tokenizer), max(token_ids) + 1)
-    new_ids = np.asarray(token_ids)
-    keep = np.setdiff1d(np.arange(old_vocab), new_ids)
-
-    def grow(array: jax.Array, vocab_axis: int) -> jax.Array:
-        host = np.asarray(jax.device_get(array))
-        mean = np.take(host, keep, axis=vocab_axis).astype(np.float32).mean(axis=vocab_axis,
-                                                                            keepdims=True)
-        pad_width = [(0, 0)] * host.ndim
-        pad_width[vocab_axis] = (0, new_vocab - old_vocab)
-        host = np.pad(host, pad_width)
-        index = [slice(None)] * host.ndim
-        index[vocab_axis] = np.concatenate([new_ids, np.arange(old_vocab, new_vocab)])
-        host[tuple(index)] = mean.astype(host.dtype)
-        return jnp.asarray(host)
-
-    params = dict(params)
-    params["embedding"] = grow(params["embedding"], 0)
+    token_ids, new_ids = add_tokenizer_tokens(tokenizer, tokens)
+    new_vocab = max(int(model_config.vocab_size), int(params["embedding"].shape[0]),
+                    len(tokenizer), max(token_ids) + 1)
+    params = grow_vocab_rows(params, new_vocab, new_ids)
+    params["embedding"] = jnp.asarray(params["embedding"])
     if "lm_head" in params:
-        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"], 1)}
+        params["lm_head"] = {"kernel": jnp.asarray(params["lm_head"]["kernel"])}
     model_config = ml_collections.ConfigDict(model_config.to_dict())
     model_config.vocab_size = new_vocab
     return params, model_config, token_ids

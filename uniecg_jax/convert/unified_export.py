@@ -125,7 +125,7 @@ def load_unified_export(out_dir: str):
     from uniecg_jax.convert.hf_llm import load_hf_params
     from uniecg_jax.data.tokenizer import load_tokenizer
     from uniecg_jax.models.stage2 import abstract_stage2_params, build_stage2
-    from uniecg_jax.inference.chat import UnifiedModel
+    from uniecg_jax.inference.chat import UnifiedModel, load_diffusion
 
     path = os.path.join(out_dir, CONFIG_FILE)
     if not os.path.isfile(path):
@@ -150,9 +150,10 @@ def load_unified_export(out_dir: str):
                               f"model expects {list(s2cfg.ecg_token_ids)}")
     diffusion = None
     if manifest.get("diffusion_config"):
-        diffusion = _load_diffusion(out_dir, ml_collections.ConfigDict(manifest["diffusion_config"]))
+        diffusion_config = ml_collections.ConfigDict(manifest["diffusion_config"])
+        diffusion = (_load_diffusion(out_dir, diffusion_config), diffusion_config)
     config.lock()
-    return UnifiedModel(model, params, tokenizer, config, diffusion)
+    return UnifiedModel(model, params, tokenizer, config, *load_diffusion(diffusion))
 
 
 def _load_diffusion(out_dir: str, config):

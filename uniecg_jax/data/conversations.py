@@ -9,17 +9,17 @@ import zlib
 
 import numpy as np
 
+from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, Turn
 from uniecg_jax.data.measure import rhythm
 from uniecg_jax.data.record import LEADS, ECGRecord
 
 QUESTIONS = (
-    "Interpret this 12-lead ECG and give the evidence for your diagnosis.",
+    INTERPRETATION_REQUEST,
     "What does this ECG show? Explain the features that support your answer.",
     "Please analyse this electrocardiogram: rhythm, rate, axis and diagnosis.",
     "Provide a feature-grounded interpretation of this ECG.",
 )
 FOLLOW_UP = ("Is the heart rate normal?",)
-Turn = tuple[str, str]
 
 
 @dataclasses.dataclass(frozen=True)

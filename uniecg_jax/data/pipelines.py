@@ -27,12 +27,12 @@ from typing import Any, Iterator, Sequence
 import grain.python as grain
 import numpy as np
 
+from uniecg_jax.data.chat_format import InputBuilder
 from uniecg_jax.data.examples import decode_example, encode_example, example_to_record, \
     shard_paths
 from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE, ECGRecord
+from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tiny
 from uniecg_jax.errors import UniECGError
-
-GENERATION_REQUEST = "Generate a 12-lead ECG that matches this report: "
 
 
 class ExampleListSource:
@@ -98,77 +98,45 @@ class DecodeExample(grain.MapTransform):
         return decode_example(data)
 
 
-def _fixed_length(ids: list[int], mask: list[int], length: int, pad_id: int):
-    ids, mask = ids[:length], mask[:length]
-    padding = length - len(ids)
-    attention = [1] * len(ids) + [0] * padding
-    return (np.array(ids + [pad_id] * padding, np.int32),
-            np.array(mask + [0] * padding, np.int32), np.array(attention, np.int32))
-
-
 class Stage1Example(grain.MapTransform):
     """Example -> ECG [12, 5000] + conversation tokens with one `<ecg>` placeholder, loss mask on
-    assistant tokens only, padded/truncated to `max_length`."""
+    assistant tokens only, padded/truncated to `max_length` (`InputBuilder.interpretation_example`).
+    """
 
-    def __init__(self, tokenizer, max_length: int, system: str | None = None):
-        self.tokenizer, self.max_length, self.system = tokenizer, max_length, system
+    def __init__(self, inputs: InputBuilder, max_length: int):
+        self.inputs, self.max_length = inputs, max_length
 
     def map(self, example: dict) -> dict:
-        from uniecg_jax.data import tokenizer as tok
-
         record = example_to_record(example)
         turns = example.get("conversation")
         if not turns:  # no prepared conversation: build the grounded one (slow, QRS detection)
             from uniecg_jax.data.conversations import build_conversation
             turns = build_conversation(record)
-        ids, mask = tok.encode_chat(self.tokenizer, turns, system=self.system)
-        placeholder = tok.placeholder_id(self.tokenizer)
-        input_ids, loss_mask, attention = _fixed_length(ids, mask, self.max_length,
-                                                        self.tokenizer.pad_token_id)
-        positions = np.flatnonzero(input_ids == placeholder)
-        if len(positions) != 1:
-            raise UniECGError(f"record {record.record_id}: expected one {tok.ECG_PLACEHOLDER} "
-                              f"token within max_length={self.max_length}, found {len(positions)}")
-        return dict(ecg=record.to_encoder_input(), input_ids=input_ids, loss_mask=loss_mask,
-                    attention_mask=attention, ecg_position=np.int32(positions[0]),
-                    record_key=_record_key(example))
+        try:
+            fields = self.inputs.interpretation_example(turns, self.max_length)
+        except UniECGError as error:
+            raise UniECGError(f"record {record.record_id}: {error}") from None
+        return dict(ecg=record.to_encoder_input(), **fields, record_key=_record_key(example))
 
 
 class Stage2Example(grain.MapTransform):
     """Example -> generation request for its report, answered by `[ECG0]..[ECG{N-1}]</s>`; the loss
     mask covers those N tokens and `</s>`; plus the report's text embedding (computed in data_prep).
-    A report too long for `max_length` is truncated so the ECG tokens always fit."""
+    A report too long for `max_length` is truncated so the ECG tokens always fit
+    (`InputBuilder.generation_example`). The tokenizer must already hold the `[ECG]` tokens
+    (`data.tokenizer.add_ecg_tokens`): this transform never changes it."""
 
-    def __init__(self, tokenizer, num_ecg_tokens: int, max_length: int):
-        from uniecg_jax.data.tokenizer import add_ecg_generation_tokens
-
-        self.tokenizer, self.max_length = tokenizer, max_length
-        self.ecg_token_ids = add_ecg_generation_tokens(tokenizer, num_ecg_tokens)
+    def __init__(self, inputs: InputBuilder, num_ecg_tokens: int, max_length: int):
+        self.inputs, self.max_length = inputs, max_length
+        self.ecg_token_ids = inputs.ecg_token_ids(num_ecg_tokens)
 
     def map(self, example: dict) -> dict:
-        from uniecg_jax.data import tokenizer as tok
-
         if example.get("text_embedding") is None:
             raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
                               "with a --text-encoder, or pass one to records_source")
-        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        head = [self.tokenizer.bos_token_id] + encode(tok.USER_PREFIX + GENERATION_REQUEST)
-        tail = encode(tok.ASSISTANT_PREFIX)
-        answer = list(self.ecg_token_ids) + [self.tokenizer.eos_token_id]
-        budget = self.max_length - len(head) - len(tail) - len(answer)
-        if budget < 0:
-            raise UniECGError(f"max_length={self.max_length} cannot hold the request and "
-                              f"{len(self.ecg_token_ids)} [ECG] tokens")
-        report_ids = encode(example["report"])[:budget]
-        ids = head + report_ids + tail + answer
-        mask = [0] * (len(ids) - len(answer)) + [1] * len(answer)
-        input_ids, loss_mask, attention = _fixed_length(ids, mask, self.max_length,
-                                                        self.tokenizer.pad_token_id)
-        start = len(ids) - len(answer)
-        return dict(input_ids=input_ids, loss_mask=loss_mask, attention_mask=attention,
-                    ecg_token_positions=np.arange(start, start + len(self.ecg_token_ids),
-                                                  dtype=np.int32),
-                    text_embedding=np.asarray(example["text_embedding"], np.float32),
+        fields = self.inputs.generation_example(example["report"], self.ecg_token_ids,
+                                                self.max_length)
+        return dict(**fields, text_embedding=np.asarray(example["text_embedding"], np.float32),
                     record_key=_record_key(example))
 
 
@@ -238,22 +206,21 @@ def stage1_loader(data, tokenizer=None, *, max_length: int = 256, batch_size: in
                   ) -> grain.DataLoader:
     """Stage-1 batches (ECG + conversation tokens). tokenizer: any HF tokenizer with `<ecg>`
     (default: the tiny one). loader_kwargs: see make_loader."""
-    from uniecg_jax.data.tokenizer import load_tiny
-
-    tokenizer = tokenizer or load_tiny()
-    return make_loader(open_source(data, split), [Stage1Example(tokenizer, max_length, system)],
+    inputs = InputBuilder(tokenizer or load_tiny(), system=system)
+    return make_loader(open_source(data, split), [Stage1Example(inputs, max_length)],
                        batch_size=batch_size, **loader_kwargs)
 
 
 def stage2_loader(data, tokenizer=None, *, num_ecg_tokens: int = 8, max_length: int = 128,
                   batch_size: int = 8, split: str = "train", **loader_kwargs) -> grain.DataLoader:
-    """Stage-2 batches (report -> [ECG] tokens, + text embedding). Adds the [ECG] tokens to
-    `tokenizer` (ids: `tokenizer.add_ecg_generation_tokens(tokenizer, num_ecg_tokens)`)."""
-    from uniecg_jax.data.tokenizer import load_tiny
-
-    tokenizer = tokenizer or load_tiny()
+    """Stage-2 batches (report -> [ECG] tokens, + text embedding). tokenizer: one that already
+    holds the `[ECG]` tokens (`data.tokenizer.add_ecg_tokens`); default: the tiny one grown by
+    `num_ecg_tokens` of them."""
+    if tokenizer is None:
+        tokenizer = load_tiny()
+        add_ecg_tokens(tokenizer, num_ecg_tokens)
     return make_loader(open_source(data, split),
-                       [Stage2Example(tokenizer, num_ecg_tokens, max_length)],
+                       [Stage2Example(InputBuilder(tokenizer), num_ecg_tokens, max_length)],
                        batch_size=batch_size, **loader_kwargs)
 
 

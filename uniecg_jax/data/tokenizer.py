@@ -1,9 +1,9 @@
-"""Tokenizers: the tiny offline byte-level BPE (vocab 512, for `presets.llm("tiny")`), the chat
-format, and the stage-2 `[ECG0]..[ECG{N-1}]` generation tokens.
+"""Tokenizers: the tiny offline byte-level BPE (vocab 512, for `presets.llm("tiny")`), loading any
+HF tokenizer with the `<ecg>` placeholder, and growing a tokenizer by new tokens (the stage-2
+`[ECG0]..[ECG{N-1}]`).
 
 Real models use their checkpoint's tokenizer (`AutoTokenizer.from_pretrained(path)`); everything here
-takes any HF tokenizer. Chat format (Vicuna-style):
-    "<s>" + [system + " "] + "USER: <ecg>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>"
+takes any HF tokenizer. The chat format and the ids built from it live in `data.chat_format`.
 """
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
-PAD, BOS, EOS, UNK, ECG_PLACEHOLDER = "<pad>", "<s>", "</s>", "<unk>", "<ecg>"
+from uniecg_jax.data.chat_format import ECG_PLACEHOLDER, GENERATION_REQUEST, VICUNA, \
+    ecg_token_names
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Order fixes the ids: pad 0, bos 1, eos 2 match presets.llm("tiny").
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, ECG_PLACEHOLDER)
 TINY_VOCAB_SIZE = 512
-USER_PREFIX, ASSISTANT_PREFIX = "USER: ", " ASSISTANT: "
 
 
 def tiny_tokenizer_dir() -> pathlib.Path:
@@ -46,61 +48,23 @@ def load_tokenizer(path: str | None = None):
     return tokenizer
 
 
-def add_ecg_generation_tokens(tokenizer, num_tokens: int) -> list[int]:
-    """Adds `[ECG0]..[ECG{num_tokens-1}]` as special tokens (stage 2) and returns their ids, in
-    order. Idempotent. The model's embedding table must grow to `len(tokenizer)`."""
-    names = [f"[ECG{i}]" for i in range(num_tokens)]
-    missing = [n for n in names if n not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing},
-                                     replace_extra_special_tokens=False)
-    return [tokenizer.convert_tokens_to_ids(n) for n in names]
+def add_tokens(tokenizer, names: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Adds `names` to `tokenizer` (in place) as special tokens, as LLaVA adds its image tokens
+    (`tokenizer.add_tokens(..., special_tokens=True)`, llava/model/llava_arch.py
+    initialize_vision_tokenizer). Names already present keep their ids.
+    Returns (ids of `names` in order, ids of the names that were new)."""
+    vocab = tokenizer.get_vocab()
+    new = [name for name in names if name not in vocab]
+    if new:
+        tokenizer.add_tokens(new, special_tokens=True)
+    ids = [int(tokenizer.convert_tokens_to_ids(name)) for name in names]
+    return ids, [ids[list(names).index(name)] for name in new]
 
 
-def placeholder_id(tokenizer) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(ECG_PLACEHOLDER)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no {ECG_PLACEHOLDER} token; load it with load_tokenizer()")
-    return token_id
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
-
-
-def encode_chat(tokenizer, turns: Sequence[tuple[str, str | None]], *, system: str | None = None,
-                with_ecg: bool = True) -> tuple[list[int], list[int]]:
-    """Tokenizes a conversation in the chat format above.
-
-    turns: [(role, text)] alternating "user"/"assistant", starting with "user". A final
-      ("assistant", None) leaves the prompt open for generation (no answer, no `</s>`).
-    with_ecg: put exactly one `<ecg>` placeholder (and a newline) before the first user text; any
-      `<image>`/`<ecg>` markers in the text are removed.
-    Returns (token ids [L], loss mask [L]: 1 on assistant answer tokens and their `</s>`).
-    """
-    ids, mask = [tokenizer.bos_token_id], [0]
-
-    def add(token_ids, trainable):
-        ids.extend(token_ids)
-        mask.extend([int(trainable)] * len(token_ids))
-
-    for index, (role, text) in enumerate(turns):
-        if role == "user":
-            text = (text or "").replace("<image>", "").replace(ECG_PLACEHOLDER, "").strip()
-            prefix = (system + " " if system and index == 0 else "") + USER_PREFIX
-            add(_ids(tokenizer, prefix), False)
-            if index == 0 and with_ecg:
-                add([placeholder_id(tokenizer)], False)
-                text = "\n" + text
-            add(_ids(tokenizer, text), False)
-        elif role == "assistant":
-            add(_ids(tokenizer, ASSISTANT_PREFIX.rstrip() if text is None else ASSISTANT_PREFIX),
-                False)
-            if text is not None:
-                add(_ids(tokenizer, text.strip()) + [tokenizer.eos_token_id], True)
-        else:
-            raise ValueError(f"unknown role {role!r} in turn {index}")
-    return ids, mask
+def add_ecg_tokens(tokenizer, count: int) -> list[int]:
+    """Grows `tokenizer` (in place, once) by `[ECG0]..[ECG{count-1}]`; returns their ids, in order.
+    The model's embedding grows with `convert.hf_llm.add_tokens` (same tokenizer call)."""
+    return add_tokens(tokenizer, ecg_token_names(count))[0]
 
 
 def training_corpus() -> list[str]:
@@ -118,12 +82,12 @@ def training_corpus() -> list[str]:
     texts += pd.read_csv(root / "ptbxl_database_ecg6000-6009.csv")["report"].astype(str).tolist()
     texts += [synthetic.synthetic_report(hr) for hr in range(30, 200)]
     texts += list(conversations.QUESTIONS) + list(conversations.FOLLOW_UP)
-    texts += [f"{USER_PREFIX}question{ASSISTANT_PREFIX}answer"]
+    texts += [f"{VICUNA.user_prefix}question{VICUNA.assistant_prefix}answer"]
     from uniecg_jax.data import load_bundled_records
 
     for record in load_bundled_records():
         texts += [turn for _, turn in conversations.build_conversation(record, True)]
-    texts += ["Generate a 12-lead ECG that matches this report: " + t for t in texts[:50]]
+    texts += [GENERATION_REQUEST + t for t in texts[:50]]
     return texts
 
 
@@ -155,7 +119,8 @@ def train_tiny(out_dir: str | os.PathLike | None = None, vocab_size: int = TINY_
 
 def lengths(tokenizer, texts: Sequence[str]) -> np.ndarray:
     """[N] token counts (for choosing a fixed sequence length)."""
-    return np.array([len(_ids(tokenizer, t)) for t in texts])
+    return np.array([len(tokenizer.encode(t, add_special_tokens=False)) if t else 0
+                     for t in texts])
 
 
 if __name__ == "__main__":

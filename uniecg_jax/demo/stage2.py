@@ -14,7 +14,7 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     answer) and generates an ECG from a held-out report (HR error, embedding cosine vs the
     mean-embedding baseline). Returns printable lines."""
     from uniecg_jax.config import load_config
-    from uniecg_jax.data.pipelines import GENERATION_REQUEST
+    from uniecg_jax.data.chat_format import GENERATION_REQUEST, INTERPRETATION_REQUEST
     from uniecg_jax.data.text_encoder import get_text_encoder
     from uniecg_jax.diffusion.pipeline import load_pipeline
     from uniecg_jax.data.bundled import bundled_split
@@ -45,8 +45,7 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     held_out = split["test"]
     ecg_record = held_out[0]
     stage1_text = Interpreter.load(stage1_dir).interpret(ecg_record.to_encoder_input()[None])[0]
-    interpretation = unified.chat("Interpret this 12-lead ECG and give the evidence for your "
-                                  "diagnosis.", ecg=ecg_record.to_encoder_input())
+    interpretation = unified.chat(INTERPRETATION_REQUEST, ecg=ecg_record.to_encoder_input())
     report_record = next((r for r in held_out if r.heart_rate), held_out[-1])
     rate = float(report_record.heart_rate or UNKNOWN_HEART_RATE)
     request = f"{GENERATION_REQUEST}{report_record.report} Heart rate {rate:.0f} bpm."

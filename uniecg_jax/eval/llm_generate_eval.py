@@ -23,7 +23,7 @@ def cosine_similarity(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
 def predict_embeddings(unified, reports: Sequence[str], batch_size: int = 8,
                        max_new_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Generation requests for `reports` -> (predicted condition vectors [N, D], emitted [N] bool)."""
-    from uniecg_jax.data.pipelines import GENERATION_REQUEST
+    from uniecg_jax.data.chat_format import GENERATION_REQUEST
 
     prompts = [GENERATION_REQUEST + report for report in reports]
     conditions, emitted = [], []

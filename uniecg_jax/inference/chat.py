@@ -6,11 +6,12 @@
     turn.text, turn.generated_ecg, turn.files       # [ECG] emitted -> ECG [12, T] + WFDB/PNG stems
     turn = model.chat("Interpret this ECG.", ecg=record.to_encoder_input())   # a report
 
-The task is never chosen by a rule: the LLM decodes (greedy by default) and, if it emitted the
-`[ECG]` tokens, the prompt + generated tokens are run through the model once more with
-`return_hidden`; the hidden states at the `[ECG]` positions go through the alignment head to the
-condition vector, sex / age / heart rate are read from the request text (`parse_conditions`,
-overridable) and the diffusion sampler draws the ECG, written as WFDB + PNG.
+The task is never chosen by a rule: the LLM decodes (greedy by default) keeping the final hidden
+states of the tokens it feeds (`decoding.generate(..., return_hidden=True)`); if it emitted the
+`[ECG]` tokens, their hidden states go through the alignment head to the condition vector (no
+second forward pass), sex / age / heart rate are read from the request text (`parse_conditions`,
+overridable) and the diffusion sampler draws the ECG with the diffusion checkpoint's `sample.*`
+settings, written as WFDB + PNG.
 """
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ import ml_collections
 import numpy as np
 
 from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
+from uniecg_jax.data.chat_format import InputBuilder
+from uniecg_jax.diffusion.pipeline import load_pipeline
 from uniecg_jax.inference import decoding
-from uniecg_jax.errors import UniECGError
+from uniecg_jax.inference.interpret import Interpreter, encode_ecg_fn, input_builder, \
+    resolve_model_dir
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.stage2 import UniECGStage2, abstract_stage2_params, build_stage2, \
     stage1_model, stage1_params
@@ -58,16 +62,28 @@ def parse_conditions(text: str) -> dict:
     return {"sex": sex, "age": first_number(_AGE), "heart_rate": first_number(_HEART_RATE)}
 
 
-def load_diffusion(diffusion) -> Any:
-    """A DiffusionPipeline as given, or loaded from a diffusion model dir / train workdir."""
-    if diffusion is None or not isinstance(diffusion, str):
-        return diffusion
-    from uniecg_jax.diffusion import pipeline as pipeline_lib
+def sample_settings(diffusion_config: Any = None, pipeline: Any = None) -> dict:
+    """How `chat` samples: the diffusion checkpoint's `sample.*` (sampler, steps, guidance, eta,
+    output_rate) where its config is known, else the `configs/diffusion.py` defaults with the
+    pipeline's own `default_guidance`."""
+    settings = dict(sampler="ddim", steps=50, eta=0.0, output_rate=DIFFUSION_FS,
+                    guidance=getattr(pipeline, "default_guidance", 1.0))
+    if diffusion_config is not None and "sample" in diffusion_config:
+        settings.update({key: diffusion_config.sample[key] for key in settings
+                         if key in diffusion_config.sample})
+    return settings
 
-    if not hasattr(pipeline_lib, "load_pipeline"):
-        raise UniECGError(f"{diffusion}: this version cannot load diffusion checkpoints "
-                          "(uniecg_jax.diffusion.pipeline.load_pipeline is missing)")
-    return pipeline_lib.load_pipeline(diffusion)[0]
+
+def load_diffusion(diffusion) -> tuple[Any, dict | None]:
+    """(DiffusionPipeline, sample settings) from a diffusion model dir / train workdir, a
+    `(pipeline, config)` pair as `load_pipeline` returns it, or a pipeline alone; (None, None)
+    for None."""
+    if diffusion is None:
+        return None, None
+    if isinstance(diffusion, str):
+        diffusion = load_pipeline(diffusion)
+    pipeline, config = diffusion if isinstance(diffusion, tuple) else (diffusion, None)
+    return pipeline, sample_settings(config, pipeline)
 
 
 @dataclasses.dataclass
@@ -92,15 +108,16 @@ class UnifiedModel:
     tokenizer: Any
     config: ml_collections.ConfigDict
     diffusion: Any = None
+    sample: dict | None = None   # `sample_settings` of the diffusion model (chat's defaults)
 
     @classmethod
     def load(cls, path: str, diffusion=None) -> "UnifiedModel":
-        """From a stage-2 train workdir or its exported model dir; `diffusion`: a pipeline or a
-        diffusion model dir (optional: without it the model only interprets and emits tokens)."""
+        """From a stage-2 train workdir or its exported model dir; `diffusion`: a diffusion model
+        dir, a `(pipeline, config)` pair or a pipeline (optional: without it the model only
+        interprets and emits tokens). `chat` samples with the diffusion config's `sample.*`."""
         from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
         from uniecg_jax.data.tokenizer import load_tokenizer
         from uniecg_jax.errors import CheckpointError
-        from uniecg_jax.inference.interpret import resolve_model_dir
 
         directory = resolve_model_dir(path)
         config = load_model_config(directory)
@@ -111,7 +128,7 @@ class UnifiedModel:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params, _ = restore_model(directory, abstract_stage2_params(model, device))
         tokenizer = load_tokenizer(tokenizer_path(directory))
-        return cls(model, params, tokenizer, config, load_diffusion(diffusion))
+        return cls(model, params, tokenizer, config, *load_diffusion(diffusion))
 
     @property
     def ecg_token_ids(self) -> tuple[int, ...]:
@@ -119,20 +136,20 @@ class UnifiedModel:
 
     def interpreter(self):
         """The stage-1 Interpreter on this model's tower + LLM (same params, same computation)."""
-        from uniecg_jax.inference.interpret import Interpreter
-
         if not hasattr(self, "_interpreter"):
             self._interpreter = Interpreter(stage1_model(self.model.config),
                                             stage1_params(self.params), self.tokenizer, self.config)
         return self._interpreter
 
-    def text_prompt_ids(self, prompt: str) -> list[int]:
-        """A text-only request in the stage-2 training format: `<s>USER: {prompt} ASSISTANT: `."""
-        from uniecg_jax.data.tokenizer import ASSISTANT_PREFIX, USER_PREFIX
+    @property
+    def inputs(self) -> InputBuilder:
+        """The input builder of this model's training data (shared with its interpreter)."""
+        return input_builder(self.tokenizer, self.config)
 
-        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-        return [self.tokenizer.bos_token_id] + encode(USER_PREFIX + prompt.strip()) + encode(
-            ASSISTANT_PREFIX)
+    def text_prompt_ids(self, prompt: str) -> list[int]:
+        """A text-only request, open for the answer: the ids a stage-2 training example holds
+        before its `[ECG]` tokens (`InputBuilder.generation_example`)."""
+        return self.inputs.request_ids(prompt)
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         """Generated ids -> text without special tokens, [ECG] tokens or eos."""
@@ -159,28 +176,24 @@ class UnifiedModel:
         if ecgs is None:
             ids, mask = decoding.left_pad([self.text_prompt_ids(p) for p in prompts],
                                           llm_cfg.pad_token_id)
-            ecg_tokens = slots = None
-            out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
-                                    max_new_tokens=max_new, sampling=sampling, rng=rng)
-        else:
-            from uniecg_jax.inference.interpret import _encode_fn
-
-            interpreter = self.interpreter()
-            ids, mask, slots = interpreter.build_inputs(list(prompts))
-            ecg_tokens = _encode_fn(interpreter.model)(interpreter.params,
-                                                       jnp.asarray(ecgs, jnp.float32))
             out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
                                     max_new_tokens=max_new, sampling=sampling, rng=rng,
-                                    extra_embeddings=ecg_tokens, extra_positions=slots)
+                                    return_hidden=True)
+        else:
+            interpreter = self.interpreter()
+            ids, mask, slots = interpreter.build_inputs(list(prompts))
+            ecg_tokens = encode_ecg_fn(interpreter.model)(interpreter.params,
+                                                          jnp.asarray(ecgs, jnp.float32))
+            out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
+                                    max_new_tokens=max_new, sampling=sampling, rng=rng,
+                                    extra_embeddings=ecg_tokens, extra_positions=slots,
+                                    return_hidden=True)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         generated = [[t for t in tokens[row, :lengths[row]].tolist() if t != llm_cfg.eos_token_id]
                      for row in range(len(prompts))]
-        # Re-run prompt + answer once (teacher-forced) for the hidden states at the [ECG] slots.
-        full_ids = np.concatenate([ids, tokens], axis=1)
-        full_mask = np.concatenate(
-            [mask, (np.arange(max_new)[None, :] < lengths[:, None]).astype(np.int32)], axis=1)
-        condition, valid = _condition_fn(self.model)(self.params, full_ids, full_mask, ecg_tokens,
-                                                     slots)
+        # The decode pass's hidden states at the [ECG] tokens (prompt + answer, as in training).
+        condition, valid = alignment_fn(self.model)(self.params, out.hidden,
+                                                 np.concatenate([ids, tokens], axis=1))
         emitted = np.asarray(valid).all(axis=1)
         return generated, np.asarray(condition, np.float32), emitted
 
@@ -190,7 +203,9 @@ class UnifiedModel:
              sample_rate: float | None = None, record_name: str = "generated") -> ChatTurn:
         """One request: interprets (text answer) or, when the model emits [ECG], generates an ECG
         (condition from the [ECG] hidden states; sex/age/HR from the flags, else the request,
-        else defaults) and writes `out_dir/{record_name}_000.{hea,dat,png}` when out_dir is given."""
+        else defaults) and writes `out_dir/{record_name}_000.{hea,dat,png}` when out_dir is given.
+        The diffusion model samples with its checkpoint's `sample.*` (sampler, steps, guidance,
+        eta, output rate); `steps` / `sample_rate` override those two."""
         ecgs = None if ecg is None else np.asarray(ecg, np.float32)[None]
         generated, condition, emitted = self.respond([prompt], ecgs, max_new_tokens=max_new_tokens,
                                                      seed=seed)
@@ -207,12 +222,13 @@ class UnifiedModel:
         if self.diffusion is None:
             turn.text = turn.text or "[ECG tokens emitted; no diffusion model loaded]"
             return turn
-        turn.sample_rate = float(sample_rate or self.diffusion_sample_rate())
+        settings = self.sample or sample_settings(pipeline=self.diffusion)
+        turn.sample_rate = float(sample_rate or settings["output_rate"])
         turn.generated_ecg = self.diffusion.generate(
             turn.condition, turn.conditions["sex"], turn.conditions["age"],
-            turn.conditions["heart_rate"], n=1, sampler="ddim",
-            steps=int(steps or 50), seed=seed,
-            sample_rate=turn.sample_rate)[0]
+            turn.conditions["heart_rate"], n=1, sampler=str(settings["sampler"]),
+            steps=int(steps or settings["steps"]), guidance=float(settings["guidance"]),
+            eta=float(settings["eta"]), seed=seed, sample_rate=turn.sample_rate)[0]
         if out_dir:
             from uniecg_jax.diffusion.ecg_writer import write_generated
 
@@ -222,18 +238,14 @@ class UnifiedModel:
                                          prefix=record_name, comments=comments)
         return turn
 
-    def diffusion_sample_rate(self) -> float:
-        return DIFFUSION_FS
+
+_ALIGNMENT: dict = {}
 
 
-_CONDITION: dict = {}
-
-
-def _condition_fn(model: UniECGStage2):
-    """Jitted `(params, ids [B, T], mask, ecg tokens | None, slots | None) -> (condition, valid)`."""
-    if model.config not in _CONDITION:
-        def run(params, ids, mask, ecg_tokens, slots):
-            _, condition, valid = model.apply({"params": params}, ids, mask, ecg_tokens, slots)
-            return condition, valid
-        _CONDITION[model.config] = jax.jit(run)
-    return _CONDITION[model.config]
+def alignment_fn(model: UniECGStage2):
+    """Jitted `(params, hidden [B, T, D], ids [B, T]) -> (condition [B, text_dim], valid [B, N])`:
+    the alignment head on the hidden states at the `[ECG]` tokens."""
+    if model.config not in _ALIGNMENT:
+        _ALIGNMENT[model.config] = jax.jit(lambda params, hidden, ids: model.apply(
+            {"params": params}, hidden, ids, method=UniECGStage2.align))
+    return _ALIGNMENT[model.config]

@@ -44,6 +44,9 @@ class Sampling:
 class GenerateOutput(NamedTuple):
     tokens: jax.Array    # [B, max_new_tokens] int32
     lengths: jax.Array   # [B] int32
+    # With return_hidden: final hidden states [B, T + max_new_tokens, D] of the prompt and of every
+    # generated token (computed when the token is fed back; zeros where never fed).
+    hidden: jax.Array | None = None
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int = 0,
@@ -102,7 +105,7 @@ def sample_tokens(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.
 
 def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
                    stop_token_ids: tuple[int, ...], pad_token_id: int, small_batch_kernel: bool,
-                   params: Any,
+                   return_hidden: bool, params: Any,
                    input_ids: jax.Array, attention_mask: jax.Array,
                    extra_embeddings: jax.Array | None, extra_positions: jax.Array | None,
                    rng: jax.Array) -> GenerateOutput:
@@ -110,9 +113,10 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
     stops = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
 
-    logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask,
-                                extra_embeddings=extra_embeddings, extra_positions=extra_positions,
-                                cache=cache, only_last=True)
+    logits, *prompt_hidden, cache = model.apply(
+        {"params": params}, input_ids, attention_mask=attention_mask,
+        extra_embeddings=extra_embeddings, extra_positions=extra_positions, cache=cache,
+        only_last=True, return_hidden=return_hidden)
     # Every Dense kernel packed once for small_batch_matmul (a second copy of the weights while
     # this call runs), injected into the decode step below.
     packed = (small_batch_matmul.packed_dense_kernels(model, params, input_ids[:, -1:])
@@ -127,23 +131,41 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
         step, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
-    def body(state):
-        step, tokens, done, lengths, cache, rng = state
+    def feed(step, tokens, cache, hidden):
+        """Runs token `step - 1` through the model (its hidden state kept when asked)."""
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)      # [B, 1]
         with small_batch_matmul.packed_kernels_injected(packed):
-            logits, cache = model.apply({"params": params}, previous,
-                                        attention_mask=jnp.ones_like(previous), cache=cache)
+            logits, *fed_hidden, cache = model.apply(
+                {"params": params}, previous, attention_mask=jnp.ones_like(previous), cache=cache,
+                return_hidden=return_hidden)
+        if return_hidden:
+            hidden = jax.lax.dynamic_update_slice_in_dim(
+                hidden, fed_hidden[0].astype(hidden.dtype), step - 1, axis=1)
+        return logits, cache, hidden
+
+    def body(state):
+        step, tokens, done, lengths, cache, rng, hidden = state
+        logits, cache, hidden = feed(step, tokens, cache, hidden)
         rng, step_rng = jax.random.split(rng)
         token = sample_tokens(logits[:, -1], sampling, step_rng)
         token = jnp.where(done, pad_token_id, token)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stops)
-        return step + 1, tokens, done, lengths, cache, rng
+        return step + 1, tokens, done, lengths, cache, rng, hidden
 
-    state = (jnp.int32(1), tokens, done, lengths, cache, rng)
-    _, tokens, _, lengths, _, _ = jax.lax.while_loop(cond, body, state)
-    return GenerateOutput(tokens, lengths)
+    # The generated tokens' hidden states (return_hidden): a token's is computed when it is fed
+    # back, so the loop fills all but the last one and one more step feeds that (its cache slot
+    # exists: the cache holds prompt + max_new_tokens).
+    hidden = (jnp.zeros((batch, max_new_tokens, prompt_hidden[0].shape[-1]), jnp.float32)
+              if return_hidden else None)
+    state = (jnp.int32(1), tokens, done, lengths, cache, rng, hidden)
+    step, tokens, _, lengths, cache, _, hidden = jax.lax.while_loop(cond, body, state)
+    if not return_hidden:
+        return GenerateOutput(tokens, lengths)
+    _, _, hidden = feed(step, tokens, cache, hidden)
+    return GenerateOutput(tokens, lengths,
+                          jnp.concatenate([prompt_hidden[0].astype(jnp.float32), hidden], axis=1))
 
 
 _JITTED: dict = {}
@@ -151,15 +173,16 @@ _JITTED: dict = {}
 
 def generate_fn(model: Decoder, max_new_tokens: int, sampling: Sampling = Sampling(),
                 stop_token_ids: Sequence[int] = (), pad_token_id: int = 0,
-                small_batch_kernel: bool = False):
+                small_batch_kernel: bool = False, return_hidden: bool = False):
     """The jitted `(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng) ->
     GenerateOutput` for these static settings (cached), for callers that manage shardings.
-    `small_batch_kernel`: decode steps use `kernels.small_batch_matmul` (see `generate`)."""
+    `small_batch_kernel`: decode steps use `kernels.small_batch_matmul` (see `generate`).
+    `return_hidden`: the output also holds the final hidden states (see `GenerateOutput`)."""
     key = (model.config, int(max_new_tokens), sampling, tuple(int(t) for t in stop_token_ids),
-           int(pad_token_id), bool(small_batch_kernel))
+           int(pad_token_id), bool(small_batch_kernel), bool(return_hidden))
     if key not in _JITTED:
         def fn(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng):
-            return _generate_impl(model, key[1], sampling, key[3], key[4], key[5], params,
+            return _generate_impl(model, key[1], sampling, key[3], key[4], key[5], key[6], params,
                                   input_ids, attention_mask, extra_embeddings, extra_positions, rng)
         _JITTED[key] = jax.jit(fn)
     return _JITTED[key]
@@ -170,7 +193,8 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None,
              extra_embeddings=None, extra_positions=None,
              pad_token_id: int | None = None,
-             small_batch_kernel: bool | None = None) -> GenerateOutput:
+             small_batch_kernel: bool | None = None, return_hidden: bool = False
+             ) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row for LEFT-padded prompts.
 
     Args:
@@ -181,7 +205,9 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
       small_batch_kernel: decode steps run the model's matmuls through
         `kernels.small_batch_matmul` (1.3-3x XLA:CPU's dot for 2..8 rows in f32). None (default):
         wherever `small_batch_matmul.usable` says it applies; False: never.
-    Returns: GenerateOutput(tokens [B, max_new_tokens], lengths [B]).
+      return_hidden: also return the final hidden states of prompt and generated tokens
+        ([B, T + max_new_tokens, D]; one extra decode step feeds the last token).
+    Returns: GenerateOutput(tokens [B, max_new_tokens], lengths [B], hidden or None).
     """
     cfg = model.config
     input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -199,7 +225,7 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
     if small_batch_kernel is None:
         small_batch_kernel = small_batch_matmul.usable(cfg.compute_dtype, cfg.params_dtype,
                                                        input_ids.shape[0], params)
-    fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel)
+    fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel, return_hidden)
     extra_positions = None if extra_positions is None else jnp.asarray(extra_positions, jnp.int32)
     return fn(params, input_ids, jnp.asarray(attention_mask, jnp.int32), extra_embeddings,
               extra_positions, rng)

@@ -3,9 +3,11 @@
     interpreter = Interpreter.load("/tmp/stage1")          # a train workdir or a model checkpoint
     reports = interpreter.interpret(ecgs)                  # ecgs [B, 12, 5000] mV at 500 Hz
 
-Prompts are left-padded; the single `<ecg>` placeholder of each prompt expands into the E ECG tokens
-on the host (ids only), and the ECG embeddings are spliced in at prefill through the Decoder's
-`extra_embeddings`, so the on-device decode loop is the same as for text-only decoding.
+Prompts come from `data.chat_format.InputBuilder` (the builder the training examples use) and are
+left-padded; the single `<ecg>` placeholder of each prompt expands into the E ECG tokens by
+`models.stage1.expand_inputs` (the layout of the training forward pass), and the ECG embeddings are
+spliced in at prefill through the Decoder's `extra_embeddings`, so the on-device decode loop is the
+same as for text-only decoding.
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, InputBuilder
 from uniecg_jax.inference import decoding
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models.llm import Decoder
-from uniecg_jax.models.stage1 import UniECG, build_unified
+from uniecg_jax.models.stage1 import UniECG, build_unified, expand_inputs
 
-DEFAULT_PROMPT = "Interpret this 12-lead ECG and give the evidence for your diagnosis."
+DEFAULT_PROMPT = INTERPRETATION_REQUEST
 MODEL_SUBDIR = "model"  # where `uniecg train` exports the final model inside a workdir
 
 
@@ -53,6 +56,11 @@ def model_exporter(config: ml_collections.ConfigDict, tokenizer):
     def export(workdir: str, params: Any) -> str:
         return export_model(workdir, params, config, tokenizer)
     return export
+
+
+def input_builder(tokenizer, config: ml_collections.ConfigDict) -> InputBuilder:
+    """The `InputBuilder` a model trained with `config` was trained on (`data.system`)."""
+    return InputBuilder(tokenizer, system=config.data.get("system", "") or None)
 
 
 @dataclasses.dataclass
@@ -90,32 +98,18 @@ class Interpreter:
     def num_ecg_tokens(self) -> int:
         return self.model.config.num_ecg_tokens
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Chat-formatted prompt with one `<ecg>` placeholder, open for the assistant's answer."""
-        from uniecg_jax.data.tokenizer import encode_chat
-
-        system = self.config.data.get("system", "") or None
-        ids, _ = encode_chat(self.tokenizer, [("user", prompt), ("assistant", None)], system=system)
-        return ids
+    @property
+    def inputs(self) -> InputBuilder:
+        """The input builder of this model's training data (tokenizer, chat template, system)."""
+        return input_builder(self.tokenizer, self.config)
 
     def build_inputs(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Expanded, left-padded prompts: (ids [B, T], mask [B, T], ecg slot positions [B, E])."""
-        from uniecg_jax.data.tokenizer import placeholder_id
-
-        placeholder = placeholder_id(self.tokenizer)
-        pad = self.model.config.llm.pad_token_id
-        num_ecg = self.num_ecg_tokens
-        expanded, offsets = [], []
-        for prompt in prompts:
-            ids = self.prompt_ids(prompt)
-            where = ids.index(placeholder)
-            expanded.append(ids[:where] + [pad] * num_ecg + ids[where + 1:])
-            offsets.append(where)
-        ids, mask = decoding.left_pad(expanded, pad)
-        length = ids.shape[1]
-        slots = np.stack([length - len(e) + o + np.arange(num_ecg)
-                          for e, o in zip(expanded, offsets)]).astype(np.int32)
-        return ids, mask, slots
+        inputs, pad = self.inputs, self.model.config.llm.pad_token_id
+        ids, mask = decoding.left_pad([inputs.prompt_ids(p, with_ecg=True) for p in prompts], pad)
+        ecg_position = np.argmax(ids == inputs.placeholder_id, axis=1).astype(np.int32)
+        expanded = expand_inputs(ids, mask, ecg_position, self.num_ecg_tokens, pad)
+        return tuple(np.asarray(array, np.int32) for array in expanded)
 
     def interpret(self, ecgs: np.ndarray, prompts: Sequence[str] | str | None = None, *,
                   max_new_tokens: int | None = None, sampling: decoding.Sampling | None = None,
@@ -142,9 +136,9 @@ class Interpreter:
         max_new = int(max_new_tokens or self.config.eval.max_new_tokens)
         llm_cfg = self.model.config.llm
         stops = (llm_cfg.eos_token_id,) if stop_token_ids is None else tuple(stop_token_ids)
-        tokens, lengths = self._generate(ecgs, ids, mask, slots, max_new,
-                                         sampling or decoding.Sampling(), seed, stops)
-        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        out = self._generate(ecgs, ids, mask, slots, max_new, sampling or decoding.Sampling(), seed,
+                             stops)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         eos = self.model.config.llm.eos_token_id
         reports = []
         for row in range(count):
@@ -154,7 +148,7 @@ class Interpreter:
 
     def _generate(self, ecgs, ids, mask, slots, max_new, sampling, seed, stops):
         params, place = self._placement(ecgs.shape[0])
-        ecg_tokens = _encode_fn(self.model)(params, place(ecgs))
+        ecg_tokens = encode_ecg_fn(self.model)(params, place(ecgs))
         llm_cfg = self.model.config.llm
         generate = decoding.generate_fn(Decoder(llm_cfg), max_new, sampling, stops,
                                         llm_cfg.pad_token_id)
@@ -179,7 +173,7 @@ class Interpreter:
 _ENCODE: dict = {}
 
 
-def _encode_fn(model: UniECG):
+def encode_ecg_fn(model: UniECG):
     """Jitted `(params, ecg [B, leads, samples]) -> ECG tokens [B, E, D]` (cached per model)."""
     if model.config not in _ENCODE:
         _ENCODE[model.config] = jax.jit(

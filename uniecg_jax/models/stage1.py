@@ -1,10 +1,12 @@
 """The UniECG multimodal model: ECG tower (patch encoder + GEM projectors) feeding the decoder LLM.
 
-A conversation arrives as token ids with ONE `<ecg>` placeholder (from the data pipeline). The
-placeholder expands into the ECG tower's `E = 1 + samples / patch` tokens: every per-token array
-([B, T] ids, masks, targets) is re-indexed to [B, T + E - 1] by one fixed-size gather, and the ECG
-embeddings are scattered into the LLM embeddings at positions `ecg_position + arange(E)` (the
-Decoder's `extra_embeddings`). No data-dependent shapes, so training and decoding jit.
+A conversation arrives as token ids with ONE `<ecg>` placeholder (`data.chat_format.InputBuilder`
+builds them for training and serving). The placeholder expands into the ECG tower's
+`E = 1 + samples / patch` tokens: every per-token array ([B, T] ids, masks, targets) is re-indexed
+to [B, T + E - 1] by one fixed-size gather, and the ECG embeddings are scattered into the LLM
+embeddings at positions `ecg_position + arange(E)` (the Decoder's `extra_embeddings`). No
+data-dependent shapes, so training and decoding jit. `expand_inputs` is that layout, the one
+implementation the forward pass, the loss and the serving prompts (`inference.interpret`) use.
 
 Params: {"ecg_tower": {"encoder", "projector"}, "llm": <Decoder params>}; the LLM subtree is exactly
 the Decoder's, so HF conversion applies to `params["llm"]` unchanged.
@@ -81,6 +83,22 @@ def ecg_slot_positions(ecg_position: jax.Array, num_ecg_tokens: int) -> jax.Arra
     return (ecg_position[:, None] + jnp.arange(num_ecg_tokens)[None, :]).astype(jnp.int32)
 
 
+def expand_inputs(input_ids: jax.Array, attention_mask: jax.Array, ecg_position: jax.Array,
+                  num_ecg_tokens: int, pad_token_id: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The expanded layout of placeholder sequences (right- or left-padded alike).
+
+    Args:
+      input_ids / attention_mask: [B, T] with one `<ecg>` placeholder per row at `ecg_position` [B].
+    Returns:
+      ids [B, T + E - 1] (`pad_token_id` in the ECG slots, whose embeddings are overwritten),
+      attention mask [B, T + E - 1] (1 in the ECG slots), ECG slot positions [B, E] int32.
+    """
+    ids = expand_at_placeholder(input_ids, ecg_position, num_ecg_tokens, pad_token_id)
+    mask = expand_at_placeholder(attention_mask, ecg_position, num_ecg_tokens, 1)
+    return ids, mask, ecg_slot_positions(ecg_position, num_ecg_tokens)
+
+
 class UniECG(nn.Module):
     """ECG tower + decoder LLM."""
     config: UniECGConfig
@@ -108,12 +126,10 @@ class UniECG(nn.Module):
         num_ecg = self.config.num_ecg_tokens
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        ids = expand_at_placeholder(input_ids, ecg_position, num_ecg, self.config.llm.pad_token_id)
-        mask = expand_at_placeholder(attention_mask, ecg_position, num_ecg, 1)
-        ecg_tokens = self.encode_ecg(ecg)
-        return self.llm(ids, attention_mask=mask, extra_embeddings=ecg_tokens,
-                        extra_positions=ecg_slot_positions(ecg_position, num_ecg),
-                        return_hidden=return_hidden)
+        ids, mask, slots = expand_inputs(input_ids, attention_mask, ecg_position, num_ecg,
+                                         self.config.llm.pad_token_id)
+        return self.llm(ids, attention_mask=mask, extra_embeddings=self.encode_ecg(ecg),
+                        extra_positions=slots, return_hidden=return_hidden)
 
 
 def build_unified(model_config: Any) -> tuple[UniECG, UniECGConfig]:

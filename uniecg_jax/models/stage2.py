@@ -8,8 +8,8 @@ the stage-1 `UniECG` on `stage1_params(params)`, so it is the stage-1 computatio
     model, cfg = build_stage2(config.model)            # config.model.ecg_token_ids set
     logits, condition, valid = model.apply({"params": p}, ids, mask)   # text-only generation path
 
-Vocabulary extension of a stage-1 checkpoint: `extend_vocabulary(llm_params, llm_config, tokenizer,
-N)` (rows initialised with the mean of the existing ones, `convert.hf_llm.add_tokens`).
+Vocabulary extension of a stage-1 checkpoint: `convert.hf_llm.add_tokens(llm_params, llm_config,
+tokenizer, data.chat_format.ecg_token_names(N))` (rows initialised with the mean of the old ones).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from uniecg_jax.models.alignment import AlignmentConfig, AlignmentHead, gather_ecg_hidden
 from uniecg_jax.models.ecg_encoder import ECGTower
@@ -28,11 +27,6 @@ from uniecg_jax.models.schema import ConfigError, check_group_keys
 from uniecg_jax.models.stage1 import UNIECG_GROUPS, UniECG, UniECGConfig
 
 STAGE1_KEYS = ("ecg_tower", "llm")
-
-
-def ecg_token_names(count: int) -> list[str]:
-    """`[ECG0]..[ECG{count-1}]` (the names `data.tokenizer.add_ecg_generation_tokens` uses)."""
-    return [f"[ECG{i}]" for i in range(count)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,21 +136,3 @@ def stage1_params(params: Any) -> dict:
 def stage1_model(config: Stage2Config) -> UniECG:
     """The stage-1 model that runs interpretation on `stage1_params(params)`."""
     return UniECG(config.unified)
-
-
-def extend_vocabulary(llm_params: dict, llm_config: ml_collections.ConfigDict, tokenizer,
-                      num_tokens: int) -> tuple[dict, ml_collections.ConfigDict, list[int]]:
-    """Adds `[ECG0]..[ECG{N-1}]` to `tokenizer` (in place) and grows the embedding / untied lm_head
-    by mean-initialised rows. Returns (llm params, llm config with the new vocab_size, token ids).
-    Idempotent for a tokenizer that already has the tokens and params that already have the rows."""
-    from uniecg_jax.convert.hf_llm import add_tokens
-
-    names = ecg_token_names(num_tokens)
-    vocab = tokenizer.get_vocab()
-    if all(name in vocab for name in names):
-        ids = [int(vocab[name]) for name in names]
-        if max(ids) < int(llm_params["embedding"].shape[0]):
-            llm_config = ml_collections.ConfigDict(llm_config.to_dict())
-            llm_config.vocab_size = int(llm_params["embedding"].shape[0])
-            return dict(llm_params), llm_config, ids
-    return add_tokens(dict(llm_params), llm_config, tokenizer, names)

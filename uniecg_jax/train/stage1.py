@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.config import replace_values
-from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder
+from uniecg_jax.data.bundled import bundled_split
+from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder, \
+    expand_inputs
+from uniecg_jax.models.vocabulary import grow_vocab_rows
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
@@ -86,7 +88,8 @@ def stage1_loss(model, params, batch, rng=None, augment: bool = False) -> tuple[
                          batch["ecg_position"], batch["attention_mask"])
     num_ecg = model.config.num_ecg_tokens
     pad = model.config.llm.pad_token_id
-    ids = expand_at_placeholder(batch["input_ids"], batch["ecg_position"], num_ecg, pad)
+    ids, _, _ = expand_inputs(batch["input_ids"], batch["attention_mask"], batch["ecg_position"],
+                              num_ecg, pad)
     loss_mask = expand_at_placeholder(batch["loss_mask"], batch["ecg_position"], num_ecg, 0)
     # Position t predicts token t + 1; the last position predicts nothing.
     targets = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], pad)], axis=1)
@@ -187,7 +190,7 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
         hf_config.param_dtype = ours.param_dtype if isinstance(ours.param_dtype, str) else str(
             np.dtype(ours.params_dtype))
         llm = load_hf_params(config.init.hf_dir, LLMConfig.from_config(hf_config), mesh=mesh)
-        llm = _grow_vocab(llm, ours.vocab_size)
+        llm = grow_vocab_rows(llm, ours.vocab_size)
         params["llm"] = jax.device_put(llm, shardings["llm"])
     if config.init.ecg_encoder_ckpt:
         from uniecg_jax.convert.ecg_coca import import_ecg_coca
@@ -199,23 +202,6 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
             tower[group] = jax.device_put(values, shardings["ecg_tower"][group])
         params["ecg_tower"] = tower
     return params
-
-
-def _grow_vocab(llm_params: dict, vocab_size: int) -> dict:
-    """Pads embedding rows (and untied lm_head columns) to `vocab_size` with their mean."""
-    def grow(array, axis):
-        host = np.asarray(jax.device_get(array))
-        extra = vocab_size - host.shape[axis]
-        if extra <= 0:
-            return host
-        mean = host.astype(np.float32).mean(axis=axis, keepdims=True).astype(host.dtype)
-        return np.concatenate([host, np.repeat(mean, extra, axis=axis)], axis=axis)
-
-    llm_params = dict(llm_params)
-    llm_params["embedding"] = grow(llm_params["embedding"], 0)
-    if "lm_head" in llm_params:
-        llm_params["lm_head"] = {"kernel": grow(llm_params["lm_head"]["kernel"], 1)}
-    return llm_params
 
 
 def _dummy_inputs(model, config):

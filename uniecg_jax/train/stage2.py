@@ -29,8 +29,10 @@ import numpy as np
 from uniecg_jax.config import ConfigError, replace_values
 from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.errors import UniECGError
-from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, ecg_token_names,
-                                      extend_vocabulary, init_stage2_params, stage1_model,
+from uniecg_jax.convert.hf_llm import add_tokens
+from uniecg_jax.data.chat_format import ecg_token_names
+from uniecg_jax.data.tokenizer import add_ecg_tokens
+from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, init_stage2_params, stage1_model,
                                       stage1_params)
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter
@@ -82,9 +84,7 @@ def finalize_stage2_config(config: ml_collections.ConfigDict):
     if len(tokenizer) > old_vocab:
         raise ConfigError(f"tokenizer {path or 'tiny'} has {len(tokenizer)} tokens but "
                           f"model.llm.vocab_size is {old_vocab}")
-    names = ecg_token_names(count)
-    tokenizer.add_tokens(names, special_tokens=True)
-    ids = [int(tokenizer.convert_tokens_to_ids(name)) for name in names]
+    ids = add_ecg_tokens(tokenizer, count)
     llm.update(vocab_size=max(old_vocab, len(tokenizer), max(ids) + 1),
                pad_token_id=int(tokenizer.pad_token_id), eos_token_id=int(tokenizer.eos_token_id))
     if float(config.train.weight_decay) != 0.0:
@@ -336,8 +336,8 @@ def _params_from_stage1(config, model: UniECGStage2, stage1_dir: str, mesh, abst
                     out_shardings=shardings)(jax.random.PRNGKey(int(config.seed)))
     stage1, stage1_config = restore_model(stage1_dir, _stage1_targets(stage1_dir, abstract_params))
     tokenizer, _ = _load_base_tokenizer(config, stage1_dir)
-    llm, _, ids = extend_vocabulary(stage1["llm"], stage1_config.model.llm, tokenizer,
-                                    int(config.model.num_ecg_tokens))
+    llm, _, ids = add_tokens(stage1["llm"], stage1_config.model.llm, tokenizer,
+                             ecg_token_names(int(config.model.num_ecg_tokens)))
     if list(ids) != list(model.config.ecg_token_ids):
         raise UniECGError(f"{stage1_dir}: [ECG] token ids {ids} differ from the config's "
                           f"{list(model.config.ecg_token_ids)}")
