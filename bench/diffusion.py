@@ -28,7 +28,7 @@ import optax
 from uniecg_jax.config import load_config
 from uniecg_jax.demo import diffusion as demo
 from uniecg_jax.diffusion import losses
-from uniecg_jax.diffusion.layers import init_params_on_host
+from uniecg_jax.layers.params import init_params_on_host
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline
 from uniecg_jax.diffusion.rhythm import requested_rhythm
 from uniecg_jax.diffusion.schedule import NoiseSchedule

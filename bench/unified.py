@@ -45,7 +45,7 @@ def main(argv=None) -> None:
 
     from uniecg_jax.inference import decoding
     from uniecg_jax.config import load_config
-    from uniecg_jax.diffusion.layers import init_params_on_host
+    from uniecg_jax.layers.params import init_params_on_host
     from uniecg_jax.diffusion.pipeline import DiffusionPipeline
     from uniecg_jax.models.llm import Decoder
     from uniecg_jax.models.unet import ConditionalUNet, UNetConfig

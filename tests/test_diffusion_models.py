@@ -9,7 +9,7 @@ from uniecg_jax.config import load_config
 from uniecg_jax.diffusion import schedule as sch
 from uniecg_jax.data.prompts import diffusets_prompt
 from uniecg_jax.diffusion.conditioning import ConditionError, build_condition
-from uniecg_jax.diffusion.layers import init_params_on_host
+from uniecg_jax.layers.params import init_params_on_host
 from uniecg_jax.diffusion.losses import diffusion_loss, vae_loss
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline, guided_denoiser
 from uniecg_jax.diffusion.rhythm import requested_rhythm

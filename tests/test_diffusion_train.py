@@ -18,7 +18,7 @@ from uniecg_jax.data.record import DIFFUSION_FS
 from uniecg_jax.data.text_encoder import text_encoder_for
 from uniecg_jax.diffusion.pipeline import load_pipeline
 from uniecg_jax.errors import CheckpointError
-from uniecg_jax.eval import ecg_fidelity, generate_eval
+from uniecg_jax.eval import clip_training, ecg_fidelity, generate_eval
 from uniecg_jax.models import ecg_clip
 from uniecg_jax.train import diffusion as diffusion_train, loop, optim, state as state_lib, \
     step as step_lib
@@ -109,7 +109,7 @@ def trained(tmp_path_factory):
 def exported(tmp_path_factory):
     """A randomly initialised tiny model exported like a trained one (no train-step compiles), for
     the generation and eval tests."""
-    from uniecg_jax.diffusion.layers import init_params_on_host
+    from uniecg_jax.layers.params import init_params_on_host
 
     config = _config()
     vae, unet = diffusion_train.build_models(config)
@@ -240,7 +240,7 @@ def test_eval_generate_metrics_on_tiny_run(exported, tmp_path):
         assert len(metrics["amplitude"]["std_ratio"]) == 12
         assert saved[name]["fid"] == pytest.approx(metrics["fid"])
     # A second run loads the CLIP saved by the first instead of training it again.
-    model, variables, config = ecg_clip.load_clip(str(tmp_path / "clip"))
+    model, variables, config = clip_training.load_clip(str(tmp_path / "clip"))
     assert config.text.encoder == f"hash:{TEXT_DIM}" and model.cfg.text_embed_dim == TEXT_DIM
 
 
@@ -275,8 +275,8 @@ def test_ecg_clip_learns_to_pair_ecgs_with_their_text():
     labels = np.arange(32) % 2
     ecgs = np.stack([np.sin(2 * np.pi * (1.0 + 1.5 * y) * t + rng.uniform(0, 6))[None].repeat(12, 0)
                      for y in labels]).astype(np.float32)
-    model, variables, losses = ecg_clip.train_clip(ecgs, texts[labels], steps=40, batch_size=16,
-                                                   seed=0)
+    model, variables, losses = clip_training.train_clip(ecgs, texts[labels], steps=40,
+                                                        batch_size=16, seed=0)
     # 8 copies of each text per batch are all positives, so the loss floor is log(8).
     assert losses[0] > np.log(8) + 0.3 and losses[-1] < np.log(8) + 0.02, losses
     ecg_features = ecg_clip.embed_ecgs(model, variables, ecgs)
@@ -336,7 +336,7 @@ def test_latent_scaling_factor_normalises_the_trained_vae_latents():
     import jax.numpy as jnp
 
     from uniecg_jax.config import load_config
-    from uniecg_jax.diffusion.layers import init_params_on_host
+    from uniecg_jax.layers.params import init_params_on_host
     from uniecg_jax.models.vae import VAE, VAEConfig
     from uniecg_jax.train import diffusion as diffusion_train
 

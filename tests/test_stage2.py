@@ -61,7 +61,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_diffusion():
     """An untrained tiny diffusion model conditioned on TEXT_DIM-d embeddings."""
-    from uniecg_jax.diffusion.layers import init_params_on_host
+    from uniecg_jax.layers.params import init_params_on_host
     from uniecg_jax.diffusion.pipeline import DiffusionPipeline
     from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
     from uniecg_jax.models.vae import VAE, VAEConfig

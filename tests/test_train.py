@@ -18,6 +18,7 @@ from uniecg_jax import sharding
 from uniecg_jax.config import load_config
 from uniecg_jax.train import build_task, lm, optim, state as state_lib, step as step_lib
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.layers import params as params_lib
 from uniecg_jax.train.checkpointing import RunCheckpointer
 from uniecg_jax.train.loop import Phase, enable_compilation_cache, run, train
 
@@ -143,7 +144,7 @@ def test_freezing_by_regex_keeps_params_bit_identical_and_allocates_no_moments()
     frozen, trained = 0, 0
     for (path, new), old, label in zip(jax.tree_util.tree_leaves_with_path(after),
                                        jax.tree.leaves(before), jax.tree.leaves(labels)):
-        name = optim.param_path(path)
+        name = params_lib.path_name(path)
         if name == "embedding" or name.startswith("layers_0/attention/"):
             assert label == optim.FROZEN, name
             assert np.array_equal(new, old), f"frozen {name} changed"

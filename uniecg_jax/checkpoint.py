@@ -23,6 +23,7 @@ import ml_collections
 
 from uniecg_jax.config import config_from_json, config_to_json
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.layers.params import path_name
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -31,8 +32,7 @@ TOKENIZER_DIR = "tokenizer"
 
 def _flatten(tree: Any) -> dict[str, Any]:
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-            for path, leaf in leaves}
+    return {path_name(path): leaf for path, leaf in leaves}
 
 
 def save_model(directory: str, params: Any, config: ml_collections.ConfigDict,

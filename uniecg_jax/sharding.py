@@ -19,6 +19,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uniecg_jax.config import ConfigError
+from uniecg_jax.layers.params import abstract_params
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -147,12 +148,9 @@ def abstract_sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *init_args: A
       (abstract_params, shardings): unboxed `jax.ShapeDtypeStruct`s carrying `.sharding`, and the
       matching tree of NamedShardings.
     """
-    boxed = jax.eval_shape(init_fn, *init_args)
-    shardings = shardings_for(boxed, mesh)
-    unboxed = nn.meta.unbox(boxed)
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), unboxed, shardings)
-    return abstract, shardings
+    abstract = abstract_params(init_fn, *init_args,
+                               sharding=lambda boxed: shardings_for(boxed, mesh))
+    return abstract, jax.tree.map(lambda leaf: leaf.sharding, abstract)
 
 
 def sharded_init(init_fn: Callable[..., Any], mesh: Mesh, *init_args: Any) -> tuple[Any, Any]:

@@ -18,13 +18,12 @@ import functools
 import re
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 from flax import traverse_util
 
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.layers.params import abstract_module_params
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig, timestep_table
 from uniecg_jax.models.vae import VAE, VAEConfig, decoder_plan, encoder_plan
 
@@ -168,20 +167,16 @@ def _import(state: Mapping[str, Any], abstract: Any, module_fn, unused: re.Patte
 @functools.lru_cache(maxsize=8)
 def abstract_unet_params(cfg: UNetConfig) -> Any:
     """ShapeDtypeStruct tree of the UNet's `params` (no allocation)."""
-    model = ConditionalUNet(cfg)
     batch = 1
-    args = (jnp.zeros((batch, cfg.latent_length, cfg.latent_channels)),
-            jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, cfg.condition_dim)))
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
-    return nn.meta.unbox(variables)["params"]
+    return abstract_module_params(
+        ConditionalUNet(cfg), jnp.zeros((batch, cfg.latent_length, cfg.latent_channels)),
+        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, cfg.condition_dim)))
 
 
 @functools.lru_cache(maxsize=8)
 def abstract_vae_params(cfg: VAEConfig, length: int = 1024) -> Any:
     """ShapeDtypeStruct tree of the VAE's `params`."""
-    variables = jax.eval_shape(VAE(cfg).init, jax.random.PRNGKey(0),
-                               jnp.zeros((1, length, cfg.num_leads)))
-    return nn.meta.unbox(variables)["params"]
+    return abstract_module_params(VAE(cfg), jnp.zeros((1, length, cfg.num_leads)))
 
 
 _UNET_UNUSED = re.compile(r"(^|\.)block\.down\.(weight|bias)$|time_emb\.embeddings$")

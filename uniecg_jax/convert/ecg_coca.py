@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.layers.params import abstract_module_params
 from uniecg_jax.models.ecg_encoder import (ECGEncoder, ECGEncoderConfig, ECGProjector,
                                            ProjectorConfig)
 
@@ -188,19 +189,14 @@ def _detect_prefix(keys: Sequence[str], candidates: Sequence[str], anchor: str) 
     return None
 
 
-def _abstract_params(module: nn.Module, *inputs: jax.ShapeDtypeStruct) -> dict:
-    variables = jax.eval_shape(lambda *xs: module.init(jax.random.key(0), *xs), *inputs)
-    return nn.unbox(variables["params"])
-
-
 def abstract_params(encoder_config: ECGEncoderConfig,
                     projector_config: ProjectorConfig | None = None) -> dict:
     """Shapes/dtypes of `ECGTower` params ({"encoder", ["projector"]}) without allocating them."""
     cfg = encoder_config
-    tree = {"encoder": _abstract_params(
+    tree = {"encoder": abstract_module_params(
         ECGEncoder(cfg), jax.ShapeDtypeStruct((1, cfg.num_leads, cfg.num_samples), jnp.float32))}
     if projector_config is not None:
-        tree["projector"] = _abstract_params(
+        tree["projector"] = abstract_module_params(
             ECGProjector(projector_config),
             jax.ShapeDtypeStruct((1, cfg.num_tokens, cfg.width), jnp.float32))
     return tree

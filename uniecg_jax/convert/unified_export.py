@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.layers.params import path_name
 
 FORMAT = "uniecg-unified-v1"
 CONFIG_FILE = "uniecg_config.json"
@@ -37,8 +38,7 @@ def flatten_params(tree: Any) -> dict[str, np.ndarray]:
     """Nested params -> {"a.b.kernel": float array} (host copies)."""
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        flat[name] = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        flat[path_name(path, ".")] = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
     return flat
 
 
@@ -51,7 +51,7 @@ def unflatten_params(flat: dict[str, np.ndarray], abstract: Any, what: str) -> A
         raise CheckpointError(f"{what}: missing tensors {missing[:6]}, unexpected {unexpected[:6]}")
 
     def take(path, target):
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = path_name(path, ".")
         value = flat[name]
         if tuple(value.shape) != tuple(target.shape):
             raise CheckpointError(f"{what}: tensor {name} has shape {tuple(value.shape)}, the model "

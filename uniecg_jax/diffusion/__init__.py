@@ -1,1 +1,2 @@
-"""Text-to-ECG latent diffusion (DiffuSETS design): layers, schedule, conditioning, pipeline."""
+"""Text-to-ECG latent diffusion (DiffuSETS design) above `models/`: schedule, samplers,
+conditioning, pipeline."""

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-RHYTHM_CHANNELS = 2
+from uniecg_jax.models.unet import RHYTHM_CHANNELS
 
 
 def beat_phase(r_peaks_s: Sequence[float], duration_s: float, num_points: int) -> np.ndarray | None:

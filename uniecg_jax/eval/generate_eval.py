@@ -165,10 +165,10 @@ def fidelity_metrics(generated: np.ndarray, items: dict, n: int, clip=None,
 def get_or_train_clip(directory: str, records: Sequence, text_encoder, text_encoder_name: str,
                       steps: int = 300, seed: int = 0):
     """(model, variables) from `directory`, or trained on `records` and saved there."""
-    from uniecg_jax.models import ecg_clip
+    from uniecg_jax.eval import clip_training
 
     if os.path.isfile(os.path.join(directory, "config.json")):
-        model, variables, config = ecg_clip.load_clip(directory)
+        model, variables, config = clip_training.load_clip(directory)
         if int(config.clip.text_embed_dim) != int(getattr(text_encoder, "dim", 0) or
                                                   config.clip.text_embed_dim):
             from uniecg_jax.errors import CheckpointError
@@ -177,8 +177,8 @@ def get_or_train_clip(directory: str, records: Sequence, text_encoder, text_enco
         return model, variables
     ecgs = np.stack([r.to_diffusion_input() for r in records])
     texts = text_encoder.encode([r.report for r in records])
-    model, variables, losses = ecg_clip.train_clip(ecgs, texts, steps=steps, seed=seed)
-    ecg_clip.save_clip(directory, model.cfg, variables, text_encoder_name)
+    model, variables, losses = clip_training.train_clip(ecgs, texts, steps=steps, seed=seed)
+    clip_training.save_clip(directory, model.cfg, variables, text_encoder_name)
     print(f"[clip] trained {steps} steps on {len(records)} ECGs (loss {losses[0]:.3f} -> "
           f"{losses[-1]:.3f}); saved {directory}", flush=True)
     return model, variables

@@ -23,6 +23,7 @@ import numpy as np
 from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, InputBuilder
 from uniecg_jax.inference import decoding
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.layers.params import abstract_module_params
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.stage1 import UniECG, build_unified, expand_inputs
 
@@ -83,12 +84,9 @@ class Interpreter:
         model, ucfg = build_unified(config.model)
         enc = ucfg.encoder
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        boxed = jax.eval_shape(lambda: model.init(
-            jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
-            jnp.zeros((1, enc.num_leads, enc.num_samples)), jnp.zeros((1,), jnp.int32)))
-        import flax.linen as nn
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                                nn.meta.unbox(boxed["params"]))
+        abstract = abstract_module_params(
+            model, jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, enc.num_leads, enc.num_samples)),
+            jnp.zeros((1,), jnp.int32), sharding=device)
         params, _ = restore_model(directory, abstract)
         tokenizer_dir = os.path.join(directory, "tokenizer")
         tokenizer = load_tokenizer(tokenizer_dir if os.path.isdir(tokenizer_dir) else None)

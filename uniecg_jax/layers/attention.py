@@ -1,4 +1,12 @@
-"""Grouped-query self-attention with RoPE, causal + padding masks and an explicit KV cache.
+"""Softmax attention: the bidirectional core of every encoder, and the LLM's causal grouped-query
+attention.
+
+Bidirectional (`bidirectional_attention`, one function): the ECG encoder, the alignment head, the
+UNet and the VAE call it on their own projections (`[B, L, H, Dh]`), so their parameter trees stay
+as they were; `MultiHeadAttention` is torch.nn.MultiheadAttention's in/out projections around it.
+
+Causal (`Attention`): grouped-query self-attention with RoPE, causal + padding masks and an explicit
+KV cache.
 
 Cache layout (one layer): `{"k": [B, K, S, Dh], "v": [B, K, S, Dh]}` in the compute dtype (heads
 before slots, so the score and context contractions read it without transposing it). The cache
@@ -16,11 +24,69 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from uniecg_jax.layers.linear import DenseGeneral, einsum
+from uniecg_jax.layers.linear import DenseGeneral, Linear, einsum
 from uniecg_jax.layers.rope import apply_rope
 
 MASKED_SCORE = float(jnp.finfo(jnp.float32).min)  # finite (not -inf): fully masked rows stay NaN-free
 MAX_QUERY_CHUNKS = 8
+
+
+def bidirectional_attention(query: jax.Array, key: jax.Array, value: jax.Array, dtype: Any,
+                            key_mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention without a causal mask: query [B, Lq, H, Dh], key/value [B, Lk, H, Dh],
+    key_mask [B, Lk] (True = may be attended; None = all) -> context [B, Lq, H, Dh] in `dtype`.
+
+    Scores and softmax in float32 (bf16 logits over ~100 tokens lose the small weights), both
+    contractions accumulate in float32. Scores are scaled as `scores * Dh ** -0.5` after the
+    contraction, as the causal core below and torch's `scaled_dot_product_attention` (which
+    open_clip's ECG-CoCa tower runs) do; the DiffuSETS VAE divides by `sqrt(Dh)` instead
+    (`vae/vae_model.py`, commit b610a00), a last-bit difference (test_layers pins this choice).
+    """
+    scores = jnp.einsum("bqhd,bkhd->bhqk", query.astype(dtype), key.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * (query.shape[-1] ** -0.5)
+    if key_mask is not None:
+        scores = jnp.where(key_mask[:, None, None, :], scores, MASKED_SCORE)
+    weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    context = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(dtype),
+                         preferred_element_type=jnp.float32)
+    return context.astype(dtype)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+    """[B, L, D] -> [B, L, num_heads, D // num_heads] (torch.nn.MultiheadAttention's head split)."""
+    batch, length, width = x.shape
+    if width % num_heads:
+        raise ValueError(f"attention width {width} is not divisible by {num_heads} heads")
+    return x.reshape(batch, length, num_heads, width // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """[B, L, H, Dh] -> [B, L, H * Dh]."""
+    return x.reshape(*x.shape[:2], -1)
+
+
+class MultiHeadAttention(nn.Module):
+    """torch.nn.MultiheadAttention (batch_first): q/k/v in-projections, attention, out-projection.
+
+    query [B, Lq, D], key/value [B, Lk, D] -> [B, Lq, D]. Params `q_proj`, `k_proj`, `v_proj`,
+    `out_proj` (kernels [D, D]).
+    """
+    num_heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array) -> jax.Array:
+        width = query.shape[-1]
+
+        def linear(name, axes=("embed", "mlp")):
+            return Linear(width, kernel_axes=axes, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=name)
+        heads = [split_heads(linear(name)(x), self.num_heads)
+                 for name, x in (("q_proj", query), ("k_proj", key), ("v_proj", value))]
+        context = merge_heads(bidirectional_attention(*heads, self.dtype))
+        return linear("out_proj", ("mlp", "embed"))(context)
 
 
 def attention_weights_mask(query_offset: jax.Array, num_queries: int, key_mask: jax.Array

@@ -198,3 +198,9 @@ class DenseGeneral(nn.Module):
         num_contracted = kernel.ndim - (1 if isinstance(self.features, int) else len(self.features))
         return matmul(x, kernel, tuple(range(x.ndim - num_contracted, x.ndim)),
                       tuple(range(num_contracted)), self.dtype, self.out_dtype or self.dtype)
+
+
+# torch.nn.Linear: kernel stored `[in, out]` (lecun-normal init), bias on; logical names
+# ("embed", "mlp") unless the caller names them.
+Linear = functools.partial(DenseGeneral, kernel_axes=("embed", "mlp"), use_bias=True,
+                           kernel_init=nn.initializers.lecun_normal())

@@ -13,13 +13,15 @@ trick), so nothing has a data-dependent shape and training and inference jit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uniecg_jax.layers.attention import bidirectional_attention
 from uniecg_jax.layers.linear import DenseGeneral, matmul, to_dtype
+from uniecg_jax.layers.norms import LayerNorm
 from uniecg_jax.models.schema import ConfigSchema
 
 ALIGNMENT_KINDS = ("mlp", "transformer")
@@ -73,24 +75,6 @@ def _masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
     return (values.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
 
-class _LayerNorm(nn.Module):
-    """LayerNorm in f32 with logical-axis-named scale/bias ("norm")."""
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        width = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (width,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                          (width,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        variance = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        return ((x32 - mean) * jax.lax.rsqrt(variance + 1e-5) * scale.astype(jnp.float32)
-                + bias.astype(jnp.float32)).astype(x.dtype)
-
-
 class _Block(nn.Module):
     """Pre-LN bidirectional transformer block over x [B, S, W] with a key mask [B, S]."""
     config: AlignmentConfig
@@ -105,20 +89,16 @@ class _Block(nn.Module):
             return DenseGeneral(features, axes, axis=axis, use_bias=True, dtype=dtype,
                                 param_dtype=param_dtype, name=name)
 
-        normed = _LayerNorm(param_dtype, name="attention_norm")(x)
+        norm = dict(dtype=dtype, param_dtype=param_dtype)
+        normed = LayerNorm(name="attention_norm", **norm)(x)
         qkv_axes = ("embed", "q_heads", "head_dim")
         query = dense((cfg.heads, head_dim), qkv_axes, "query")(normed)
         key = dense((cfg.heads, head_dim), qkv_axes, "key")(normed)
         value = dense((cfg.heads, head_dim), qkv_axes, "value")(normed)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                            preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
-        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
-                              preferred_element_type=jnp.float32).astype(dtype)
+        attended = bidirectional_attention(query, key, value, dtype, key_mask)
         x = x + dense(cfg.hidden_dim, ("q_heads", "head_dim", "embed"), "out",
                       axis=(-2, -1))(attended)
-        normed = _LayerNorm(param_dtype, name="mlp_norm")(x)
+        normed = LayerNorm(name="mlp_norm", **norm)(x)
         hidden = nn.gelu(dense(4 * cfg.hidden_dim, ("embed", "mlp"), "mlp_in")(normed))
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length",
                                                      "activation_mlp"))
@@ -154,7 +134,8 @@ class AlignmentHead(nn.Module):
         key_mask = jnp.concatenate([jnp.ones((batch, cfg.num_queries), bool), valid], axis=1)
         for index in range(cfg.layers):
             tokens = _Block(cfg, name=f"block_{index}")(tokens, key_mask)
-        pooled = _LayerNorm(param_dtype, name="final_norm")(tokens[:, :cfg.num_queries]).mean(1)
+        pooled = LayerNorm(dtype=dtype, param_dtype=param_dtype, name="final_norm")(
+            tokens[:, :cfg.num_queries]).mean(1)
         kernel = self.param("output_kernel", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("mlp", "embed")), (cfg.hidden_dim, cfg.output_dim),
             param_dtype)

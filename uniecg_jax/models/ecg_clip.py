@@ -6,12 +6,10 @@ a learned logit scale initialised to log(1/0.07), symmetric InfoNCE. This one ke
 CPU-friendly size (residual strided convs + GroupNorm + swish instead of their 7-stage SE-ResNet):
 
     clip = ECGClip(ECGClipConfig(text_embed_dim=384))
-    params = train_clip(ecgs [N, 12, 1024], text_embeddings [N, D], steps=300)
-    ecg_features = embed_ecgs(clip, params, ecgs)          # [N, 64] (unnormalised: FID input)
-    text_features = embed_texts(clip, params, texts)       # [N, 64]
+    ecg_features = embed_ecgs(clip, variables, ecgs)       # [N, 64] (unnormalised: FID input)
+    text_features = embed_texts(clip, variables, texts)    # [N, 64]
 
-Trained here on the bundled records + synthetic ECGs (`train_clip_on_bundled`), saved as a model
-checkpoint (`save_clip` / `load_clip`, config under `clip`).
+Trained, saved and loaded by `eval.clip_training` (`train_clip`, `save_clip`, `load_clip`).
 """
 from __future__ import annotations
 
@@ -23,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm
+from uniecg_jax.layers.conv import Conv1d
+from uniecg_jax.layers.linear import Linear
+from uniecg_jax.layers.norms import GroupNorm
 from uniecg_jax.models.schema import ConfigSchema, dtype_field
 
 
@@ -74,8 +74,8 @@ class ECGClip(nn.Module):
         cfg = self.cfg
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.stages = [ResidualStage(cfg, w, name=f"stage_{i}") for i, w in enumerate(cfg.widths)]
-        self.ecg_projector = Dense(features=cfg.embed_dim, name="ecg_projector", **kw)
-        self.text_projector = Dense(features=cfg.embed_dim, name="text_projector", **kw)
+        self.ecg_projector = Linear(features=cfg.embed_dim, name="ecg_projector", **kw)
+        self.text_projector = Linear(features=cfg.embed_dim, name="text_projector", **kw)
         self.logit_scale = self.param("logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(np.log(1 / 0.07)), ()), (), jnp.float32)
 
@@ -108,65 +108,18 @@ def clip_loss(ecg_features: jax.Array, text_features: jax.Array, logit_scale: ja
     return 0.5 * (jnp.mean(per_ecg) + jnp.mean(per_text))
 
 
-def _leads_last(ecgs: np.ndarray) -> np.ndarray:
+def leads_last(ecgs: np.ndarray) -> np.ndarray:
+    """ECGs `[N, 12, L]` or `[N, L, 12]` -> float32 `[N, L, 12]` (the model's layout)."""
     ecgs = np.asarray(ecgs, np.float32)
     if ecgs.ndim != 3 or 12 not in (ecgs.shape[1], ecgs.shape[2]):
         raise ValueError(f"ECGs must be [N, 12, L] or [N, L, 12], got {ecgs.shape}")
     return ecgs if ecgs.shape[-1] == 12 else np.swapaxes(ecgs, 1, 2)
 
 
-def train_clip(ecgs: np.ndarray, text_embeddings: np.ndarray, *, steps: int = 300,
-               batch_size: int = 32, learning_rate: float = 1e-3, seed: int = 0,
-               cfg: ECGClipConfig | None = None, log_every: int = 0) -> tuple[ECGClip, Any, list]:
-    """Trains the CLIP on `ecgs` `[N, 12, L]` (mV) paired with frozen `text_embeddings` `[N, D]`;
-    returns (model, `{"params": ...}`, losses). Random amplitude scaling (0.8-1.25) and circular
-    time shifts augment the few real records."""
-    import optax
-
-    ecgs = _leads_last(ecgs)
-    text_embeddings = np.asarray(text_embeddings, np.float32)
-    if len(ecgs) != len(text_embeddings):
-        raise ValueError(f"{len(ecgs)} ECGs but {len(text_embeddings)} text embeddings")
-    cfg = cfg or ECGClipConfig(text_embed_dim=int(text_embeddings.shape[1]))
-    model = ECGClip(cfg)
-    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.asarray(ecgs[:1]),
-                                         jnp.asarray(text_embeddings[:1])))
-    tx = optax.adamw(learning_rate, weight_decay=1e-4)
-    opt_state = tx.init(variables)
-    batch_size = min(batch_size, len(ecgs))
-
-    @jax.jit
-    def step(variables, opt_state, ecg, text, rng):
-        scale_key, shift_key = jax.random.split(rng)
-        scale = jnp.exp(jax.random.uniform(scale_key, (ecg.shape[0], 1, 1), minval=-0.22,
-                                           maxval=0.22))
-        shift = jax.random.randint(shift_key, (), 0, ecg.shape[1])
-        ecg = jnp.roll(ecg, shift, axis=1) * scale
-
-        def loss_fn(v):
-            e, t, s = model.apply(v, ecg, text)
-            return clip_loss(e, t, s, text)
-        loss, grads = jax.value_and_grad(loss_fn)(variables)
-        updates, opt_state = tx.update(grads, opt_state, variables)
-        return optax.apply_updates(variables, updates), opt_state, loss
-
-    rng = np.random.default_rng(seed)
-    losses = []
-    for i in range(steps):
-        index = rng.choice(len(ecgs), batch_size, replace=False)
-        variables, opt_state, loss = step(variables, opt_state, jnp.asarray(ecgs[index]),
-                                          jnp.asarray(text_embeddings[index]),
-                                          jax.random.PRNGKey(seed * 100003 + i))
-        losses.append(float(loss))
-        if log_every and (i + 1) % log_every == 0:
-            print(f"[clip] step {i + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
-    return model, variables, losses
-
-
 def embed_ecgs(model: ECGClip, variables: Any, ecgs: np.ndarray, batch_size: int = 64
                ) -> np.ndarray:
     """`[N, 12, L]` (or `[N, L, 12]`) -> `[N, E]` ECG features (unnormalised, as FID uses them)."""
-    ecgs = _leads_last(ecgs)
+    ecgs = leads_last(ecgs)
     fn = jax.jit(lambda v, x: model.apply(v, x, method=ECGClip.encode_ecg))
     return np.concatenate([np.asarray(fn(variables, jnp.asarray(ecgs[i:i + batch_size])))
                            for i in range(0, len(ecgs), batch_size)] or [np.zeros((0, 0))])
@@ -176,26 +129,3 @@ def embed_texts(model: ECGClip, variables: Any, text_embeddings: np.ndarray) -> 
     """`[N, D]` frozen text embeddings -> `[N, E]` text features."""
     return np.asarray(jax.jit(lambda v, t: model.apply(v, t, method=ECGClip.encode_text))(
         variables, jnp.asarray(text_embeddings, jnp.float32)))
-
-
-def save_clip(directory: str, cfg: ECGClipConfig, variables: Any, text_encoder: str) -> str:
-    """A model checkpoint: params + config.json with `clip` (shape) and `text.encoder`."""
-    import ml_collections
-
-    from uniecg_jax.checkpoint import save_model
-
-    config = ml_collections.ConfigDict({"clip": cfg.to_dict(),
-                                        "text": {"encoder": text_encoder,
-                                                 "embed_dim": cfg.text_embed_dim}})
-    return save_model(directory, jax.device_get(variables["params"]), config)
-
-
-def load_clip(directory: str) -> tuple[ECGClip, Any, Any]:
-    """(model, `{"params": ...}`, config) from `save_clip`'s directory."""
-    from uniecg_jax.checkpoint import restore_model
-    from uniecg_jax.errors import CheckpointError
-
-    params, config = restore_model(directory)
-    if "clip" not in config:
-        raise CheckpointError(f"{directory}: config.json has no `clip`; not an ECG-CLIP checkpoint")
-    return ECGClip(ECGClipConfig.from_config(config.clip)), {"params": params}, config

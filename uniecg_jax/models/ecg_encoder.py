@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from uniecg_jax.layers.linear import DenseGeneral, to_dtype
+from uniecg_jax.layers.attention import bidirectional_attention
+from uniecg_jax.layers.linear import DenseGeneral, Linear, to_dtype
+from uniecg_jax.layers.norms import LayerNorm
 from uniecg_jax.models.schema import ConfigSchema
 
 Array = jax.Array
@@ -118,19 +120,12 @@ def projector_config_dict(llm_hidden_size: int, ecg_proj_dim: int = 1024) -> ml_
 def _dense(features: int, axes: tuple[str, str], param_dtype: Any, dtype: Any,
            name: str) -> DenseGeneral:
     """Linear over the last axis with a bias (torch nn.Linear), kernel [in, out] named `axes`."""
-    return DenseGeneral(features=features, kernel_axes=axes, use_bias=True, dtype=dtype,
-                        param_dtype=param_dtype, kernel_init=nn.initializers.lecun_normal(),
-                        name=name)
+    return Linear(features, kernel_axes=axes, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def _layer_norm(config: ECGEncoderConfig, name: str) -> nn.LayerNorm:
-    # Two-pass variance in float32 (use_fast_variance=False) keeps parity with torch's LayerNorm.
-    return nn.LayerNorm(
-        epsilon=config.layer_norm_eps, dtype=to_dtype(config.dtype),
-        param_dtype=to_dtype(config.param_dtype), use_fast_variance=False,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-        name=name)
+def _layer_norm(config: ECGEncoderConfig, name: str) -> LayerNorm:
+    return LayerNorm(epsilon=config.layer_norm_eps, dtype=to_dtype(config.dtype),
+                     param_dtype=to_dtype(config.param_dtype), name=name)
 
 
 class SelfAttention(nn.Module):
@@ -159,12 +154,8 @@ class SelfAttention(nn.Module):
         query = project("query", "q_heads")
         key = project("key", "kv_heads")
         value = project("value", "kv_heads")
-        scores = jnp.einsum("bqhk,bshk->bhqs", query, key, preferred_element_type=jnp.float32)
-        # Softmax in float32: bf16 logits over ~100 tokens lose the small attention weights.
-        weights = jax.nn.softmax(scores * (cfg.head_dim ** -0.5), axis=-1).astype(dtype)
-        context = jnp.einsum("bhqs,bshk->bqhk", weights, value,
-                             preferred_element_type=jnp.float32).astype(dtype)
-        context = nn.with_logical_constraint(context, head_axes)
+        context = nn.with_logical_constraint(bidirectional_attention(query, key, value, dtype),
+                                             head_axes)
         return DenseGeneral(
             features=cfg.width, axis=(-2, -1), kernel_axes=("q_heads", "head_dim", "embed"),
             use_bias=True, dtype=dtype, param_dtype=param_dtype,

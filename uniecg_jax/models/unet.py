@@ -27,13 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniecg_jax.diffusion.layers import (
-    Conv1d, ConvTranspose1d, Dense, GroupNorm, LayerNorm, MultiHeadAttention, constrain,
-    mish)
-from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
+from uniecg_jax.layers.activations import constrain, mish
+from uniecg_jax.layers.attention import MultiHeadAttention
+from uniecg_jax.layers.conv import Conv1d, ConvTranspose1d
+from uniecg_jax.layers.linear import Linear
+from uniecg_jax.layers.norms import GroupNorm, LayerNorm
 from uniecg_jax.models.schema import ConfigSchema, derived_field, dtype_field
 
 NUM_SCALAR_CONDITIONS = 3  # sex (M=1, F=0), age in years, heart rate in bpm
+RHYTHM_CHANNELS = 2        # the beat phase as (sin, cos): `diffusion.rhythm.rhythm_features`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +129,10 @@ class TimeEmbedding(nn.Module):
     @nn.compact
     def __call__(self, timesteps: jax.Array) -> jax.Array:
         table = jnp.asarray(timestep_table(self.cfg.num_train_steps, self.cfg.time_embed_dim))
-        hidden = Dense(self.cfg.time_hidden_dim, dtype=self.cfg.dtype,
-                       param_dtype=self.cfg.param_dtype, name="fc1")(table[timesteps])
-        return Dense(self.channels, kernel_axes=("mlp", "embed"), dtype=self.cfg.dtype,
-                     param_dtype=self.cfg.param_dtype, name="fc2")(mish(hidden))
+        hidden = Linear(self.cfg.time_hidden_dim, dtype=self.cfg.dtype,
+                        param_dtype=self.cfg.param_dtype, name="fc1")(table[timesteps])
+        return Linear(self.channels, kernel_axes=("mlp", "embed"), dtype=self.cfg.dtype,
+                      param_dtype=self.cfg.param_dtype, name="fc2")(mish(hidden))
 
 
 class SelfAttention(nn.Module):
@@ -143,9 +145,9 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
         normed = LayerNorm(name="norm", **kw)(x)
-        q, k, v = (Dense(self.hidden, name=f"to_{n}", **kw)(normed) for n in "qkv")
+        q, k, v = (Linear(self.hidden, name=f"to_{n}", **kw)(normed) for n in "qkv")
         attended = MultiHeadAttention(self.num_heads, name="attention", **kw)(q, k, v)
-        return Dense(x.shape[-1], kernel_axes=("mlp", "embed"), name="to_out", **kw)(attended) + x
+        return Linear(x.shape[-1], kernel_axes=("mlp", "embed"), name="to_out", **kw)(attended) + x
 
 
 class CrossAttention(nn.Module):
@@ -162,13 +164,13 @@ class CrossAttention(nn.Module):
     def __call__(self, x: jax.Array, condition: jax.Array) -> jax.Array:
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
         channels = x.shape[-1]
-        q = Dense(self.hidden, name="to_q", **kw)(LayerNorm(name="norm", **kw)(x))
-        cond = Dense(channels, name="value_combiner", **kw)(condition[:, None, :])
+        q = Linear(self.hidden, name="to_q", **kw)(LayerNorm(name="norm", **kw)(x))
+        cond = Linear(channels, name="value_combiner", **kw)(condition[:, None, :])
         cond = LayerNorm(name="condition_norm", **kw)(cond)
-        k = Dense(self.hidden, name="to_k", **kw)(cond)
-        v = Dense(self.hidden, name="to_v", **kw)(cond)
+        k = Linear(self.hidden, name="to_k", **kw)(cond)
+        v = Linear(self.hidden, name="to_v", **kw)(cond)
         attended = MultiHeadAttention(self.num_heads, name="attention", **kw)(q, k, v)
-        return Dense(channels, kernel_axes=("mlp", "embed"), name="to_out", **kw)(attended) + x
+        return Linear(channels, kernel_axes=("mlp", "embed"), name="to_out", **kw)(attended) + x
 
 
 class Block(nn.Module):
@@ -185,7 +187,7 @@ class Block(nn.Module):
         mid = (in_channels + self.out_channels) // 2
         h = x + TimeEmbedding(cfg, in_channels, name="time_emb")(timesteps)[:, None, :]
         if rhythm is not None:  # beat phase at this resolution, projected per position
-            h = h + Dense(in_channels, kernel_axes=(None, "mlp"), name="rhythm_proj", **kw)(rhythm)
+            h = h + Linear(in_channels, kernel_axes=(None, "mlp"), name="rhythm_proj", **kw)(rhythm)
         h = Conv1d(mid, cfg.kernel_size, name="pre_shortcut_conv", **kw)(h)
         h = mish(GroupNorm(1, name="norm1", **kw)(h))
         h = Conv1d(mid, 1, name="shortcut_conv", **kw)(h)
@@ -211,7 +213,7 @@ class Bottleneck(nn.Module):
         conv = lambda name: Conv1d(channels, cfg.bottleneck_kernel_size, name=name, **kw)  # noqa
         h = x + TimeEmbedding(cfg, channels, name="time_emb")(timesteps)[:, None, :]
         if rhythm is not None:  # (the 2-wide input axis is never sharded)
-            h = h + Dense(channels, kernel_axes=(None, "mlp"), name="rhythm_proj", **kw)(rhythm)
+            h = h + Linear(channels, kernel_axes=(None, "mlp"), name="rhythm_proj", **kw)(rhythm)
         h = conv("conv1")(h)
         h = conv("conv1_2")(mish(GroupNorm(1, name="norm1", **kw)(h)))
         h = SelfAttention(cfg, cfg.bottleneck_hidden, cfg.bottleneck_heads,

@@ -17,8 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uniecg_jax.diffusion.layers import Conv1d, Dense, GroupNorm, constrain, \
-    dot_product_attention
+from uniecg_jax.layers.activations import constrain
+from uniecg_jax.layers.attention import bidirectional_attention, merge_heads, split_heads
+from uniecg_jax.layers.conv import Conv1d
+from uniecg_jax.layers.linear import Linear
+from uniecg_jax.layers.norms import GroupNorm
 from uniecg_jax.models.schema import ConfigSchema, dtype_field
 
 
@@ -121,10 +124,11 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
         width = x.shape[-1]
-        q, k, v = jnp.split(Dense(3 * width, name="qkv_proj", **kw)(x), 3, axis=-1)
-        attended = dot_product_attention(q, k, v, self.cfg.attention_heads, self.cfg.dtype)
-        return constrain(Dense(width, kernel_axes=("mlp", "embed"), name="out_proj", **kw)(attended)
-                         + x)
+        heads = [split_heads(part, self.cfg.attention_heads)
+                 for part in jnp.split(Linear(3 * width, name="qkv_proj", **kw)(x), 3, axis=-1)]
+        attended = merge_heads(bidirectional_attention(*heads, self.cfg.dtype))
+        out = Linear(width, kernel_axes=("mlp", "embed"), name="out_proj", **kw)(attended)
+        return constrain(out + x)
 
 
 def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Array:

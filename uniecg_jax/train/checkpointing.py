@@ -24,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from uniecg_jax.config import config_to_json
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.layers.params import path_name
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -77,9 +78,9 @@ class RunCheckpointer:
             stored_tree = self.manager.item_metadata(step)[STATE]
         except Exception as e:  # unreadable metadata: let restore report what is wrong
             raise CheckpointError(f"{self.directory}/{step}/{STATE}: unreadable metadata ({e})") from None
-        stored = {_dotted(path): (tuple(meta.shape), str(meta.dtype))
+        stored = {path_name(path, "."): (tuple(meta.shape), str(meta.dtype))
                   for path, meta in jax.tree_util.tree_leaves_with_path(stored_tree)}
-        wanted = {_dotted(path): (tuple(x.shape), str(x.dtype))
+        wanted = {path_name(path, "."): (tuple(x.shape), str(x.dtype))
                   for path, x in jax.tree_util.tree_leaves_with_path(abstract_state)}
         problems = [f"{name}: missing in checkpoint" for name in wanted if name not in stored]
         problems += [f"{name}: in checkpoint, not in this model/optimizer" for name in stored
@@ -107,16 +108,6 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def _dotted(key_path: tuple) -> str:
-    parts = []
-    for key in key_path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return ".".join(parts)
 
 
 class PreemptionFlag:

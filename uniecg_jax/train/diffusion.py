@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -34,10 +32,10 @@ import numpy as np
 
 from uniecg_jax.data.bundled import diffusion_records
 from uniecg_jax.data.text_encoder import text_encoder_for
-from uniecg_jax.config import ConfigError, replace_values
+from uniecg_jax.config import replace_values
 from uniecg_jax.diffusion import losses
-from uniecg_jax.diffusion.layers import init_params_on_host
 from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
+from uniecg_jax.layers.params import abstract_params, count_params, init_params_on_host
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
 from uniecg_jax.models.vae import VAE, VAEConfig
 from uniecg_jax.train.loop import Phase, TrainTask
@@ -144,10 +142,6 @@ def _unet_inputs(unet: ConditionalUNet):
             jnp.zeros((1, cfg.condition_dim)))
 
 
-def _num_params(tree) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree)))
-
-
 def forward_flops(apply_fn, abstract_params: Any, *inputs: Any) -> float:
     """FLOPs of one forward pass from XLA's cost analysis of the lowered (not compiled) program."""
     try:
@@ -183,16 +177,16 @@ def build_vae_task(config: ml_collections.ConfigDict) -> TrainTask:
     def loss_fn(params, batch, rng):
         return losses.vae_loss({"params": params}, to_loss_batch(batch), rng, vae, config)
 
-    abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    abstract = abstract_params(init_params, jax.random.PRNGKey(0))
     length = int(config.data.signal_length)
     batch = int(config.train.batch_size)
-    flops = 3.0 * batch * forward_flops(lambda p, x: vae.apply({"params": p}, x),
-                                        nn.meta.unbox(abstract), *inputs)
+    flops = 3.0 * batch * forward_flops(lambda p, x: vae.apply({"params": p}, x), abstract,
+                                        *inputs)
     return TrainTask(
         name="diffusion/vae", init_params=init_params, loss_fn=loss_fn,
         make_data=_make_data_fn(config), abstract_batch=_abstract_batch(config),
         flops_per_step=flops, tokens_per_step=batch * length,
-        num_params=_num_params(abstract), data_description=lambda: describe_data(config),
+        num_params=count_params(abstract), data_description=lambda: describe_data(config),
         initial_params=_sharded_host_init(vae, int(config.seed), inputs), config=config)
 
 
@@ -224,21 +218,20 @@ def build_unet_task(config: ml_collections.ConfigDict, vae_params: Any = None) -
                                     vae_params, abstract_params["vae"])
         return {"unet": unet_part, "vae": vae_part}
 
-    abstract = jax.eval_shape(init_params, jax.random.PRNGKey(0))
+    abstract = abstract_params(init_params, jax.random.PRNGKey(0))
     latent_length = unet.cfg.latent_length
     batch = int(config.train.batch_size)
-    plain = nn.meta.unbox(abstract)
     # UNet fwd+bwd plus the frozen VAE encoder's forward.
     flops = batch * (
-        3.0 * forward_flops(lambda p, *x: unet.apply({"params": p}, *x), plain["unet"],
+        3.0 * forward_flops(lambda p, *x: unet.apply({"params": p}, *x), abstract["unet"],
                             *unet_inputs)
         + forward_flops(lambda p, x: vae.apply({"params": p}, x, method=VAE.encode),
-                        plain["vae"], *vae_inputs))
+                        abstract["vae"], *vae_inputs))
     return TrainTask(
         name="diffusion/unet", init_params=init_params, loss_fn=loss_fn,
         make_data=_make_data_fn(config), abstract_batch=_abstract_batch(config),
         flops_per_step=flops, tokens_per_step=batch * latent_length,
-        num_params=_num_params(abstract), data_description=lambda: describe_data(config),
+        num_params=count_params(abstract), data_description=lambda: describe_data(config),
         initial_params=initial_params, config=config,
         export=lambda workdir, params: export_model(os.path.join(workdir, MODEL_DIR), params,
                                                     config))

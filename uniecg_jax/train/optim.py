@@ -16,25 +16,13 @@ import jax
 import optax
 
 from uniecg_jax.config import ConfigError
+from uniecg_jax.layers.params import path_name
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
 
 # Parameter-name fragments that get no weight decay (norm scales, biases, RMSNorm weights).
 _NO_DECAY = re.compile(r"(^|/)(bias|scale|.*norm.*|.*_ln.*|ln_.*)(/|$)", re.IGNORECASE)
-
-
-def param_path(key_path: tuple) -> str:
-    """`('params', 'layers_0', 'attn', 'q_proj', 'kernel')`-style key path -> `params/layers_0/.../kernel`."""
-    parts = []
-    for key in key_path:
-        name = getattr(key, "key", None)
-        if name is None:
-            name = getattr(key, "name", None)
-        if name is None:
-            name = getattr(key, "idx", key)
-        parts.append(str(name))
-    return "/".join(parts)
 
 
 def learning_rate_schedule(train_config: Mapping[str, Any]) -> optax.Schedule:
@@ -51,7 +39,7 @@ def learning_rate_schedule(train_config: Mapping[str, Any]) -> optax.Schedule:
 def weight_decay_mask(params: Any) -> Any:
     """True for leaves that get weight decay: matrices/kernels, not norms, biases or scalars."""
     def decays(key_path, leaf):
-        path = param_path(key_path)
+        path = path_name(key_path)
         return len(getattr(leaf, "shape", ())) >= 2 and not _NO_DECAY.search(path)
     return jax.tree_util.tree_map_with_path(decays, params)
 
@@ -67,9 +55,9 @@ def freeze_labels(params: Any, freeze_regex: str) -> Any:
     except re.error as e:
         raise ConfigError(f"train.freeze: invalid regex {freeze_regex!r}: {e}") from None
     labels = jax.tree_util.tree_map_with_path(
-        lambda kp, _: FROZEN if pattern.search(param_path(kp)) else TRAINABLE, params)
+        lambda kp, _: FROZEN if pattern.search(path_name(kp)) else TRAINABLE, params)
     if FROZEN not in jax.tree.leaves(labels):
-        some = [param_path(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)[:5]]
+        some = [path_name(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)[:5]]
         raise ConfigError(f"train.freeze={freeze_regex!r} matches no parameter; paths look like {some}")
     return labels
 

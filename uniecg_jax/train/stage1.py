@@ -9,7 +9,6 @@ patient) plus synthetic ECGs with known heart rate. The LLM starts from an HF ch
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -22,6 +21,7 @@ from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder, \
     expand_inputs
 from uniecg_jax.models.vocabulary import grow_vocab_rows
+from uniecg_jax.layers.params import abstract_params, count_params
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter
 from uniecg_jax.train.loop import TrainTask
@@ -159,8 +159,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     task = TrainTask(
         name="stage1", init_params=init_params, loss_fn=loss_fn, make_data=make_data,
         abstract_batch=abstract_batch, flops_per_step=flops, tokens_per_step=batch * seq,
-        num_params=sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(
-            jax.eval_shape(init_params, jax.random.PRNGKey(0)))),
+        num_params=count_params(abstract_params(init_params, jax.random.PRNGKey(0))),
         data_description=f"{source}; tokenizer {tokenizer_path or 'tiny (bundled)'}; "
                          f"{num_ecg} ECG tokens + {max_length} text tokens per example",
         initial_params=initial_params, config=config, tokenizer=tokenizer,

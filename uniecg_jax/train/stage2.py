@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 from uniecg_jax.config import ConfigError, replace_values
 from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.errors import UniECGError
+from uniecg_jax.layers.params import abstract_params, count_params, path_name
 from uniecg_jax.convert.hf_llm import add_tokens
 from uniecg_jax.data.chat_format import ecg_token_names
 from uniecg_jax.data.tokenizer import add_ecg_tokens
@@ -280,8 +280,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
 
     llm_params = s2cfg.unified.llm.num_params()
     # Exact count of everything the model holds (tower, LLM, alignment head), from abstract shapes.
-    num_params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(
-        jax.eval_shape(init_params, jax.random.PRNGKey(0))))
+    num_params = count_params(abstract_params(init_params, jax.random.PRNGKey(0)))
     batch = int(config.train.batch_size)
     flops = batch * max_length * llm_flops_per_token(config.model.llm, max_length, llm_params)
     source = (f"bundled + {config.data.num_synthetic} synthetic reports (held-out patients "
@@ -310,7 +309,7 @@ def _stage1_targets(stage1_dir: str, abstract_params) -> dict:
     stored = stored_shapes(stage1_dir)
 
     def target(path, leaf):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        name = path_name(path)
         if name not in stored:
             return leaf  # restore_model names the missing tensor
         shape, dtype = stored[name]

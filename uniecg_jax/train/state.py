@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from uniecg_jax import sharding as sharding_lib
-from uniecg_jax.train.optim import param_path
+from uniecg_jax.layers.params import path_parts
 
 
 @flax.struct.dataclass
@@ -31,12 +31,10 @@ class TrainState:
 
 def _dict_suffix(key_path: tuple) -> tuple[str, ...]:
     """The trailing run of dict keys of a key path (the part that can name a parameter)."""
-    names = []
-    for key in reversed(key_path):
-        if not isinstance(key, jax.tree_util.DictKey):
-            break
-        names.append(str(key.key))
-    return tuple(reversed(names))
+    start = len(key_path)
+    while start and isinstance(key_path[start - 1], jax.tree_util.DictKey):
+        start -= 1
+    return path_parts(key_path[start:])
 
 
 def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_shardings: Any,
@@ -49,7 +47,7 @@ def opt_state_shardings(abstract_opt_state: Any, abstract_params: Any, param_sha
     by_path: dict[tuple[str, ...], tuple[tuple[int, ...], NamedSharding]] = {}
     for (key_path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(abstract_params),
                                           jax.tree.leaves(param_shardings)):
-        by_path[tuple(param_path(key_path).split("/"))] = (tuple(leaf.shape), sharding)
+        by_path[path_parts(key_path)] = (tuple(leaf.shape), sharding)
     replicated = sharding_lib.replicated(mesh)
 
     def leaf_sharding(key_path, leaf):
