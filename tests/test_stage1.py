@@ -1,6 +1,7 @@
 """Stage 1 (ECG -> text): splice, sharded step, loss regression, resume, sharded eval, bad inputs."""
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -12,12 +13,14 @@ from conftest import assert_trees_equal
 from uniecg_jax import sharding
 from uniecg_jax.checkpoint import save_model
 from uniecg_jax.config import load_config
+from uniecg_jax.data import load_bundled_records
 from uniecg_jax.errors import CheckpointError, UniECGError
 from uniecg_jax.eval import interpret_eval
 from uniecg_jax.inference.interpret import DEFAULT_PROMPT, Interpreter
 from uniecg_jax.models.stage1 import build_unified, expand_at_placeholder
 from uniecg_jax.train import build_task, optim, state as state_lib, step as step_lib
 from uniecg_jax.train.loop import train
+from uniecg_jax.train.schema import load_train_config
 
 # Short sequences and no synthetic ECGs keep data building and compiles fast on 2 cores.
 TINY = ["data.max_length=48", "data.num_synthetic=0", "train.warmup_steps=0",
@@ -281,3 +284,23 @@ def test_init_from_hf_llama_and_ecg_coca_checkpoints(tmp_path):
 
     result = train(config, str(tmp_path / "run"), task)
     assert np.isfinite(result.history[-1]["loss"])
+
+
+def test_model_written_before_the_config_redesign_still_loads(exported_model, tmp_path):
+    """A stage-1 model directory from before issue 13 stores `train.z_loss` (a key stage 1 never
+    read, now removed from the schema): `config.json` is migrated on load, the model interprets."""
+    old = tmp_path / "old_workdir"
+    shutil.copytree(exported_model, old)
+    config_json = old / "model" / "config.json"   # export_model writes WORKDIR/model
+    with open(config_json) as f:
+        stored = json.load(f)
+    assert "z_loss" not in stored["train"]
+    stored["train"]["z_loss"] = 0.0
+    with open(config_json, "w") as f:
+        json.dump(stored, f)
+    interpreter = Interpreter.load(str(old))
+    assert "z_loss" not in interpreter.config.train
+    current = Interpreter.load(exported_model)
+    assert load_train_config(interpreter.config) == load_train_config(current.config)
+    ecg = load_bundled_records()[0].to_encoder_input()[None]
+    assert interpreter.interpret(ecg, max_new_tokens=4) == current.interpret(ecg, max_new_tokens=4)
