@@ -201,3 +201,19 @@ def test_loaders_read_data_prep_shards(tmp_path):
     assert batch["text_embedding"].shape == (2, 16)
     with pytest.raises(UniECGError, match="unknown split"):
         pipelines.diffusion_loader(str(tmp_path), split="dev", batch_size=2)
+
+
+def test_load_tokenizer_adds_the_placeholder_keeping_the_checkpoints_special_tokens(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from uniecg_jax.convert import hf_testing
+
+    hf_testing.tiny_tokenizer(tmp_path, vocab_size=96)
+    original = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    original.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    original.save_pretrained(str(tmp_path))
+    tokenizer = tok.load_tokenizer(str(tmp_path))
+    placeholder = InputBuilder(tokenizer).placeholder_id
+    assert placeholder == 97 and len(tokenizer) == 98
+    assert "<|im_start|>" in tokenizer.all_special_tokens   # add_special_tokens would drop it
+    assert tokenizer.decode([5, placeholder], skip_special_tokens=True) == "w5"
+    assert tok.load_tokenizer(str(tmp_path)).convert_tokens_to_ids("<ecg>") == placeholder

@@ -41,8 +41,9 @@ def load_tokenizer(path: str | None = None):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if ECG_PLACEHOLDER not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [ECG_PLACEHOLDER]})
+    # Grown like every other added token (`add_tokens`): `add_special_tokens` with
+    # additional_special_tokens would also replace a checkpoint's own extra special-token list.
+    add_tokens(tokenizer, [ECG_PLACEHOLDER])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
