@@ -42,7 +42,7 @@ def test_demo_quick_trains_interprets_and_reports_against_baselines(tmp_path, ca
     from uniecg_jax.data.text_encoder import get_text_encoder
     from uniecg_jax.eval.llm_generate_eval import cosine_similarity
     from uniecg_jax.inference.chat import UnifiedModel
-    from uniecg_jax.train.stage1 import bundled_split
+    from uniecg_jax.data.bundled import bundled_split
 
     unified = UnifiedModel.load(str(workdir / "stage2"))
     config = unified.config
