@@ -124,7 +124,9 @@ def test_one_step_on_8_devices_equals_one_device(task_and_batch):
 
 # First and last loss of 6 AdamW steps on the fixed-seed tiny run (8 simulated devices, lr 2e-3).
 # Update deliberately (and say why in the commit) if the model, data or optimizer changes.
-EXPECTED_LOSSES = (6.3231, 5.2684)
+# On the bundled train split of `data.splits.patient_split` (sha256, test fraction 1/5); the former
+# crc32 % 5 split gave (6.3231, 5.2684).
+EXPECTED_LOSSES = (6.2934, 5.2434)
 
 
 def test_fixed_seed_loss_regression_and_resume_equals_uninterrupted(tmp_path, resume_after_preemption):

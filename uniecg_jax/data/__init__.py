@@ -1,5 +1,8 @@
-"""The ECG data layer: the canonical record, readers per source, synthetic ECGs, the frozen text
-encoder, the tiny tokenizer, conversations and grain pipelines.
+"""The ECG data layer, one home per ingredient: the canonical record, resampling and constants
+(`record`), readers per source, rhythm and heart-rate measurement (`measure`), the patient split
+(`splits`), synthetic ECGs and their cache (`synthetic`), the bundled training data (`bundled`),
+prompt templates (`prompts`), the frozen text encoders (`text_encoder`), the tiny tokenizer,
+conversations and grain pipelines.
 
 Entry points: `read_record(path)`, `load_bundled_records()`, `bundled_samples_dir()`,
 `ECGRecord.to_encoder_input()` / `.to_diffusion_input()`.
