@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from uniecg_jax.layers.params import abstract_params
 from uniecg_jax.models.alignment import AlignmentConfig, AlignmentHead, gather_ecg_hidden
 from uniecg_jax.models.ecg_encoder import ECGTower
 from uniecg_jax.models.llm import Decoder
@@ -123,9 +124,8 @@ def init_stage2_params(model: UniECGStage2, rng: jax.Array, text_length: int = 8
 
 def abstract_stage2_params(model: UniECGStage2, sharding: Any = None) -> Any:
     """ShapeDtypeStructs of the unboxed params (on `sharding` when given), without allocating."""
-    boxed = jax.eval_shape(lambda: init_stage2_params(model, jax.random.PRNGKey(0)))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        nn.meta.unbox(boxed))
+    return abstract_params(lambda key: init_stage2_params(model, key), jax.random.PRNGKey(0),
+                           sharding=sharding)
 
 
 def stage1_params(params: Any) -> dict:
