@@ -94,7 +94,8 @@ def torch_train_step(config: LLMConfig, batch: int, seq: int, bf16: bool):
 
 
 def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int,
-                        bf16: bool = False, repeats: int = 3) -> tuple[dict[str, float], bool | None]:
+                        bf16: bool = False, repeats: int = 3
+                        ) -> tuple[dict[str, float], bool | None]:
     """New tokens per second, greedy, same random weights, for "ours", "hf" (generate()) and, where
     kernels.small_batch_matmul is eligible, "ours_kernel" / "ours_xla_dot" (our loop with the kernel
     / with XLA's dot; "ours" is then the one the calibration chose); f32, or bf16 weights and

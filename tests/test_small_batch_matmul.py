@@ -111,7 +111,7 @@ def test_switched_off_by_environment(monkeypatch):
         small_batch_matmul.load.cache_clear()
 
 
-# --- Calibration: kernel or XLA's dot, by measurement -----------------------------------------------
+# --- Calibration: kernel or XLA's dot, by measurement ----------------------------------------
 SHAPES = [(64, 96)] * 3 + [(96, 64)]
 
 

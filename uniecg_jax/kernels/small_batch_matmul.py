@@ -15,8 +15,8 @@ injecting it into every `DenseGeneral` of the decode step from outside (`packed_
 Where it wins is measured, not assumed (issue 19: tuned on an Intel Xeon with AVX-512/AMX, it ran
 batch-8 decoding 5x slower than XLA's dot on a 2-core AMD EPYC with AVX2 only): on first use per
 (CPU, jax version, kernel source, rows, Dense shapes of the model) `calibrate` times the kernel
-against XLA's dot on those shapes (1-3 s, mostly compiling) and caches the decision as JSON beside the compiled kernel.
-UNIECG_SMALL_BATCH_KERNEL=1 / =0 forces the kernel on / off without measuring.
+against XLA's dot on those shapes (1-3 s, mostly compiling) and caches the decision as JSON beside
+the compiled kernel. UNIECG_SMALL_BATCH_KERNEL=1 / =0 forces the kernel on / off without measuring.
 
 The C++ source is compiled on first use with the host's C++ compiler (`$CXX`, else c++ / g++) and
 `-march=native`, into `$UNIECG_KERNEL_CACHE` (default ~/.cache/uniecg_jax/kernels), keyed by the
@@ -166,7 +166,8 @@ def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
 
 
 def _forced() -> bool | None:
-    """UNIECG_SMALL_BATCH_KERNEL: "1" True (kernel wherever eligible), "0" False, else None (measure)."""
+    """UNIECG_SMALL_BATCH_KERNEL: "1" True (kernel wherever eligible), "0" False, else None
+    (measure)."""
     return {"0": False, "1": True}.get(os.environ.get("UNIECG_SMALL_BATCH_KERNEL", "").strip())
 
 
@@ -204,7 +205,7 @@ def usable(compute_dtype, param_dtype, rows: int, arrays=(),
     return bool(shapes) and calibrate(rows, shapes)
 
 
-# --- Calibration: the kernel only where it is measured to beat XLA's dot ---------------------------
+# --- Calibration: the kernel only where it is measured to beat XLA's dot --------------------------
 # Test hook: seconds added inside every timed call of one side ("kernel" / "xla") of `_measure`, to
 # make that side slower; zero outside tests.
 CALIBRATION_DELAY_S = {"kernel": 0.0, "xla": 0.0}
@@ -217,6 +218,7 @@ _decisions: dict[str, bool] = {}   # calibration_key -> use the kernel; the on-d
 
 
 def _shape_family(rows: int, shapes: Sequence[tuple[int, int]]) -> dict:
+    """{"rows": rows, "shapes": [[K, N, count], ...] sorted}: what one calibration measures."""
     counts: dict[tuple[int, int], int] = {}
     for depth, width in shapes:
         counts[(int(depth), int(width))] = counts.get((int(depth), int(width)), 0) + 1
@@ -377,10 +379,12 @@ def packed_dense_kernels(model: nn.Module, params: dict, *inputs: Any) -> Packed
 _shapes_memo: dict = {}
 
 
-def dense_matmul_shapes(model: nn.Module, params: dict, *inputs: Any) -> tuple[tuple[int, int], ...]:
-    """[K, N] of every matmul `packed_kernels_injected(packed_dense_kernels(model, params, *inputs))`
-    hands the kernel in `model.apply({"params": params}, *inputs)`, one per layer in call order
-    (remembered per model, params shapes and input shapes: finding them traces the model)."""
+def dense_matmul_shapes(model: nn.Module, params: dict, *inputs: Any
+                        ) -> tuple[tuple[int, int], ...]:
+    """[K, N] of every matmul that
+    `packed_kernels_injected(packed_dense_kernels(model, params, *inputs))` hands the kernel in
+    `model.apply({"params": params}, *inputs)`, one per layer in call order (remembered per model,
+    params shapes and input shapes: finding them traces the model)."""
     key = (model, jax.tree.structure(params),
            tuple((tuple(np.shape(leaf)), str(getattr(leaf, "dtype", ""))) for leaf in
                  jax.tree.leaves(params) + jax.tree.leaves(inputs)))
