@@ -240,7 +240,8 @@ def calibrate(rows: int, shapes: Sequence[tuple[int, int]]) -> bool:
 
     Measured (`_measure`: 1-3 s, mostly compiling) once per `calibration_key`, then read from
     `small_batch_matmul-choice-<key>.json` in the kernel cache (a new CPU, jax version or kernel
-    source is a new key, so a new measurement). False where the kernel does not `load()`.
+    source is a new key, so a new measurement; deleting the file measures again). False where the
+    kernel does not `load()`.
     """
     if not load():
         return False
