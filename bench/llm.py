@@ -11,8 +11,11 @@ In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 
   3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
   4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
      in f32 and with bf16 weights on both sides; each side's best of --decode-repeats runs, the two
-     sides timed in turn (run-to-run spread on a shared 2-core host is ~10%). Where `generate` uses
-     kernels.small_batch_matmul (f32, batch 2-8 on CPU) the line also gives our loop with XLA's dot.
+     sides timed in turn (run-to-run spread on a shared 2-core host is ~10%). Where
+     kernels.small_batch_matmul is eligible (f32, batch 2-8 on CPU) our loop is timed both with the
+     kernel and with XLA's dot, each on its own line, and "ours" is the one `generate`'s calibration
+     chose on this CPU (printed with its model and AVX2 / AVX-512 / AMX flags: the kernel's speed
+     depends on them, issue 19); f32 batch 8 always has its XLA's-dot line.
 The train step is a plain local jit (value_and_grad + optax.adamw, donated state) on one device.
 """
 from __future__ import annotations
@@ -91,12 +94,14 @@ def torch_train_step(config: LLMConfig, batch: int, seq: int, bf16: bool):
 
 
 def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int,
-                        bf16: bool = False, repeats: int = 3) -> dict[str, float]:
+                        bf16: bool = False, repeats: int = 3
+                        ) -> tuple[dict[str, float], bool | None]:
     """New tokens per second, greedy, same random weights, for "ours", "hf" (generate()) and, where
-    `generate` uses kernels.small_batch_matmul, "ours_xla_dot" (the same loop with XLA's dot); f32,
-    or bf16 weights and activations on both sides (ours: param_dtype = dtype = bfloat16, f32
-    accumulation; PyTorch: the model cast with `.to(torch.bfloat16)`). Each one's best of `repeats`
-    runs, timed in turn."""
+    kernels.small_batch_matmul is eligible, "ours_kernel" / "ours_xla_dot" (our loop with the kernel
+    / with XLA's dot; "ours" is then the one the calibration chose); f32, or bf16 weights and
+    activations on both sides (ours: param_dtype = dtype = bfloat16, f32 accumulation; PyTorch: the
+    model cast with `.to(torch.bfloat16)`). Each one's best of `repeats` runs, timed in turn.
+    Returns (rates, the calibration's choice: True kernel, False XLA's dot, None not eligible)."""
     import torch
     import transformers
     from uniecg_jax.convert.hf_llm import hf_config_from_model, hf_state_dict
@@ -113,10 +118,17 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
         out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=(),
                                 small_batch_kernel=small_batch_kernel)
         out.tokens.block_until_ready()
-    runs = {"ours": ours}
-    if small_batch_matmul.usable(model.config.compute_dtype, model.config.params_dtype, batch,
-                                 params):
-        runs["ours_xla_dot"] = lambda: ours(small_batch_kernel=False)
+    choice = None
+    if small_batch_matmul.eligible(model.config.compute_dtype, model.config.params_dtype, batch,
+                                   params):
+        # What generate(small_batch_kernel=None) decides (measured at first use, then cached).
+        choice = small_batch_matmul.usable(
+            model.config.compute_dtype, model.config.params_dtype, batch, params,
+            shapes=small_batch_matmul.dense_matmul_shapes(model, params, jnp.asarray(ids[:, -1:])))
+        runs = {"ours_kernel": lambda: ours(small_batch_kernel=True),
+                "ours_xla_dot": lambda: ours(small_batch_kernel=False)}
+    else:
+        runs = {"ours": ours}
 
     hf_model = transformers.LlamaForCausalLM(hf_config_from_model(config)).float().eval()
     with torch.no_grad():
@@ -133,7 +145,10 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                               do_sample=False, pad_token_id=0)
     best = interleaved_best({**runs, "hf": hf}, repeats)
-    return {name: batch * new_tokens / seconds for name, seconds in best.items()}
+    rates = {name: batch * new_tokens / seconds for name, seconds in best.items()}
+    if choice is not None:
+        rates["ours"] = rates["ours_kernel" if choice else "ours_xla_dot"]
+    return rates, choice
 
 
 def main() -> None:
@@ -160,6 +175,8 @@ def main() -> None:
     bf16 = LLMConfig.from_config({**base.to_dict(), "dtype": "bfloat16"})
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
+    isa = ", ".join(small_batch_matmul.cpu_isa()) or "none of AVX2 / AVX-512 / AMX"
+    print(f"CPU: {small_batch_matmul.cpu_model()} ({isa}), {os.cpu_count()} cores")
     print(f"model: preset {args.preset}, {config.num_params() / 1e6:.1f}M params, "
           f"seq {args.seq}, batch {args.batch}")
     hugetlb = "hugetlb" in os.environ.get("GLIBC_TUNABLES", "")
@@ -190,15 +207,22 @@ def main() -> None:
 
     for dtype_name in ("f32", "bf16"):
         for batch in (1, 8):
-            rates = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens,
-                                        bf16=dtype_name == "bf16", repeats=args.decode_repeats)
-            ours, hf = rates["ours"], rates["hf"]
-            kernel = (f"   [small_batch_matmul kernel; XLA dot alone {rates['ours_xla_dot']:.0f}"
-                      f" tok/s = {rates['ours_xla_dot'] / hf:.2f}x]"
-                      if "ours_xla_dot" in rates else "")
-            print(f"decode {dtype_name:4s} batch {batch}: ours {ours:8.0f} tok/s   generate() "
-                  f"{hf:8.0f} tok/s   ratio {ours / hf:5.2f}x   ({args.new_tokens} new tokens, "
-                  f"prompt {args.prompt}){kernel}")
+            rates, choice = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens,
+                                                bf16=dtype_name == "bf16",
+                                                repeats=args.decode_repeats)
+            hf = rates["hf"]
+            if dtype_name == "f32" and batch > 1 and "ours_xla_dot" not in rates:
+                rates["ours_xla_dot"] = rates["ours"]   # the kernel is not eligible: ours is XLA's
+            chose = ("" if choice is None else "   [calibration chose "
+                     f"{'the small_batch_matmul kernel' if choice else 'XLA dot'}]")
+            lines = [(f"decode {dtype_name:4s} batch {batch}", rates["ours"], chose)]
+            lines += [(f"decode {dtype_name:4s} batch {batch}, {label}", rates[name], "")
+                      for name, label in (("ours_kernel", "small_batch_matmul kernel"),
+                                          ("ours_xla_dot", "XLA dot")) if name in rates]
+            for label, ours, note in lines:
+                print(f"{label}: ours {ours:8.0f} tok/s   generate() {hf:8.0f} tok/s   ratio "
+                      f"{ours / hf:5.2f}x   ({args.new_tokens} new tokens, prompt {args.prompt})"
+                      f"{note}")
 
 
 if __name__ == "__main__":

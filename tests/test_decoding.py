@@ -34,18 +34,50 @@ def test_greedy_matches_hf_generate_on_padded_batch(tiny, small_batch_kernel):
     max_new = 12
     out = decoding.generate(model, params, ids, mask, max_new_tokens=max_new, stop_token_ids=(),
                             small_batch_kernel=small_batch_kernel)
-    with torch.no_grad():
-        ref = hf_model.generate(torch.tensor(ids, dtype=torch.long),
-                                attention_mask=torch.tensor(mask, dtype=torch.long),
-                                max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                                pad_token_id=0, eos_token_id=None)
-    ref_new = ref[:, ids.shape[1]:].numpy()
+    ref_new = hf_greedy(hf_model, ids, mask, max_new)
     np.testing.assert_array_equal(np.asarray(out.tokens), ref_new)
     np.testing.assert_array_equal(np.asarray(out.lengths), [max_new] * len(PROMPTS))
     # Rows are independent of their batch mates and of the padding.
     alone = decoding.generate(model, params, np.array([PROMPTS[1]]), max_new_tokens=max_new,
                               stop_token_ids=())
     np.testing.assert_array_equal(np.asarray(alone.tokens[0]), ref_new[1])
+
+
+def hf_greedy(hf_model, ids, mask, max_new):
+    """transformers generate(do_sample=False) for the left-padded batch: new tokens [B, max_new]."""
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor(ids, dtype=torch.long),
+                                attention_mask=torch.tensor(mask, dtype=torch.long),
+                                max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    return ref[:, ids.shape[1]:].numpy()
+
+
+@pytest.mark.parametrize("slow_side", ["kernel", "xla"])
+def test_calibrated_choice_decodes_the_same_greedy_tokens(tiny, monkeypatch, tmp_path, slow_side):
+    """With the default small_batch_kernel=None, generate takes what the calibration measured
+    (here made to favour one side by slowing the other) and greedy tokens equal HF's either way."""
+    hf_model, model, params = tiny
+    if not small_batch_matmul.load():
+        pytest.skip("kernels.small_batch_matmul is not built here (no C++ compiler)")
+    params = jax.device_put(params, jax.devices()[0])    # loaded replicated over the 8 test devices
+    monkeypatch.setenv("UNIECG_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL", raising=False)
+    monkeypatch.setattr(small_batch_matmul, "_decisions", {})
+    monkeypatch.setattr(small_batch_matmul, "CALIBRATION_DELAY_S",
+                        {"kernel": 0.0, "xla": 0.0, slow_side: 0.05})
+    chosen = []
+    generate_fn = decoding.generate_fn
+
+    def recording_generate_fn(*args, **kwargs):
+        chosen.append(args[5])            # small_batch_kernel, as generate resolved it
+        return generate_fn(*args, **kwargs)
+    monkeypatch.setattr(decoding, "generate_fn", recording_generate_fn)
+    ids, mask = decoding.left_pad(PROMPTS, pad_token_id=0)
+    out = decoding.generate(model, params, ids, mask, max_new_tokens=12, stop_token_ids=())
+    assert chosen == [slow_side == "xla"]
+    assert len(list(tmp_path.glob("small_batch_matmul-choice-*.json"))) == 1
+    np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(hf_model, ids, mask, 12))
 
 
 def test_stop_tokens_end_rows_and_pad_after(tiny):

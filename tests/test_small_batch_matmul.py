@@ -1,4 +1,6 @@
 """kernels.small_batch_matmul: the FFI kernel against numpy, its injection into DenseGeneral."""
+import json
+
 import numpy as np
 import pytest
 
@@ -85,17 +87,17 @@ def test_injection_reaches_every_dense_of_a_decoder_except_scanned_ones(kernel):
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_usable_only_for_single_device_f32_small_batches(kernel):
+def test_eligible_only_for_single_device_f32_small_batches(kernel):
     f32, bf16 = jnp.float32, jnp.bfloat16
-    assert small_batch_matmul.usable(f32, f32, 8, [jnp.ones(4)])
-    assert not small_batch_matmul.usable(f32, f32, 1, [])          # XLA's gemv is as fast
-    assert not small_batch_matmul.usable(f32, f32, 9, [])
-    assert not small_batch_matmul.usable(bf16, f32, 4, [])
-    assert not small_batch_matmul.usable(f32, bf16, 4, [])
+    assert small_batch_matmul.eligible(f32, f32, 8, [jnp.ones(4)])
+    assert not small_batch_matmul.eligible(f32, f32, 1, [])          # XLA's gemv is as fast
+    assert not small_batch_matmul.eligible(f32, f32, 9, [])
+    assert not small_batch_matmul.eligible(bf16, f32, 4, [])
+    assert not small_batch_matmul.eligible(f32, bf16, 4, [])
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
     sharded = jax.device_put(jnp.ones(4), jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec("data")))
-    assert not small_batch_matmul.usable(f32, f32, 4, [sharded])
+    assert not small_batch_matmul.eligible(f32, f32, 4, [sharded])
 
 
 def test_switched_off_by_environment(monkeypatch):
@@ -103,10 +105,140 @@ def test_switched_off_by_environment(monkeypatch):
     small_batch_matmul.load.cache_clear()
     try:
         assert not small_batch_matmul.load()
-        assert not small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [])
+        assert not small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=[(32, 48)])
     finally:
         monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL")
         small_batch_matmul.load.cache_clear()
+
+
+# --- Calibration: kernel or XLA's dot, by measurement ----------------------------------------
+SHAPES = [(64, 96)] * 3 + [(96, 64)]
+
+
+@pytest.fixture
+def calibration(kernel, monkeypatch, tmp_path):
+    """A fresh decision cache in tmp_path, no forcing variable, and `measured`: the number of
+    calibration measurements so far. `slow(side)` makes "kernel" or "xla" 50 ms slower a call."""
+    monkeypatch.setenv("UNIECG_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL", raising=False)
+    monkeypatch.setattr(small_batch_matmul, "_decisions", {})
+    delays = {"kernel": 0.0, "xla": 0.0}
+    monkeypatch.setattr(small_batch_matmul, "CALIBRATION_DELAY_S", delays)
+    measure = small_batch_matmul._measure
+    state = {"measured": 0}
+
+    def counted(*args):
+        state["measured"] += 1
+        return measure(*args)
+    monkeypatch.setattr(small_batch_matmul, "_measure", counted)
+
+    class Calibration:
+        cache = tmp_path
+
+        @property
+        def measured(self):
+            return state["measured"]
+
+        def slow(self, side):
+            delays.update({"kernel": 0.0, "xla": 0.0, side: 0.05})
+    return Calibration()
+
+
+@pytest.mark.parametrize("slow_side,use_kernel", [("kernel", False), ("xla", True)])
+def test_calibration_picks_the_faster_side_and_caches_it(calibration, slow_side, use_kernel):
+    calibration.slow(slow_side)
+    assert small_batch_matmul.calibrate(4, SHAPES) is use_kernel
+    assert calibration.measured == 1
+    [cached] = calibration.cache.glob("small_batch_matmul-choice-*.json")
+    record = json.loads(cached.read_text())
+    assert record["use_kernel"] is use_kernel
+    assert record["rows"] == 4 and record["shapes"] == [[64, 96, 3], [96, 64, 1]]
+    assert (record["kernel_s"] > record["xla_s"]) is (slow_side == "kernel")
+    # Re-used: in this process, and from disk in a new one (the memo emptied); the other side made
+    # slower now changes nothing until the key changes.
+    calibration.slow("xla" if slow_side == "kernel" else "kernel")
+    assert small_batch_matmul.calibrate(4, SHAPES) is use_kernel
+    small_batch_matmul._decisions.clear()
+    assert small_batch_matmul.calibrate(4, list(reversed(SHAPES))) is use_kernel   # same family
+    assert calibration.measured == 1
+    # usable consults the decision.
+    assert small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=SHAPES) is use_kernel
+    assert calibration.measured == 1
+
+
+def test_calibration_key_follows_cpu_source_jax_and_shapes(calibration, monkeypatch):
+    key = small_batch_matmul.calibration_key(4, SHAPES)
+    assert small_batch_matmul.calibration_key(4, SHAPES[::-1]) == key
+    assert small_batch_matmul.calibration_key(8, SHAPES) != key
+    assert small_batch_matmul.calibration_key(4, SHAPES[:-1]) != key
+    assert small_batch_matmul.calibration_key(4, SHAPES + [(64, 96)]) != key   # counts matter
+    calibration.slow("xla")
+    assert small_batch_matmul.calibrate(4, SHAPES)
+    for name, value in (("_source_hash", "0" * 64), ("cpu_model", "AMD EPYC 7B13"),
+                        ("_cpu_signature", "flags : fpu avx2")):
+        with monkeypatch.context() as patched:
+            patched.setattr(small_batch_matmul, name, lambda value=value: value)
+            assert small_batch_matmul.calibration_key(4, SHAPES) != key
+            measured = calibration.measured
+            calibration.slow("kernel")       # the new CPU / source measures the kernel slower
+            assert not small_batch_matmul.calibrate(4, SHAPES)
+            assert calibration.measured == measured + 1
+            calibration.slow("xla")
+    monkeypatch.setattr(jax, "__version__", "0.0.1")
+    assert small_batch_matmul.calibration_key(4, SHAPES) != key
+
+
+def test_a_corrupt_cached_decision_is_measured_again(calibration):
+    calibration.slow("kernel")
+    key = small_batch_matmul.calibration_key(4, SHAPES)
+    path = calibration.cache / f"small_batch_matmul-choice-{key}.json"
+    path.write_text("{not json")
+    assert not small_batch_matmul.calibrate(4, SHAPES)
+    assert calibration.measured == 1 and json.loads(path.read_text())["use_kernel"] is False
+
+
+def test_forcing_skips_calibration_and_ineligible_cases_never_calibrate(calibration, monkeypatch):
+    calibration.slow("kernel")
+    traced = []
+
+    def shapes():
+        traced.append(1)
+        return SHAPES
+    monkeypatch.setenv("UNIECG_SMALL_BATCH_KERNEL", "1")
+    assert small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=shapes)
+    monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL")
+    for dtype, rows in ((jnp.float32, 1), (jnp.float32, 9), (jnp.bfloat16, 4)):
+        assert not small_batch_matmul.usable(dtype, jnp.float32, rows, [], shapes=shapes)
+    assert not small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=())
+    assert calibration.measured == 0 and not traced
+    assert not small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=shapes)
+    assert calibration.measured == 1 and traced == [1]
+
+
+def test_dense_matmul_shapes_are_the_packed_kernels(kernel):
+    model = Decoder(LLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                              num_heads=4, num_kv_heads=2))
+    ids = jnp.ones((3, 1), jnp.int32)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), ids)["params"])
+    shapes = small_batch_matmul.dense_matmul_shapes(model, params, ids)
+    packed = small_batch_matmul.packed_dense_kernels(model, params, ids)
+    assert len(shapes) == len(packed) == 2 * 7 + 1
+    for (depth, width), tiles in zip(shapes, packed.values()):
+        assert tiles.shape == (-(-width // 32), depth, 32)
+    # q, o [32, 32]; k, v [32, 2 kv heads x 8]; gate, up [32, 48]; down [48, 32]; lm_head [32, 64]
+    assert sorted(set(shapes)) == [(32, 16), (32, 32), (32, 48), (32, 64), (48, 32)]
+    assert shapes.count((32, 16)) == 4 and shapes.count((48, 32)) == 2
+
+
+def test_cpu_description_reads_proc_cpuinfo(monkeypatch):
+    monkeypatch.setattr(small_batch_matmul, "_cpuinfo_field", lambda *names: {
+        "model name": "model name\t: AMD EPYC 7B13",
+        "flags": "flags\t\t: fpu sse avx avx2 fma"}.get(names[0]))
+    assert small_batch_matmul.cpu_model() == "AMD EPYC 7B13"
+    assert small_batch_matmul.cpu_isa() == ["AVX2"]
+    monkeypatch.setattr(small_batch_matmul, "_cpuinfo_field", lambda *names: {
+        "flags": "flags : avx2 avx512f avx512bw amx_tile amx_bf16"}.get(names[0]))
+    assert small_batch_matmul.cpu_isa() == ["AVX2", "AVX-512", "AMX"]
 
 
 def test_dense_general_alone_never_uses_the_kernel(kernel):

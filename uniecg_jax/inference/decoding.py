@@ -203,8 +203,9 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
       sampling: greedy by default.
       extra_embeddings [B, N, D] / extra_positions [B, N]: spliced into the prompt at prefill.
       small_batch_kernel: decode steps run the model's matmuls through
-        `kernels.small_batch_matmul` (1.3-3x XLA:CPU's dot for 2..8 rows in f32). None (default):
-        wherever `small_batch_matmul.usable` says it applies; False: never.
+        `kernels.small_batch_matmul` (2..8 rows in f32 on CPU). None (default): wherever
+        `small_batch_matmul.usable` says it applies and was measured faster than XLA's dot on this
+        CPU for this model's shapes (a ~1 s calibration at first use, then cached); False: never.
       return_hidden: also return the final hidden states of prompt and generated tokens
         ([B, T + max_new_tokens, D]; one extra decode step feeds the last token).
     Returns: GenerateOutput(tokens [B, max_new_tokens], lengths [B], hidden or None).
@@ -223,8 +224,9 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
         raise ValueError("generate: sampling needs an rng key")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     if small_batch_kernel is None:
-        small_batch_kernel = small_batch_matmul.usable(cfg.compute_dtype, cfg.params_dtype,
-                                                       input_ids.shape[0], params)
+        small_batch_kernel = small_batch_matmul.usable(
+            cfg.compute_dtype, cfg.params_dtype, input_ids.shape[0], params,
+            shapes=lambda: small_batch_matmul.dense_matmul_shapes(model, params, input_ids[:, -1:]))
     fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel, return_hidden)
     extra_positions = None if extra_positions is None else jnp.asarray(extra_positions, jnp.int32)
     return fn(params, input_ids, jnp.asarray(attention_mask, jnp.int32), extra_embeddings,
