@@ -49,7 +49,7 @@ def timed(fn, repeats: int, min_seconds: float = 1.0) -> float:
 
 
 def size_config(size: str):
-    return diffusion_train.with_training_defaults(load_config(f"configs/diffusion.py:{size}"))
+    return load_config(f"configs/diffusion.py:{size}")
 
 
 def host_params(config):
