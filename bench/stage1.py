@@ -111,6 +111,7 @@ def main() -> None:
         spec, overrides = CONFIGS[name]
         config = load_config(spec, overrides)
         task = build_task(config)
+        config = task.config  # finalised (vocabulary and special ids from the tokenizer)
         train = bench_training(config, task, args.train_steps, peak["bf16_f32acc"])
         positions = task.tokens_per_step // int(config.train.batch_size)
         print(f"[{name}] {train['params'] / 1e6:.1f}M params, batch {config.train.batch_size} x "

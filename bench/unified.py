@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     from uniecg_jax.inference.chat import UnifiedModel, alignment_fn
 
     config = load_config(f"configs/stage2.py:{args.stage2}")
-    tokenizer, *_ = finalize_stage2_config(config)
+    config, tokenizer, *_ = finalize_stage2_config(config)
     model, s2cfg = build_stage2(config.model)
     params = jax.jit(lambda r: nn.meta.unbox(init_stage2_params(model, r)))(jax.random.PRNGKey(0))
     dcfg = load_config(f"configs/diffusion.py:{args.diffusion}",

@@ -11,6 +11,7 @@ ECG-CoCa tower, 1024-d ecg_projector, Vicuna-7B), qwen2_5_7b.
 """
 import ml_collections
 
+from uniecg_jax.eval.judge import JudgeConfig
 from uniecg_jax.models import ecg_encoder, presets
 from uniecg_jax.train.schema import Stage1TrainConfig, train_group
 
@@ -56,9 +57,7 @@ def get_config(arg=None):
                                                  log_every=25))
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=96, batch_size=8))
     # `uniecg eval interpret --judge`: any OpenAI-compatible chat-completions endpoint.
-    config.eval.judge = ml_collections.ConfigDict(dict(
-        model="gpt-4o-2024-08-06", base_url="https://api.openai.com/v1",
-        api_key_env="OPENAI_API_KEY", temperature=0.0, timeout_s=120.0, max_retries=2))
+    config.eval.judge = ml_collections.ConfigDict(JudgeConfig().to_dict())
     if variant == "demo":
         config.model.llm.update(hidden_size=128, intermediate_size=352, num_layers=3)
         config.model.ecg_encoder.width = 64

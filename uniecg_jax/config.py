@@ -5,9 +5,10 @@ preset (`tiny`, `llama2_7b`, ...). The loaded config is locked, so a mistyped ov
 that names the key and the file instead of silently creating a new field.
 
 The fields of the model and train groups are declared once, by frozen dataclasses
-(`uniecg_jax.models.schema.ConfigSchema`: `LLMConfig`, `UNetConfig`, ..., `train.schema.TrainConfig`);
-config files derive their groups from them. A checkpoint's config.json written by an older version is
-brought up to date by `upgrade_config` (the `MIGRATIONS` table) when it is read.
+(`uniecg_jax.models.schema.ConfigSchema`: `LLMConfig`, `UNetConfig`, ...,
+`train.schema.TrainConfig`); config files derive their groups from them. A checkpoint's config.json
+written by an older version is brought up to date by `upgrade_config` (the `MIGRATIONS` table) when
+it is read.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 Trains the config's `objective` (see `uniecg_jax.train.TRAINERS`; every phase of a multi-phase one,
 such as diffusion's VAE then UNet, each in DIR/<phase>), exports the servable model, and resumes
-automatically from the newest checkpoint in DIR. SIGTERM saves a final checkpoint and exits with status 0, so a preempted job
-simply runs the same command again.
+automatically from the newest checkpoint in DIR. SIGTERM saves a final checkpoint and exits with
+status 0, so a preempted job simply runs the same command again.
 """
 from __future__ import annotations
 

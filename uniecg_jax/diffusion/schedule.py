@@ -28,7 +28,8 @@ class DiffusionConfig(ConfigSchema):
     prediction: str = "epsilon"      # epsilon | v
     clip_sample: float = 1.0         # DDPM/DDIM clip of predicted x0 (diffusers default); 0 = off
     cfg_dropout: float = 0.1         # probability of the null condition in training
-    latent: str = "sample"           # UNet targets: "sample" of the VAE posterior (DiffuSETS) | "mean"
+    # UNet targets: "sample" of the VAE posterior (DiffuSETS) | its "mean"
+    latent: str = "sample"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,7 @@ import urllib.request
 from typing import Any, Callable, Mapping, Sequence
 
 from uniecg_jax.errors import UniECGError
+from uniecg_jax.models.schema import ConfigSchema
 
 METRICS = ("DiagnosisAccuracy", "AnalysisCompleteness", "AnalysisRelevance",
            "LeadAssessmentCoverage", "LeadAssessmentAccuracy", "ECGFeatureGrounding",
@@ -45,20 +46,15 @@ class JudgeError(UniECGError):
 
 
 @dataclasses.dataclass(frozen=True)
-class JudgeConfig:
+class JudgeConfig(ConfigSchema):
+    """The schema of `eval.judge` (loaded strictly by `JudgeConfig.from_config`)."""
+    config_group = "eval.judge"
     model: str = "gpt-4o-2024-08-06"
     base_url: str = "https://api.openai.com/v1"
     api_key_env: str = "OPENAI_API_KEY"
     temperature: float = 0.0
     timeout_s: float = 120.0
     max_retries: int = 2
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "JudgeConfig":
-        """From `cfg.eval.judge` (a ConfigDict or dict); missing fields keep the defaults."""
-        if cfg is None:
-            return cls()
-        return cls(**{f.name: cfg.get(f.name, f.default) for f in dataclasses.fields(cls)})
 
 
 PROMPT = """You are an experienced cardiologist grading an automatically written interpretation of a \

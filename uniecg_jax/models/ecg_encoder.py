@@ -13,8 +13,8 @@ Architecture (what GEM / ECG-Chat's ECG-CoCa tower computes, with `output_last_t
 
 Full size: width 768, 12 layers, 12 heads, patch 50, 5000 samples (10 s at 500 Hz) -> 101 tokens.
 
-Config (`model.ecg_encoder.*`, `model.projector.*` of a ConfigDict; see `encoder_config_dict` and
-`projector_config_dict` for every field and its default):
+Config (`model.ecg_encoder.*`, `model.projector.*` of a ConfigDict; the schema, every field and its
+default, is `ECGEncoderConfig` / `ProjectorConfig`; `encoder_config_dict` derives the presets):
 
   tower = ECGTower(ECGEncoderConfig.from_config(cfg.model.ecg_encoder),
                    ProjectorConfig.from_config(cfg.model.projector))
@@ -40,7 +40,7 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class ECGEncoderConfig(ConfigSchema):
-    """Shape and numerics of the ECG-CoCa tower (`model.ecg_encoder`). `heads` must divide `width`."""
+    """Shape and numerics of the ECG-CoCa tower (`model.ecg_encoder`); `heads` divides `width`."""
     config_group = "model.ecg_encoder"
     width: int = 768
     layers: int = 12
@@ -94,7 +94,7 @@ class ProjectorConfig(ConfigSchema):
     @classmethod
     def from_config(cls, cfg: Any = None, group: str | None = None, ecg_width: int | None = None,
                     **derived: Any) -> "ProjectorConfig":
-        """`ConfigSchema.from_config`; `ecg_width` (the encoder's width) fills an `ecg_width` of 0."""
+        """`ConfigSchema.from_config`; `ecg_width` (the encoder's width) fills `ecg_width` 0."""
         config = super().from_config(cfg, group, **derived)
         return config.replace(ecg_width=ecg_width) if ecg_width and not config.ecg_width else config
 

@@ -43,8 +43,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling(ConfigSchema):
-    """HF `rope_scaling` (`model.rope_scaling`): kind is none | linear | dynamic | llama3. Reads like
-    the HF dict (`dict(config.rope_scaling)`), which the HF converter writes back."""
+    """HF `rope_scaling` (`model.rope_scaling`): kind is none | linear | dynamic | llama3. Reads
+    like the HF dict (`dict(config.rope_scaling)`), which the HF converter writes back."""
     config_group = "model.rope_scaling"
     kind: str = "none"
     factor: float = 1.0
@@ -80,7 +80,7 @@ class LLMConfig(ConfigSchema):
     attention_bias: bool = False       # q/k/v biases (Qwen2)
     param_dtype: str = "float32"       # master weights
     dtype: str = "float32"             # compute dtype (bfloat16 for training at scale)
-    remat: str = "none"                # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+    remat: str = "none"                # one of REMAT_POLICIES
     scan_layers: bool = False          # stack layers with nn.scan (faster compiles for deep models)
     attention_query_chunk: int = 128   # cache-less causal attention in query chunks (0 = dense)
     bos_token_id: int = 1

@@ -2,15 +2,15 @@
 
 Every model / train config dataclass derives from `ConfigSchema`, which gives it
 
-  * `from_config(values, group=...)`: the ONE strict loader. `values` is a ConfigDict, a dict (e.g. a
-    checkpoint's config.json) or None. Unknown keys fail with a "did you mean" error naming the
+  * `from_config(values, group=...)`: the ONE strict loader. `values` is a ConfigDict, a dict (e.g.
+    a checkpoint's config.json) or None. Unknown keys fail with a "did you mean" error naming the
     group (`model.unet.num_level`: did you mean model.unet.num_levels?); missing keys take the
     dataclass default; values are checked against the field's type (ints stay ints, a float field
     takes an int, tuples come from lists, dtypes from names); a field whose type is itself a
     `ConfigSchema` is a nested group loaded the same way.
-  * `to_dict()`: the plain-dict form config files wrap in a ConfigDict (dtypes by name, nested groups
-    as dicts), so `configs/*.py` and `presets.py` derive their groups from the dataclass instead of
-    restating every field: `ml_collections.ConfigDict(LLMConfig(num_layers=2).to_dict())`.
+  * `to_dict()`: the plain-dict form config files wrap in a ConfigDict (dtypes by name, nested
+    groups as dicts), so `configs/*.py` and `presets.py` derive their groups from the dataclass
+    instead of restating every field: `ml_collections.ConfigDict(LLMConfig(num_layers=2).to_dict())`.
 
 Fields computed from another group (e.g. the UNet's `num_train_steps` = `diffusion.num_steps`) are
 declared with `derived_field(...)`: they are left out of `to_dict()` and passed to `from_config` as
@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 
 
 def dtype_field(default: Any = jnp.float32) -> Any:
-    """A dataclass field holding a dtype: configs name it ("bfloat16"), the dataclass holds the dtype."""
+    """A dataclass field holding a dtype: configs name it ("bfloat16"), the dataclass the dtype."""
     return dataclasses.field(default=default, metadata={_DTYPE: True})
 
 
@@ -161,8 +161,8 @@ class ConfigSchema:
             raise ConfigError(str(e)) from None
 
     def to_dict(self) -> dict:
-        """Configurable fields as plain values (dtypes by name, nested groups as dicts, tuples kept):
-        what a config file wraps in a ConfigDict and a checkpoint's config.json stores."""
+        """Configurable fields as plain values (dtypes by name, nested groups as dicts, tuples
+        kept): what a config file wraps in a ConfigDict and a checkpoint's config.json stores."""
         out = {}
         for field in dataclasses.fields(self):
             if _DERIVED in field.metadata:

@@ -2,9 +2,11 @@
 train loop all objectives share.
 
 `TRAINERS` maps a config's `objective` to `"module:function"`; the function takes the config and
-returns a `uniecg_jax.train.loop.TrainTask`. Modules are imported only when their objective is used,
-so `uniecg train` for the LM never imports the diffusion code. Other trainers register by adding a
-line here (stage1, stage2, diffusion).
+returns a `uniecg_jax.train.loop.TrainTask` (its finalised config, tokenizer, export and, for
+diffusion, its two phases), which `uniecg_jax.train.loop.run` trains. The `train` group's schema per
+objective is `uniecg_jax.train.schema.TRAIN_SCHEMAS`. Modules are imported only when their objective
+is used, so `uniecg train` for the LM never imports the diffusion code. Other trainers register by
+adding a line here.
 """
 from __future__ import annotations
 

@@ -14,9 +14,10 @@ Two phases of the shared train loop (`build_task(config).phases`, trained in ord
 
 Rerunning the command resumes whichever phase was interrupted (a finished VAE phase restores its
 final checkpoint and runs no step). With `model.vae.auto_scale` the UNet phase's config gets
-`model.vae.scaling_factor` from the trained VAE (a new config; the loaded one is never rewritten). Data: the bundled real records plus synthetic ECGs at
-`data.synthetic_heart_rates` (generated once, cached on disk under `data.cache_dir`, default
-W/data_cache), or a `uniecg prep` folder (`data.source=/path`, with text embeddings).
+`model.vae.scaling_factor` from the trained VAE (a new config; the loaded one is never rewritten).
+Data: the bundled real records plus synthetic ECGs at `data.synthetic_heart_rates` (generated once,
+cached on disk under `data.cache_dir`, default W/data_cache), or a `uniecg prep` folder
+(`data.source=/path`, with text embeddings).
 """
 from __future__ import annotations
 

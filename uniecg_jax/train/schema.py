@@ -21,7 +21,7 @@ from uniecg_jax.models.schema import ConfigSchema
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(ConfigSchema):
-    """Fields of `config.train` the shared loop (`train.loop`) and optimizer (`train.optim`) read."""
+    """Fields of `config.train` that the shared loop (`train.loop`) and optimizer (`optim`) read."""
     config_group = "train"
     batch_size: int = 8              # global batch (divisible by data*fsdp x grad_accum_steps)
     steps: int = 100

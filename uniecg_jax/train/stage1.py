@@ -36,7 +36,8 @@ def resolve_tokenizer(config: ml_collections.ConfigDict):
     return load_tokenizer(path), path
 
 
-def finalize_model_config(config: ml_collections.ConfigDict, tokenizer) -> ml_collections.ConfigDict:
+def finalize_model_config(config: ml_collections.ConfigDict, tokenizer
+                          ) -> ml_collections.ConfigDict:
     """A new config whose `model.llm` matches the HF checkpoint (if any) and the tokenizer's
     vocabulary and special ids (`config` itself is left as it is)."""
     llm = config.model.llm.to_dict()
@@ -168,7 +169,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
 
 
 def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
-    """Random init (sharded), then the LLM subtree from HF and/or the tower from ECG-CoCa.
+    """The LLM subtree from HF and/or the tower from ECG-CoCa, placed on `abstract_params`'
+    shardings; only the subtrees no pretrained file fills are randomly initialised.
 
     The HF embedding (and untied lm_head) grows to the tokenizer's vocabulary when `<ecg>` was
     added: new rows are the mean of the pretrained ones.
@@ -178,9 +180,15 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
     from uniecg_jax.models.llm import LLMConfig
 
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-    params = jax.jit(lambda rng: nn.meta.unbox(model.init(rng, *_dummy_inputs(model, config))[
-        "params"]), out_shardings=shardings)(jax.random.PRNGKey(int(config.seed)))
-    params = dict(params)
+    # The jitted init returns only the randomly initialised subtrees, so XLA drops the rest of the
+    # init: an HF-initialised LLM's random weights are never computed or allocated. (The tower is
+    # still drawn when ECG-CoCa fills it: the import may cover only some of its groups.)
+    random_keys = [key for key in abstract_params if not (key == "llm" and config.init.hf_dir)]
+    params = dict(jax.jit(
+        lambda rng: {key: nn.meta.unbox(model.init(rng, *_dummy_inputs(model, config))["params"][
+            key]) for key in random_keys},
+        out_shardings={key: shardings[key] for key in random_keys})(
+            jax.random.PRNGKey(int(config.seed))))
     if config.init.hf_dir:
         from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
 

@@ -90,8 +90,8 @@ def finalize_stage2_config(config: ml_collections.ConfigDict):
     if float(config.train.weight_decay) != 0.0:
         raise ConfigError(f"train.weight_decay={config.train.weight_decay}: must be 0 in stage 2 "
                           "(decoupled weight decay would move the frozen vocabulary rows)")
-    config = replace_values(config, {"model.ecg_token_ids": ids,
-                                     **{f"model.{group}": values for group, values in groups.items()}})
+    changes = {f"model.{group}": values for group, values in groups.items()}
+    config = replace_values(config, {"model.ecg_token_ids": ids, **changes})
     return config, tokenizer, path, stage1_dir, old_vocab
 
 
@@ -325,14 +325,17 @@ def _stage1_targets(stage1_dir: str, abstract_params) -> dict:
 
 
 def _params_from_stage1(config, model: UniECGStage2, stage1_dir: str, mesh, abstract_params):
-    """Stage-1 tower + LLM (vocabulary extended, mean rows) + a random alignment head, sharded."""
+    """Stage-1 tower + LLM (vocabulary extended, mean rows) + a random alignment head, sharded.
+    Only the alignment head is randomly initialised (the jitted init returns just that subtree, so
+    XLA drops the random tower and LLM init the stage-1 weights replace)."""
     import flax.linen as nn
 
     from uniecg_jax.checkpoint import restore_model
 
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-    fresh = jax.jit(lambda rng: nn.meta.unbox(init_stage2_params(model, rng)),
-                    out_shardings=shardings)(jax.random.PRNGKey(int(config.seed)))
+    fresh = jax.jit(lambda rng: {"alignment": nn.meta.unbox(init_stage2_params(model, rng))[
+        "alignment"]}, out_shardings={"alignment": shardings["alignment"]})(
+            jax.random.PRNGKey(int(config.seed)))
     stage1, stage1_config = restore_model(stage1_dir, _stage1_targets(stage1_dir, abstract_params))
     tokenizer, _ = _load_base_tokenizer(config, stage1_dir)
     llm, _, ids = add_tokens(stage1["llm"], stage1_config.model.llm, tokenizer,
