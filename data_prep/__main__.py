@@ -2,7 +2,8 @@
 import argparse
 import sys
 
-from data_prep.prep import add_arguments, handle
+from data_prep.arguments import add_arguments
+from data_prep.prep import handle
 from uniecg_jax.errors import UniECGError
 
 if __name__ == "__main__":

@@ -19,35 +19,19 @@ import os
 import sys
 import time
 
-from data_prep.sources import SOURCES, SourceOptions, WorkItem, list_items, load_item
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from tqdm import tqdm
+
+from data_prep.sources import SourceOptions, WorkItem, list_items, load_item
 from uniecg_jax.data.examples import encode_example
-from uniecg_jax.data.prompts import PROMPT_TEMPLATES, report_text
+from uniecg_jax.data.prompts import report_text
 from uniecg_jax.data.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, patient_split
+from uniecg_jax.data.text_encoder import (PrecomputedEmbeddings, check_text_encoder_name,
+                                          get_text_encoder)
 from uniecg_jax.errors import RecordError, UniECGError
 
 SUMMARY_JSON, SKIPPED_JSONL = "summary.json", "skipped.jsonl"
-
-
-def add_arguments(parser) -> None:
-    """The options shared by `uniecg prep` and `python -m data_prep`."""
-    parser.add_argument("--source", required=True, choices=SOURCES)
-    parser.add_argument("--root", default="", help="dataset root (cinc: 'bundled' = shipped "
-                        "samples; grounding: a .json/.jsonl file or folder of them)")
-    parser.add_argument("--out", required=True, help="output folder for the shards")
-    parser.add_argument("--workers", type=int, default=2, help="parallel processes")
-    parser.add_argument("--shard-size", type=int, default=1000, help="records per shard")
-    parser.add_argument("--text-encoder", default="minilm",
-                        help="minilm | hash[:D] | precomputed:FILE.npz | none")
-    parser.add_argument("--prompt-template", default="plain", choices=PROMPT_TEMPLATES,
-                        help="text fed to the encoder: the report, or DiffuSETS' diagnosis prompt")
-    parser.add_argument("--missing-leads", default="error", choices=("error", "zero"))
-    parser.add_argument("--num-records", type=int, default=100, help="synthetic: how many")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
-    parser.add_argument("--ecg-root", default=None, help="grounding: base of relative ecg paths")
-    parser.add_argument("--no-conversations", action="store_true",
-                        help="do not build grounded conversations for records that have none")
-    parser.add_argument("--split", default="0.8,0.1,0.1", help="train,validation,test fractions")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +77,6 @@ _WORKER_ENCODER: dict[str, object] = {}
 
 def _encoder(name: str):
     if name not in _WORKER_ENCODER:
-        from uniecg_jax.data.text_encoder import get_text_encoder
         _WORKER_ENCODER[name] = get_text_encoder(name)
     return _WORKER_ENCODER[name]
 
@@ -101,8 +84,6 @@ def _encoder(name: str):
 def _embed(options: PrepOptions, records, skipped) -> list:
     """Text embeddings for the loaded records; a record whose precomputed embedding is missing is
     moved to `skipped`. Returns [(record, conversation, embedding or None)]."""
-    from uniecg_jax.data.text_encoder import PrecomputedEmbeddings
-
     encoder = _encoder(options.text_encoder)
     if encoder is None:
         return [(r, c, None) for r, c in records]
@@ -123,8 +104,6 @@ def _embed(options: PrepOptions, records, skipped) -> list:
 
 def write_shard(options: PrepOptions, plan: ShardPlan) -> dict:
     """Reads, embeds and writes one shard (temp name, then rename). Returns its meta dict."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     records, skipped = [], []
     for item in plan.items:
         try:
@@ -169,22 +148,15 @@ def _import_before_fork() -> None:
 
 def run_prep(options: PrepOptions) -> dict:
     """Prepares (or finishes preparing) `options.out_dir`; returns the summary dict."""
-    from uniecg_jax.data.text_encoder import check_text_encoder_name
-
     check_text_encoder_name(options.text_encoder)
     started = time.time()
     os.makedirs(options.out_dir, exist_ok=True)
     items, listing_skipped = list_items(options.source)
     plans = plan_shards(items, options.shard_size, options.split_fractions)
     pending = [p for p in plans if not _shard_done(options.out_dir, p)]
-    try:
-        from tqdm import tqdm
-        progress = tqdm(total=sum(len(p.items) for p in plans), unit="rec", desc="prep",
-                        disable=not options.progress, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        progress = None
-    if progress is not None:
-        progress.update(sum(len(p.items) for p in plans) - sum(len(p.items) for p in pending))
+    progress = tqdm(total=sum(len(p.items) for p in plans), unit="rec", desc="prep",
+                    disable=not options.progress, file=sys.stderr)
+    progress.update(sum(len(p.items) for p in plans) - sum(len(p.items) for p in pending))
     jobs = [(options, plan) for plan in pending]
     if options.workers > 1 and len(jobs) > 1:
         _import_before_fork()

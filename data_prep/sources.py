@@ -8,9 +8,17 @@ import os
 import re
 from typing import Any
 
-from uniecg_jax.errors import RecordError, UniECGError
+import numpy as np
 
-SOURCES = ("mimic", "ptbxl", "cinc", "grounding", "synthetic")
+from data_prep.arguments import SOURCES
+from uniecg_jax.data import bundled_samples_dir, conversations, ptbxl_rows_near, with_ptbxl_metadata
+from uniecg_jax.data.measure import with_measured_rhythm
+from uniecg_jax.data.readers.cinc import read_cinc_record
+from uniecg_jax.data.readers.grounding import iter_grounding_file
+from uniecg_jax.data.readers.mimic import MimicDataset, clean_measurements
+from uniecg_jax.data.readers.ptbxl import PTBXLDataset
+from uniecg_jax.data.synthetic import generate_one
+from uniecg_jax.errors import RecordError, UniECGError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +53,8 @@ def _dataset(options: SourceOptions):
     key = (options.source, options.root)
     if key not in _DATASETS:
         if options.source == "mimic":
-            from uniecg_jax.data.readers.mimic import MimicDataset
             _DATASETS[key] = MimicDataset(options.root)
         else:
-            from uniecg_jax.data.readers.ptbxl import PTBXLDataset
             _DATASETS[key] = PTBXLDataset(options.root)
     return _DATASETS[key]
 
@@ -63,8 +69,6 @@ def list_items(options: SourceOptions) -> tuple[list[WorkItem], list[dict]]:
     source, root = options.source, options.root
     skipped: list[dict] = []
     if source == "synthetic":
-        import numpy as np
-
         rng = np.random.default_rng(options.seed)
         rates = rng.uniform(45, 125, size=options.num_records).round(1)
         ages, sexes = rng.integers(20, 90, options.num_records), rng.choice(["M", "F"],
@@ -74,13 +78,10 @@ def list_items(options: SourceOptions) -> tuple[list[WorkItem], list[dict]]:
                  for i in range(options.num_records)]
     elif source == "cinc":
         if root in ("", "bundled"):
-            from uniecg_jax.data import bundled_samples_dir
             root = str(bundled_samples_dir())
         headers = sorted(glob.glob(os.path.join(root, "**", "*.hea"), recursive=True))
         if not headers:
             raise UniECGError(f"{root}: no WFDB headers (*.hea) found for source 'cinc'")
-        from uniecg_jax.data import ptbxl_rows_near
-
         rows = ptbxl_rows_near(root)
         items = []
         for header in headers:
@@ -99,8 +100,6 @@ def list_items(options: SourceOptions) -> tuple[list[WorkItem], list[dict]]:
         items = [WorkItem(f"mimic_{s}", f"mimic_{dataset.patient_id(s)}", s)
                  for s in dataset.study_ids()]
     elif source == "grounding":
-        from uniecg_jax.data.readers.grounding import iter_grounding_file
-
         files = [root] if os.path.isfile(root) else sorted(
             glob.glob(os.path.join(root, "*.json")) + glob.glob(os.path.join(root, "*.jsonl")))
         if not files:
@@ -122,21 +121,12 @@ def list_items(options: SourceOptions) -> tuple[list[WorkItem], list[dict]]:
 
 def load_item(options: SourceOptions, item: WorkItem):
     """-> (ECGRecord, conversation [(role, text)] or None). Raises RecordError for a bad record."""
-    import dataclasses as dc
-
-    from uniecg_jax.data import conversations
-    from uniecg_jax.data.readers.cinc import read_cinc_record
-
     source, conversation = options.source, None
     if source == "synthetic":
-        from uniecg_jax.data.synthetic import generate_one
-
         rate, age, sex, index = item.payload
         record = generate_one(rate, seed=options.seed * 100003 + index, record_id=item.key,
                               age=float(age), sex=sex)
     elif source == "cinc":
-        from uniecg_jax.data import ptbxl_rows_near, with_ptbxl_metadata
-
         path, root = item.payload
         record = with_ptbxl_metadata(read_cinc_record(path, missing_leads=options.missing_leads),
                                      ptbxl_rows_near(root))
@@ -148,23 +138,19 @@ def load_item(options: SourceOptions, item: WorkItem):
         sample = item.payload
         record = read_cinc_record(sample.ecg_path, missing_leads=options.missing_leads)
         report = sample.report or record.report
-        from uniecg_jax.data.readers.mimic import clean_measurements
-
         measurements = {**record.measurements, **clean_measurements(sample.machine_measurements)}
         rr = measurements.get("rr_interval")
-        record = dc.replace(record, record_id=f"{sample.sample_id}", report=report,
+        record = dataclasses.replace(record, record_id=f"{sample.sample_id}", report=report,
                             measurements=measurements,
                             heart_rate=record.heart_rate or (60000.0 / rr if rr else None))
         conversation = list(sample.turns)
-    record = dc.replace(record, patient_id=item.patient_id)
+    record = dataclasses.replace(record, patient_id=item.patient_id)
     if record.heart_rate is None:  # measured once here so pipelines need no QRS detection
-        from uniecg_jax.data.measure import with_measured_rhythm
-
         # The detected rate goes to measurements (heart_rate stays the source's: unknown).
         measured = with_measured_rhythm(record)
-        record = dc.replace(record, r_peaks=measured.r_peaks)
+        record = dataclasses.replace(record, r_peaks=measured.r_peaks)
         if measured.heart_rate is not None:
-            record = dc.replace(record, measurements={
+            record = dataclasses.replace(record, measurements={
                 **record.measurements, QRS_HEART_RATE: round(measured.heart_rate, 2)})
     if conversation is None and options.build_conversations:
         conversation = conversations.build_conversation(record)

@@ -20,8 +20,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import orbax.checkpoint as ocp
 
 from uniecg_jax.config import config_from_json, config_to_json
+from uniecg_jax.data.tokenizer import copy_tokenizer_files
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.layers.params import path_name
 
@@ -38,8 +40,6 @@ def _flatten(tree: Any) -> dict[str, Any]:
 def save_model(directory: str, params: Any, config: ml_collections.ConfigDict,
                tokenizer_dir: str | None = None) -> str:
     """Writes params (Orbax), config.json and a tokenizer copy into `directory` (overwrites)."""
-    import orbax.checkpoint as ocp
-    from uniecg_jax.convert.hf_llm import copy_tokenizer_files
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
@@ -69,7 +69,6 @@ def tokenizer_path(directory: str) -> str | None:
 
 def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{'a/b/kernel': (shape, dtype)} of the stored params, from Orbax metadata (no data read)."""
-    import orbax.checkpoint as ocp
     params_dir = os.path.join(os.path.abspath(directory), PARAMS_DIR)
     if not os.path.isdir(params_dir):
         raise CheckpointError(f"{params_dir}: missing; {directory} is not a uniecg model checkpoint")
@@ -81,7 +80,6 @@ def stored_shapes(directory: str) -> dict[str, tuple[tuple[int, ...], Any]]:
 def restore_model(directory: str, abstract_params: Any = None) -> tuple[Any, ml_collections.ConfigDict]:
     """Restores (params, config). With `abstract_params` every array lands on its `.sharding` and
     in its dtype; without, params are restored as stored onto the default device."""
-    import orbax.checkpoint as ocp
     directory = os.path.abspath(directory)
     config = load_model_config(directory)
     stored = stored_shapes(directory)

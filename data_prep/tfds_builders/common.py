@@ -3,6 +3,7 @@ patient split and the example dict built from an ECGRecord."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from uniecg_jax.data.record import ENCODER_LENGTH, NUM_LEADS, ECGRecord
 from uniecg_jax.data.splits import DEFAULT_FRACTIONS, patient_split
+from uniecg_jax.data.text_encoder import get_text_encoder
 from uniecg_jax.errors import RecordError
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,6 @@ def to_example(record: ECGRecord, embedding: np.ndarray | None) -> dict:
 
 def generate(config: ECGBuilderConfig, keys_and_patients, read, split: str, batch: int = 256):
     """Yields (key, example) for the records of `split`; unreadable records are logged, skipped."""
-    from uniecg_jax.data.text_encoder import get_text_encoder
-
     encoder = get_text_encoder(config.text_encoder) if config.text_encoder else None
     chosen = [(k, p) for k, p in keys_and_patients if patient_split(p, DEFAULT_FRACTIONS) == split]
     for start in range(0, len(chosen), batch):
@@ -93,8 +93,6 @@ class ECGBuilderBase(tfds.core.GeneratorBasedBuilder):
     def code_path(cls):
         # tfds resolves a packaged builder's file through `importlib_resources`, which it declares
         # only for Python < 3.9 and so is absent here; the plain file path is all it needs.
-        import inspect
-
         from etils import epath
 
         return epath.Path(inspect.getfile(cls))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 
 from data_prep.tfds_builders import common
+from uniecg_jax.data.readers.mimic import MimicDataset
 
 
 class UniecgMimicIvEcg(common.ECGBuilderBase):
@@ -21,8 +22,6 @@ class UniecgMimicIvEcg(common.ECGBuilderBase):
                                      homepage="https://physionet.org/content/mimic-iv-ecg/")
 
     def _split_generators(self, dl_manager):
-        from uniecg_jax.data.readers.mimic import MimicDataset
-
         dataset = MimicDataset(dl_manager.manual_dir)
         keys = [(s, f"mimic_{dataset.patient_id(s)}") for s in dataset.study_ids()]
         return self._splits(keys, dataset.read)

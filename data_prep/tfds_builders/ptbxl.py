@@ -5,6 +5,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 
 from data_prep.tfds_builders import common
+from uniecg_jax.data.readers.ptbxl import PTBXLDataset
 
 
 class UniecgPtbxl(common.ECGBuilderBase):
@@ -22,8 +23,6 @@ class UniecgPtbxl(common.ECGBuilderBase):
                                      homepage="https://physionet.org/content/ptb-xl/")
 
     def _split_generators(self, dl_manager):
-        from uniecg_jax.data.readers.ptbxl import PTBXLDataset
-
         dataset = PTBXLDataset(dl_manager.manual_dir)
         keys = [(i, f"ptbxl_{dataset.rows[i].patient_id or i}") for i in dataset.ecg_ids()]
         return self._splits(keys, dataset.read)

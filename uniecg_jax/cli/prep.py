@@ -6,7 +6,7 @@ shards split by patient, resumable, with summary.json and skipped.jsonl. See dat
 """
 from __future__ import annotations
 
-from data_prep.prep import add_arguments, handle
+from data_prep.arguments import add_arguments
 
 
 def register(subparsers) -> None:
@@ -15,3 +15,9 @@ def register(subparsers) -> None:
         description=__doc__)
     add_arguments(parser)
     parser.set_defaults(handler=handle)
+
+
+def handle(args) -> int:
+    from data_prep.prep import handle as prep  # the work: readers, text encoders (heavy imports)
+
+    return prep(args)

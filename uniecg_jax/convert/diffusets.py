@@ -268,7 +268,7 @@ def vae_to_torch(variables: Mapping[str, Any], cfg: VAEConfig) -> dict[str, dict
 
 def load_torch_file(path: str) -> Any:
     """`torch.load` a DiffuSETS `.pth` on CPU (tensors only); errors name the file."""
-    import torch
+    import torch  # optional extra (`uniecg_jax[torch]`), only to read DiffuSETS .pth files
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -155,7 +155,7 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
             raise CheckpointError(f"{label}: checkpoint file not found")
         try:
             if label.endswith(".safetensors"):
-                from safetensors.torch import load_file
+                from safetensors.torch import load_file  # torch: optional extra, only here
                 state = load_file(label)
             else:
                 import torch

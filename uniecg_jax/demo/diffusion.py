@@ -17,7 +17,14 @@ from typing import Sequence
 
 import numpy as np
 
+from uniecg_jax.config import load_config
 from uniecg_jax.data.record import DIFFUSION_FS
+from uniecg_jax.data.synthetic import synthetic_report
+from uniecg_jax.data.text_encoder import text_encoder_for
+from uniecg_jax.diffusion.pipeline import load_pipeline
+from uniecg_jax.eval.ecg_fidelity import heart_rate_mae
+from uniecg_jax.train import diffusion as diffusion_train
+from uniecg_jax.train.loop import run
 
 SYNTHETIC_RATES = (50.0, 65.0, 80.0, 95.0, 110.0, 125.0)
 REQUESTED_RATES = (55.0, 75.0, 100.0, 120.0)
@@ -28,8 +35,6 @@ GUIDANCE = 3.0
 
 def demo_config(quick: bool, workdir: str):
     """configs/diffusion.py:tiny sized for the demo (quick: seconds; full: a few minutes)."""
-    from uniecg_jax.config import load_config
-
     overrides = ["text.encoder=hash:64", "text.embed_dim=64", "train.batch_size=8",
                  "train.log_every=50", "train.checkpoint_every=0", "train.warmup_steps=20"]
     overrides += (["train.vae_steps=6", "train.unet_steps=6", "train.log_every=3"] if quick else
@@ -44,10 +49,6 @@ def hr_mae_at_rates(pipeline, config, rates: Sequence[float], *, guidance: float
                     steps: int, n: int, seed: int = 0) -> dict:
     """Generates `n` ECGs per requested rate (report text = the synthetic report of that rate,
     age 55, sex M) in one batch and returns `ecg_fidelity.heart_rate_mae` plus the wall time."""
-    from uniecg_jax.data.synthetic import synthetic_report
-    from uniecg_jax.eval.ecg_fidelity import heart_rate_mae
-    from uniecg_jax.data.text_encoder import text_encoder_for
-
     embeddings = text_encoder_for(config).encode([synthetic_report(r) for r in rates])
     start = time.perf_counter()
     ecgs = pipeline.generate(embeddings, sex="M", age=55.0, hr=np.asarray(rates, np.float32), n=n,
@@ -60,10 +61,6 @@ def hr_mae_at_rates(pipeline, config, rates: Sequence[float], *, guidance: float
 
 def run_demo(workdir: str, quick: bool = False) -> list[str]:
     """Trains (or resumes) the demo model in `workdir` and returns printable result lines."""
-    from uniecg_jax.diffusion.pipeline import load_pipeline
-    from uniecg_jax.train import diffusion as diffusion_train
-    from uniecg_jax.train.loop import run
-
     config = demo_config(quick, workdir)
     start = time.perf_counter()
     result = run(config, workdir, diffusion_train.build_task(config))

@@ -7,25 +7,27 @@ from __future__ import annotations
 
 import os
 
+import jax
+
+from uniecg_jax.config import load_config
+from uniecg_jax.data.bundled import bundled_split
+from uniecg_jax.data.chat_format import GENERATION_REQUEST, INTERPRETATION_REQUEST
+from uniecg_jax.data.measure import heart_rate_bpm
+from uniecg_jax.data.record import UNKNOWN_HEART_RATE
+from uniecg_jax.data.text_encoder import get_text_encoder
+from uniecg_jax.diffusion.pipeline import load_pipeline
+from uniecg_jax.eval.llm_generate_eval import cosine_similarity, predict_embeddings
+from uniecg_jax.inference.chat import UnifiedModel
+from uniecg_jax.inference.interpret import Interpreter
+from uniecg_jax.train import build_task
+from uniecg_jax.train.loop import train
+
 
 def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = False) -> list[str]:
     """Trains stage 2 (configs/stage2.py:demo) from `stage1_dir` with the diffusion model's text
     encoder, then through the single model: interprets a held-out ECG (checked equal to stage 1's
     answer) and generates an ECG from a held-out report (HR error, embedding cosine vs the
     mean-embedding baseline). Returns printable lines."""
-    from uniecg_jax.config import load_config
-    from uniecg_jax.data.chat_format import GENERATION_REQUEST, INTERPRETATION_REQUEST
-    from uniecg_jax.data.text_encoder import get_text_encoder
-    from uniecg_jax.diffusion.pipeline import load_pipeline
-    from uniecg_jax.data.bundled import bundled_split
-    from uniecg_jax.data.measure import heart_rate_bpm
-    from uniecg_jax.data.record import UNKNOWN_HEART_RATE
-    from uniecg_jax.eval.llm_generate_eval import cosine_similarity, predict_embeddings
-    from uniecg_jax.inference.interpret import Interpreter
-    from uniecg_jax.train import build_task
-    from uniecg_jax.train.loop import train
-    from uniecg_jax.inference.chat import UnifiedModel
-
     pipeline, diffusion_config = load_pipeline(diffusion_dir)
     overrides = [f"init.stage1_ckpt={stage1_dir}",
                  f"text.encoder={diffusion_config.text.encoder}",
@@ -35,7 +37,6 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     config = load_config("configs/stage2.py:demo", overrides)
     task = build_task(config)
     result = train(config, workdir, task)
-    import jax
     task.export(workdir, jax.device_get(result.state.params))
     last = result.history[-1] if result.history else {}
 

@@ -7,6 +7,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+import wfdb
 
 from uniecg_jax.data.record import LEADS
 from uniecg_jax.errors import RecordError
@@ -28,7 +29,6 @@ def write_wfdb(ecg: np.ndarray, directory: str, record_name: str, sample_rate: f
                comments: Sequence[str] = ()) -> str:
     """Writes `directory/record_name.{hea,dat}` (16-bit, units mV, leads I..V6); returns the path
     stem for `wfdb.rdrecord`. `ecg` is `[12, T]` in mV."""
-    import wfdb
     ecg = _check(ecg, f"{record_name}")
     os.makedirs(directory, exist_ok=True)
     wfdb.wrsamp(record_name, fs=float(sample_rate), units=["mV"] * len(LEADS),
@@ -43,7 +43,7 @@ def plot_ecg_paper(ecg: np.ndarray, sample_rate: float, path: str, title: str | 
     One millimetre of paper is one millimetre of figure (dpi fixed at 100), so 25 mm/s and
     10 mm/mV hold when the image is shown at its physical size.
     """
-    import matplotlib
+    import matplotlib  # heavy (~1 s), needed only to draw a figure
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -6,16 +6,20 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniecg_jax import checkpoint
+from uniecg_jax.convert.diffusets import abstract_unet_params, abstract_vae_params
 from uniecg_jax.data.record import DIFFUSION_FS, resample
 from uniecg_jax.diffusion import schedule as schedule_lib
 from uniecg_jax.diffusion.conditioning import build_condition, repeat_conditions
 from uniecg_jax.diffusion.rhythm import pool_rhythm, requested_rhythm
+from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
 from uniecg_jax.models.vae import VAE, VAEConfig
 
@@ -140,11 +144,6 @@ def load_pipeline(path: str) -> tuple[DiffusionPipeline, Any]:
     """(pipeline, config) from a model checkpoint written by `uniecg train` (W/model) or
     `uniecg convert diffusets`; `path` may also be the train workdir W. Params are `{"vae", "unet"}`;
     a missing part or a wrong shape raises CheckpointError naming the tensor."""
-    import os
-
-    from uniecg_jax import checkpoint
-    from uniecg_jax.errors import CheckpointError
-
     if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)) and os.path.isfile(
             os.path.join(path, "model", checkpoint.CONFIG_FILE)):
         path = os.path.join(path, "model")
@@ -152,7 +151,6 @@ def load_pipeline(path: str) -> tuple[DiffusionPipeline, Any]:
     if "model" not in config or "unet" not in config.model or "vae" not in config.model:
         raise CheckpointError(f"{path}: config.json has no model.vae/model.unet; not a diffusion "
                               "model checkpoint")
-    from uniecg_jax.convert.diffusets import abstract_unet_params, abstract_vae_params
 
     unet_cfg = UNetConfig.from_config(config.model.unet, config.diffusion.num_steps)
     vae_cfg = VAEConfig.from_config(config.model.vae)

@@ -31,7 +31,11 @@ from uniecg_jax.data.bundled import diffusion_records
 from uniecg_jax.data.measure import detect_r_peaks, with_measured_rhythms
 from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
 from uniecg_jax.data.text_encoder import text_encoder_for
-from uniecg_jax.eval import ecg_fidelity
+from uniecg_jax.diffusion.pipeline import load_pipeline
+from uniecg_jax.errors import CheckpointError
+from uniecg_jax.eval import clip_training, ecg_fidelity
+from uniecg_jax.eval.interpret_eval import load_eval_records
+from uniecg_jax.models.ecg_clip import embed_ecgs, embed_texts
 
 
 # ------------------------------------------------------------------------------ feature metrics
@@ -145,8 +149,6 @@ def fidelity_metrics(generated: np.ndarray, items: dict, n: int, clip=None,
                "requested_hr": requested.tolist(), "qrs_f1_vs_reference": float(np.mean(f1)),
                "amplitude": ecg_fidelity.compare_amplitudes(generated, items["real"])}
     if clip is not None:
-        from uniecg_jax.models.ecg_clip import embed_ecgs, embed_texts
-
         model, variables = clip
         gen_features = embed_ecgs(model, variables, generated)
         real_features = embed_ecgs(model, variables, items["real"])
@@ -165,13 +167,10 @@ def fidelity_metrics(generated: np.ndarray, items: dict, n: int, clip=None,
 def get_or_train_clip(directory: str, records: Sequence, text_encoder, text_encoder_name: str,
                       steps: int = 300, seed: int = 0):
     """(model, variables) from `directory`, or trained on `records` and saved there."""
-    from uniecg_jax.eval import clip_training
-
     if os.path.isfile(os.path.join(directory, "config.json")):
         model, variables, config = clip_training.load_clip(directory)
         if int(config.clip.text_embed_dim) != int(getattr(text_encoder, "dim", 0) or
                                                   config.clip.text_embed_dim):
-            from uniecg_jax.errors import CheckpointError
             raise CheckpointError(f"{directory}: CLIP was trained on {config.clip.text_embed_dim}-d "
                                   f"text embeddings, the model uses {text_encoder.dim}-d")
         return model, variables
@@ -189,8 +188,6 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
              baseline: bool = True, max_records: int = 0, clip_steps: int = 300, seed: int = 0,
              batch_size: int = 32) -> dict:
     """Generates for every evaluation record, scores, writes `out` (JSON) and returns the metrics."""
-    from uniecg_jax.diffusion.pipeline import load_pipeline
-
     pipeline, config = load_pipeline(ckpt)
     guidance = pipeline.default_guidance if guidance is None else guidance
     text_encoder = text_encoder_for(config)
@@ -198,7 +195,6 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
     if data == "bundled":
         records = clip_records
     else:
-        from uniecg_jax.eval.interpret_eval import load_eval_records
         records = with_measured_rhythms(load_eval_records(data, config))
     if max_records:
         records = records[:max_records]

@@ -15,11 +15,16 @@ import json
 import os
 from typing import Iterable, Sequence
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
+from uniecg_jax.data import read_record
 from uniecg_jax.data.bundled import bundled_split
+from uniecg_jax.data.conversations import measure_findings
+from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
 from uniecg_jax.errors import UniECGError
-from uniecg_jax.eval import report_metrics
+from uniecg_jax.eval import judge, report_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +38,6 @@ class EvalItem:
 def reference_for(record) -> report_metrics.Reference:
     """Statements from the record's labels (SNOMED / SCP names), heart rate from the record's known
     rate (synthetic) or by QRS detection on lead II."""
-    from uniecg_jax.data.conversations import measure_findings
-
     heart_rate = record.heart_rate
     if heart_rate is None:
         findings = measure_findings(record)
@@ -55,14 +58,11 @@ def items_from_records(records: Iterable) -> list[EvalItem]:
 def load_eval_records(data: str, config=None) -> list:
     """`bundled` (the held-out split the checkpoint's config defines), a `uniecg prep` folder (its
     test split), or a folder of WFDB records (every `.hea`)."""
-    from uniecg_jax.data import read_record
-
     if data == "bundled":
         data_cfg = config.data
         return bundled_split(int(data_cfg.holdout_every), int(data_cfg.num_synthetic),
                              int(config.seed))["test"]
     if os.path.isfile(os.path.join(data, "summary.json")):
-        from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
         return [example_to_record(e) for e in read_shards(shard_paths(data, "test"))]
     if os.path.isdir(data):
         headers = sorted(f for f in os.listdir(data) if f.endswith(".hea"))
@@ -102,10 +102,6 @@ def run_shard(interpreter, items: Sequence[EvalItem], out: str, *, process_index
               process_count: int, batch_size: int = 8, max_new_tokens: int | None = None,
               prompt: str | None = None, progress: bool = True) -> str:
     """Interprets this host's share of `items` into its part file; returns the part path."""
-    from tqdm import tqdm
-
-    import jax
-
     mine = [item for i, item in enumerate(items) if i % process_count == process_index]
     path = part_path(out, process_index, process_count)
     done = read_part(path)
@@ -188,10 +184,6 @@ def judge_results(out: str, judge_config, progress: bool = True) -> dict:
     a rerun. Writes and returns OUT.judge.json: the mean of each criterion, with the judge model and
     the aggregation named.
     """
-    from tqdm import tqdm
-
-    from uniecg_jax.eval import judge
-
     with open(out) as f:
         rows = [json.loads(line) for line in f]
     judged_path = out + ".judge.jsonl"

@@ -12,6 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+from uniecg_jax.data.chat_format import GENERATION_REQUEST
+from uniecg_jax.errors import UniECGError
+from uniecg_jax.eval.generate_eval import eval_items, fidelity_metrics, generate_for_items
 
 def cosine_similarity(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of [N, D] arrays."""
@@ -23,8 +26,6 @@ def cosine_similarity(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
 def predict_embeddings(unified, reports: Sequence[str], batch_size: int = 8,
                        max_new_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Generation requests for `reports` -> (predicted condition vectors [N, D], emitted [N] bool)."""
-    from uniecg_jax.data.chat_format import GENERATION_REQUEST
-
     prompts = [GENERATION_REQUEST + report for report in reports]
     conditions, emitted = [], []
     budget = max_new_tokens or unified.model.config.num_ecg_tokens + 2
@@ -41,9 +42,6 @@ def run(unified, records: Sequence, *, text_encoder, n: int = 1, steps: int = 50
     """Metrics dict: {"via_llm": fidelity metrics, "true_embedding": fidelity metrics,
     "embedding_cosine": {mean, min, per_record}, "emitted_rate": share of requests answered with
     all [ECG] tokens}. `unified.diffusion` must be loaded."""
-    from uniecg_jax.errors import UniECGError
-    from uniecg_jax.eval.generate_eval import eval_items, fidelity_metrics, generate_for_items
-
     if unified.diffusion is None:
         raise UniECGError("eval generate --via llm needs a diffusion model (--diffusion DIR)")
     items = eval_items(records, text_encoder)

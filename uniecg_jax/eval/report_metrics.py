@@ -27,11 +27,13 @@ reference heart rate (and mean intervals).
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import os
 import re
 from typing import Iterable, Mapping, Sequence
 
+from uniecg_jax.data import bundled_samples_dir
 from uniecg_jax.data.record import LEADS
 
 MEASUREMENTS = ("heart_rate", "pr", "qrs", "qt", "qtc")
@@ -140,7 +142,6 @@ class StatementVocabulary:
                    scp_statements_csv: str | os.PathLike | None = None) -> "StatementVocabulary":
         """Builds from Challenge dx tables (Dx, SNOMEDCTCode, Abbreviation) and/or PTB-XL SCP
         statements (code in the first column, `description`)."""
-        import csv
         statements: dict[str, set[str]] = collections.defaultdict(set)
         abbreviations: dict[str, str] = {}
         codes: dict[str, str] = {}
@@ -177,7 +178,6 @@ class StatementVocabulary:
     def default(cls, directory: str | os.PathLike | None = None) -> "StatementVocabulary":
         """The Challenge + PTB-XL vocabulary from the bundled sample folder (or `directory`)."""
         if directory is None:
-            from uniecg_jax.data import bundled_samples_dir
             directory = bundled_samples_dir()
         directory = os.fspath(directory)
         dx = [os.path.join(directory, n) for n in ("dx_mapping_scored.csv", "dx_mapping_unscored.csv")]

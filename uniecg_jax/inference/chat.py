@@ -24,9 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
 from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
 from uniecg_jax.data.chat_format import InputBuilder
+from uniecg_jax.data.tokenizer import load_tokenizer
+from uniecg_jax.diffusion.ecg_writer import write_generated
 from uniecg_jax.diffusion.pipeline import load_pipeline
+from uniecg_jax.errors import CheckpointError
 from uniecg_jax.inference import decoding
 from uniecg_jax.inference.interpret import Interpreter, encode_ecg_fn, input_builder, \
     resolve_model_dir
@@ -115,10 +119,6 @@ class UnifiedModel:
         """From a stage-2 train workdir or its exported model dir; `diffusion`: a diffusion model
         dir, a `(pipeline, config)` pair or a pipeline (optional: without it the model only
         interprets and emits tokens). `chat` samples with the diffusion config's `sample.*`."""
-        from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
-        from uniecg_jax.data.tokenizer import load_tokenizer
-        from uniecg_jax.errors import CheckpointError
-
         directory = resolve_model_dir(path)
         config = load_model_config(directory)
         if "ecg_token_ids" not in config.model or "alignment" not in config.model:
@@ -230,8 +230,6 @@ class UnifiedModel:
             steps=int(steps or settings["steps"]), guidance=float(settings["guidance"]),
             eta=float(settings["eta"]), seed=seed, sample_rate=turn.sample_rate)[0]
         if out_dir:
-            from uniecg_jax.diffusion.ecg_writer import write_generated
-
             comments = [f"prompt: {prompt}", "sex: {sex} age: {age:g} hr: {heart_rate:g}".format(
                 **turn.conditions)]
             turn.files = write_generated(turn.generated_ecg[None], out_dir, turn.sample_rate,

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.checkpoint import load_model_config, restore_model, save_model
 from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, InputBuilder
+from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.inference import decoding
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.layers.params import abstract_module_params
@@ -44,8 +46,6 @@ def resolve_model_dir(path: str) -> str:
 
 def export_model(workdir: str, params: Any, config: ml_collections.ConfigDict, tokenizer) -> str:
     """Writes `workdir/model/`: params, config.json and the tokenizer (loadable by `Interpreter`)."""
-    from uniecg_jax.checkpoint import save_model
-
     directory = save_model(os.path.join(workdir, MODEL_SUBDIR), params, config)
     if jax.process_index() == 0:
         tokenizer.save_pretrained(os.path.join(directory, "tokenizer"))
@@ -76,9 +76,6 @@ class Interpreter:
 
     @classmethod
     def load(cls, path: str) -> "Interpreter":
-        from uniecg_jax.checkpoint import load_model_config, restore_model
-        from uniecg_jax.data.tokenizer import load_tokenizer
-
         directory = resolve_model_dir(path)
         config = load_model_config(directory)
         model, ucfg = build_unified(config.model)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from uniecg_jax.config import ConfigError
+
 TRAINERS: dict[str, str] = {
     "lm": "uniecg_jax.train.lm:build_task",
     "stage1": "uniecg_jax.train.stage1:build_task",
@@ -23,8 +25,6 @@ TRAINERS: dict[str, str] = {
 
 def build_task(config: Any):
     """The TrainTask for `config.objective` (a ConfigError naming the known objectives otherwise)."""
-    from uniecg_jax.config import ConfigError
-
     objective = config.get("objective", None)
     if objective not in TRAINERS:
         raise ConfigError(f"config.objective={objective!r} has no trainer; known: {sorted(TRAINERS)}")

@@ -19,6 +19,7 @@ from typing import Any
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -138,7 +139,6 @@ class PreemptionFlag:
         local = self._event.is_set()
         if jax.process_count() == 1:
             return local
-        from jax.experimental import multihost_utils
         return bool(multihost_utils.process_allgather(local).any())
 
     def restore(self) -> None:

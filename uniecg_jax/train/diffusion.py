@@ -31,9 +31,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.checkpoint import save_model
 from uniecg_jax.data.bundled import diffusion_records
 from uniecg_jax.data.text_encoder import text_encoder_for
 from uniecg_jax.config import replace_values
+from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
+from uniecg_jax.data.pipelines import diffusion_loader, records_source
 from uniecg_jax.diffusion import losses
 from uniecg_jax.diffusion.rhythm import RHYTHM_CHANNELS
 from uniecg_jax.layers.params import abstract_params, count_params, init_params_on_host
@@ -61,8 +64,6 @@ def phase_config(config: ml_collections.ConfigDict, phase: str) -> ml_collection
 
 def diffusion_data_source(config: ml_collections.ConfigDict):
     """What `diffusion_loader` reads: a prep folder path or an in-memory source with embeddings."""
-    from uniecg_jax.data.pipelines import records_source
-
     if config.data.source != "bundled":
         return str(config.data.source)
     return records_source(diffusion_records(config), text_encoder=text_encoder_for(config))
@@ -95,8 +96,6 @@ def _cached_source(config: ml_collections.ConfigDict):
 
 def _make_data_fn(config: ml_collections.ConfigDict):
     def make_data(process_index, process_count, local_batch):
-        from uniecg_jax.data.pipelines import diffusion_loader
-
         loader = diffusion_loader(_cached_source(config), batch_size=local_batch, split="train",
                                   seed=int(config.seed), process_index=process_index,
                                   process_count=process_count,
@@ -283,8 +282,6 @@ def describe_data(config: ml_collections.ConfigDict) -> str:
 def export_model(directory: str, params: Any, config: ml_collections.ConfigDict) -> str:
     """Writes `{"vae", "unet"}` params + config.json as a model checkpoint `DiffusionPipeline`
     loads with `load_pipeline(directory)`."""
-    from uniecg_jax.checkpoint import save_model
-
     params = {"vae": jax.device_get(params["vae"]), "unet": jax.device_get(params["unet"])}
     return save_model(directory, params, config)
 
@@ -301,7 +298,6 @@ def latent_scaling_factor(config: ml_collections.ConfigDict, vae_params, max_rec
         records = diffusion_records(config)[:max_records]
         ecgs = np.stack([r.to_diffusion_input() for r in records])
     else:
-        from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
         examples = read_shards(shard_paths(str(config.data.source), "train"))[:max_records]
         ecgs = np.stack([example_to_record(e).to_diffusion_input() for e in examples])
     vae = VAE(VAEConfig.from_config(config.model.vae))

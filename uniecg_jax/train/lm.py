@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from uniecg_jax.data import tokenizer as tokenizer_lib
+from uniecg_jax.models.llm import build_decoder
 from uniecg_jax.train.loop import TrainTask
 from uniecg_jax.train.schema import load_train_config
 
@@ -89,7 +91,6 @@ def _report_token_stream(config: ml_collections.ConfigDict) -> tuple[np.ndarray,
 @functools.lru_cache(maxsize=4)
 def _cached_report_stream(vocab_size: int, eos_id: int) -> tuple[np.ndarray, str] | None:
     try:
-        from uniecg_jax.data import tokenizer as tokenizer_lib
         tokenizer = tokenizer_lib.load_tiny()
         texts = tokenizer_lib.training_corpus()
     except (ImportError, OSError, AttributeError):
@@ -144,8 +145,6 @@ def lm_dataset(config: ml_collections.ConfigDict, process_index: int = 0, proces
 
 def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     """The `lm` objective for `configs/llm.py`: the Decoder LLM on `lm_dataset`."""
-    from uniecg_jax.models.llm import build_decoder
-
     model, llm_config = build_decoder(config.model)
     train_config = load_train_config(config)
     seq_len = train_config.seq_len

@@ -11,27 +11,31 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from uniecg_jax.config import replace_values
+from uniecg_jax.convert.ecg_coca import import_ecg_coca
+from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
 from uniecg_jax.data.bundled import bundled_split
+from uniecg_jax.data.pipelines import records_source, stage1_loader
+from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder, \
     expand_inputs
 from uniecg_jax.models.vocabulary import grow_vocab_rows
 from uniecg_jax.layers.params import abstract_params, count_params
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter
+from uniecg_jax.models.llm import LLMConfig
 from uniecg_jax.train.loop import TrainTask
 from uniecg_jax.train.schema import load_train_config
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict):
     """The tokenizer this config trains with: data.tokenizer, else init.hf_dir's, else tiny."""
-    from uniecg_jax.data.tokenizer import load_tokenizer
-
     path = config.data.tokenizer or config.init.hf_dir or None
     return load_tokenizer(path), path
 
@@ -43,8 +47,6 @@ def finalize_model_config(config: ml_collections.ConfigDict, tokenizer
     llm = config.model.llm.to_dict()
     changes = {}
     if config.init.hf_dir:
-        from uniecg_jax.convert.hf_llm import model_config_from_hf
-
         hf_model = model_config_from_hf(config.init.hf_dir).to_dict()
         for key, value in hf_model.items():
             if key in ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_chunk"):
@@ -66,8 +68,6 @@ def finalize_model_config(config: ml_collections.ConfigDict, tokenizer
 
 def stage1_data_source(config: ml_collections.ConfigDict, split: str):
     """What `stage1_loader` reads: a prep folder path, or an in-memory source of bundled data."""
-    from uniecg_jax.data.pipelines import records_source
-
     if config.data.source != "bundled":
         return config.data.source
     records = bundled_split(int(config.data.holdout_every), int(config.data.num_synthetic),
@@ -112,8 +112,6 @@ def encoder_flops_per_ecg(ucfg: UniECGConfig) -> float:
 
 def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     """The `stage1` TrainTask: UniECG on grounded conversations."""
-    from uniecg_jax.data.pipelines import stage1_loader
-
     tokenizer, tokenizer_path = resolve_tokenizer(config)
     config = finalize_model_config(config, tokenizer)
     train_config = load_train_config(config)
@@ -175,10 +173,6 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
     The HF embedding (and untied lm_head) grows to the tokenizer's vocabulary when `<ecg>` was
     added: new rows are the mean of the pretrained ones.
     """
-    import flax.linen as nn
-
-    from uniecg_jax.models.llm import LLMConfig
-
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     # The jitted init returns only the randomly initialised subtrees, so XLA drops the rest of the
     # init: an HF-initialised LLM's random weights are never computed or allocated. (The tower is
@@ -190,8 +184,6 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
         out_shardings={key: shardings[key] for key in random_keys})(
             jax.random.PRNGKey(int(config.seed))))
     if config.init.hf_dir:
-        from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
-
         ours = model.config.llm
         hf_config = model_config_from_hf(config.init.hf_dir)
         hf_config.param_dtype = ours.param_dtype if isinstance(ours.param_dtype, str) else str(
@@ -200,8 +192,6 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
         llm = grow_vocab_rows(llm, ours.vocab_size)
         params["llm"] = jax.device_put(llm, shardings["llm"])
     if config.init.ecg_encoder_ckpt:
-        from uniecg_jax.convert.ecg_coca import import_ecg_coca
-
         imported = import_ecg_coca(config.init.ecg_encoder_ckpt, model.config.encoder,
                                    model.config.projector).params
         tower = dict(params["ecg_tower"])

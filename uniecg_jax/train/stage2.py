@@ -20,24 +20,30 @@ import functools
 import json
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import ml_collections
 import numpy as np
 
+from uniecg_jax.checkpoint import load_model_config, restore_model, stored_shapes, tokenizer_path
 from uniecg_jax.config import ConfigError, replace_values
 from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.layers.params import abstract_params, count_params, path_name
 from uniecg_jax.convert.hf_llm import add_tokens
 from uniecg_jax.data.chat_format import ecg_token_names
-from uniecg_jax.data.tokenizer import add_ecg_tokens
+from uniecg_jax.data.examples import decode_example
+from uniecg_jax.data.pipelines import records_source, stage1_loader, stage2_loader
+from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tokenizer
 from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, init_stage2_params, stage1_model,
                                       stage1_params)
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
-from uniecg_jax.inference.interpret import model_exporter
+from uniecg_jax.inference.interpret import model_exporter, resolve_model_dir
 from uniecg_jax.train.loop import TrainTask
 from uniecg_jax.train.schema import load_train_config
+from uniecg_jax.train.stage1 import stage1_data_source, stage1_loss
 
 # Batch fields of the interpretation (stage-1) examples that keep the [ECG] rows out of answers.
 INTERPRET_PREFIX = "interpret/"
@@ -47,15 +53,11 @@ def stage1_model_dir(config: ml_collections.ConfigDict) -> str | None:
     """The stage-1 model checkpoint directory of `init.stage1_ckpt` (workdir or model dir)."""
     if not config.init.stage1_ckpt:
         return None
-    from uniecg_jax.inference.interpret import resolve_model_dir
     return resolve_model_dir(str(config.init.stage1_ckpt))
 
 
 def _load_base_tokenizer(config: ml_collections.ConfigDict, stage1_dir: str | None):
     """The stage-1 checkpoint's tokenizer, else data.tokenizer, else the tiny one (no [ECG] yet)."""
-    from uniecg_jax.checkpoint import tokenizer_path
-    from uniecg_jax.data.tokenizer import load_tokenizer
-
     path = (tokenizer_path(stage1_dir) if stage1_dir else None) or config.data.tokenizer or None
     return load_tokenizer(path), path
 
@@ -68,8 +70,6 @@ def finalize_stage2_config(config: ml_collections.ConfigDict):
     `[ECG]` tokens are added to the tokenizer (as `convert.hf_llm.add_tokens` does), their ids go to
     `model.ecg_token_ids` and `model.llm.vocab_size` grows to cover them.
     """
-    from uniecg_jax.checkpoint import load_model_config
-
     stage1_dir = stage1_model_dir(config)
     tokenizer, path = _load_base_tokenizer(config, stage1_dir)
     count = int(config.model.num_ecg_tokens)
@@ -138,8 +138,6 @@ def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: j
     metrics = {}
     preservation = 0.0
     if preservation_weight and any(k.startswith(INTERPRET_PREFIX) for k in batch):
-        from uniecg_jax.train.stage1 import stage1_loss
-
         interpret = {k[len(INTERPRET_PREFIX):]: v for k, v in batch.items()
                      if k.startswith(INTERPRET_PREFIX)}
         preservation, aux = stage1_loss(stage1_model(model.config), stage1_params(params),
@@ -197,8 +195,6 @@ _EMBEDDED_SOURCES: dict = {}
 def stage2_data_source(config: ml_collections.ConfigDict, split: str):
     """A prep folder path, or bundled + synthetic records with reports embedded by `text.encoder`
     (embedded once per process and cached)."""
-    from uniecg_jax.data.pipelines import records_source
-
     if config.data.source != "bundled":
         return config.data.source
     key = (str(config.text.encoder), int(config.data.holdout_every),
@@ -211,8 +207,6 @@ def stage2_data_source(config: ml_collections.ConfigDict, split: str):
 
 def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     """The `stage2` TrainTask."""
-    from uniecg_jax.data.pipelines import stage2_loader
-
     config, tokenizer, tokenizer_path, stage1_dir, old_vocab = finalize_stage2_config(config)
     train_config = load_train_config(config)
     model, s2cfg = build_stage2(config.model)
@@ -237,7 +231,6 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         source = stage2_data_source(config, "train")
         first = source[0] if not isinstance(source, str) else None
         if first is not None:
-            from uniecg_jax.data.examples import decode_example
             width = np.asarray(decode_example(first)["text_embedding"]).shape[-1]
             if width != text_dim:
                 raise UniECGError(f"text encoder {config.text.encoder!r} gives {width}-d "
@@ -248,8 +241,6 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                                worker_count=int(config.data.worker_count))
         if not weights[3]:
             return iter(loader)
-        from uniecg_jax.data.pipelines import stage1_loader
-        from uniecg_jax.train.stage1 import stage1_data_source
 
         interpretations = stage1_loader(
             stage1_data_source(config, "train"), tokenizer,
@@ -302,10 +293,6 @@ def _stage1_targets(stage1_dir: str, abstract_params) -> dict:
     """Restore targets for a stage-1 checkpoint: every tensor straight onto its stage-2 sharding
     (so a 7B model never gathers on one device); the vocabulary-sized ones (fewer rows before the
     [ECG] tokens are added) keep that sharding except along the dimension that differs."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from uniecg_jax.checkpoint import stored_shapes
-
     stored = stored_shapes(stage1_dir)
 
     def target(path, leaf):
@@ -328,10 +315,6 @@ def _params_from_stage1(config, model: UniECGStage2, stage1_dir: str, mesh, abst
     """Stage-1 tower + LLM (vocabulary extended, mean rows) + a random alignment head, sharded.
     Only the alignment head is randomly initialised (the jitted init returns just that subtree, so
     XLA drops the random tower and LLM init the stage-1 weights replace)."""
-    import flax.linen as nn
-
-    from uniecg_jax.checkpoint import restore_model
-
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     fresh = jax.jit(lambda rng: {"alignment": nn.meta.unbox(init_stage2_params(model, rng))[
         "alignment"]}, out_shardings={"alignment": shardings["alignment"]})(

@@ -8,7 +8,7 @@ import math
 import os
 
 from uniecg_jax.data.readers.wfdb_io import read_wfdb_signal, strip_wfdb_extension
-from uniecg_jax.data.record import ECGRecord, make_record
+from uniecg_jax.data.record import ECGRecord, bundled_samples_dir, make_record
 from uniecg_jax.errors import RecordError
 
 DX_TABLE_NAMES = ("dx_mapping_scored.csv", "dx_mapping_unscored.csv")
@@ -81,7 +81,6 @@ def read_cinc_record(path: str | os.PathLike, *, dx_mapping_dir: str | None = No
         if any(os.path.exists(os.path.join(parent, n)) for n in DX_TABLE_NAMES):
             dx_mapping_dir = parent
         else:
-            from uniecg_jax.data import bundled_samples_dir
             dx_mapping_dir = str(bundled_samples_dir())
     labels = tuple(verbalise_dx(codes, load_dx_mapping(dx_mapping_dir)))
     return make_record(

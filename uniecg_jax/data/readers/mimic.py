@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import os
 
+import pandas as pd
+
 from uniecg_jax.data.readers.wfdb_io import read_wfdb_signal
 from uniecg_jax.data.record import ECGRecord, make_record
 from uniecg_jax.errors import RecordError
@@ -50,8 +52,6 @@ class MimicDataset:
     """A MIMIC-IV-ECG root (the folder holding record_list.csv, machine_measurements.csv, files/)."""
 
     def __init__(self, root: str | os.PathLike):
-        import pandas as pd
-
         self.root = os.fspath(root)
         list_path = os.path.join(self.root, RECORD_LIST_CSV)
         try:

@@ -6,6 +6,8 @@ import ast
 import dataclasses
 import os
 
+import pandas as pd
+
 from uniecg_jax.data.readers.cinc import parse_age
 from uniecg_jax.data.readers.wfdb_io import read_wfdb_signal
 from uniecg_jax.data.record import ECGRecord, make_record
@@ -29,8 +31,6 @@ class PTBXLRow:
 
 def load_scp_statements(path: str) -> dict[str, str]:
     """SCP code -> description (the first, unnamed column holds the code)."""
-    import pandas as pd
-
     try:
         table = pd.read_csv(path, index_col=0)
         return {str(code): str(desc) for code, desc in table["description"].items()}
@@ -41,8 +41,6 @@ def load_scp_statements(path: str) -> dict[str, str]:
 def load_ptbxl_rows(database_csv: str, statements_csv: str) -> dict[int, PTBXLRow]:
     """ecg_id -> PTBXLRow. `scp_codes` ({'NORM': 100.0, 'SR': 0.0}) become descriptions ordered by
     likelihood; PTB-XL sex 0 = male, 1 = female."""
-    import pandas as pd
-
     statements = load_scp_statements(statements_csv)
     try:
         table = pd.read_csv(database_csv)

@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 import numpy as np
+import wfdb
 
 from uniecg_jax.data.record import ECGRecord, make_record
 from uniecg_jax.errors import RecordError
@@ -23,8 +24,6 @@ def strip_wfdb_extension(path: str | os.PathLike) -> str:
 def _raise_if_header_corrupt(base: str, header_path: str) -> None:
     """Called after wfdb failed: says "corrupt header" when the header itself does not parse (wfdb
     re-parses it here; on the success path it is parsed only once, by rdrecord)."""
-    import wfdb
-
     try:
         header = wfdb.rdheader(base)
     except Exception as e:  # wfdb raises HeaderSyntaxError/ValueError/TypeError/... on bad headers
@@ -41,8 +40,6 @@ def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], fl
     Returns ([C, T] float32 signal in mV, channel names, sampling rate, header comment lines).
     Raises RecordError naming the file for a missing file, a corrupt header or a truncated signal.
     """
-    import wfdb
-
     base = strip_wfdb_extension(path)
     header_path = base + ".hea"
     if not os.path.exists(header_path):
