@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from uniecg_jax.models.schema import ConfigError
+from uniecg_jax.errors import ConfigError
 
 __all__ = ["ConfigError", "MIGRATIONS", "apply_override", "config_from_json", "config_to_json",
            "load_config", "load_config_file", "replace_values", "split_config_args",

@@ -11,3 +11,7 @@ class RecordError(UniECGError):
 
 class CheckpointError(UniECGError):
     """A checkpoint is missing, incomplete or does not match the model (shape, dtype, key)."""
+
+
+class ConfigError(ValueError):
+    """A config file, preset, override or config group is invalid (the CLI exits 2 on it)."""

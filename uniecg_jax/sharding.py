@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from uniecg_jax.config import ConfigError
+from uniecg_jax.errors import ConfigError
 from uniecg_jax.layers.params import abstract_params
 
 MESH_AXES = ("data", "fsdp", "tensor")

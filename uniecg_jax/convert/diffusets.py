@@ -14,7 +14,6 @@ PyTorch's default-free values (zeros / ones) on export, so `load_state_dict(stri
 """
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Mapping
 
@@ -23,9 +22,8 @@ import numpy as np
 from flax import traverse_util
 
 from uniecg_jax.errors import CheckpointError
-from uniecg_jax.layers.params import abstract_module_params
-from uniecg_jax.models.unet import ConditionalUNet, UNetConfig, timestep_table
-from uniecg_jax.models.vae import VAE, VAEConfig, decoder_plan, encoder_plan
+from uniecg_jax.models.unet import UNetConfig, abstract_unet_params, timestep_table
+from uniecg_jax.models.vae import VAEConfig, abstract_vae_params, decoder_plan, encoder_plan
 
 # Flax module name -> DiffuSETS attribute name, per enclosing module kind.
 _UNET_TOP = [
@@ -162,21 +160,6 @@ def _import(state: Mapping[str, Any], abstract: Any, module_fn, unused: re.Patte
     if missing:
         raise CheckpointError(f"{what}: no source for Flax parameters {missing[:5]}")
     return traverse_util.unflatten_dict(flat)
-
-
-@functools.lru_cache(maxsize=8)
-def abstract_unet_params(cfg: UNetConfig) -> Any:
-    """ShapeDtypeStruct tree of the UNet's `params` (no allocation)."""
-    batch = 1
-    return abstract_module_params(
-        ConditionalUNet(cfg), jnp.zeros((batch, cfg.latent_length, cfg.latent_channels)),
-        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, cfg.condition_dim)))
-
-
-@functools.lru_cache(maxsize=8)
-def abstract_vae_params(cfg: VAEConfig, length: int = 1024) -> Any:
-    """ShapeDtypeStruct tree of the VAE's `params`."""
-    return abstract_module_params(VAE(cfg), jnp.zeros((1, length, cfg.num_leads)))
 
 
 _UNET_UNUSED = re.compile(r"(^|\.)block\.down\.(weight|bias)$|time_emb\.embeddings$")

@@ -28,7 +28,6 @@ from safetensors.numpy import load_file, save_file
 
 from uniecg_jax.checkpoint import tokenizer_path
 from uniecg_jax.config import config_to_json
-from uniecg_jax.convert.diffusets import abstract_unet_params, abstract_vae_params
 from uniecg_jax.convert.hf_llm import load_hf_params, save_hf
 from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline, load_pipeline
@@ -37,8 +36,8 @@ from uniecg_jax.inference.chat import UnifiedModel, load_diffusion
 from uniecg_jax.inference.interpret import resolve_model_dir
 from uniecg_jax.layers.params import path_name
 from uniecg_jax.models.stage2 import abstract_stage2_params, build_stage2
-from uniecg_jax.models.unet import UNetConfig
-from uniecg_jax.models.vae import VAEConfig
+from uniecg_jax.models.unet import UNetConfig, abstract_unet_params
+from uniecg_jax.models.vae import VAEConfig, abstract_vae_params
 
 FORMAT = "uniecg-unified-v1"
 CONFIG_FILE = "uniecg_config.json"

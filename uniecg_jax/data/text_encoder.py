@@ -21,9 +21,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from uniecg_jax.config import ConfigError
 from uniecg_jax.data.prompts import report_text
-from uniecg_jax.errors import UniECGError
+from uniecg_jax.errors import ConfigError, UniECGError
 
 class TextEncoder(Protocol):
     name: str

@@ -14,14 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniecg_jax import checkpoint
-from uniecg_jax.convert.diffusets import abstract_unet_params, abstract_vae_params
 from uniecg_jax.data.record import DIFFUSION_FS, resample
 from uniecg_jax.diffusion import schedule as schedule_lib
 from uniecg_jax.diffusion.conditioning import build_condition, repeat_conditions
 from uniecg_jax.diffusion.rhythm import pool_rhythm, requested_rhythm
 from uniecg_jax.errors import CheckpointError
-from uniecg_jax.models.unet import ConditionalUNet, UNetConfig
-from uniecg_jax.models.vae import VAE, VAEConfig
+from uniecg_jax.models.unet import ConditionalUNet, UNetConfig, abstract_unet_params
+from uniecg_jax.models.vae import VAE, VAEConfig, abstract_vae_params
 
 def guided_denoiser(unet: ConditionalUNet, unet_params: Any, condition: jax.Array,
                     guidance: float, rhythm: jax.Array | None = None):

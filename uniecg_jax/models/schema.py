@@ -28,12 +28,10 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from uniecg_jax.errors import ConfigError
+
 _DTYPE = "uniecg_dtype"       # field metadata: the value is a dtype, given by name in configs
 _DERIVED = "uniecg_derived"   # field metadata: filled by code from another group, not configured
-
-
-class ConfigError(ValueError):
-    """A config file, preset, override or config group is invalid."""
 
 
 def dtype_field(default: Any = jnp.float32) -> Any:

@@ -20,6 +20,7 @@ zeroed with the dropped condition.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,6 +33,7 @@ from uniecg_jax.layers.attention import MultiHeadAttention
 from uniecg_jax.layers.conv import Conv1d, ConvTranspose1d
 from uniecg_jax.layers.linear import Linear
 from uniecg_jax.layers.norms import GroupNorm, LayerNorm
+from uniecg_jax.layers.params import abstract_module_params
 from uniecg_jax.models.schema import ConfigSchema, derived_field, dtype_field
 
 NUM_SCALAR_CONDITIONS = 3  # sex (M=1, F=0), age in years, heart rate in bpm
@@ -305,3 +307,12 @@ class ConditionalUNet(nn.Module):
         if drop_condition is not None:
             rhythm = jnp.where(drop_condition[:, None, None], 0.0, rhythm)
         return rhythm.astype(self.cfg.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_unet_params(cfg: UNetConfig) -> Any:
+    """ShapeDtypeStruct tree of the UNet's `params` (no allocation)."""
+    batch = 1
+    return abstract_module_params(
+        ConditionalUNet(cfg), jnp.zeros((batch, cfg.latent_length, cfg.latent_channels)),
+        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, cfg.condition_dim)))

@@ -11,6 +11,7 @@ in a *plan* (`encoder_plan`, `decoder_plan`) shared with the DiffuSETS importer,
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ from uniecg_jax.layers.attention import bidirectional_attention, merge_heads, sp
 from uniecg_jax.layers.conv import Conv1d
 from uniecg_jax.layers.linear import Linear
 from uniecg_jax.layers.norms import GroupNorm
+from uniecg_jax.layers.params import abstract_module_params
 from uniecg_jax.models.schema import ConfigSchema, dtype_field
 
 
@@ -214,3 +216,9 @@ def vae_loss_terms(recon: jax.Array, ecg: jax.Array, mean: jax.Array, log_varian
     reconstruction = jnp.sum(jnp.square(recon - ecg)) / ecg.shape[0]
     kl = 0.5 * (jnp.exp(log_variance) + jnp.square(mean) - 1.0 - log_variance)
     return reconstruction, jnp.mean(jnp.sum(kl, axis=-1))
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_vae_params(cfg: VAEConfig, length: int = 1024) -> Any:
+    """ShapeDtypeStruct tree of the VAE's `params`."""
+    return abstract_module_params(VAE(cfg), jnp.zeros((1, length, cfg.num_leads)))
