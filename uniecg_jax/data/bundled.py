@@ -17,9 +17,10 @@ def bundled_split(holdout_every: int, num_synthetic: int, seed: int) -> dict[str
     (`data.splits.patient_split`, about one patient in `holdout_every` held out for test) plus
     `num_synthetic` synthetic ones from seed + 1 (train gets the first 3/4, test the rest)."""
     fractions = holdout_fractions(holdout_every)
-    records = load_bundled_records()
-    train = [r for r in records if patient_split(r.patient_id, fractions) == "train"]
-    test = [r for r in records if patient_split(r.patient_id, fractions) == "test"]
+    split = {"train": [], "test": []}
+    for record in load_bundled_records():
+        split.setdefault(patient_split(record.patient_id, fractions), []).append(record)
+    train, test = split["train"], split["test"]
     if num_synthetic:
         generated = cached_synthetic(num_synthetic, seed + 1)
         cut = (3 * num_synthetic) // 4
