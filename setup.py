@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "pandas>=2.0,<3",
     "neurokit2>=0.2.10,<0.3",
     "matplotlib>=3.8,<4",
+    "pillow>=10.1,<14",      # ECG image rendering (bundled FreeType font) and CLIP resizing
     "tqdm>=4.66,<5",
 ]
 

@@ -1,5 +1,6 @@
 """Generated ECGs to disk: WFDB records (`.hea` + `.dat`, 12 named leads in mV) and 12-lead PNGs on
 standard paper (25 mm/s, 10 mm/mV, 1 mm / 5 mm grid; 3 x 4 layout of 2.5 s + a lead II rhythm strip).
+The page geometry is `data.ecg_paper`'s (shared with the image renderer `data.ecg_image`).
 """
 from __future__ import annotations
 
@@ -9,11 +10,9 @@ from typing import Sequence
 import numpy as np
 import wfdb
 
+from uniecg_jax.data.ecg_paper import MM_PER_INCH, paper_layout, pulse_points
 from uniecg_jax.data.record import LEADS
 from uniecg_jax.errors import RecordError
-
-PAPER_SPEED_MM_S = 25.0
-GAIN_MM_MV = 10.0
 
 
 def _check(ecg: np.ndarray, what: str) -> np.ndarray:
@@ -37,8 +36,10 @@ def write_wfdb(ecg: np.ndarray, directory: str, record_name: str, sample_rate: f
     return os.path.join(directory, record_name)
 
 
-def plot_ecg_paper(ecg: np.ndarray, sample_rate: float, path: str, title: str | None = None) -> str:
-    """12-lead PNG at paper scale: 3 rows x 4 columns of 2.5 s each plus a 10 s lead II strip.
+def plot_ecg_paper(ecg: np.ndarray, sample_rate: float, path: str, title: str | None = None,
+                   format: str = "3x4", page: str = "tight") -> str:
+    """12-lead PNG at paper scale, drawn from `data.ecg_paper.paper_layout` (default: 3 rows x 4
+    columns of 2.5 s plus a 10 s lead II strip on a page fitted to the traces).
 
     One millimetre of paper is one millimetre of figure (dpi fixed at 100), so 25 mm/s and
     10 mm/mV hold when the image is shown at its physical size.
@@ -48,34 +49,29 @@ def plot_ecg_paper(ecg: np.ndarray, sample_rate: float, path: str, title: str | 
     import matplotlib.pyplot as plt
 
     ecg = _check(ecg, path)
-    seconds = ecg.shape[1] / sample_rate
-    segment = seconds / 4
-    width_mm = seconds * PAPER_SPEED_MM_S
-    row_mm = 30.0  # +-1.5 mV per row
-    rows = 4
-    height_mm = rows * row_mm
-    fig = plt.figure(figsize=(width_mm / 25.4, height_mm / 25.4), dpi=100)
+    layout = paper_layout(ecg.shape[1], sample_rate, format=format, page=page, title=title)
+    style = layout.style
+    fig = plt.figure(figsize=(layout.width_mm / MM_PER_INCH, layout.height_mm / MM_PER_INCH),
+                     dpi=100)
     ax = fig.add_axes([0, 0, 1, 1])
-    ax.set_xlim(0, width_mm)
-    ax.set_ylim(0, height_mm)
-    for x in np.arange(0, width_mm + 1e-6, 1.0):
-        ax.axvline(x, color="#f4c6c6" if round(x) % 5 else "#e08080", lw=0.3 if round(x) % 5 else 0.7)
-    for y in np.arange(0, height_mm + 1e-6, 1.0):
-        ax.axhline(y, color="#f4c6c6" if round(y) % 5 else "#e08080", lw=0.3 if round(y) % 5 else 0.7)
-    times_mm = np.arange(ecg.shape[1]) / sample_rate * PAPER_SPEED_MM_S
-    per_segment = int(round(segment * sample_rate))
-    for index, name in enumerate(LEADS):
-        row, column = index % 3, index // 3
-        baseline = height_mm - (row + 0.5) * row_mm
-        start = column * per_segment
-        part = slice(start, min(start + per_segment, ecg.shape[1]))
-        ax.plot(times_mm[part], baseline + ecg[index, part] * GAIN_MM_MV, color="black", lw=0.6)
-        ax.text(times_mm[start] + 1, baseline + 8, name, fontsize=7)
-    rhythm_baseline = row_mm * 0.5
-    ax.plot(times_mm, rhythm_baseline + ecg[1] * GAIN_MM_MV, color="black", lw=0.6)
-    ax.text(1, rhythm_baseline + 8, "II", fontsize=7)
-    if title:
-        ax.text(width_mm / 2, height_mm - 3, title, ha="center", fontsize=7)
+    ax.set_xlim(0, layout.width_mm)
+    ax.set_ylim(layout.height_mm, 0)     # the layout's y runs downwards
+    minor, major = (np.asarray(style.grid_minor_rgb) / 255, np.asarray(style.grid_major_rgb) / 255)
+    xs, ys = layout.grid_lines()
+    for lines, draw in ((xs, ax.axvline), (ys, ax.axhline)):
+        for position, is_major in lines:
+            draw(position, color=major if is_major else minor,
+                 lw=style.grid_major_pt if is_major else style.grid_minor_pt)
+    for trace in layout.traces:
+        ax.plot(*layout.trace_points(trace, ecg), color="black", lw=style.trace_pt)
+    for x_mm, baseline_mm, width_mm in layout.pulses:
+        ax.plot(*pulse_points(x_mm, baseline_mm, width_mm, layout.mm_per_sample), color="black",
+                lw=style.pulse_pt)
+    for x_mm, y0_mm, y1_mm in layout.separators:
+        ax.plot((x_mm, x_mm), (y0_mm, y1_mm), color="black", lw=style.separator_pt)
+    for text in layout.labels + layout.notes:
+        ax.text(text.x_mm, text.y_mm, text.text, fontsize=style.font_pt,
+                ha="center" if text.centred else "left", va="baseline")
     ax.axis("off")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
