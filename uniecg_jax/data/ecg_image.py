@@ -70,10 +70,8 @@ def _line_profile(length_px: int, centres_px: np.ndarray, width_px: float) -> np
 
 
 @functools.lru_cache(maxsize=8)
-def _grid_page(layout_key: tuple, style: PaperStyle, width_mm: float, height_mm: float,
-               dpi: float) -> np.ndarray:
+def _grid_page(style: PaperStyle, width_mm: float, height_mm: float, dpi: float) -> np.ndarray:
     """The empty grid page as uint8 [H, W, 3] (read-only, cached per page and dpi)."""
-    del layout_key  # part of the cache key only
     scale = dpi / MM_PER_INCH
     width_px, height_px = int(round(width_mm * scale)), int(round(height_mm * scale))
     layout = PaperLayout(width_mm, height_mm, 1.0, (), (), (), (), (), style)
@@ -151,8 +149,7 @@ def draw_layout(layout: PaperLayout, ecg: np.ndarray, dpi: float = DEFAULT_DPI,
     """Rasterises `layout` with the traces of `ecg` `[12, T]` (mV): uint8 [H, W, 3]."""
     scale = dpi / MM_PER_INCH
     style = layout.style
-    key = (layout.width_mm, layout.height_mm)
-    image = _grid_page(key, style, layout.width_mm, layout.height_mm, float(dpi)).copy()
+    image = _grid_page(style, layout.width_mm, layout.height_mm, float(dpi)).copy()
     for trace in layout.traces:
         xs, ys = layout.trace_points(trace, ecg)
         _composite(image, *_polyline_alpha(xs * scale, ys * scale,
