@@ -88,7 +88,8 @@ def bench_tower(name: str, batches: list[int], repeats: int, peak: float) -> Non
             print(f"tower {name} {dtype:8s} batch {batch:3d}: {seconds * 1e3:8.1f} ms/batch, "
                   f"{batch / seconds:7.2f} images/s, MFU {100 * mfu:5.1f}% of bf16 peak "
                   f"({config.num_tokens} tokens x {config.hidden_size}, {config.layers_run} of "
-                  f"{config.num_layers} layers; compile {compile_s:.1f} s, host init {init_s:.1f} s)",
+                  f"{config.num_layers} layers; compile {compile_s:.1f} s, host init "
+                  f"{init_s:.1f} s)",
                   flush=True)
 
 

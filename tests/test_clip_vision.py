@@ -138,7 +138,8 @@ def test_bad_checkpoints_name_the_tensor(hf_dir):
     config = hf_clip.vision_config_from_hf(directory)
     state = {"vision_model." + k: v for k, v in model.state_dict().items()}
     wide = config.replace(hidden_size=64, num_heads=4)
-    with pytest.raises(CheckpointError, match=r"vision_model\.embeddings\.class_embedding has shape"):
+    with pytest.raises(CheckpointError,
+                       match=r"vision_model\.embeddings\.class_embedding has shape"):
         hf_clip.load_clip_vision(state, wide)
     with pytest.raises(CheckpointError, match=r"missing tensors .*encoder\.layers\.3"):
         hf_clip.load_clip_vision(state, config.replace(num_layers=4))

@@ -1,5 +1,6 @@
-"""ECG images rendered from signals (`data.ecg_image`) on the shared paper layout (`data.ecg_paper`):
-the heart rate read back from the rhythm strip's pixels, 12 labelled panels, seeded bytes."""
+"""ECG images rendered from signals (`data.ecg_image`) on the shared paper layout
+(`data.ecg_paper`): the heart rate read back from the rhythm strip's pixels, 12 labelled panels,
+seeded bytes."""
 import numpy as np
 import pytest
 from scipy.signal import find_peaks

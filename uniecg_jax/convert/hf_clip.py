@@ -40,8 +40,8 @@ from uniecg_jax.models.clip_vision import ClipVisionConfig, ClipVisionTower, VIS
 
 HF_PREFIX = "vision_model."                                   # hub / transformers 4 layout
 GEM_PREFIX = "model.vision_tower.vision_tower.vision_model."  # inside a LLaVA / GEM release
-PREFIXES = (GEM_PREFIX, "model.vision_tower.vision_tower.", "vision_tower.vision_tower.vision_model.",
-            HF_PREFIX, "")
+PREFIXES = (GEM_PREFIX, "model.vision_tower.vision_tower.",
+            "vision_tower.vision_tower.vision_model.", HF_PREFIX, "")
 ANCHOR = "embeddings.class_embedding"
 # First components of the tower's own tensors (to tell them apart when the prefix is "").
 TOWER_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")

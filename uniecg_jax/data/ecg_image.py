@@ -9,13 +9,13 @@ Deterministic: the same inputs (and seed) give the same bytes. Fast enough for t
 the grid page is drawn once per (page, dpi) and cached; a trace is rasterised column by column (each
 pixel column is covered between the lowest and highest point the polyline reaches inside it, widened
 by the line width, with fractional coverage at both ends), which is exact for traces denser than the
-pixels and costs O(width x trace height). Lead names are PIL's bundled FreeType font (Pillow >= 10.1:
-the same glyphs on every machine), drawn once per (text, size) and cached.
+pixels and costs O(width x trace height). Lead names are PIL's bundled FreeType font (Pillow
+>= 10.1: the same glyphs on every machine), drawn once per (text, size) and cached.
 
-Print-like distortions (`PrintDistortions`, seeded per example): a paper shadow (smooth multiplicative
-illumination), fold creases (bright bands, as ecg-image-kit's CreasesWrinkles), rotation, Gaussian
-blur, additive Gaussian noise, a small crop and a colour-temperature shift (as ecg-image-kit's
-ImageAugmentation: rotation, noise, crop, temperature), and a grey trace colour.
+Print-like distortions (`PrintDistortions`, seeded per example): a paper shadow (smooth
+multiplicative illumination), fold creases (bright bands, as ecg-image-kit's CreasesWrinkles),
+rotation, Gaussian blur, additive Gaussian noise, a small crop and a colour-temperature shift (as
+ecg-image-kit's ImageAugmentation: rotation, noise, crop, temperature), and a grey trace colour.
 """
 from __future__ import annotations
 
@@ -26,9 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from uniecg_jax.data.ecg_paper import (MM_PER_INCH, MM_PER_POINT, PaperLayout, PaperStyle,
-                                       paper_layout, pulse_points)
-from uniecg_jax.data.record import LEADS
-from uniecg_jax.errors import RecordError
+                                       checked_twelve_leads, paper_layout, pulse_points)
 
 DEFAULT_DPI = 200           # ecg-image-kit's `--resolution` default
 WHITE = (255, 255, 255)
@@ -40,7 +38,8 @@ class PrintDistortions:
 
     rotation_deg: +- degrees; blur_sigma_px / noise_std: upper bounds (noise on the 0-255 scale);
     crop_fraction: up to this fraction cut from each edge, then resized back; temperature: up to
-    this relative red/blue gain change; crease_probability / max_creases: fold lines across the page;
+    this relative red/blue gain change; crease_probability / max_creases: fold lines across the
+    page;
     shadow_probability / shadow_strength: a linear illumination falloff darkening up to this
     fraction; trace_grey: the trace colour is grey in [0, trace_grey] (ecg-image-kit: 0.2).
     """
@@ -252,11 +251,7 @@ def render_ecg_image(ecg: np.ndarray, sample_rate: float, *, format: str = "3x4"
 
     Raises RecordError for a wrong shape, NaN/Inf, or a record that does not fit the page.
     """
-    ecg = np.asarray(ecg, np.float64)
-    if ecg.ndim != 2 or ecg.shape[0] != len(LEADS):
-        raise RecordError(f"ECG image: expected an ECG [12, T], got shape {ecg.shape}")
-    if not np.all(np.isfinite(ecg)):
-        raise RecordError("ECG image: signal contains NaN or Inf")
+    ecg = checked_twelve_leads(ecg, "ECG image")
     layout = paper_layout(ecg.shape[1], sample_rate, format=format, page=page)
     if distortions is None:
         return draw_layout(layout, ecg, dpi)

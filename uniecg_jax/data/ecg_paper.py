@@ -20,10 +20,11 @@ Pages (`page`):
             gen_ecg_image_from_data.py at alphanumericslab/ecg-image-kit@27b90f5): 11 x 8.5 in; row
             height = page height / (rows + 2); traces start x_gap + 0.2 s from the left edge with
             x_gap = floor((page_s - T_s) / 2 / 0.2 s) * 0.2 s; a 1 mV x 0.2 s calibration pulse at
-            the start of each row; lead names 7 mm below each baseline at the trace start; the rhythm
-            strip's baseline 3 mm above the middle of the bottom row (its name 8 mm below it); thick column separators of
-            +-3.15 mm; "25mm/s" and "10mm/mV" printed at the bottom; red grid (major (1, 0, 0),
-            minor (0.996, 0.8745, 0.8588)), 0.5 pt grid lines, 0.75 pt traces, 11 pt names.
+            the start of each row; lead names 7 mm below each baseline at the trace start; the
+            rhythm strip's baseline 3 mm above the middle of the bottom row (its name 8 mm below
+            it); thick column separators of +-3.15 mm; "25mm/s" and "10mm/mV" printed at the
+            bottom; red grid (major (1, 0, 0), minor (0.996, 0.8745, 0.8588)), 0.5 pt grid lines,
+            0.75 pt traces, 11 pt names.
   "tight"   the page fitted to the traces (the writer's PNGs): width = duration at 25 mm/s, 30 mm
             (+-1.5 mV) per row, names 8 mm above each baseline, no pulse, pink grid.
 """
@@ -130,6 +131,17 @@ class PaperLayout:
         values = np.asarray(ecg[trace.lead_index, trace.start:trace.stop], dtype=np.float64)
         xs = trace.x_mm + np.arange(values.shape[0]) * self.mm_per_sample
         return xs, trace.baseline_mm - values * GAIN_MM_MV
+
+
+def checked_twelve_leads(ecg: np.ndarray, what: str) -> np.ndarray:
+    """`ecg` as float64 `[12, T]`; RecordError naming `what` (a file, a caller) if it has another
+    shape or holds NaN / Inf (what every page drawer needs)."""
+    ecg = np.asarray(ecg, dtype=np.float64)
+    if ecg.ndim != 2 or ecg.shape[0] != len(LEADS):
+        raise RecordError(f"{what}: expected an ECG [12, T], got shape {ecg.shape}")
+    if not np.all(np.isfinite(ecg)):
+        raise RecordError(f"{what}: signal contains NaN or Inf")
+    return ecg
 
 
 def pulse_points(x_mm: float, baseline_mm: float, width_mm: float, step_mm: float) -> tuple:

@@ -9,8 +9,8 @@ The steps and their arithmetic are transformers' `CLIPImageProcessor` (the PIL b
   normalise (x - mean) / std in float32 with OpenAI's CLIP mean / std
 Aspect handling (LLaVA's `image_aspect_ratio`, llava/mm_utils.py `process_images`, and GEM's
 llava/train/train.py `__getitem__`): `ori` (GEM's, = LLaVA's default) applies the processor to the
-image as it is; `pad` first expands it to a square of colour `int(mean * 255)` per channel (122, 116,
-104), the image pasted at ((side - w) // 2, (side - h) // 2) (`expand2square`).
+image as it is; `pad` first expands it to a square of colour `int(mean * 255)` per channel
+(122, 116, 104), the image pasted at ((side - w) // 2, (side - h) // 2) (`expand2square`).
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+    if (image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3
+            or min(image.shape[:2]) < 1):
         raise RecordError(f"expected an RGB uint8 image [H, W, 3], got {image.dtype} "
                           f"{tuple(image.shape)}")
     return image

@@ -10,18 +10,11 @@ from typing import Sequence
 import numpy as np
 import wfdb
 
-from uniecg_jax.data.ecg_paper import MM_PER_INCH, paper_layout, pulse_points
+from uniecg_jax.data.ecg_paper import MM_PER_INCH, checked_twelve_leads, paper_layout, pulse_points
 from uniecg_jax.data.record import LEADS
-from uniecg_jax.errors import RecordError
 
 
-def _check(ecg: np.ndarray, what: str) -> np.ndarray:
-    ecg = np.asarray(ecg, dtype=np.float64)
-    if ecg.ndim != 2 or ecg.shape[0] != len(LEADS):
-        raise RecordError(f"{what}: expected an ECG [12, T], got shape {ecg.shape}")
-    if not np.all(np.isfinite(ecg)):
-        raise RecordError(f"{what}: signal contains NaN or Inf")
-    return ecg
+_check = checked_twelve_leads
 
 
 def write_wfdb(ecg: np.ndarray, directory: str, record_name: str, sample_rate: float,

@@ -5,16 +5,18 @@ Architecture (transformers' `CLIPVisionModel`, which LLaVA's `CLIPVisionTower` w
   pixels [B, H, W, 3] (CLIP-normalised, channels last)
     -> embeddings: patch conv (kernel = stride = patch, no bias) as one contraction per patch,
        prepend class_embedding, add position_embedding                 [B, 1 + P, hidden]
-    -> pre_layrnorm (sic, HF's name) -> layers_{i}: x + attn(ln1(x)); x + fc2(quick_gelu(fc1(ln2(x))))
+    -> pre_layrnorm (sic, HF's name)
+    -> layers_{i}: x + attn(ln1(x)); x + fc2(quick_gelu(fc1(ln2(x))))
   hidden state k = the input of layer k (k = 0: after pre_layrnorm; k = L: the last layer's output;
   post_layernorm is CLIP's pooled head, never read by LLaVA). LLaVA's `feature_select` takes
   hidden state `mm_vision_select_layer` (-2: the input of the last layer) and drops the class
   token (`patch`) or keeps it (`cls_patch`): [B, P, hidden] or [B, 1 + P, hidden].
 
-Only the layers up to the selected one run; the rest (and post_layernorm) exist in the parameter tree
-so that a checkpoint imports and exports whole. GEM freezes the tower (`requires_grad_(False)` and a
-`torch.no_grad` forward): `frozen=True` stops the gradient at the features, so no backward pass runs
-through the tower, and `FROZEN_VISION_TOWER` is the `train.freeze` regex for its parameters.
+Only the layers up to the selected one run; the rest (and post_layernorm) exist in the parameter
+tree so that a checkpoint imports and exports whole. GEM freezes the tower
+(`requires_grad_(False)` and a `torch.no_grad` forward): `frozen=True` stops the gradient at the
+features, so no backward pass runs through the tower, and `FROZEN_VISION_TOWER` is the
+`train.freeze` regex for its parameters.
 
 ViT-L/14-336 (`openai/clip-vit-large-patch14-336`, GEM's and LLaVA-1.5's tower): 336 px, patch 14
 -> 576 patches, hidden 1024, 24 layers, 16 heads, MLP 4096.
@@ -151,7 +153,8 @@ class ClipEmbeddings(nn.Module):
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         batch, grid, patch = pixels.shape[0], cfg.grid_size, cfg.patch_size
         # Conv2d with kernel == stride is one matmul per non-overlapping patch: [B, g, p, g, p, C]
-        # -> [B, g * g, p, p, C] (patches row-major, as torch's flatten(2)), contracted over (p, p, C).
+        # -> [B, g * g, p, p, C] (patches row-major, as torch's flatten(2)), contracted over
+        # (p, p, C).
         patches = pixels.reshape(batch, grid, patch, grid, patch, cfg.num_channels)
         patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(batch, grid * grid, patch, patch,
                                                              cfg.num_channels)
