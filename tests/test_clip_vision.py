@@ -122,6 +122,10 @@ def test_clip_model_and_gem_release_layouts(hf_dir, tmp_path):
         params = hf_clip.load_clip_vision(state, config)
         jax.tree.map(np.testing.assert_array_equal, params, reference)
         assert hf_clip.load_clip_vision(state, config, prefix=prefix) is not None
+    clip_config = {"model_type": "clip", "text_config": {"hidden_size": 8},
+                   "vision_config": dict(TINY_HF, model_type="clip_vision_model",
+                                         hidden_act="quick_gelu")}
+    assert hf_clip.vision_config_from_hf(clip_config) == config
     gem_config = {"model_type": "llava_llama", "mm_vision_tower":
                   "openai/clip-vit-large-patch14-336", "mm_vision_select_layer": -2,
                   "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad"}
@@ -131,6 +135,19 @@ def test_clip_model_and_gem_release_layouts(hf_dir, tmp_path):
     assert (vit_l.select_layer, vit_l.image_aspect_ratio, vit_l.num_tokens) == (-2, "pad", 576)
     assert vit_l == ClipVisionConfig.from_config(vision_config_dict("vit_l14_336")).replace(
         image_aspect_ratio="pad")
+
+
+def test_import_places_leaves_on_their_shardings(hf_dir, pixels):
+    directory, model = hf_dir
+    config = hf_clip.vision_config_from_hf(directory)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    abstract = sharding.abstract_sharded_params(ClipVisionTower(config), mesh, pixels[:1])
+    params = hf_clip.load_clip_vision(directory, config, abstract=abstract)
+    fc1 = params["layers_0"]["mlp"]["fc1"]["kernel"]
+    assert fc1.sharding == abstract["layers_0"]["mlp"]["fc1"]["kernel"].sharding
+    assert not fc1.sharding.is_fully_replicated
+    np.testing.assert_allclose(ours(params, config, pixels), hf_features(model, pixels, -2, "patch"),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_bad_checkpoints_name_the_tensor(hf_dir):
