@@ -146,8 +146,8 @@ def test_import_places_leaves_on_their_shardings(hf_dir, pixels):
     fc1 = params["layers_0"]["mlp"]["fc1"]["kernel"]
     assert fc1.sharding == abstract["layers_0"]["mlp"]["fc1"]["kernel"].sharding
     assert not fc1.sharding.is_fully_replicated
-    np.testing.assert_allclose(ours(params, config, pixels), hf_features(model, pixels, -2, "patch"),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(ours(params, config, pixels),
+                               hf_features(model, pixels, -2, "patch"), atol=1e-4, rtol=1e-4)
 
 
 def test_bad_checkpoints_name_the_tensor(hf_dir):
