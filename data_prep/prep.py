@@ -168,7 +168,13 @@ def _import_before_fork(text_encoder: str) -> None:
 
 
 def _warm_worker(text_encoder: str) -> None:
-    """Pool initializer: each worker loads its text encoder once, before its first shard."""
+    """Pool initializer: each worker loads its text encoder once, before its first shard, and
+    runs torch on one thread (the pool already uses one process per core; torch's default of
+    every core per process oversubscribes them). Embeddings do not depend on the thread count."""
+    if text_encoder == "minilm":
+        import torch  # imported before fork (sentence-transformers), so free here
+
+        torch.set_num_threads(1)
     _encoder(text_encoder)
 
 

@@ -449,3 +449,20 @@ def test_beam_direct_runner_writes_the_same_output_as_local(tmp_path):
         "DirectRunner", 3, "x")
     parsed = pipeline_options(dataclasses.replace(options, beam_args=())).get_all_options()
     assert (parsed["direct_num_workers"], parsed["direct_running_mode"]) == (4, "multi_processing")
+
+
+def test_prep_measures_each_record_once_with_the_shared_rhythm_rule(tmp_path):
+    """The R peaks, QRS rate and conversation that prep stores equal what `with_measured_rhythm`
+    and `build_conversation` give on their own (prep reuses one lead-II detection for both)."""
+    from uniecg_jax.data.conversations import build_conversation
+    from uniecg_jax.data.measure import with_measured_rhythm
+
+    _copy_records(tmp_path / "root", 4)
+    _prep(tmp_path / "out", "cinc", tmp_path / "root", build_conversations=True)
+    originals = {r.record_id: r for r in load_bundled_records()}
+    for example in _all_examples(tmp_path / "out"):
+        measured = with_measured_rhythm(originals[example["record_id"]])
+        assert example["r_peaks"] == list(measured.r_peaks)
+        assert example["measurements"]["qrs_heart_rate"] == round(measured.heart_rate, 2)
+        record = example_to_record(example)
+        assert example["conversation"] == build_conversation(record)
