@@ -113,9 +113,13 @@ def _embed(options: PrepOptions, records, skipped) -> list:
                 continue
             out.append((record, conversation, encoder.lookup([key])[0]))
         return out
+    # One encoder call per shard, each distinct text once: machine reports repeat ("Sinus rhythm|
+    # Normal ECG"), and the encoder is most of a record's cost with MiniLM.
     texts = [report_text(r.report, r.labels, options.prompt_template) for r, _ in records]
-    embeddings = encoder.encode(texts) if texts else []
-    return [(r, c, e) for (r, c), e in zip(records, embeddings)]
+    distinct = list(dict.fromkeys(texts))
+    embeddings = encoder.encode(distinct) if distinct else []
+    row = {text: index for index, text in enumerate(distinct)}
+    return [(r, c, embeddings[row[text]]) for (r, c), text in zip(records, texts)]
 
 
 def write_shard(options: PrepOptions, plan: ShardPlan) -> dict:

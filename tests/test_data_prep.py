@@ -466,3 +466,31 @@ def test_prep_measures_each_record_once_with_the_shared_rhythm_rule(tmp_path):
         assert example["measurements"]["qrs_heart_rate"] == round(measured.heart_rate, 2)
         record = example_to_record(example)
         assert example["conversation"] == build_conversation(record)
+
+
+def test_prep_encodes_each_distinct_report_of_a_shard_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from data_prep import prep
+
+    class Recorder:
+        name, dim = "recorder", 8
+
+        def __init__(self):
+            self.calls = []
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            return HashingTextEncoder(8).encode(texts)
+
+    recorder = Recorder()
+    monkeypatch.setitem(prep._WORKER_ENCODER, "hash:8", recorder)
+    reports = ["sinus rhythm", "atrial fibrillation", "sinus rhythm", "normal ecg", "sinus rhythm"]
+    records = [(SimpleNamespace(record_id=f"r{i}", report=text, labels=()), None)
+               for i, text in enumerate(reports)]
+    options = PrepOptions(SourceOptions("cinc"), "unused", text_encoder="hash:8")
+    embedded = prep._embed(options, records, [])
+    assert recorder.calls == [["sinus rhythm", "atrial fibrillation", "normal ecg"]]
+    assert [r.record_id for r, _, _ in embedded] == ["r0", "r1", "r2", "r3", "r4"]
+    np.testing.assert_array_equal(np.stack([e for _, _, e in embedded]),
+                                  HashingTextEncoder(8).encode(reports))
