@@ -288,11 +288,24 @@ def _run_local(options: PrepOptions, pending: list[ShardPlan], progress) -> None
             progress.update(meta["num_records"] + len(meta["skipped"]))
 
 
+def _beam_runner():
+    """`data_prep.beam.run_beam`, or a clear error when the optional `beam` extra is missing."""
+    try:
+        from data_prep.beam import run_beam  # optional `beam` extra (apache_beam)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("apache_beam"):
+            raise
+        raise UniECGError("Beam runners need apache_beam: pip install 'uniecg_jax[beam]' "
+                          "(or use --runner local)") from None
+    return run_beam
+
+
 def run_prep(options: PrepOptions) -> dict:
     """Prepares (or finishes preparing) `options.out_dir`; returns the summary dict."""
     check_text_encoder_name(options.text_encoder)
     if options.runner not in RUNNERS:
         raise UniECGError(f"unknown runner {options.runner!r}; choose from {', '.join(RUNNERS)}")
+    run_beam = _beam_runner() if options.runner != "local" else None
     started = time.time()
     plans, listing_skipped = plan(options)
     claim_out_dir(options)
@@ -303,8 +316,6 @@ def run_prep(options: PrepOptions) -> dict:
     if options.runner == "local":
         _run_local(options, pending, progress)
     elif pending:
-        from data_prep.beam import run_beam  # optional `beam` extra (apache_beam)
-
         run_beam(options, [p.file for p in pending])
         progress.update(sum(len(p.items) for p in pending))
     progress.close()

@@ -425,6 +425,18 @@ def test_uniecg_prep_cli_refuses_other_text_encoder_and_overwrites(tmp_path, cap
     assert read_summary(out)["embedding_dim"] == 16
 
 
+def test_beam_runner_without_apache_beam_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from uniecg_jax.cli import main
+
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "data_prep.beam", raising=False)
+    assert main(["prep", "--source", "cinc", "--root", "bundled", "--out", str(tmp_path / "out"),
+                 "--runner", "direct", "--no-progress"]) == 1
+    assert "Beam runners need apache_beam: pip install 'uniecg_jax[beam]'" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_beam_direct_runner_writes_the_same_output_as_local(tmp_path):
     pytest.importorskip("apache_beam", reason="the optional `beam` extra is not installed "
                         "(pip install 'uniecg_jax[beam]')")
