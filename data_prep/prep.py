@@ -19,6 +19,7 @@ dataflow, flink, spark). Both call `write_shard` on the same plans, so they writ
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -97,6 +98,24 @@ def _encoder(name: str):
     return _WORKER_ENCODER[name]
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """Runs the block with torch (when a text encoder loaded it) on `count` threads. MiniLM's
+    embeddings change in the last bit with the thread count (1.1e-7 seen), so every runner and
+    worker count encodes on one thread and writes the same bytes; a pool uses one process per
+    core anyway, and torch's default of every core per process would oversubscribe them."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _embed(options: PrepOptions, records, skipped) -> list:
     """Text embeddings for the loaded records; a record whose precomputed embedding is missing is
     moved to `skipped`. Returns [(record, conversation, embedding or None)]."""
@@ -117,7 +136,8 @@ def _embed(options: PrepOptions, records, skipped) -> list:
     # Normal ECG"), and the encoder is most of a record's cost with MiniLM.
     texts = [report_text(r.report, r.labels, options.prompt_template) for r, _ in records]
     distinct = list(dict.fromkeys(texts))
-    embeddings = encoder.encode(distinct) if distinct else []
+    with _torch_threads(1):
+        embeddings = encoder.encode(distinct) if distinct else []
     row = {text: index for index, text in enumerate(distinct)}
     return [(r, c, embeddings[row[text]]) for (r, c), text in zip(records, texts)]
 
@@ -172,13 +192,7 @@ def _import_before_fork(text_encoder: str) -> None:
 
 
 def _warm_worker(text_encoder: str) -> None:
-    """Pool initializer: each worker loads its text encoder once, before its first shard, and
-    runs torch on one thread (the pool already uses one process per core; torch's default of
-    every core per process oversubscribes them). Embeddings do not depend on the thread count."""
-    if text_encoder == "minilm":
-        import torch  # imported before fork (sentence-transformers), so free here
-
-        torch.set_num_threads(1)
+    """Pool initializer: each worker loads its text encoder once, before its first shard."""
     _encoder(text_encoder)
 
 

@@ -506,3 +506,14 @@ def test_prep_encodes_each_distinct_report_of_a_shard_once(monkeypatch):
     assert [r.record_id for r, _, _ in embedded] == ["r0", "r1", "r2", "r3", "r4"]
     np.testing.assert_array_equal(np.stack([e for _, _, e in embedded]),
                                   HashingTextEncoder(8).encode(reports))
+
+
+@pytest.mark.slow
+def test_minilm_prep_writes_the_same_bytes_for_any_worker_count(tmp_path):
+    """MiniLM embeddings change in the last bit with torch's thread count; prep encodes on one
+    thread everywhere, so one worker (in-process), a pool and Beam write identical shards."""
+    _copy_records(tmp_path / "root", 7)
+    _prep(tmp_path / "one", "cinc", tmp_path / "root", shard_size=3, text_encoder="minilm")
+    _prep(tmp_path / "two", "cinc", tmp_path / "root", workers=2, shard_size=3,
+          text_encoder="minilm")
+    assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
