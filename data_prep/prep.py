@@ -218,7 +218,7 @@ def options_fingerprint(options: PrepOptions) -> dict:
     worker count or progress bar."""
     source = dataclasses.asdict(options.source)
     for key in ("root", "ecg_root"):  # the same folder named two ways is the same source
-        if source[key] and source[key] != "bundled" and "://" not in source[key]:
+        if source[key] and source[key] != "bundled":
             source[key] = os.path.abspath(source[key])
     fingerprint = dict(source=source, shard_size=options.shard_size,
                        split_fractions=[float(f) for f in options.split_fractions],
@@ -319,6 +319,10 @@ def run_prep(options: PrepOptions) -> dict:
     check_text_encoder_name(options.text_encoder)
     if options.runner not in RUNNERS:
         raise UniECGError(f"unknown runner {options.runner!r}; choose from {', '.join(RUNNERS)}")
+    for flag, path in (("--root", options.source.root), ("--out", options.out_dir)):
+        if "://" in path:  # readers and writers use file paths: a URL would be a local folder
+            raise UniECGError(f"{flag} {path}: a URL; mount it on every machine that runs prep "
+                              "(e.g. gcsfuse) and pass the mounted path")
     run_beam = _beam_runner() if options.runner != "local" else None
     started = time.time()
     plans, listing_skipped = plan(options)

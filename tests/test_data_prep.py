@@ -435,6 +435,9 @@ def test_beam_runner_without_apache_beam_is_a_clear_error(tmp_path, capsys, monk
     assert "Beam runners need apache_beam: pip install 'uniecg_jax[beam]'" in (
         capsys.readouterr().err)
     assert not (tmp_path / "out").exists()
+    assert main(["prep", "--source", "cinc", "--root", "bundled", "--out", "gs://bucket/prep",
+                 "--no-progress"]) == 1
+    assert "--out gs://bucket/prep: a URL; mount it" in capsys.readouterr().err
 
 
 def test_beam_direct_runner_writes_the_same_output_as_local(tmp_path):
