@@ -188,7 +188,10 @@ def _import_before_fork(text_encoder: str) -> None:
     import wfdb  # noqa: F401
 
     if text_encoder == "minilm":
-        import sentence_transformers  # noqa: F401
+        try:
+            import sentence_transformers  # noqa: F401
+        except ImportError:  # the workers' encoder load reports it, naming the extra to install
+            pass
 
 
 def _warm_worker(text_encoder: str) -> None:
