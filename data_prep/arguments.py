@@ -5,6 +5,7 @@ from __future__ import annotations
 from uniecg_jax.data.prompts import PROMPT_TEMPLATES
 
 SOURCES = ("mimic", "ptbxl", "cinc", "grounding", "synthetic")
+RUNNERS = ("local", "direct", "dataflow", "flink", "spark")
 
 
 def add_arguments(parser) -> None:
@@ -27,3 +28,11 @@ def add_arguments(parser) -> None:
                         help="do not build grounded conversations for records that have none")
     parser.add_argument("--split", default="0.8,0.1,0.1", help="train,validation,test fractions")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out was prepared with other options: remove its prep outputs first")
+    parser.add_argument("--runner", default="local", choices=RUNNERS,
+                        help="local: a process pool here; direct|dataflow|flink|spark: Apache Beam "
+                        "(pip install 'uniecg_jax[beam]'), same shards")
+    parser.add_argument("--beam-options", default="",
+                        help="Beam pipeline options, passed through, e.g. \"--project=P "
+                        "--region=R --temp_location=gs://B/tmp --setup_file=./setup.py\"")

@@ -12,7 +12,7 @@ import numpy as np
 
 from data_prep.arguments import SOURCES
 from uniecg_jax.data import bundled_samples_dir, conversations, ptbxl_rows_near, with_ptbxl_metadata
-from uniecg_jax.data.measure import with_measured_rhythm
+from uniecg_jax.data.measure import LEAD_II, ecg_rhythm
 from uniecg_jax.data.readers.cinc import read_cinc_record
 from uniecg_jax.data.readers.grounding import iter_grounding_file
 from uniecg_jax.data.readers.mimic import MimicDataset, clean_measurements
@@ -145,14 +145,19 @@ def load_item(options: SourceOptions, item: WorkItem):
                             heart_rate=record.heart_rate or (60000.0 / rr if rr else None))
         conversation = list(sample.turns)
     record = dataclasses.replace(record, patient_id=item.patient_id)
+    rhythm_ii = None
     if record.heart_rate is None:  # measured once here so pipelines need no QRS detection
+        # `with_measured_rhythm`'s rule, kept at hand: the conversation's lead-II findings reuse
+        # it instead of detecting the same peaks again (QRS detection is most of a record's cost).
         # The detected rate goes to measurements (heart_rate stays the source's: unknown).
-        measured = with_measured_rhythm(record)
-        record = dataclasses.replace(record, r_peaks=measured.r_peaks)
-        if measured.heart_rate is not None:
+        measured = ecg_rhythm(record.signal, record.fs)
+        record = dataclasses.replace(record, r_peaks=tuple(float(t) for t in
+                                                           measured.r_peaks / record.fs))
+        if np.isfinite(measured.heart_rate_bpm):
             record = dataclasses.replace(record, measurements={
-                **record.measurements, QRS_HEART_RATE: round(measured.heart_rate, 2)})
+                **record.measurements, QRS_HEART_RATE: round(float(measured.heart_rate_bpm), 2)})
+        rhythm_ii = measured if measured.lead_index == LEAD_II else None
     if conversation is None and options.build_conversations:
-        conversation = conversations.build_conversation(record)
+        conversation = conversations.build_conversation(record, rhythm_ii=rhythm_ii)
     return record, conversation
 

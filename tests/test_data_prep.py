@@ -1,5 +1,6 @@
 """data_prep: output re-reads equal to the input records, patient-disjoint splits, skip-and-log of
 every bad input, all five sources, kill-and-resume giving the same shards, the text encoders."""
+import dataclasses
 import json
 import os
 import shutil
@@ -26,11 +27,13 @@ from uniecg_jax.errors import UniECGError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _prep(out, source, root="", workers=1, shard_size=8, text_encoder="hash:32", **source_kw):
+def _prep(out, source, root="", workers=1, shard_size=8, text_encoder="hash:32", overwrite=False,
+          runner="local", beam_args=(), **source_kw):
     source_kw.setdefault("build_conversations", False)
     return run_prep(PrepOptions(SourceOptions(source=source, root=str(root), **source_kw),
                                 out_dir=str(out), workers=workers, shard_size=shard_size,
-                                text_encoder=text_encoder, progress=False))
+                                text_encoder=text_encoder, progress=False, overwrite=overwrite,
+                                runner=runner, beam_args=beam_args))
 
 
 def _all_examples(out):
@@ -364,3 +367,156 @@ def test_uniecg_prep_cli(tmp_path, capsys):
     assert main(["prep", "--source", "cinc", "--root", str(tmp_path / "empty"), "--out",
                  str(tmp_path / "y"), "--no-progress"]) == 1
     assert "no WFDB headers" in capsys.readouterr().err
+
+
+def _outputs(out):
+    """{file name: bytes} of a prep output, summary.json without its run time."""
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    summary = json.loads(files.pop("summary.json"))
+    summary.pop("seconds_this_run")
+    return files, summary
+
+
+def test_rerun_with_other_options_is_refused_unless_overwrite(tmp_path):
+    _copy_records(tmp_path / "root", 6)
+    out = tmp_path / "out"
+    _prep(out, "cinc", tmp_path / "root", shard_size=2, text_encoder="hash:16")
+    (out / "notes.txt").write_text("the user's own file")
+    before = {p.name: os.path.getmtime(p) for p in out.iterdir()}
+    with pytest.raises(UniECGError, match=r"prepared with other options \(embedding_dim: 16 -> 32; "
+                       r"text_encoder: 'hash:16' -> 'hash:32'\); pass --overwrite"):
+        _prep(out, "cinc", tmp_path / "root", shard_size=2, text_encoder="hash:32")
+    with pytest.raises(UniECGError, match=r"shard_size: 2 -> 3"):
+        _prep(out, "cinc", tmp_path / "root", shard_size=3, text_encoder="hash:16")
+    assert {p.name: os.path.getmtime(p) for p in out.iterdir()} == before  # nothing touched
+    # The same options (the root named another way) resume: no shard is rewritten.
+    os.remove(out / "summary.json")
+    summary = _prep(out, "cinc", os.path.relpath(tmp_path / "root"), shard_size=2,
+                    text_encoder="hash:16")
+    assert summary["num_written"] == 6 and all(
+        os.path.getmtime(out / name) == mtime for name, mtime in before.items()
+        if name.endswith(".array_record"))
+    # --overwrite replaces every old output (other shard names included), keeps other files.
+    summary = _prep(out, "cinc", tmp_path / "root", shard_size=3, text_encoder="hash:32",
+                    overwrite=True)
+    assert summary["embedding_dim"] == 32 and summary["num_written"] == 6
+    listed = {shard["file"] for shard in summary["shards"]}
+    assert {p.name for p in out.glob("*.array_record")} == listed
+    assert {len(e["text_embedding"]) for e in _all_examples(out)} == {32}
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    # A folder with outputs but no fingerprint (an older prep) is refused as well.
+    os.remove(out / "prep_options.json")
+    with pytest.raises(UniECGError, match="no prep_options.json"):
+        _prep(out, "cinc", tmp_path / "root", shard_size=3, text_encoder="hash:32")
+
+
+def test_uniecg_prep_cli_refuses_other_text_encoder_and_overwrites(tmp_path, capsys):
+    from uniecg_jax.cli import main
+
+    out = str(tmp_path / "out")
+    command = ["prep", "--source", "cinc", "--root", "bundled", "--out", out, "--workers", "1",
+               "--shard-size", "64", "--no-conversations", "--no-progress"]
+    assert main(command + ["--text-encoder", "hash:8"]) == 0
+    assert main(command + ["--text-encoder", "hash:16"]) == 1
+    error = capsys.readouterr().err
+    assert "text_encoder: 'hash:8' -> 'hash:16'" in error and "Traceback" not in error
+    assert read_summary(out)["embedding_dim"] == 8
+    assert main(command + ["--text-encoder", "hash:16", "--overwrite"]) == 0
+    assert read_summary(out)["embedding_dim"] == 16
+
+
+def test_beam_runner_without_apache_beam_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from uniecg_jax.cli import main
+
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if the extra were not installed
+    monkeypatch.delitem(sys.modules, "data_prep.beam", raising=False)
+    assert main(["prep", "--source", "cinc", "--root", "bundled", "--out", str(tmp_path / "out"),
+                 "--runner", "direct", "--no-progress"]) == 1
+    assert "Beam runners need apache_beam: pip install 'uniecg_jax[beam]'" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+    assert main(["prep", "--source", "cinc", "--root", "bundled", "--out", "gs://bucket/prep",
+                 "--no-progress"]) == 1
+    assert "--out gs://bucket/prep: a URL; mount it" in capsys.readouterr().err
+
+
+def test_beam_direct_runner_writes_the_same_output_as_local(tmp_path):
+    pytest.importorskip("apache_beam", reason="the optional `beam` extra is not installed "
+                        "(pip install 'uniecg_jax[beam]')")
+    from data_prep.beam import pipeline_options
+
+    _bad_inputs_root(str(tmp_path / "root"), load_bundled_records())
+    local = _prep(tmp_path / "local", "cinc", tmp_path / "root", shard_size=3)
+    direct = _prep(tmp_path / "direct", "cinc", tmp_path / "root", shard_size=3, runner="direct",
+                   beam_args=("--direct_num_workers=1",))
+    assert local["num_written"] == 2 and local["num_skipped"] == 6
+    assert _outputs(tmp_path / "direct") == _outputs(tmp_path / "local")  # bytes, skip log too
+    # Resume on Beam after a lost shard rewrites just that shard, identically.
+    lost = direct["shards"][0]["file"]
+    os.remove(tmp_path / "direct" / lost)
+    _prep(tmp_path / "direct", "cinc", tmp_path / "root", shard_size=3, runner="direct")
+    assert _outputs(tmp_path / "direct") == _outputs(tmp_path / "local")
+    # Pipeline options pass through; --workers maps to DirectRunner processes unless given.
+    options = PrepOptions(SourceOptions("cinc"), "o", workers=4, runner="direct",
+                          beam_args=("--direct_num_workers=3", "--job_name=x"))
+    parsed = pipeline_options(options).get_all_options()
+    assert (parsed["runner"], parsed["direct_num_workers"], parsed["job_name"]) == (
+        "DirectRunner", 3, "x")
+    parsed = pipeline_options(dataclasses.replace(options, beam_args=())).get_all_options()
+    assert (parsed["direct_num_workers"], parsed["direct_running_mode"]) == (4, "multi_processing")
+
+
+def test_prep_measures_each_record_once_with_the_shared_rhythm_rule(tmp_path):
+    """The R peaks, QRS rate and conversation that prep stores equal what `with_measured_rhythm`
+    and `build_conversation` give on their own (prep reuses one lead-II detection for both)."""
+    from uniecg_jax.data.conversations import build_conversation
+    from uniecg_jax.data.measure import with_measured_rhythm
+
+    _copy_records(tmp_path / "root", 4)
+    _prep(tmp_path / "out", "cinc", tmp_path / "root", build_conversations=True)
+    originals = {r.record_id: r for r in load_bundled_records()}
+    for example in _all_examples(tmp_path / "out"):
+        measured = with_measured_rhythm(originals[example["record_id"]])
+        assert example["r_peaks"] == list(measured.r_peaks)
+        assert example["measurements"]["qrs_heart_rate"] == round(measured.heart_rate, 2)
+        record = example_to_record(example)
+        assert example["conversation"] == build_conversation(record)
+
+
+def test_prep_encodes_each_distinct_report_of_a_shard_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from data_prep import prep
+
+    class Recorder:
+        name, dim = "recorder", 8
+
+        def __init__(self):
+            self.calls = []
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            return HashingTextEncoder(8).encode(texts)
+
+    recorder = Recorder()
+    monkeypatch.setitem(prep._WORKER_ENCODER, "hash:8", recorder)
+    reports = ["sinus rhythm", "atrial fibrillation", "sinus rhythm", "normal ecg", "sinus rhythm"]
+    records = [(SimpleNamespace(record_id=f"r{i}", report=text, labels=()), None)
+               for i, text in enumerate(reports)]
+    options = PrepOptions(SourceOptions("cinc"), "unused", text_encoder="hash:8")
+    embedded = prep._embed(options, records, [])
+    assert recorder.calls == [["sinus rhythm", "atrial fibrillation", "normal ecg"]]
+    assert [r.record_id for r, _, _ in embedded] == ["r0", "r1", "r2", "r3", "r4"]
+    np.testing.assert_array_equal(np.stack([e for _, _, e in embedded]),
+                                  HashingTextEncoder(8).encode(reports))
+
+
+@pytest.mark.slow
+def test_minilm_prep_writes_the_same_bytes_for_any_worker_count(tmp_path):
+    """MiniLM embeddings change in the last bit with torch's thread count; prep encodes on one
+    thread everywhere, so one worker (in-process), a pool and Beam write identical shards."""
+    _copy_records(tmp_path / "root", 7)
+    _prep(tmp_path / "one", "cinc", tmp_path / "root", shard_size=3, text_encoder="minilm")
+    _prep(tmp_path / "two", "cinc", tmp_path / "root", workers=2, shard_size=3,
+          text_encoder="minilm")
+    assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")

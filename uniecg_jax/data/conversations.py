@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 
 from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, Turn
-from uniecg_jax.data.measure import rhythm
+from uniecg_jax.data.measure import RhythmMeasurements, rhythm
 from uniecg_jax.data.record import LEADS, ECGRecord
 
 QUESTIONS = (
@@ -58,10 +58,11 @@ def _net_qrs(lead: np.ndarray, peaks: np.ndarray, fs: float) -> float:
     return float(np.median(values)) if values else 0.0
 
 
-def measure_findings(record: ECGRecord) -> ECGFindings:
-    """Rate/rhythm from lead II, axis from leads I and aVF, voltage from the limb leads."""
+def measure_findings(record: ECGRecord, rhythm_ii: RhythmMeasurements | None = None) -> ECGFindings:
+    """Rate/rhythm from lead II, axis from leads I and aVF, voltage from the limb leads.
+    `rhythm_ii`: `rhythm` of lead II when the caller has already measured it (data_prep)."""
     lead_ii = record.signal[LEADS.index("II")]
-    rhythm_ii = rhythm(lead_ii, record.fs)
+    rhythm_ii = rhythm_ii or rhythm(lead_ii, record.fs)
     peaks = rhythm_ii.r_peaks
     # Baseline-correct by the median so net deflection is not offset by wander.
     lead_i = record.signal[LEADS.index("I")] - np.median(record.signal[LEADS.index("I")])
@@ -104,10 +105,11 @@ def evidence_answer(record: ECGRecord, findings: ECGFindings) -> str:
     return " ".join(sentences)
 
 
-def build_conversation(record: ECGRecord, with_follow_up: bool = False) -> list[Turn]:
+def build_conversation(record: ECGRecord, with_follow_up: bool = False,
+                       rhythm_ii: RhythmMeasurements | None = None) -> list[Turn]:
     """[("user", question), ("assistant", answer), ...] for one record; the question is chosen
     deterministically from the record id. The ECG placeholder is added later by the pipeline."""
-    findings = measure_findings(record)
+    findings = measure_findings(record, rhythm_ii)
     question = QUESTIONS[zlib.crc32(record.record_id.encode()) % len(QUESTIONS)]
     turns = [("user", question), ("assistant", evidence_answer(record, findings))]
     if with_follow_up and findings.beats >= 2:
