@@ -14,7 +14,6 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import scipy.signal
 
 from uniecg_jax.errors import RecordError
 
@@ -189,6 +188,10 @@ def resample(signal: np.ndarray, source_fs: float, target_fs: float) -> np.ndarr
     """
     if math.isclose(source_fs, target_fs):
         return np.asarray(signal, dtype=np.float32)
+    # scipy.signal takes 0.5-3 s to import and this module is on every command's path (`uniecg
+    # interpret` of a 500 Hz record never resamples), so it is imported only when a record is.
+    import scipy.signal
+
     ratio = fractions.Fraction(target_fs / source_fs).limit_denominator(10000)
     up, down = ratio.numerator, ratio.denominator
     out = scipy.signal.resample_poly(np.asarray(signal, dtype=np.float64), up, down, axis=-1,
@@ -201,6 +204,8 @@ def resample(signal: np.ndarray, source_fs: float, target_fs: float) -> np.ndarr
 def _antialias_filter(up: int, down: int) -> np.ndarray:
     """resample_poly's own default FIR (Kaiser, beta 5), designed once per ratio: designing it is
     most of the cost of resampling one 10 s record."""
+    import scipy.signal  # see `resample`
+
     max_rate = max(up, down)
     half_length = 10 * max_rate
     taps = scipy.signal.firwin(2 * half_length + 1, 1.0 / max_rate, window=("kaiser", 5.0))
