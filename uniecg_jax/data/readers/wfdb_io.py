@@ -74,7 +74,7 @@ def check_signal_files(header: Any, base: str, header_path: str) -> None:
     """
     directory = os.path.dirname(base)
     files: dict[str, list[int]] = {}
-    for channel, name in enumerate(header.file_name or []):
+    for channel, name in enumerate(getattr(header, "file_name", None) or []):  # none: multi-segment
         files.setdefault(name, []).append(channel)
     for name, channels in files.items():
         formats = [str(header.fmt[c]) for c in channels]
