@@ -24,6 +24,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num-records", type=int, default=100, help="synthetic: how many")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: generator seed")
     parser.add_argument("--ecg-root", default=None, help="grounding: base of relative ecg paths")
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="skip records shorter than this; records under 10 s are kept "
+                             "zero-padded and counted as num_short in summary.json")
     parser.add_argument("--no-conversations", action="store_true",
                         help="do not build grounded conversations for records that have none")
     parser.add_argument("--split", default="0.8,0.1,0.1", help="train,validation,test fractions")

@@ -37,6 +37,7 @@ from data_prep.arguments import RUNNERS
 from data_prep.sources import SourceOptions, WorkItem, list_items, load_item
 from uniecg_jax.data.examples import FORMAT_VERSION, encode_example
 from uniecg_jax.data.prompts import report_text
+from uniecg_jax.data.record import short_record_warning
 from uniecg_jax.data.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, patient_split
 from uniecg_jax.data.text_encoder import (MiniLMEncoder, PrecomputedEmbeddings,
                                           check_text_encoder_name, get_text_encoder)
@@ -160,6 +161,7 @@ def write_shard(options: PrepOptions, plan: ShardPlan) -> dict:
     meta = dict(file=plan.file, split=plan.split, index=plan.index, num_records=len(embedded),
                 record_ids=[r.record_id for r, _, _ in embedded],
                 patient_ids=sorted({r.patient_id for r, _, _ in embedded}),
+                num_short=sum(short_record_warning(r) is not None for r, _, _ in embedded),
                 embedding_dim=int(len(embedded[0][2])) if embedded and embedded[0][2] is not None
                 else 0, skipped=[dict(s, shard=plan.file) for s in skipped])
     with open(final + ".meta.json.tmp", "w") as f:
@@ -361,6 +363,7 @@ def write_summary(options: PrepOptions, plans: list[ShardPlan], listing_skipped:
         text_encoder=options.text_encoder, prompt_template=options.prompt_template,
         embedding_dim=max(dims) if dims else 0, split_fractions=list(options.split_fractions),
         num_records=counts, num_written=sum(counts.values()), num_skipped=len(skipped),
+        num_short=sum(m.get("num_short", 0) for m in metas), min_seconds=options.source.min_seconds,
         num_shards={split: sum(1 for m in metas if m["split"] == split) for split in SPLITS},
         shards=[dict(file=m["file"], split=m["split"], num_records=m["num_records"])
                 for m in metas],
@@ -377,7 +380,8 @@ def options_from_args(args) -> PrepOptions:
         raise UniECGError(f"--split {args.split!r}: need three fractions summing to 1") from None
     source = SourceOptions(source=args.source, root=args.root, missing_leads=args.missing_leads,
                            num_records=args.num_records, seed=args.seed, ecg_root=args.ecg_root,
-                           build_conversations=not args.no_conversations)
+                           build_conversations=not args.no_conversations,
+                           min_seconds=args.min_seconds)
     return PrepOptions(source=source, out_dir=args.out, workers=args.workers,
                        shard_size=args.shard_size, text_encoder=args.text_encoder,
                        prompt_template=args.prompt_template, split_fractions=fractions,

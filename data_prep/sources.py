@@ -14,7 +14,7 @@ from data_prep.arguments import SOURCES
 from uniecg_jax.data import bundled_samples_dir, conversations, ptbxl_rows_near, with_ptbxl_metadata
 from uniecg_jax.data.measure import LEAD_II, ecg_rhythm
 from uniecg_jax.data.readers.cinc import read_cinc_record
-from uniecg_jax.data.readers.grounding import iter_grounding_file
+from uniecg_jax.data.readers.grounding import entry_key, iter_grounding_file
 from uniecg_jax.data.readers.mimic import MimicDataset, clean_measurements
 from uniecg_jax.data.readers.ptbxl import PTBXLDataset
 from uniecg_jax.data.synthetic import generate_one
@@ -38,6 +38,7 @@ class SourceOptions:
     num_records: int = 100          # synthetic only
     seed: int = 0                   # synthetic only
     ecg_root: str | None = None     # grounding: base folder of relative `ecg` paths
+    min_seconds: float = 1.0        # shorter records are skipped
     build_conversations: bool = True
 
 
@@ -108,11 +109,11 @@ def list_items(options: SourceOptions) -> tuple[list[WorkItem], list[dict]]:
         for path in files:
             ecg_root = options.ecg_root or os.path.dirname(os.path.abspath(path))
             for index, sample in enumerate(iter_grounding_file(path, ecg_root=ecg_root)):
+                key = entry_key(path, index)
                 if isinstance(sample, RecordError):
-                    skipped.append({"record": f"{path}#{index}", "reason": str(sample)})
+                    skipped.append({"record": key, "reason": str(sample)})
                     continue
                 patient = _mimic_patient_from_path(sample.ecg_path) or sample.sample_id
-                key = f"{os.path.basename(path)}#{index:07d}"
                 items.append(WorkItem(key, f"mimic_{patient}", sample))
     else:
         raise UniECGError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
@@ -128,15 +129,16 @@ def load_item(options: SourceOptions, item: WorkItem):
                               age=float(age), sex=sex)
     elif source == "cinc":
         path, root = item.payload
-        record = with_ptbxl_metadata(read_cinc_record(path, missing_leads=options.missing_leads),
+        record = with_ptbxl_metadata(read_cinc_record(path, missing_leads=options.missing_leads,
+                                                      min_seconds=options.min_seconds),
                                      ptbxl_rows_near(root))
-    elif source == "ptbxl":
-        record = _dataset(options).read(item.payload, missing_leads=options.missing_leads)
-    elif source == "mimic":
-        record = _dataset(options).read(item.payload, missing_leads=options.missing_leads)
+    elif source in ("ptbxl", "mimic"):
+        record = _dataset(options).read(item.payload, missing_leads=options.missing_leads,
+                                        min_seconds=options.min_seconds)
     else:  # grounding
         sample = item.payload
-        record = read_cinc_record(sample.ecg_path, missing_leads=options.missing_leads)
+        record = read_cinc_record(sample.ecg_path, missing_leads=options.missing_leads,
+                                  min_seconds=options.min_seconds)
         report = sample.report or record.report
         measurements = {**record.measurements, **clean_measurements(sample.machine_measurements)}
         rr = measurements.get("rr_interval")

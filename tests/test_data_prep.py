@@ -520,3 +520,69 @@ def test_minilm_prep_writes_the_same_bytes_for_any_worker_count(tmp_path):
     _prep(tmp_path / "two", "cinc", tmp_path / "root", workers=2, shard_size=3,
           text_encoder="minilm")
     assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+
+
+# --- issue 15: bad input never becomes training data; good records are not lost ------------------
+
+def test_prep_skips_misdeclared_records_and_counts_short_ones(tmp_path):
+    """Items 1, 2, 8: a header declaring 12 of 13 stored channels and a non-numeric rate are
+    skipped with their reasons (they used to be written); a 2 s record is written and counted as
+    short, and skipped under --min-seconds 3."""
+    bundled = load_bundled_records()
+    root = tmp_path / "root"
+    _copy_records(root, 2)
+    leads = dict(zip(LEADS, bundled[0].signal))
+    base = write_wfdb(str(root), "thirteen", dict(leads, V4R=bundled[1].signal[0]),
+                      order=list(LEADS) + ["V4R"])
+    lines = open(base + ".hea").read().splitlines()
+    name, _, *rest = lines[0].split()
+    open(base + ".hea", "w").write("\n".join([" ".join([name, "12", *rest])] + lines[1:13]) + "\n")
+    base = write_wfdb(str(root), "abc", leads)
+    _edit_header(base, " 12 500 5000", " 12 abc 5000")
+    write_wfdb(str(root), "two_s", {lead: signal[:1000] for lead, signal in leads.items()})
+    summary = _prep(tmp_path / "out", "cinc", root, shard_size=8)
+    reasons = {e["record"]: e["reason"] for e in map(json.loads, open(tmp_path / "out" /
+                                                                      "skipped.jsonl"))}
+    assert set(reasons) == {"thirteen", "abc"}
+    assert "more channels or samples are stored than the header declares" in reasons["thirteen"]
+    assert "sampling rate 'abc' on the record line is not a number" in reasons["abc"]
+    assert summary["num_written"] == 3 and summary["num_short"] == 1
+    summary = _prep(tmp_path / "out3", "cinc", root, shard_size=8, min_seconds=3.0)
+    assert summary["num_written"] == 2 and summary["num_short"] == 0
+    assert summary["min_seconds"] == 3.0
+
+
+def test_prep_keeps_1000_hz_mimic_records(tmp_path):
+    """Item 5: a 1000 Hz record in a MIMIC-IV-ECG root is prepared at its rate, not skipped."""
+    from data_fixtures import MIMIC_ORDER
+    from uniecg_jax.data.record import resample
+
+    records = write_mimic_root(str(tmp_path / "mimic"), n=3)
+    base = tmp_path / "mimic/files/p1000/p10000000/s40000000/40000000"
+    write_wfdb(str(base.parent), base.name, dict(zip(LEADS, resample(records[0].signal, 500, 1000))),
+               fs=1000, order=MIMIC_ORDER)
+    summary = _prep(tmp_path / "out", "mimic", tmp_path / "mimic")
+    assert summary["num_written"] == 3 and summary["num_skipped"] == 0
+    by_id = {e["record_id"]: e for e in _all_examples(tmp_path / "out")}
+    assert by_id["mimic_40000000"]["fs"] == 1000 and by_id["mimic_40000001"]["fs"] == 500
+
+
+def test_prep_grounding_json_list_with_a_malformed_entry(tmp_path):
+    """Item 6 and 9: one malformed entry of a .json list is skipped and logged, the good .json
+    entries and a .jsonl beside it are written; skipped.jsonl names entries as the items are
+    named (`file#0000001`)."""
+    paths = bundled_record_paths()[:3]
+    write_grounding_file(str(tmp_path / "g.json"), paths, jsonl=False)
+    text = open(tmp_path / "g.json").read()
+    open(tmp_path / "g.json", "w").write(text.replace('{"id": "g1", "ecg"', '{"id": "g1" "ecg"'))
+    write_grounding_file(str(tmp_path / "h.jsonl"), paths[:1] + [str(tmp_path / "absent")])
+    os.makedirs(tmp_path / "conv")
+    for name in ("g.json", "h.jsonl"):
+        shutil.move(tmp_path / name, tmp_path / "conv" / name)
+    summary = _prep(tmp_path / "out", "grounding", tmp_path / "conv")
+    assert summary["num_written"] == 3 and summary["num_skipped"] == 2
+    reasons = {e["record"]: e["reason"] for e in map(json.loads, open(tmp_path / "out" /
+                                                                      "skipped.jsonl"))}
+    assert set(reasons) == {"g.json#0000001", "h.jsonl#0000001"}
+    assert "malformed JSON entry" in reasons["g.json#0000001"]
+    assert "absent.hea: WFDB header not found" in reasons["h.jsonl#0000001"]

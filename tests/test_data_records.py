@@ -279,3 +279,151 @@ def test_grounding_reader_and_bad_lines(tmp_path):
     json_path = str(tmp_path / "g.json")
     write_grounding_file(json_path, ["x/1"], jsonl=False)
     assert read_grounding_file(json_path)[0].sample_id == "g0"
+
+
+# --- issue 15: one record-validation path (wfdb_io.read_wfdb_signal) for every reader -------------
+
+def _rewrite_header(base, edit):
+    with open(base + ".hea") as f:
+        lines = f.read().splitlines()
+    with open(base + ".hea", "w") as f:
+        f.write("\n".join(edit(lines)) + "\n")
+
+
+def test_header_declaring_fewer_channels_than_stored_is_refused(tmp_path, bundled):
+    """Item 1: 13 channels interleaved in the .dat, the header declares 12 (byte-wise corruption
+    of a wfdb.wrsamp record): wfdb reads it with scrambled leads; we refuse it, naming the sizes."""
+    leads = dict(_leads(bundled), V4R=bundled[1].signal[0])
+    order = list(LEADS) + ["V4R"]
+    base = write_wfdb(str(tmp_path), "thirteen", leads, order=order)
+    assert read_record(base).lead_mask.all()  # intact: V4R is a known extra channel, dropped
+
+    def declare_twelve(lines):
+        name, n_sig, *rest = lines[0].split()
+        assert n_sig == "13"
+        return [" ".join([name, "12", *rest])] + lines[1:13]
+    _rewrite_header(base, declare_twelve)
+    import wfdb
+    scrambled = wfdb.rdrecord(base)  # what a reader without the size check got
+    assert scrambled.n_sig == 12 and not np.allclose(scrambled.p_signal[:, 5], bundled[0].signal[5],
+                                                     atol=1e-2)
+    with pytest.raises(RecordError, match=r"thirteen\.hea: .*thirteen\.dat holds 130000 data bytes "
+                                          r"but the header declares 12 channel\(s\) .* 5000 "
+                                          r"samples \(120000 bytes\)"):
+        read_record(base)
+
+
+def test_non_numeric_sampling_rate_is_refused_not_read_as_250_hz(tmp_path, bundled):
+    """Item 2: `name 12 abc 5000`: wfdb falls back to 250 Hz without a word."""
+    base = write_wfdb(str(tmp_path), "abc", _leads(bundled))
+    _rewrite_header(base, lambda lines: [lines[0].replace(" 12 500 5000", " 12 abc 5000")]
+                    + lines[1:])
+    import wfdb
+    assert wfdb.rdheader(base).fs == 250  # the silent fallback this guards against
+    with pytest.raises(RecordError, match=r"abc\.hea: sampling rate 'abc' on the record line is "
+                                          "not a number"):
+        read_record(base)
+    _rewrite_header(base, lambda lines: [" ".join(lines[0].split()[:2])] + lines[1:])
+    with pytest.raises(RecordError, match=r"abc\.hea: .* declares no sampling rate"):
+        read_record(base)
+    # A counter frequency after the rate is still the rate.
+    _rewrite_header(base, lambda lines: [lines[0].split()[0] + " 12 500/1000 5000"] + lines[1:])
+    assert read_record(base).fs == 500
+
+
+def test_all_nan_lead_is_masked_or_refused(tmp_path, bundled):
+    """Item 4: an all-NaN lead (written by wfdb.wrsamp as the invalid-sample value) is zero-filled
+    with lead_mask False, or refused like any missing lead."""
+    leads = _leads(bundled)
+    leads["V3"] = np.full(5000, np.nan)
+    base = write_wfdb(str(tmp_path), "deadv3", leads)
+    with pytest.raises(RecordError, match=r"deadv3\.hea: lead\(s\) V3 entirely NaN/Inf"):
+        read_record(base)
+    record = read_record(base, missing_leads="zero")
+    v3 = LEADS.index("V3")
+    assert not record.lead_mask[v3] and record.lead_mask.sum() == 11
+    assert not record.signal[v3].any() and record.nan_count == 5000
+
+
+def test_truncated_signal_file_says_how_many_samples(tmp_path, bundled):
+    """Item 8: 1000 bytes of a 12-lead format-16 file hold 41 whole samples."""
+    base = write_wfdb(str(tmp_path), "cut", _leads(bundled))
+    data = open(base + ".dat", "rb").read()
+    open(base + ".dat", "wb").write(data[:1000])
+    with pytest.raises(RecordError, match=r"cut\.hea: signal file truncated: 41 samples of 5000 "
+                                          "expected"):
+        read_record(base)
+    # The bundled Challenge .mat files (byte offset 24) pass the same size check.
+    assert read_record(bundled_record_paths()[0]).num_samples == 5000
+
+
+def test_short_record_warns_and_min_seconds_refuses(tmp_path, bundled):
+    """Item 8: a 2 s record is kept (zero-padded to 10 s) with a warning; min_seconds refuses it."""
+    base = write_wfdb(str(tmp_path), "two_s", {k: v[:1000] for k, v in _leads(bundled).items()})
+    record = read_record(base)
+    warning = record_lib.short_record_warning(record)
+    assert "two_s.hea: record is 2 s long" in warning and "80% zeros" in warning
+    assert record_lib.short_record_warning(bundled[0]) is None
+    with pytest.raises(RecordError, match=r"two_s\.hea: .* shorter than 3 s at 500 Hz"):
+        from uniecg_jax.data.readers.cinc import read_cinc_record
+        read_cinc_record(base, min_seconds=3.0)
+
+
+@pytest.mark.parametrize("rate", [250, 1000])
+def test_mimic_and_ptbxl_keep_250_and_1000_hz_records(tmp_path, bundled, rate):
+    """Item 5: MIMIC-IV-ECG and PTB-XL records at 250/1000 Hz are read at their own rate and
+    resampled for the encoder like every other reader's (they used to be skipped)."""
+    write_mimic_root(str(tmp_path / "mimic"), n=2)
+    dataset = MimicDataset(str(tmp_path / "mimic"))
+    study = dataset.study_ids()[0]
+    original = dataset.read(study)
+    from data_fixtures import MIMIC_ORDER
+    stored = record_lib.resample(original.signal, 500, rate)
+    base = dataset.record_path(study)
+    write_wfdb(os.path.dirname(base), os.path.basename(base), dict(zip(LEADS, stored)), fs=rate,
+               order=MIMIC_ORDER)
+    record = dataset.read(study)
+    assert record.fs == rate and record.num_samples == 10 * rate
+    for got, want in zip(record.to_encoder_input(), original.signal):
+        assert np.corrcoef(got[100:-100], want[100:-100])[0, 1] > 0.99
+
+    write_ptbxl_root(str(tmp_path / "ptbxl"), n=1)
+    ptbxl = PTBXLDataset(str(tmp_path / "ptbxl"))
+    ecg_id = ptbxl.ecg_ids()[0]
+    base = ptbxl.record_path(ecg_id)
+    write_wfdb(os.path.dirname(base), os.path.basename(base),
+               dict(zip(LEADS, record_lib.resample(ptbxl.read(ecg_id).signal, 500, rate))),
+               fs=rate)
+    assert ptbxl.read(ecg_id).fs == rate
+
+
+def test_ptbxl_reads_records100_when_records500_is_absent(tmp_path):
+    """Item 5: a PTB-XL copy holding only records100/ loses no record."""
+    write_ptbxl_root(str(tmp_path), n=1)
+    ptbxl = PTBXLDataset(str(tmp_path))
+    ecg_id = ptbxl.ecg_ids()[0]
+    high = ptbxl.read(ecg_id)
+    low_base = ptbxl.record_path(ecg_id, high_rate=False)
+    write_wfdb(os.path.dirname(low_base), os.path.basename(low_base),
+               dict(zip(LEADS, record_lib.resample(high.signal, 500, 100))), fs=100)
+    shutil.rmtree(tmp_path / "records500")
+    record = ptbxl.read(ecg_id)
+    assert record.fs == 100 and record.source_path == low_base + ".hea"
+
+
+def test_malformed_entry_of_a_json_list_is_skipped_and_named(tmp_path):
+    """Item 6: one entry that is not JSON costs only itself; the others are read."""
+    paths = bundled_record_paths()[:3]
+    write_grounding_file(str(tmp_path / "g.json"), paths, jsonl=False)
+    text = open(tmp_path / "g.json").read()
+    broken = text.replace('{"id": "g1", "ecg"', '{"id": "g1" "ecg"', 1)  # a comma lost
+    open(tmp_path / "g.json", "w").write(broken)
+    with pytest.raises(ValueError):
+        json.loads(broken)
+    entries = list(iter_grounding_file(str(tmp_path / "g.json")))
+    assert [type(e).__name__ for e in entries] == ["GroundingSample", "RecordError",
+                                                   "GroundingSample"]
+    assert "g.json[1]: malformed JSON entry" in str(entries[1])
+    assert [e.sample_id for e in entries if not isinstance(e, RecordError)] == ["g0", "g2"]
+    from uniecg_jax.data.readers.grounding import entry_key
+    assert entry_key(str(tmp_path / "g.json"), 1) == "g.json#0000001"

@@ -15,6 +15,7 @@ metadata first: a missing or wrong-shaped tensor raises `CheckpointError` naming
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -30,6 +31,7 @@ from uniecg_jax.layers.params import path_name
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
+MODEL_SUBDIR = "model"  # where `uniecg train` exports the final model inside a workdir
 
 
 def _flatten(tree: Any) -> dict[str, Any]:
@@ -52,13 +54,80 @@ def save_model(directory: str, params: Any, config: ml_collections.ConfigDict,
     return directory
 
 
+def resolve_model_dir(path: str) -> str:
+    """A model checkpoint dir (has config.json), or a train workdir holding one in `model/`."""
+    if os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        return path
+    nested = os.path.join(path, MODEL_SUBDIR)
+    if os.path.isfile(os.path.join(nested, CONFIG_FILE)):
+        return nested
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    raise CheckpointError(f"{path}: not a model checkpoint (no {CONFIG_FILE}) and not a train "
+                          f"workdir with an exported {MODEL_SUBDIR}/ (train to completion first)")
+
+
 def load_model_config(directory: str) -> ml_collections.ConfigDict:
     """The config stored with a model checkpoint (locked ConfigDict)."""
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing; {directory} is not a uniecg model checkpoint")
-    with open(path) as f:
-        return config_from_json(f.read())
+    try:
+        with open(path, encoding="utf-8") as f:
+            return config_from_json(f.read())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: "
+                              f"{e.msg}); the checkpoint's config is damaged") from None
+    except (UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a uniecg config ({e})") from None
+
+
+# What each kind of model checkpoint is, and the command that uses it.
+CHECKPOINT_KINDS = {
+    "stage1": ("a stage-1 (ECG interpretation) checkpoint", "uniecg interpret"),
+    "stage2": ("a stage-2 (unified interpret + generate) checkpoint", "uniecg chat"),
+    "diffusion": ("a diffusion (text -> ECG) checkpoint", "uniecg generate"),
+    "llm": ("a plain LLM checkpoint (no ECG encoder)", "train stage 1 from it: uniecg train"),
+}
+
+
+def checkpoint_kind(config: ml_collections.ConfigDict) -> str:
+    """"stage1", "stage2", "diffusion", "llm" or "unknown", from a checkpoint's config.model."""
+    model = config.get("model", None)
+    keys = set(model.keys()) if isinstance(model, ml_collections.ConfigDict) else set()
+    if {"unet", "vae"} <= keys:
+        return "diffusion"
+    if {"llm", "ecg_encoder"} <= keys:
+        return "stage2" if {"ecg_token_ids", "alignment"} <= keys else "stage1"
+    if {"hidden_size", "num_layers"} & keys or "vocab_size" in keys:
+        return "llm"
+    return "unknown"
+
+
+def load_checked_config(path: str, wanted: str, command: str
+                        ) -> tuple[str, ml_collections.ConfigDict]:
+    """(model dir, config) of the checkpoint at `path` (a model dir or a train workdir), after
+    checking it is a `wanted` checkpoint (see `require_kind`); nothing heavy is loaded."""
+    directory = resolve_model_dir(path)
+    config = load_model_config(directory)
+    require_kind(directory, config, wanted, command)
+    return directory, config
+
+
+def require_kind(directory: str, config: ml_collections.ConfigDict, wanted: str,
+                 command: str) -> None:
+    """Raises CheckpointError unless `config` is a `wanted` checkpoint, naming what was found and
+    what to do with it: e.g. "this is a stage-2 ... checkpoint: use `uniecg chat`"."""
+    found = checkpoint_kind(config)
+    if found == wanted:
+        return
+    need = CHECKPOINT_KINDS[wanted][0]
+    if found == "unknown":
+        raise CheckpointError(f"{directory}: `{command}` needs {need}, but config.json describes "
+                              "no known model (no model.llm/ecg_encoder nor model.unet/vae)")
+    what, use = CHECKPOINT_KINDS[found]
+    hint = f"use `{use}`" if use.startswith("uniecg ") else use
+    raise CheckpointError(f"{directory}: this is {what}: {hint}; `{command}` needs {need}")
 
 
 def tokenizer_path(directory: str) -> str | None:

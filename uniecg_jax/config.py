@@ -55,7 +55,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     try:
         config = module.get_config(arg or None)
     except KeyError as e:
-        raise ConfigError(f"{path}: unknown preset {arg!r}: {e}") from None
+        # str(KeyError) is the repr of its message: quotes inside quotes.
+        detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        raise ConfigError(f"{path}: unknown preset {arg!r}: {detail}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}: get_config must return an ml_collections.ConfigDict")
     return config

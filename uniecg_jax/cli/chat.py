@@ -29,22 +29,34 @@ def register(subparsers) -> None:
 
 
 def _read_ecg(path):
+    import sys
+
     from uniecg_jax.data import read_record
-    return read_record(path).to_encoder_input()
+    from uniecg_jax.data.record import short_record_warning
+    record = read_record(path)
+    if short_record_warning(record):
+        print(f"uniecg: warning: {short_record_warning(record)}", file=sys.stderr)
+    return record.to_encoder_input()
 
 
 def run_chat(args) -> int:
+    from uniecg_jax.caches import enable_compilation_cache
+    from uniecg_jax.checkpoint import load_checked_config
     from uniecg_jax.inference.chat import UnifiedModel
 
+    load_checked_config(args.ckpt, "stage2", "uniecg chat")
+    if args.diffusion:
+        load_checked_config(args.diffusion, "diffusion", "uniecg chat --diffusion")
+    ecg = _read_ecg(args.ecg) if args.ecg else None  # a bad record fails before the model loads
+    enable_compilation_cache()
     model = UnifiedModel.load(args.ckpt, diffusion=args.diffusion)
-    ecg = _read_ecg(args.ecg) if args.ecg else None
     count = 0
 
     def answer(prompt):
         nonlocal count
         turn = model.chat(prompt, ecg=ecg, out_dir=args.out, sex=args.sex, age=args.age,
                           heart_rate=args.hr, max_new_tokens=args.max_new_tokens, steps=args.steps,
-                          seed=args.seed + count, record_name=f"chat_{count:03d}")
+                          seed=args.seed + count, record_name="chat")
         count += 1
         if turn.emitted_ecg_tokens:
             print(f"[ECG tokens emitted] conditions {turn.conditions}")

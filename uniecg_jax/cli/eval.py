@@ -39,6 +39,7 @@ def run_interpret(args) -> int:
 
     import jax
 
+    from uniecg_jax.caches import enable_compilation_cache
     from uniecg_jax.eval import interpret_eval
     from uniecg_jax.inference.interpret import Interpreter
 
@@ -47,7 +48,8 @@ def run_interpret(args) -> int:
     if not 0 <= host < hosts:
         raise ValueError(f"--host-index {host} is outside 0..{hosts - 1}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    interpreter = Interpreter.load(args.ckpt)
+    enable_compilation_cache()
+    interpreter = Interpreter.load(args.ckpt, command="uniecg eval interpret")
     items = interpret_eval.items_from_records(
         interpret_eval.load_eval_records(args.data, interpreter.config))
     part = interpret_eval.run_shard(interpreter, items, args.out, process_index=host,

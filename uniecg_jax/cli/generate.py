@@ -7,7 +7,8 @@
 `uniecg convert diffusets`). The report is embedded with the checkpoint's text encoder
 (`text.encoder`, `text.template`), or given precomputed with --embedding FILE.npy ([D]). All N
 samples run as one batch; the same --seed gives the same ECGs. Writes DIR/gen_000.{hea,dat,png}, ...
-(12 named leads in mV; PNG on a 25 mm/s, 10 mm/mV grid) and DIR/generation.json.
+(12 named leads in mV; PNG on a 25 mm/s, 10 mm/mV grid) and DIR/generation.json. A second run into
+the same DIR adds gen_004... and generation_004.json instead of replacing (--overwrite replaces).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def register(subparsers) -> None:
     parser.add_argument("--rate", type=float, default=None,
                         help="output sample rate in Hz (native 102.4; e.g. 500)")
     parser.add_argument("--no-png", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace gen_000... in --out (default: number after existing ones)")
     parser.set_defaults(handler=run)
 
 
@@ -58,6 +61,8 @@ def run(args) -> int:
     import json
     import os
 
+    from uniecg_jax.caches import enable_compilation_cache
+    from uniecg_jax.checkpoint import load_checked_config
     from uniecg_jax.diffusion.conditioning import ConditionError
     from uniecg_jax.diffusion.ecg_writer import write_generated
     from uniecg_jax.diffusion.pipeline import load_pipeline
@@ -66,6 +71,8 @@ def run(args) -> int:
         raise ConditionError(f"--n must be >= 1, got {args.n}")
     if args.rate is not None and not 0 < args.rate <= 10000:
         raise ConditionError(f"--rate must be in (0, 10000] Hz, got {args.rate}")
+    load_checked_config(args.ckpt, "diffusion", "uniecg generate")  # before loading any weights
+    enable_compilation_cache()
     pipeline, config = load_pipeline(args.ckpt)
     sample = config.sample
     sampler = args.sampler or str(sample.sampler)
@@ -81,8 +88,11 @@ def run(args) -> int:
                              eta=eta, sample_rate=rate)
     comments = [f"text: {args.text or args.embedding}", f"hr {args.hr:g} bpm, age {args.age:g}, "
                 f"sex {args.sex}", f"{sampler} {steps} steps, guidance {guidance:g}, seed {args.seed}"]
-    stems = write_generated(ecgs, args.out, rate, comments=comments, png=not args.no_png)
-    with open(os.path.join(args.out, "generation.json"), "w") as f:
+    stems = write_generated(ecgs, args.out, rate, comments=comments, png=not args.no_png,
+                            overwrite=args.overwrite)
+    first = stems[0].rsplit("_", 1)[1]
+    info_name = "generation.json" if first == "000" else f"generation_{first}.json"
+    with open(os.path.join(args.out, info_name), "w") as f:
         json.dump(dict(ckpt=os.path.abspath(args.ckpt), text=args.text, embedding=args.embedding,
                        hr=args.hr, age=args.age, sex=args.sex, n=args.n, sampler=sampler,
                        steps=steps, guidance=guidance, eta=eta, seed=args.seed, rate=rate,

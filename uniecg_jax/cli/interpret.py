@@ -23,15 +23,27 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     import json
+    import sys
 
     import numpy as np
 
+    from uniecg_jax.checkpoint import load_checked_config
     from uniecg_jax.data import read_record
+    from uniecg_jax.data.record import short_record_warning
+
+    # Inputs and the checkpoint's kind are checked before the slow imports and the model load.
+    records = [read_record(path) for path in args.ecg]
+    for record in records:
+        if short_record_warning(record):
+            print(f"uniecg: warning: {short_record_warning(record)}", file=sys.stderr)
+    load_checked_config(args.ckpt, "stage1", "uniecg interpret")
+
+    from uniecg_jax.caches import enable_compilation_cache
     from uniecg_jax.inference.decoding import Sampling
     from uniecg_jax.inference.interpret import Interpreter
 
+    enable_compilation_cache()  # a second call reuses this one's compiled encoder and decoder
     interpreter = Interpreter.load(args.ckpt)
-    records = [read_record(path) for path in args.ecg]
     reports = interpreter.interpret(
         np.stack([r.to_encoder_input() for r in records]), args.prompt,
         max_new_tokens=args.max_new_tokens, seed=args.seed,

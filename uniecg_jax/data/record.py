@@ -14,7 +14,6 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import scipy.signal
 
 from uniecg_jax.errors import RecordError
 
@@ -189,6 +188,10 @@ def resample(signal: np.ndarray, source_fs: float, target_fs: float) -> np.ndarr
     """
     if math.isclose(source_fs, target_fs):
         return np.asarray(signal, dtype=np.float32)
+    # scipy.signal takes 0.5-3 s to import and this module is on every command's path (`uniecg
+    # interpret` of a 500 Hz record never resamples), so it is imported only when a record is.
+    import scipy.signal
+
     ratio = fractions.Fraction(target_fs / source_fs).limit_denominator(10000)
     up, down = ratio.numerator, ratio.denominator
     out = scipy.signal.resample_poly(np.asarray(signal, dtype=np.float64), up, down, axis=-1,
@@ -201,6 +204,8 @@ def resample(signal: np.ndarray, source_fs: float, target_fs: float) -> np.ndarr
 def _antialias_filter(up: int, down: int) -> np.ndarray:
     """resample_poly's own default FIR (Kaiser, beta 5), designed once per ratio: designing it is
     most of the cost of resampling one 10 s record."""
+    import scipy.signal  # see `resample`
+
     max_rate = max(up, down)
     half_length = 10 * max_rate
     taps = scipy.signal.firwin(2 * half_length + 1, 1.0 / max_rate, window=("kaiser", 5.0))
@@ -242,6 +247,16 @@ def validate_sampling_rate(fs: Any, *, path: str, expected_fs: float | None = No
     return fs
 
 
+def short_record_warning(record: ECGRecord) -> str | None:
+    """A warning when `record` is shorter than the RECORD_SECONDS the models read (it will be
+    zero-padded to 10 s), else None. Single-record commands print it; prep counts such records."""
+    if record.duration_s >= RECORD_SECONDS - 1e-6:
+        return None
+    padded = 1.0 - record.duration_s / RECORD_SECONDS
+    return (f"{record.source_path or record.record_id}: record is {record.duration_s:.3g} s long; "
+            f"it is zero-padded to {RECORD_SECONDS:g} s ({padded:.0%} zeros)")
+
+
 def make_record(raw_signal: np.ndarray, names: Sequence[str], fs: Any, *, path: str,
                 record_id: str, missing_leads: str = "error", expected_fs: float | None = None,
                 min_seconds: float = 1.0, **metadata: Any) -> ECGRecord:
@@ -249,7 +264,8 @@ def make_record(raw_signal: np.ndarray, names: Sequence[str], fs: Any, *, path: 
 
     raw_signal: [C, T] in mV (any float dtype), channels named by `names`.
     Raises RecordError naming `path` for: unknown/missing/duplicate leads, an unsupported or
-    unexpected sampling rate, a too-short, all-NaN or flat signal.
+    unexpected sampling rate, a signal shorter than `min_seconds`, an all-NaN or flat signal. A lead
+    with no finite sample counts as missing (an error, or zero-filled with `lead_mask` False).
     """
     fs = validate_sampling_rate(fs, path=path, expected_fs=expected_fs)
     raw_signal = np.asarray(raw_signal)
@@ -260,6 +276,15 @@ def make_record(raw_signal: np.ndarray, names: Sequence[str], fs: Any, *, path: 
     present = signal[mask]
     if present.size and not np.isfinite(present).any():
         raise RecordError(f"{path}: signal is entirely NaN/Inf")
+    # A lead with no finite sample was not recorded: it is zero-filled like any missing lead and
+    # must say so in `lead_mask` (the model masks it), not pass as a recorded flat line.
+    dead = mask & ~np.isfinite(signal).any(axis=1)
+    if dead.any():
+        dead_names = ", ".join(lead for lead, is_dead in zip(LEADS, dead) if is_dead)
+        if missing_leads == "error":
+            raise RecordError(f"{path}: lead(s) {dead_names} entirely NaN/Inf (not recorded); "
+                              "pass missing_leads='zero' to zero-fill and mask them")
+        mask = mask & ~dead
     signal, nan_count = replace_nonfinite(signal)
     present = signal[mask]
     if not mask.any() or np.ptp(present, axis=1).max() < FLAT_THRESHOLD_MV:

@@ -10,7 +10,9 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from uniecg_jax.caches import cache_home
 from uniecg_jax.data.record import ENCODER_FS, LEADS, RECORD_SECONDS, ECGRecord, make_record
 
 
@@ -49,9 +51,10 @@ def generate_one(heart_rate: float, *, seed: int, record_id: str, fs: float = EN
 
 
 def generate(n: int, heart_rates: Sequence[float] | None = None, seed: int = 0,
-             fs: float = ENCODER_FS) -> list[ECGRecord]:
+             fs: float = ENCODER_FS, progress: bool = True) -> list[ECGRecord]:
     """`n` synthetic 10 s records. heart_rates: one per record (default: uniform 45-125 bpm drawn
-    from `seed`). Age and sex are drawn from `seed` too. Record ids are `synthetic_{seed}_{i}`."""
+    from `seed`). Age and sex are drawn from `seed` too. Record ids are `synthetic_{seed}_{i}`.
+    progress: a tqdm bar on stderr while synthesising (more than one record)."""
     rng = np.random.default_rng(seed)
     if heart_rates is None:
         heart_rates = rng.uniform(45, 125, size=n).round(1)
@@ -59,14 +62,16 @@ def generate(n: int, heart_rates: Sequence[float] | None = None, seed: int = 0,
         raise ValueError(f"heart_rates has {len(heart_rates)} values for n={n} records")
     ages = rng.integers(20, 90, size=n)
     sexes = rng.choice(["M", "F"], size=n)
+    # neurokit2 takes ~1-2 s a record: a bar, so that a demo synthesising 96 of them is not silent.
     return [generate_one(float(hr), seed=seed * 100003 + i, record_id=f"synthetic_{seed}_{i}",
                          fs=fs, age=float(ages[i]), sex=str(sexes[i]))
-            for i, hr in enumerate(heart_rates)]
+            for i, hr in enumerate(tqdm(heart_rates, desc="synthesising ECGs (neurokit2)",
+                                        unit="ECG", disable=n < 2 or not progress))]
 
 
 def default_cache_dir() -> str:
-    """$UNIECG_CACHE, else ~/.cache/uniecg_jax."""
-    return os.environ.get("UNIECG_CACHE", os.path.expanduser("~/.cache/uniecg_jax"))
+    """$UNIECG_CACHE, else ~/.cache/uniecg_jax (`caches.cache_home()`)."""
+    return str(cache_home())
 
 
 def cached_synthetic(count: int, seed: int, heart_rates: Sequence[float] | None = None,

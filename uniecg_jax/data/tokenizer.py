@@ -7,13 +7,13 @@ takes any HF tokenizer. The chat format and the ids built from it live in `data.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from uniecg_jax.data import bundled_samples_dir, conversations, load_bundled_records, synthetic
@@ -72,6 +72,65 @@ def load_tokenizer(path: str | None = None):
     return tokenizer
 
 
+# tokenizer_config.json classes that are a plain `tokenizer.json` with no Python-side behaviour, so
+# `tokenizers` alone reproduces them (what `save_pretrained` of the tiny tokenizer writes).
+_PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+class PlainTokenizer:
+    """A `tokenizer.json` tokenizer through `tokenizers` alone, with the part of the HF tokenizer
+    API that serving uses (encode, decode, token <-> id, special-token ids, vocab). Loading it
+    skips importing `transformers` (~10 s of a short `uniecg interpret` call). Ids and decoded text
+    equal `transformers`' for the same files (tests/test_bad_input.py checks it)."""
+
+    def __init__(self, directory: str, config: dict):
+        self.core = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+        self.name_or_path = directory
+        for role in ("bos", "eos", "pad", "unk"):
+            token = config.get(f"{role}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            setattr(self, f"{role}_token", token)
+            setattr(self, f"{role}_token_id", None if token is None else self.core.token_to_id(token))
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        token_id = self.core.token_to_id(token)
+        return self.unk_token_id if token_id is None else token_id
+
+    def convert_ids_to_tokens(self, token_id: int) -> str | None:
+        return self.core.id_to_token(int(token_id))
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.core.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.core.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.core.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.core.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def load_serving_tokenizer(path: str | None = None):
+    """The tokenizer `load_tokenizer(path)` returns, as a `PlainTokenizer` when the files allow it
+    (a plain tokenizer.json that already holds `<ecg>` and a pad token: the tiny one and what
+    training saves), else through `transformers`. For inference, which never grows the vocabulary."""
+    directory = str(tiny_tokenizer_dir()) if path is None else path
+    try:
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    if (config.get("tokenizer_class") in _PLAIN_TOKENIZER_CLASSES
+            and os.path.isfile(os.path.join(directory, "tokenizer.json"))
+            and not config.get("clean_up_tokenization_spaces")):
+        tokenizer = PlainTokenizer(directory, config)
+        if tokenizer.pad_token_id is not None and ECG_PLACEHOLDER in tokenizer.get_vocab():
+            return tokenizer
+    return load_tokenizer(path)
+
+
 def add_tokens(tokenizer, names: Sequence[str]) -> tuple[list[int], list[int]]:
     """Adds `names` to `tokenizer` (in place) as special tokens, as LLaVA adds its image tokens
     (`tokenizer.add_tokens(..., special_tokens=True)`, llava/model/llava_arch.py
@@ -94,6 +153,8 @@ def add_ecg_tokens(tokenizer, count: int) -> list[int]:
 def training_corpus() -> list[str]:
     """Texts the tiny BPE is trained on: bundled diagnosis names, SCP descriptions, PTB-XL reports,
     synthetic reports, conversation templates and answers."""
+    import pandas as pd  # ~1 s to import; only training the tiny BPE reads these tables
+
     root = bundled_samples_dir()
     texts = []
     for name in ("dx_mapping_scored.csv", "dx_mapping_unscored.csv"):

@@ -5,6 +5,7 @@ The page geometry is `data.ecg_paper`'s (shared with the image renderer `data.ec
 from __future__ import annotations
 
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -72,11 +73,27 @@ def plot_ecg_paper(ecg: np.ndarray, sample_rate: float, path: str, title: str | 
     return path
 
 
+def next_free_index(directory: str, prefix: str) -> int:
+    """1 + the highest N of the `prefix_NNN.{hea,dat,png}` files in `directory` (0 when none), so
+    that records written next never replace earlier ones."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d{{3,}})\.(?:hea|dat|png)$")
+    indices = [int(match.group(1)) for name in (os.listdir(directory) if os.path.isdir(directory)
+                                                else []) if (match := pattern.match(name))]
+    return max(indices) + 1 if indices else 0
+
+
 def write_generated(ecgs: np.ndarray, directory: str, sample_rate: float, prefix: str = "gen",
-                    comments: Sequence[str] = (), png: bool = True) -> list[str]:
-    """Writes every ECG of `ecgs` `[N, 12, T]` as `prefix_000.{hea,dat,png}`; returns the stems."""
+                    comments: Sequence[str] = (), png: bool = True, overwrite: bool = False
+                    ) -> list[str]:
+    """Writes every ECG of `ecgs` `[N, 12, T]` as `prefix_NNN.{hea,dat,png}`; returns the stems.
+
+    Never replaces a record already there: numbering starts after the highest `prefix_NNN` in
+    `directory` (a second request into the same folder adds records). `overwrite=True` numbers from
+    000 and replaces what is there.
+    """
+    start = 0 if overwrite else next_free_index(directory, prefix)
     stems = []
-    for i, ecg in enumerate(np.asarray(ecgs)):
+    for i, ecg in enumerate(np.asarray(ecgs), start):
         name = f"{prefix}_{i:03d}"
         stems.append(write_wfdb(ecg, directory, name, sample_rate, comments))
         if png:

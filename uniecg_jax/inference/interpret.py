@@ -20,28 +20,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from uniecg_jax.checkpoint import load_model_config, restore_model, save_model
+from uniecg_jax.checkpoint import (MODEL_SUBDIR, load_checked_config, resolve_model_dir,
+                                   restore_model, save_model)
 from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, InputBuilder
-from uniecg_jax.data.tokenizer import load_tokenizer
+from uniecg_jax.data.tokenizer import load_serving_tokenizer
 from uniecg_jax.inference import decoding
-from uniecg_jax.errors import CheckpointError
 from uniecg_jax.layers.params import abstract_module_params
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.stage1 import UniECG, build_unified, expand_inputs
 
 DEFAULT_PROMPT = INTERPRETATION_REQUEST
-MODEL_SUBDIR = "model"  # where `uniecg train` exports the final model inside a workdir
-
-
-def resolve_model_dir(path: str) -> str:
-    """A model checkpoint dir (has config.json), or a train workdir holding one in `model/`."""
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path
-    nested = os.path.join(path, MODEL_SUBDIR)
-    if os.path.isfile(os.path.join(nested, "config.json")):
-        return nested
-    raise CheckpointError(f"{path}: not a model checkpoint (no config.json) and not a train workdir "
-                          f"with an exported {MODEL_SUBDIR}/ (train to completion first)")
 
 
 def export_model(workdir: str, params: Any, config: ml_collections.ConfigDict, tokenizer) -> str:
@@ -75,9 +63,10 @@ class Interpreter:
     _batch_sharding: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
-    def load(cls, path: str) -> "Interpreter":
-        directory = resolve_model_dir(path)
-        config = load_model_config(directory)
+    def load(cls, path: str, command: str = "uniecg interpret") -> "Interpreter":
+        """From a stage-1 train workdir or model dir; another kind of checkpoint raises
+        CheckpointError naming its kind and the command that uses it (`command` is the caller's)."""
+        directory, config = load_checked_config(path, "stage1", command)
         model, ucfg = build_unified(config.model)
         enc = ucfg.encoder
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -86,7 +75,7 @@ class Interpreter:
             jnp.zeros((1,), jnp.int32), sharding=device)
         params, _ = restore_model(directory, abstract)
         tokenizer_dir = os.path.join(directory, "tokenizer")
-        tokenizer = load_tokenizer(tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+        tokenizer = load_serving_tokenizer(tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
         return cls(model, params, tokenizer, config)
 
     @property

@@ -64,8 +64,8 @@ def verbalise_dx(codes: list[str], mapping: dict[str, str]) -> list[str]:
 
 
 def read_cinc_record(path: str | os.PathLike, *, dx_mapping_dir: str | None = None,
-                     missing_leads: str = "error", expected_fs: float | None = None
-                     ) -> ECGRecord:
+                     missing_leads: str = "error", expected_fs: float | None = None,
+                     min_seconds: float = 1.0) -> ECGRecord:
     """One Challenge record (path with or without extension) -> ECGRecord.
 
     dx_mapping_dir: folder of dx_mapping_scored/unscored.csv; default: the record's parent folder,
@@ -85,6 +85,6 @@ def read_cinc_record(path: str | os.PathLike, *, dx_mapping_dir: str | None = No
     labels = tuple(verbalise_dx(codes, load_dx_mapping(dx_mapping_dir)))
     return make_record(
         signal, names, fs, path=base + ".hea", record_id=os.path.basename(base),
-        missing_leads=missing_leads, expected_fs=expected_fs,
+        missing_leads=missing_leads, expected_fs=expected_fs, min_seconds=min_seconds,
         patient_id=os.path.basename(base), age=parse_age(fields.get("age")),
         sex=parse_sex(fields.get("sex")), report=", ".join(labels), labels=labels)

@@ -76,17 +76,85 @@ def iter_grounding_file(path: str | os.PathLike, *, ecg_root: str | None = None
             except RecordError as e:
                 yield e
         return
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
-    if not isinstance(items, list):
-        raise RecordError(f"{path}: expected a JSON list of conversations")
-    for index, item in enumerate(items):
+    for index, (item, error) in enumerate(iter_json_list(text, path=str(path))):
+        where = f"{path}[{index}]"
+        if error is not None:
+            yield RecordError(f"{where}: {error}")
+            continue
         try:
-            yield parse_sample(item, where=f"{path}[{index}]", ecg_root=ecg_root)
+            yield parse_sample(item, where=where, ecg_root=ecg_root)
         except RecordError as e:
             yield e
+
+
+def entry_key(path: str | os.PathLike, index: int) -> str:
+    """The one name of entry `index` (0-based, in file order) of a conversation file, used for its
+    work item and for its line in skipped.jsonl alike: `g.jsonl#0000004`."""
+    return f"{os.path.basename(os.fspath(path))}#{index:07d}"
+
+
+def _entry_end(text: str, start: int) -> int:
+    """Index of the `,` or `]` that ends the list entry starting at `start` (depth 0, outside
+    strings), or len(text) when the list never closes. Used to step over a malformed entry."""
+    depth, in_string, escaped = 0, False, False
+    for position in range(start, len(text)):
+        char = text[position]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            if depth == 0:
+                return position
+            depth -= 1
+        elif char == "," and depth == 0:
+            return position
+    return len(text)
+
+
+def iter_json_list(text: str, *, path: str) -> Iterator[tuple[Any, str | None]]:
+    """Decodes a JSON list entry by entry: yields (entry, None), or (None, problem) for an entry that
+    is not valid JSON, then carries on with the next one (so one bad entry costs only itself); an
+    unclosed list ends with one such problem. Raises RecordError when the text is not a JSON list."""
+    decoder = json.JSONDecoder()
+    position = len(text) - len(text.lstrip())
+    if not text.startswith("[", position):
+        raise RecordError(f"{path}: expected a JSON list of conversations")
+    position += 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n":
+            position += 1
+        if position >= len(text):
+            yield None, "the JSON list is not closed (file truncated?)"
+            return
+        if text[position] == "]":
+            return
+        try:
+            item, end = decoder.raw_decode(text, position)
+            while end < len(text) and text[end] in " \t\r\n":
+                end += 1
+            if end < len(text) and text[end] not in ",]":
+                raise json.JSONDecodeError("expected ',' or ']' after the entry", text, end)
+        except json.JSONDecodeError as e:
+            end = _entry_end(text, position)
+            line = text.count("\n", 0, e.pos) + 1
+            unclosed = "; the list is not closed (file truncated?)" if end >= len(text) else ""
+            yield None, f"malformed JSON entry at line {line} ({e.msg}){unclosed}"
+            if unclosed:
+                return
+        else:
+            yield item, None
+        if end >= len(text):
+            yield None, "the JSON list is not closed (file truncated?)"
+            return
+        position = end + 1 if text[end] == "," else end
 
 
 def read_grounding_file(path: str | os.PathLike, *, ecg_root: str | None = None

@@ -1,7 +1,8 @@
 """MIMIC-IV-ECG: `record_list.csv` (subject_id, study_id, path) and `machine_measurements.csv`
 (`report_0..report_17`, `rr_interval` in ms, onsets/ends in ms, axes in degrees). Records are
 `files/pNNNN/pNNNNNNNN/sNNNNNNNN/NNNNNNNN` at 500 Hz, leads I II III aVR aVF aVL V1-V6 (aVF before aVL:
-the reader maps leads by name)."""
+the reader maps leads by name). A record at another rate is kept at its own rate (`record.fs`), as
+every reader does; the pipelines resample it to each model's rate."""
 from __future__ import annotations
 
 import math
@@ -79,7 +80,8 @@ class MimicDataset:
     def record_path(self, study_id: int) -> str:
         return os.path.join(self.root, self.records[study_id][1])
 
-    def read(self, study_id: int, *, missing_leads: str = "error") -> ECGRecord:
+    def read(self, study_id: int, *, missing_leads: str = "error", min_seconds: float = 1.0
+             ) -> ECGRecord:
         """One study -> ECGRecord with report, machine measurements and RR-derived heart rate."""
         if study_id not in self.records:
             raise RecordError(f"{self.root}/{RECORD_LIST_CSV}: no study_id {study_id}")
@@ -91,7 +93,7 @@ class MimicDataset:
         measurements = clean_measurements(row)
         rr = measurements.get("rr_interval")
         return make_record(signal, names, fs, path=base + ".hea", record_id=f"mimic_{study_id}",
-                           missing_leads=missing_leads, expected_fs=500.0,
+                           missing_leads=missing_leads, min_seconds=min_seconds,
                            patient_id=str(subject_id), report=report, labels=lines,
                            measurements=measurements,
                            heart_rate=60000.0 / rr if rr else None)

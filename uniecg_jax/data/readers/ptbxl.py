@@ -1,5 +1,7 @@
 """PTB-XL: `ptbxl_database.csv` (free-text `report`, `scp_codes`, age, sex, patient) joined with
-`scp_statements.csv` (SCP code -> description) and the WFDB records under `records500/`."""
+`scp_statements.csv` (SCP code -> description) and the WFDB records under `records500/` (or
+`records100/` where only those are present). Records keep their own rate (`record.fs`), as every
+reader does; the pipelines resample them to each model's rate."""
 from __future__ import annotations
 
 import ast
@@ -86,16 +88,19 @@ class PTBXLDataset:
         row = self.rows[ecg_id]
         return os.path.join(self.root, row.filename_hr if high_rate else row.filename_lr)
 
-    def read(self, ecg_id: int, *, high_rate: bool = True, missing_leads: str = "error"
-             ) -> ECGRecord:
-        """The record `ecg_id` (500 Hz by default) with its report and verbalised SCP codes."""
+    def read(self, ecg_id: int, *, high_rate: bool = True, missing_leads: str = "error",
+             min_seconds: float = 1.0) -> ECGRecord:
+        """The record `ecg_id` (the 500 Hz one by default; the 100 Hz one when only that is
+        present) with its report and verbalised SCP codes, at the rate it was stored."""
         if ecg_id not in self.rows:
             raise RecordError(f"{self.root}/{DATABASE_CSV}: no row with ecg_id {ecg_id}")
         row = self.rows[ecg_id]
         base = self.record_path(ecg_id, high_rate)
+        other = self.record_path(ecg_id, not high_rate)
+        if not os.path.exists(base + ".hea") and row.filename_lr and os.path.exists(other + ".hea"):
+            base = other
         signal, names, fs, _ = read_wfdb_signal(base)
         return make_record(signal, names, fs, path=base + ".hea", record_id=f"ptbxl_{ecg_id}",
-                           missing_leads=missing_leads,
-                           expected_fs=500.0 if high_rate else 100.0,
+                           missing_leads=missing_leads, min_seconds=min_seconds,
                            patient_id=row.patient_id, age=row.age, sex=row.sex,
                            report=row.report or ", ".join(row.labels), labels=row.labels)

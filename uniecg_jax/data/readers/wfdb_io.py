@@ -1,7 +1,18 @@
-"""Reading one WFDB record (header + signal) with errors that name the file."""
+"""Reading one WFDB record (header + signal) with errors that name the file.
+
+Every reader (Challenge, PTB-XL, MIMIC-IV-ECG, grounding, `uniecg interpret`) reads through
+`read_wfdb_signal`, the one place a record is checked against its header before wfdb reads it:
+  - the sampling rate is read from the header's record line itself: wfdb silently falls back to
+    250 Hz when that field is not a number (`12 abc 5000`);
+  - each signal file's size must match what the header declares (channels x samples x bytes per
+    sample for the declared formats): a header declaring fewer channels than the file interleaves
+    would otherwise read "fine" with scrambled leads, and a truncated file would fail inside numpy.
+"""
 from __future__ import annotations
 
+import math
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -12,6 +23,13 @@ from uniecg_jax.errors import RecordError
 
 # Physical units -> factor to millivolts.
 _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": 1.0, "": 1.0}
+# Bits one sample takes on disk, per WFDB storage format (WFDB "signal" spec: 212 packs two 12-bit
+# samples in 3 bytes, 310/311 three 10-bit samples in 4 bytes). FLAC formats (508/516/524) are
+# compressed: their size says nothing about the sample count, so they are not size-checked.
+_FORMAT_BITS = {"8": 8, "16": 16, "24": 24, "32": 32, "61": 16, "80": 8, "160": 16, "212": 12,
+                "310": 32 / 3, "311": 32 / 3}
+# The record line's sampling-rate field: `fs[/counter_freq[(base_counter)]]`.
+_RATE_FIELD = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?:/.*)?$")
 
 
 def strip_wfdb_extension(path: str | os.PathLike) -> str:
@@ -21,9 +39,75 @@ def strip_wfdb_extension(path: str | os.PathLike) -> str:
     return root if ext.lower() in (".hea", ".dat", ".mat") else path
 
 
-def _raise_if_header_corrupt(base: str, header_path: str) -> None:
-    """Called after wfdb failed: says "corrupt header" when the header itself does not parse (wfdb
-    re-parses it here; on the success path it is parsed only once, by rdrecord)."""
+def header_sampling_rate(header_path: str) -> float:
+    """The sampling rate written on the header's record line (`name n_sig fs n_samples ...`).
+
+    Read from the text, not from wfdb: wfdb replaces a missing or non-numeric rate by 250 Hz without
+    a word. Raises RecordError naming the header when the field is absent or not a number.
+    """
+    try:
+        with open(header_path, encoding="latin-1") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise RecordError(f"{header_path}: cannot read header ({e.strerror or e})") from None
+    record_line = next((line.split("#", 1)[0].split() for line in lines
+                        if line.split("#", 1)[0].strip()), None)
+    if not record_line:
+        raise RecordError(f"{header_path}: corrupt header (no record line)")
+    if len(record_line) < 3:
+        raise RecordError(f"{header_path}: the record line {' '.join(record_line)!r} declares no "
+                          "sampling rate (wfdb would assume 250 Hz)")
+    match = _RATE_FIELD.match(record_line[2])
+    if not match:
+        raise RecordError(f"{header_path}: sampling rate {record_line[2]!r} on the record line is "
+                          "not a number")
+    return float(match.group(1))
+
+
+def check_signal_files(header: Any, base: str, header_path: str) -> None:
+    """Compares each signal file's size with what `header` (a `wfdb.Record` header) declares.
+
+    For a file holding C channels of `samps_per_frame` s_c in format f_c, one frame takes
+    sum_c s_c * bits(f_c) / 8 bytes, and the file holds byte_offset + sig_len frames. Raises
+    RecordError for a missing file, a truncated one ("N samples of M expected") or one holding at
+    least one whole frame more than declared (a header naming fewer channels than are stored).
+    """
+    directory = os.path.dirname(base)
+    files: dict[str, list[int]] = {}
+    for channel, name in enumerate(getattr(header, "file_name", None) or []):  # none: multi-segment
+        files.setdefault(name, []).append(channel)
+    for name, channels in files.items():
+        formats = [str(header.fmt[c]) for c in channels]
+        if any(f not in _FORMAT_BITS for f in formats):
+            continue
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise RecordError(f"{header_path}: signal file missing ({path})")
+        spf = [int((header.samps_per_frame or [1] * header.n_sig)[c] or 1) for c in channels]
+        frame_bits = sum(s * _FORMAT_BITS[f] for s, f in zip(spf, formats))
+        offset = int((header.byte_offset or [0] * header.n_sig)[channels[0]] or 0)
+        data_bytes = os.path.getsize(path) - offset
+        frames_stored = math.floor(data_bytes * 8 / frame_bits + 1e-9) if data_bytes > 0 else 0
+        frame_bytes = math.ceil(frame_bits / 8)
+        declared = f"{len(channels)} channel(s) in format {'/'.join(sorted(set(formats)))}"
+        if header.sig_len is None:  # wfdb infers the length from the size: it must be whole frames
+            if data_bytes % frame_bytes and frame_bits % 8 == 0:
+                raise RecordError(f"{header_path}: {path} holds {data_bytes} data bytes, not a "
+                                  f"whole number of frames of {declared}; the header does not "
+                                  "match the signal file")
+            continue
+        expected_bytes = math.ceil(int(header.sig_len) * frame_bits / 8)
+        if frames_stored < header.sig_len:
+            raise RecordError(f"{header_path}: signal file truncated: {frames_stored} samples of "
+                              f"{header.sig_len} expected ({path})")
+        if data_bytes - expected_bytes >= frame_bytes:
+            raise RecordError(
+                f"{header_path}: {path} holds {data_bytes} data bytes but the header declares "
+                f"{declared} x {header.sig_len} samples ({expected_bytes} bytes): more channels or "
+                "samples are stored than the header declares")
+
+
+def _read_header(base: str, header_path: str):
     try:
         header = wfdb.rdheader(base)
     except Exception as e:  # wfdb raises HeaderSyntaxError/ValueError/TypeError/... on bad headers
@@ -32,34 +116,36 @@ def _raise_if_header_corrupt(base: str, header_path: str) -> None:
     if not header.n_sig or found != header.n_sig:
         raise RecordError(f"{header_path}: corrupt header (record line declares {header.n_sig} "
                           f"signals, {found} signal lines parse)")
+    return header
 
 
 def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], float, list[str]]:
-    """Reads a WFDB record.
+    """Reads a WFDB record after checking it against its header (see the module docstring).
 
     Returns ([C, T] float32 signal in mV, channel names, sampling rate, header comment lines).
-    Raises RecordError naming the file for a missing file, a corrupt header or a truncated signal.
+    Raises RecordError naming the file for a missing file, a corrupt header, a non-numeric sampling
+    rate, or a signal file whose size does not match the header (truncated, or more channels).
     """
     base = strip_wfdb_extension(path)
     header_path = base + ".hea"
     if not os.path.exists(header_path):
         raise RecordError(f"{header_path}: WFDB header not found")
+    header = _read_header(base, header_path)
+    fs = header_sampling_rate(header_path)
+    check_signal_files(header, base, header_path)
     try:
         record = wfdb.rdrecord(base)
     except FileNotFoundError as e:
         raise RecordError(f"{header_path}: signal file missing ({e.filename or e})") from None
     except Exception as e:  # wfdb raises ValueError/TypeError/IndexError/... on bad files
-        _raise_if_header_corrupt(base, header_path)
-        problem = str(e) or type(e).__name__
-        if "not loaded correctly" in problem:
-            problem = "signal file is truncated (fewer samples than the header declares)"
-        raise RecordError(f"{header_path}: cannot read WFDB record: {problem}") from None
+        raise RecordError(f"{header_path}: cannot read WFDB record: "
+                          f"{str(e) or type(e).__name__}") from None
     if record.p_signal is None or record.sig_name is None:
         raise RecordError(f"{header_path}: record has no signal channels")
     signal = np.asarray(record.p_signal, dtype=np.float32).T
     if signal.shape[1] != record.sig_len:
-        raise RecordError(f"{header_path}: signal file is truncated ({signal.shape[1]} of "
-                          f"{record.sig_len} samples)")
+        raise RecordError(f"{header_path}: signal file truncated: {signal.shape[1]} samples of "
+                          f"{record.sig_len} expected")
     units = record.units or [""] * len(record.sig_name)
     for channel, unit in enumerate(units):
         factor = _UNIT_TO_MV.get((unit or "").strip().lower())
@@ -68,7 +154,7 @@ def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], fl
                               f"{unit!r}; expected mV, uV or V")
         if factor != 1.0:
             signal[channel] *= factor
-    return signal, list(record.sig_name), float(record.fs), list(record.comments or [])
+    return signal, list(record.sig_name), fs, list(record.comments or [])
 
 
 def read_wfdb_record(path: str | os.PathLike, *, record_id: str | None = None,
