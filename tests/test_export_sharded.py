@@ -31,13 +31,14 @@ def test_max_shard_size_follows_hugging_face():
     with pytest.raises(Exception, match="expected a number of bytes"):
         sharded_writer.parse_size("5 gigs")
     # huggingface_hub's own example: [6, 6, 2, 6, 2, 2] GB at 10GB -> [6], [6+2], [6+2+2]; a tensor
-    # over the limit alone.
+    # over the limit goes alone into a file at once, before the open one (as
+    # `split_state_dict_into_shards_factory` of huggingface_hub 2.4.0 does).
     sizes = [6, 6, 2, 6, 2, 2, 11, 1]
     tensors = [ExportTensor(f"t{i}", np.zeros((size * 250,), np.float32))
                for i, size in enumerate(sizes)]
     plans = sharded_writer.plan_files(tensors, max_shard_size="10KB")
     assert [[t.name for t in p.tensors] for p in plans] == [
-        ["t0"], ["t1", "t2"], ["t3", "t4", "t5"], ["t6"], ["t7"]]
+        ["t0"], ["t1", "t2"], ["t6"], ["t3", "t4", "t5"], ["t7"]]
     assert plans[0].filename == "model-00001-of-00005.safetensors"
     assert [p.filename for p in sharded_writer.plan_files(tensors, max_shard_size=None)] == [
         "model.safetensors"]
@@ -64,18 +65,17 @@ def test_blocks_of_sharded_arrays_equal_the_whole_tensor(spec, tmp_path):
     mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2))
     rng = np.random.default_rng(0)
     tensors, expected = [], {}
+    specs = {  # per tensor: the mesh axis of each of our axes (merged axes split on their first)
+        "fsdp0": {"q": ("fsdp", None, None), "o": ("fsdp", None, None),
+                  "up1": (None, "fsdp", None), "bias": ("fsdp", None), "embed": ("fsdp", None)},
+        "fsdp1": {"q": (None, "fsdp", None), "o": (None, None, "fsdp"),
+                  "up1": (None, None, "fsdp"), "bias": ("tensor", None), "embed": (None, "fsdp")},
+        "fsdp_tensor": {"q": ("fsdp", "tensor", None), "o": ("tensor", None, "fsdp"),
+                        "up1": (None, "fsdp", "tensor"), "bias": ("fsdp", None),
+                        "embed": ("tensor", "fsdp")},
+        "replicated": {}}[spec]
     for name, array, layout, hf in _layouts(rng):
-        axes = [None] * array.ndim
-        first = 1 if layout.layer is not None else 0   # shard the leaf axes, not the stack
-        if spec == "fsdp0":
-            axes[first] = "fsdp"
-        elif spec == "fsdp1" and array.ndim - first > 1:
-            axes[-1] = "fsdp"
-        elif spec == "fsdp_tensor":
-            axes[first] = "fsdp"
-            if array.ndim - first > 1 and array.shape[-1] % 2 == 0 and name != "q":
-                axes[-1] = "tensor"
-        placed = jax.device_put(array, NamedSharding(mesh, PartitionSpec(*axes)))
+        placed = jax.device_put(array, NamedSharding(mesh, PartitionSpec(*specs.get(name, ()))))
         tensors.append(ExportTensor(name, placed, layout))
         expected[name] = hf
     # bf16 cast on the devices, and a split into several files.
@@ -105,16 +105,17 @@ def test_a_shard_that_splits_a_merged_axis_is_refused(tmp_path):
 
 def test_writer_holds_one_block_at_a_time():
     """Peak host memory (tracemalloc: every numpy/bytes allocation of the writer) while writing a
-    384 MiB state of 12 x 32 MiB float32 tensors sharded over 8 devices: one shard (4 MiB), and for
-    a replicated tensor one tensor (32 MiB), never the state."""
+    192 MiB state of 12 x 16 MiB float32 tensors sharded over 8 devices (one transposed on the way,
+    like nn.Linear weights): one shard (2 MiB), and for a replicated tensor one tensor (16 MiB),
+    never the state."""
     mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
     key = jax.random.PRNGKey(0)
     tensors = []
     for i in range(12):
         spec = PartitionSpec() if i == 0 else PartitionSpec("fsdp")
-        array = jax.jit(lambda k: jax.random.normal(k, (2048, 4096)),
+        array = jax.jit(lambda k: jax.random.normal(k, (1024, 4096)),
                         out_shardings=NamedSharding(mesh, spec))(jax.random.fold_in(key, i))
-        tensors.append(ExportTensor(f"w{i}", array, TensorLayout(None, ((0,), (1,)), True)))
+        tensors.append(ExportTensor(f"w{i}", array, TensorLayout(None, ((0,), (1,)), i == 1)))
     tensor_bytes = tensors[0].nbytes
     import tempfile
     with tempfile.TemporaryDirectory() as out:
@@ -209,3 +210,21 @@ def test_two_processes_export_one_hf_model_with_identical_logits(tmp_path):
     np.testing.assert_array_equal(got, want)
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def test_unified_export_components_are_written_by_the_sharded_writer(tmp_path):
+    from uniecg_jax.convert import unified_export
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    rng = np.random.default_rng(1)
+    tree = {"blocks_0": {"kernel": jax.device_put(rng.standard_normal((16, 8)).astype(np.float32),
+                                                  NamedSharding(mesh, PartitionSpec("fsdp"))),
+                         "bias": np.arange(8, dtype=np.float32)},
+            "cls": jax.numpy.ones((1, 8), jax.numpy.bfloat16)}
+    unified_export._save(tree, str(tmp_path), "ecg_tower.safetensors")
+    assert sorted(os.listdir(tmp_path)) == ["ecg_tower.safetensors"]
+    loaded = unified_export._load(str(tmp_path / "ecg_tower.safetensors"))
+    want = unified_export.flatten_params(tree)
+    assert set(loaded) == set(want) == {"blocks_0.kernel", "blocks_0.bias", "cls"}
+    for name in want:
+        assert loaded[name].dtype == want[name].dtype
+        np.testing.assert_array_equal(loaded[name], want[name])
