@@ -41,15 +41,20 @@ def add_parser(jobs_subparsers) -> None:
     parser.add_argument("--stage2-ckpt", default=None, help="stage-2 workdir or model dir")
     parser.add_argument("--host-index", type=int, default=None)
     parser.add_argument("--host-count", type=int, default=None)
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (every host of a pod runs "
+                             "the same command)")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
+    from uniecg_jax import sharding
     from uniecg_jax.eval import generate_eval, sharded_job
     from uniecg_jax.errors import UniECGError
 
     if args.n < 1 or args.steps < 1:
         raise UniECGError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    sharding.maybe_initialize_distributed(args.distributed)
     if args.via == "llm":
         return run_via_llm(args)
     host, hosts, manual = sharded_job.resolve_hosts(args.host_index, args.host_count)
