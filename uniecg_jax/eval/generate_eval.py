@@ -17,6 +17,13 @@ heart rate (batched over records), and the job reports:
     real and the generated ECGs; rFID = FID / FID(first vs second half of the real set);
   - k-NN (k = 3) precision / recall / F1 of the two feature sets;
 * the same for a baseline: unconditional samples (guidance 0, the learned null condition).
+
+The job is sharded and resumable like `eval interpret` (`eval.sharded_job`): blocks of `batch_size`
+records go round robin to the hosts, each block is one generation call sharded over the host's
+devices (seed = `seed` + the block's first record index, so the samples do not depend on the host
+count), each host appends per-record statistics (`record_stats`: detected rates, QRS F1, amplitude
+moments, CLIP features and cosines) to its part file, and `merge` computes the set-level metrics
+(`set_metrics`: FID, k-NN precision/recall, CLIP-score means, HR MAE) once over every part.
 """
 from __future__ import annotations
 
