@@ -427,3 +427,38 @@ def test_eval_generate_over_two_hosts_writes_each_record_once_and_resumes(export
     assert cli_main(["eval", "generate", "--ckpt", exported, "--out", out, "--host-index", "2",
                      "--host-count", "2"]) == 1
     assert "--host-index 2 is outside 0..1" in capsys.readouterr().err
+
+
+class _EchoUnified:
+    """Stands in for a stage-2 `UnifiedModel` in `llm_generate_eval`: its `respond` "predicts"
+    twice the text encoder's embedding of each request's report (cosine 1, all [ECG] emitted)."""
+
+    def __init__(self, pipeline, text_encoder):
+        from types import SimpleNamespace
+        self.diffusion, self.text_encoder = pipeline, text_encoder
+        self.model = SimpleNamespace(config=SimpleNamespace(num_ecg_tokens=2))
+
+    def respond(self, prompts, max_new_tokens):
+        from uniecg_jax.data.chat_format import GENERATION_REQUEST
+        reports = [prompt[len(GENERATION_REQUEST):] for prompt in prompts]
+        return None, 2.0 * np.asarray(self.text_encoder.encode(reports)), np.ones(len(prompts), bool)
+
+
+def test_eval_generate_via_llm_is_sharded_too(exported, tmp_path):
+    from uniecg_jax.eval import llm_generate_eval, sharded_job
+    pipeline, config = load_pipeline(exported)
+    text_encoder = text_encoder_for(config)
+    records = diffusion_records(config)[:3]
+    unified = _EchoUnified(pipeline, text_encoder)
+    out = str(tmp_path / "llm.json")
+    common = dict(text_encoder=text_encoder, n=1, steps=2, batch_size=2, process_count=2,
+                  progress=False)
+    assert llm_generate_eval.run(unified, records, out, process_index=0, **common) is None
+    metrics = llm_generate_eval.run(unified, records, out, process_index=1, **common)
+    ids = [[json.loads(line)["record_id"] for line in open(sharded_job.part_path(out, i, 2))]
+           for i in (0, 1)]
+    assert ids == [[r.record_id for r in records[:2]], [records[2].record_id]]
+    assert metrics["num_records"] == 3 and metrics["emitted_rate"] == 1.0
+    np.testing.assert_allclose(metrics["embedding_cosine"]["per_record"], 1.0, atol=1e-6)
+    assert metrics["via_llm"]["num_generated"] == metrics["true_embedding"]["num_generated"] == 3
+    assert json.load(open(out))["num_records"] == 3
