@@ -349,3 +349,116 @@ def test_latent_scaling_factor_normalises_the_trained_vae_latents():
     ecgs = np.stack([r.to_diffusion_input() for r in records]).transpose(0, 2, 1)
     _, mean, _ = vae.apply({"params": params}, jnp.asarray(ecgs), method=VAE.encode)
     np.testing.assert_allclose(float(jnp.std(mean)) * factor, 1.0, rtol=1e-4)
+
+
+def test_data_parallel_generation_equals_one_device(exported):
+    pipeline, config = load_pipeline(exported)
+    items = generate_eval.eval_items(diffusion_records(config)[:3], text_encoder_for(config))
+    common = dict(n=1, sampler="ddim", steps=2, guidance=1.0, seed=5, batch_size=3)
+    one = generate_eval.generate_for_items(pipeline, items, **common)
+    # 3 rows padded to the 8 simulated devices, sharded; the padding rows are dropped.
+    parallel = generate_eval.generate_for_items(pipeline, items, data_parallel=True, **common)
+    assert parallel.shape == one.shape == (3, 12, 1024)
+    np.testing.assert_allclose(parallel, one, atol=1e-5)
+
+
+def test_amplitude_moments_merge_like_one_pass():
+    rng = np.random.default_rng(0)
+    ecgs = rng.standard_normal((7, 12, 50)) * rng.uniform(0.1, 3, (1, 12, 1)) + 0.5
+    merged = ecg_fidelity.combine_amplitude_moments(
+        [ecg_fidelity.amplitude_moments(ecgs[i:i + 3]) for i in (0, 3, 6)])
+    stats = ecg_fidelity.stats_from_moments(merged)
+    np.testing.assert_allclose(stats["std"], ecgs.std(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats["mean"], ecgs.mean(axis=(0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats["peak_to_peak"], np.ptp(ecgs, axis=2).mean(0), rtol=1e-12)
+
+
+@pytest.mark.slow  # seven sampled blocks on 8 simulated devices: ~7 min on 2 loaded cores
+def test_eval_generate_over_two_hosts_writes_each_record_once_and_resumes(exported, tmp_path,
+                                                                          capsys):
+    from uniecg_jax.eval import sharded_job
+    from uniecg_jax.errors import UniECGError
+    pipeline, config = load_pipeline(exported)
+    text_encoder = text_encoder_for(config)
+    records, items = generate_eval.load_items(config, text_encoder, "bundled", max_records=6)
+    clip = generate_eval.get_or_train_clip(str(tmp_path / "clip"), records, text_encoder,
+                                           str(config.text.encoder), steps=3)
+    common = dict(clip=clip, n=1, steps=2, guidance=pipeline.default_guidance, batch_size=2,
+                  baseline=False, progress=False)   # the baseline set is rows like the model's
+    one = str(tmp_path / "one" / "eval.json")
+    os.makedirs(os.path.dirname(one))
+    generate_eval.run_shard(pipeline, items, one, process_index=0, process_count=1, **common)
+    single = generate_eval.merge(one, 1, items, {})
+    out = str(tmp_path / "eval.json")
+    generate_eval.run_shard(pipeline, items, out, process_index=0, process_count=2, **common)
+    assert generate_eval.merge(out, 2, items, {}) is None   # host 1 has not finished
+    # Host 1 uninterrupted, then "killed" after one row and a torn second line, then rerun.
+    part0, part1 = (sharded_job.part_path(out, i, 2) for i in (0, 1))
+    generate_eval.run_shard(pipeline, items, out, process_index=1, process_count=2, **common)
+    with open(part1) as f:
+        uninterrupted = f.read().splitlines()
+    os.remove(part1 + ".done")
+    with open(part1, "w") as f:
+        f.write(uninterrupted[0] + "\n" + uninterrupted[1][:50])
+    assert generate_eval.merge(out, 2, items, {}) is None
+    generate_eval.run_shard(pipeline, items, out, process_index=1, process_count=2, **common)
+    with open(part1) as f:   # the torn line was dropped and its record regenerated identically
+        assert f.read().splitlines() == uninterrupted
+    results = generate_eval.merge(out, 2, items, {"hosts": 2})
+    ids = [[json.loads(line)["record_id"] for line in open(p)] for p in (part0, part1)]
+    order = items["record_id"]
+    # Blocks of --batch-size records alternate between the hosts; each record is written once.
+    assert ids == [order[0:2] + order[4:6], order[2:4]]
+    # The set-level metrics are computed once over both parts: equal to the one-host job's.
+    assert "baseline_unconditional" not in results
+    for name in ("model",):
+        for key in ("hr_mae", "qrs_f1_vs_reference", "clip_score", "clip_score_real", "fid"):
+            np.testing.assert_allclose(results[name][key], single[name][key], rtol=1e-9,
+                                       equal_nan=True)
+        assert results[name]["knn"] == single[name]["knn"]
+        np.testing.assert_allclose(results[name]["amplitude"]["std_ratio"],
+                                   single[name]["amplitude"]["std_ratio"], rtol=1e-12)
+        assert results[name]["num_generated"] == 6
+    assert json.load(open(out))["hosts"] == 2
+    # Resuming with other settings would mix two jobs in one part: a clear error.
+    with pytest.raises(UniECGError, match="was written with other settings \\(steps"):
+        generate_eval.run_shard(pipeline, items, out, process_index=1, process_count=2,
+                                **dict(common, steps=3))
+    assert cli_main(["eval", "generate", "--ckpt", exported, "--out", out, "--host-index", "2",
+                     "--host-count", "2"]) == 1
+    assert "--host-index 2 is outside 0..1" in capsys.readouterr().err
+
+
+class _EchoUnified:
+    """Stands in for a stage-2 `UnifiedModel` in `llm_generate_eval`: its `respond` "predicts"
+    twice the text encoder's embedding of each request's report (cosine 1, all [ECG] emitted)."""
+
+    def __init__(self, pipeline, text_encoder):
+        from types import SimpleNamespace
+        self.diffusion, self.text_encoder = pipeline, text_encoder
+        self.model = SimpleNamespace(config=SimpleNamespace(num_ecg_tokens=2))
+
+    def respond(self, prompts, max_new_tokens):
+        from uniecg_jax.data.chat_format import GENERATION_REQUEST
+        reports = [prompt[len(GENERATION_REQUEST):] for prompt in prompts]
+        return None, 2.0 * np.asarray(self.text_encoder.encode(reports)), np.ones(len(prompts), bool)
+
+
+def test_eval_generate_via_llm_is_sharded_too(exported, tmp_path):
+    from uniecg_jax.eval import llm_generate_eval, sharded_job
+    pipeline, config = load_pipeline(exported)
+    text_encoder = text_encoder_for(config)
+    records = diffusion_records(config)[:3]
+    unified = _EchoUnified(pipeline, text_encoder)
+    out = str(tmp_path / "llm.json")
+    common = dict(text_encoder=text_encoder, n=1, steps=2, batch_size=2, process_count=2,
+                  progress=False)
+    assert llm_generate_eval.run(unified, records, out, process_index=0, **common) is None
+    metrics = llm_generate_eval.run(unified, records, out, process_index=1, **common)
+    ids = [[json.loads(line)["record_id"] for line in open(sharded_job.part_path(out, i, 2))]
+           for i in (0, 1)]
+    assert ids == [[r.record_id for r in records[:2]], [records[2].record_id]]
+    assert metrics["num_records"] == 3 and metrics["emitted_rate"] == 1.0
+    np.testing.assert_allclose(metrics["embedding_cosine"]["per_record"], 1.0, atol=1e-6)
+    assert metrics["via_llm"]["num_generated"] == metrics["true_embedding"]["num_generated"] == 3
+    assert json.load(open(out))["num_records"] == 3

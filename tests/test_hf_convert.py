@@ -132,10 +132,18 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     params, config = checkpoint.restore_model(str(ckpt))
     ours = Decoder(LLMConfig.from_config(config.model)).apply({"params": params}, jnp.asarray(IDS))
     np.testing.assert_allclose(np.asarray(ours), torch_logits(hf_model), atol=1e-4)
-    assert cli.main(["convert", "to-hf", "--ckpt", str(ckpt), "--out", str(dst)]) == 0
+    assert cli.main(["convert", "to-hf", "--ckpt", str(ckpt), "--out", str(dst),
+                     "--max-shard-size", "20KB"]) == 0
+    index = json.loads((dst / hf_llm.INDEX_FILE).read_text())   # HF units: 20KB = 20,000 bytes
+    assert len(set(index["weight_map"].values())) > 1
+    for file in set(index["weight_map"].values()):
+        assert (dst / file).stat().st_size < 20_000 + 4_000   # data + header
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(dst)).eval()
     np.testing.assert_array_equal(torch_logits(reloaded), torch_logits(hf_model))
     assert transformers.AutoTokenizer.from_pretrained(str(dst)).eos_token == "</s>"
+    assert cli.main(["convert", "to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "z"),
+                     "--max-shard-size", "5 gigs"]) == 1
+    assert "expected a number of bytes" in capsys.readouterr().err
     # A bad input directory is a clean error (exit 1), not a traceback.
     assert cli.main(["convert", "from-hf", "--hf-dir", str(tmp_path / "nope"),
                      "--out", str(tmp_path / "x")]) == 1

@@ -227,6 +227,31 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
+class HostDataParallel:
+    """Data parallelism over this host's devices for inference jobs: params replicated on them once
+    (for the latest params object), batches `[B, ...]` sharded along B. A batch whose B does not divide
+    by the device count (or a one-device host) stays on the default device."""
+
+    def __init__(self, devices: Sequence[jax.Device] | None = None):
+        self.devices = list(devices or jax.local_devices())
+        mesh = Mesh(np.asarray(self.devices), ("batch",))
+        self._batch = NamedSharding(mesh, PartitionSpec("batch"))
+        self._everywhere = NamedSharding(mesh, PartitionSpec())
+        self._replicated: tuple[Any, Any] | None = None   # (params, their replicated copy)
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.devices)
+
+    def place(self, params: Any, batch: int) -> tuple[Any, Callable[[Any], Any]]:
+        """(params, put) for a batch of `batch` rows: `put(array)` places one batch array."""
+        if self.num_devices == 1 or batch % self.num_devices:
+            return params, jax.numpy.asarray
+        if self._replicated is None or self._replicated[0] is not params:
+            self._replicated = (params, jax.device_put(params, self._everywhere))
+        return self._replicated[1], lambda x: jax.device_put(np.asarray(x), self._batch)
+
+
 def maybe_initialize_distributed(enabled: bool) -> None:
     """`jax.distributed.initialize()` on multi-host pods; a no-op on one host (flag off)."""
     if enabled:

@@ -27,8 +27,14 @@ def register(subparsers) -> None:
     to_hf.add_argument("--ckpt", required=True, help="uniecg checkpoint directory")
     to_hf.add_argument("--out", required=True, help="output HF directory")
     to_hf.add_argument("--dtype", default=None, help="tensor dtype (default: the param dtype)")
-    to_hf.add_argument("--max-shard-gb", type=float, default=5.0,
-                       help="shard safetensors above this size (GiB)")
+    to_hf.add_argument("--max-shard-size", default="5GB",
+                       help="safetensors shard size, HF semantics ('5GB' = 5e9 bytes, '2GiB'); "
+                            "every host writes the tensor slices it holds")
+    to_hf.add_argument("--max-shard-gb", type=float, default=None,
+                       help="(older spelling) shard size in GiB; overrides --max-shard-size")
+    to_hf.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first: run the same command on "
+                            "every host of a pod; each writes the slices it holds")
     to_hf.set_defaults(handler=run_from_ckpt_to_hf)
     # Other model families convert through their own modules (argparse only at import time).
     from uniecg_jax.cli import convert_diffusets, convert_unified
@@ -63,13 +69,18 @@ def run_from_hf(args) -> int:
 
 
 def run_from_ckpt_to_hf(args) -> int:
-    from uniecg_jax import checkpoint
+    from uniecg_jax import checkpoint, sharding
     from uniecg_jax.convert import hf_llm
     from uniecg_jax.models.llm import LLMConfig
 
-    params, config = checkpoint.restore_model(args.ckpt)
+    sharding.maybe_initialize_distributed(args.distributed)
+    config = checkpoint.load_model_config(args.ckpt)
     model_config = LLMConfig.from_config(config.model if "model" in config else config)
+    # Restored fsdp-sharded over every device of every host: no host holds the whole model.
+    params, config = checkpoint.restore_model(args.ckpt, hf_llm.abstract_params_for(model_config))
     hf_llm.save_hf(params, model_config, args.out, tokenizer_dir=checkpoint.tokenizer_path(args.ckpt),
-                   dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+                   dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True,
+                   max_shard_bytes=None if args.max_shard_gb is None
+                   else int(args.max_shard_gb * 1024 ** 3))
     print(f"wrote {args.out}")
     return 0

@@ -14,13 +14,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--diffusion", default=None, help="diffusion model dir to include")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default=None, help="LLM tensor dtype (default: param dtype)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="HF LLM safetensors shard size, HF semantics ('5GB' = 5e9 bytes, "
+                             "'2GiB')")
     parser.set_defaults(handler=run_export_unified)
 
 
 def run_export_unified(args) -> int:
     from uniecg_jax.convert.unified_export import export_unified
 
-    export_unified(args.ckpt, args.out, diffusion=args.diffusion, dtype=args.dtype)
+    export_unified(args.ckpt, args.out, diffusion=args.diffusion, dtype=args.dtype,
+                   max_shard_size=args.max_shard_size)
     print(f"wrote {args.out} (llm/ = HF causal LM with the [ECG] tokens; uniecg_config.json; "
           "component safetensors). Load with uniecg_jax.convert.unified_export.load_unified_export")
     return 0

@@ -37,16 +37,11 @@ def run_interpret(args) -> int:
     import json
     import os
 
-    import jax
-
     from uniecg_jax.caches import enable_compilation_cache
-    from uniecg_jax.eval import interpret_eval
+    from uniecg_jax.eval import interpret_eval, sharded_job
     from uniecg_jax.inference.interpret import Interpreter
 
-    host = jax.process_index() if args.host_index is None else args.host_index
-    hosts = jax.process_count() if args.host_count is None else args.host_count
-    if not 0 <= host < hosts:
-        raise ValueError(f"--host-index {host} is outside 0..{hosts - 1}")
+    host, hosts, manual = sharded_job.resolve_hosts(args.host_index, args.host_count)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     enable_compilation_cache()
     interpreter = Interpreter.load(args.ckpt, command="uniecg eval interpret")
@@ -55,10 +50,9 @@ def run_interpret(args) -> int:
     part = interpret_eval.run_shard(interpreter, items, args.out, process_index=host,
                                     process_count=hosts, batch_size=args.batch_size,
                                     max_new_tokens=args.max_new_tokens, prompt=args.prompt)
-    if hosts > 1 and args.host_count is None:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("uniecg eval interpret: parts written")
-    metrics = interpret_eval.merge(args.out, hosts, items) if host == 0 or args.host_count else None
+    sharded_job.wait_for_hosts(hosts, manual, "uniecg eval interpret: parts written")
+    metrics = (interpret_eval.merge(args.out, hosts, items)
+               if sharded_job.should_merge(host, manual) else None)
     if metrics is None:
         print(f"wrote {part}; waiting for the other hosts' parts before merging")
         return 0

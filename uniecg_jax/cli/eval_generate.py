@@ -7,6 +7,12 @@ or a WFDB folder) from its report, sex, age and heart rate, batched, plus an unc
 (guidance 0). --clip names the ECG-text CLIP checkpoint: loaded when present, else trained on the
 bundled + synthetic data (--clip-steps) and saved there. Wire into `cli/eval.py` with
 `eval_generate.add_parser(jobs)`.
+
+Sharded and resumable like `eval interpret`: blocks of --batch-size records go round robin to the
+hosts (`jax.process_index/count`, or --host-index/--host-count to run hosts by hand), each block
+sharded over the host's devices; each host appends per-record statistics to OUT.part-I-of-N and a
+rerun resumes. Once every part is done, the set-level metrics (FID, precision/recall, CLIP-score
+means, HR MAE) are computed once over all parts and written to OUT.
 """
 from __future__ import annotations
 
@@ -33,22 +39,35 @@ def add_parser(jobs_subparsers) -> None:
                         help="llm: condition through a stage-2 model's [ECG] tokens (needs "
                              "--stage2-ckpt), reported beside the true text embedding")
     parser.add_argument("--stage2-ckpt", default=None, help="stage-2 workdir or model dir")
+    parser.add_argument("--host-index", type=int, default=None)
+    parser.add_argument("--host-count", type=int, default=None)
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (every host of a pod runs "
+                             "the same command)")
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    from uniecg_jax.eval import generate_eval
+    from uniecg_jax import sharding
+    from uniecg_jax.eval import generate_eval, sharded_job
     from uniecg_jax.errors import UniECGError
 
     if args.n < 1 or args.steps < 1:
         raise UniECGError(f"--n and --steps must be >= 1, got {args.n} and {args.steps}")
+    sharding.maybe_initialize_distributed(args.distributed)
     if args.via == "llm":
         return run_via_llm(args)
+    host, hosts, manual = sharded_job.resolve_hosts(args.host_index, args.host_count)
     results = generate_eval.run_eval(
         args.ckpt, args.out, clip_dir=args.clip, data=args.data, n=args.n, sampler=args.sampler,
         steps=args.steps, guidance=args.guidance, baseline=not args.no_baseline,
         max_records=args.max_records, clip_steps=args.clip_steps, seed=args.seed,
-        batch_size=args.batch_size)
+        batch_size=args.batch_size, process_index=host, process_count=hosts,
+        manual_hosts=manual)
+    if results is None:
+        print(f"wrote {sharded_job.part_path(args.out, host, hosts)}; the merge waits for the "
+              "other hosts' parts")
+        return 0
     print(f"wrote {args.out} ({results['num_records']} records x {args.n})")
     for line in generate_eval.summary_lines(results):
         print(line)
@@ -59,13 +78,12 @@ def run_via_llm(args) -> int:
     """Fidelity metrics of ECGs generated through the stage-2 model's [ECG] tokens, beside the
     same metrics with the true text-encoder embedding, and the predicted-vs-true cosine, on the
     stage-2 held-out reports (`--data bundled`) or a prep/WFDB folder."""
-    import json
     import os
 
     from uniecg_jax.data.text_encoder import get_text_encoder
     from uniecg_jax.errors import UniECGError
-    from uniecg_jax.eval import llm_generate_eval
-    from uniecg_jax.eval.generate_eval import get_or_train_clip
+    from uniecg_jax.eval import llm_generate_eval, sharded_job
+    from uniecg_jax.eval.generate_eval import clip_on_every_host
     from uniecg_jax.data.bundled import bundled_split
     from uniecg_jax.data.measure import with_measured_rhythms
     from uniecg_jax.inference.chat import UnifiedModel
@@ -84,16 +102,21 @@ def run_via_llm(args) -> int:
     records = with_measured_rhythms(records)
     if args.max_records:
         records = records[:args.max_records]
+    host, hosts, manual = sharded_job.resolve_hosts(args.host_index, args.host_count)
     clip = None
     if args.clip:
-        clip = get_or_train_clip(args.clip, records, text_encoder, str(config.text.encoder),
-                                 steps=args.clip_steps, seed=args.seed)
-    metrics = llm_generate_eval.run(unified, records, text_encoder=text_encoder, n=args.n,
-                                    steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                    clip=clip, batch_size=args.batch_size)
+        clip = clip_on_every_host(args.clip, records, text_encoder, str(config.text.encoder),
+                                  steps=args.clip_steps, seed=args.seed, process_index=host,
+                                  process_count=hosts, manual_hosts=manual)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(metrics, f, indent=1, default=lambda v: getattr(v, "tolist", lambda: str(v))())
+    metrics = llm_generate_eval.run(unified, records, args.out, text_encoder=text_encoder,
+                                    n=args.n, steps=args.steps, guidance=args.guidance,
+                                    seed=args.seed, clip=clip, batch_size=args.batch_size,
+                                    process_index=host, process_count=hosts, manual_hosts=manual)
+    if metrics is None:
+        print(f"wrote {sharded_job.part_path(args.out, host, hosts)}; the merge waits for the "
+              "other hosts' parts")
+        return 0
     print(f"wrote {args.out} ({len(records)} records, via the LLM's [ECG] tokens)")
     for line in llm_generate_eval.summary_lines(metrics):
         print(line)

@@ -13,7 +13,9 @@ read; a mismatch raises `CheckpointError` naming the HF tensor, our parameter an
 
 Import reads each tensor lazily (`safetensors.safe_open`, one tensor on the host at a time) and
 builds it straight onto its target `NamedSharding` with `jax.make_array_from_callback`, so a 7B model
-never has to fit on one device. Export gathers one tensor at a time (single-process).
+never has to fit on one device. Export (`save_hf`) goes through `convert.sharded_writer`: every host
+writes the blocks of each tensor it holds, the `ours_to_hf` hook applied per block, so no host
+gathers the model (nor, on a pod, another host's slices).
 """
 from __future__ import annotations
 
@@ -28,9 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from uniecg_jax import sharding
+from uniecg_jax.convert import sharded_writer
 from uniecg_jax.data.tokenizer import add_tokens as add_tokenizer_tokens, copy_tokenizer_files
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models import presets
@@ -357,45 +359,56 @@ def _torch_dtype_name(dtype: np.dtype) -> str:
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[np.dtype(dtype).name]
 
 
+def hf_layout(rule: TensorRule, leaf_ndim: int, layer: int | None = None
+              ) -> sharded_writer.TensorLayout:
+    """The `ours_to_hf` hook of `rule` as a block layout for the sharded writer, for one (unstacked)
+    leaf of `leaf_ndim` axes, `layer` picked from a scanned stack."""
+    if rule.kind == "linear":
+        return sharded_writer.TensorLayout(
+            layer, (tuple(range(rule.in_dims)), tuple(range(rule.in_dims, leaf_ndim))), True)
+    if leaf_ndim > 1 and "bias" in rule.ours[-1]:
+        return sharded_writer.TensorLayout(layer, (tuple(range(leaf_ndim)),))
+    return sharded_writer.TensorLayout(layer)
+
+
+def export_tensors(params: Any, config: LLMConfig, dtype: Any = None
+                   ) -> list[sharded_writer.ExportTensor]:
+    """Every HF tensor of `params` (leaves may be sharded over many hosts) as a lazy
+    `ExportTensor`: nothing is gathered until the writer asks for a host's blocks."""
+    tensors = []
+    for path, rule, names in leaf_rules(config):
+        array = _get_path(params, path)
+        stacked = config.scan_layers and path[0] == "layers"
+        leaf_ndim = len(array.shape) - (1 if stacked else 0)
+        for layer, name in enumerate(names):
+            tensors.append(sharded_writer.ExportTensor(
+                name, array, hf_layout(rule, leaf_ndim, layer if stacked else None), dtype))
+    return tensors
+
+
 def save_hf(params: Any, config: LLMConfig, out_dir: str, tokenizer_dir: str | None = None,
-            dtype: Any = None, max_shard_bytes: int = 5 * 1024 ** 3) -> str:
+            dtype: Any = None, max_shard_bytes: int | None = None,
+            max_shard_size: int | str = "5GB", progress: bool = False) -> str:
     """Writes an HF directory `from_pretrained` loads: config.json, generation_config.json,
     tokenizer files (copied from `tokenizer_dir`), model.safetensors (or shards + index when
-    larger than `max_shard_bytes`)."""
-    import transformers
-    os.makedirs(out_dir, exist_ok=True)
-    np_dtype = np.dtype(dtype) if dtype is not None else np.dtype(config.params_dtype)
-    hf_config = hf_config_from_model(config, _torch_dtype_name(np_dtype))
-    hf_config.save_pretrained(out_dir)
-    transformers.GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id).save_pretrained(out_dir)
-    copy_tokenizer_files(tokenizer_dir, out_dir)
+    larger than `max_shard_size`, HF semantics: "5GB" = 5e9 bytes; `max_shard_bytes` overrides).
 
-    shards: list[dict[str, np.ndarray]] = [{}]
-    shard_sizes = [0]
-    total = 0
-    for name, tensor in hf_state_dict(params, config, np_dtype):
-        if shard_sizes[-1] and shard_sizes[-1] + tensor.nbytes > max_shard_bytes:
-            shards.append({})
-            shard_sizes.append(0)
-        shards[-1][name] = tensor
-        shard_sizes[-1] += tensor.nbytes
-        total += tensor.nbytes
-    for stale in (SINGLE_FILE, INDEX_FILE):
-        if os.path.exists(os.path.join(out_dir, stale)):
-            os.remove(os.path.join(out_dir, stale))
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, SINGLE_FILE), metadata=metadata)
-    else:
-        weight_map = {}
-        for k, shard in enumerate(shards):
-            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, file), metadata=metadata)
-            weight_map.update({name: file for name in shard})
-        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    Call it on every host of a multi-host job: each host writes the tensor slices it holds
+    (`convert.sharded_writer`), host 0 the config, tokenizer and index."""
+    import transformers
+    np_dtype = np.dtype(dtype) if dtype is not None else np.dtype(config.params_dtype)
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        hf_config = hf_config_from_model(config, _torch_dtype_name(np_dtype))
+        hf_config.save_pretrained(out_dir)
+        transformers.GenerationConfig(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id).save_pretrained(out_dir)
+        copy_tokenizer_files(tokenizer_dir, out_dir)
+    sharded_writer.write_safetensors(
+        export_tensors(params, config, np_dtype), out_dir, prefix="model",
+        max_shard_size=max_shard_bytes if max_shard_bytes is not None else max_shard_size,
+        metadata={"format": "pt"}, progress=progress)
     return out_dir
 
 

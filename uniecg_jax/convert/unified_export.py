@@ -24,11 +24,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from uniecg_jax.checkpoint import tokenizer_path
 from uniecg_jax.config import config_to_json
 from uniecg_jax.convert.hf_llm import load_hf_params, save_hf
+from uniecg_jax.convert.sharded_writer import ExportTensor, write_safetensors
 from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline, load_pipeline
 from uniecg_jax.errors import CheckpointError
@@ -72,8 +73,13 @@ def unflatten_params(flat: dict[str, np.ndarray], abstract: Any, what: str) -> A
     return jax.tree_util.tree_map_with_path(take, abstract)
 
 
-def _save(tensors: dict[str, np.ndarray], path: str) -> None:
-    save_file(tensors, path, metadata={"format": "flax"})
+def _save(tree: Any, out_dir: str, filename: str) -> None:
+    """One component file from every host (`convert.sharded_writer`: each host writes the slices
+    it holds, one tensor's block on the host at a time)."""
+    tensors = [ExportTensor(path_name(path, "."), leaf)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    write_safetensors(tensors, out_dir, prefix=filename[:-len(".safetensors")],
+                      max_shard_size=None, metadata={"format": "flax"}, progress=False)
 
 
 def _load(path: str) -> dict[str, np.ndarray]:
@@ -82,30 +88,32 @@ def _load(path: str) -> dict[str, np.ndarray]:
     return load_file(path)
 
 
-def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = None) -> str:
+def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = None,
+                   max_shard_size: int | str = "5GB") -> str:
     """Writes the export directory (see module docstring).
 
     Args:
       ckpt: stage-2 train workdir or model dir.
       diffusion: a diffusion model dir, or `(DiffusionPipeline, diffusion config)`, or None.
       dtype: LLM tensor dtype in the HF dir (default: the param dtype).
+      max_shard_size: the HF LLM's safetensors shard size (HF semantics, "5GB" = 5e9 bytes).
     """
     directory = resolve_model_dir(ckpt)
     unified = UnifiedModel.load(directory)
     os.makedirs(out_dir, exist_ok=True)
     save_hf(unified.params["llm"], unified.model.config.unified.llm, os.path.join(out_dir, LLM_DIR),
-            tokenizer_dir=tokenizer_path(directory), dtype=dtype)
+            tokenizer_dir=tokenizer_path(directory), dtype=dtype, max_shard_size=max_shard_size)
     for name, filename in COMPONENTS.items():
-        _save(flatten_params(unified.params[name]), os.path.join(out_dir, filename))
+        _save(unified.params[name], out_dir, filename)
     diffusion_config = None
     if diffusion is not None:
         if isinstance(diffusion, str):
             diffusion = load_pipeline(diffusion)
         pipeline, diffusion_config = diffusion
-        _save(flatten_params(pipeline.vae_params["params"]),
-              os.path.join(out_dir, DIFFUSION_COMPONENTS["vae"]))
-        _save(flatten_params(pipeline.unet_params["params"]),
-              os.path.join(out_dir, DIFFUSION_COMPONENTS["unet"]))
+        _save(pipeline.vae_params["params"], out_dir, DIFFUSION_COMPONENTS["vae"])
+        _save(pipeline.unet_params["params"], out_dir, DIFFUSION_COMPONENTS["unet"])
+    if jax.process_index() != 0:
+        return out_dir
     manifest = {
         "format": FORMAT, "llm_dir": LLM_DIR,
         "llm_architecture": {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[

@@ -21,6 +21,7 @@ from uniecg_jax.diffusion.rhythm import pool_rhythm, requested_rhythm
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig, abstract_unet_params
 from uniecg_jax.models.vae import VAE, VAEConfig, abstract_vae_params
+from uniecg_jax.sharding import HostDataParallel
 
 def guided_denoiser(unet: ConditionalUNet, unet_params: Any, condition: jax.Array,
                     guidance: float, rhythm: jax.Array | None = None):
@@ -65,6 +66,8 @@ class DiffusionPipeline:
         self.signal_length = signal_length
         self.default_guidance = float(default_guidance)   # `sample.guidance` of the model config
         self._compiled: dict = {}
+        self._data_parallel: HostDataParallel | None = None
+        self._parallel_params: tuple[Any, Any] | None = None
 
     @classmethod
     def from_config(cls, config, vae_params: Any, unet_params: Any) -> "DiffusionPipeline":
@@ -113,7 +116,7 @@ class DiffusionPipeline:
 
     def generate(self, text_embedding, sex, age, hr, n: int = 1, sampler: str = "ddim",
                  steps: int = 50, guidance: float | None = None, seed: int = 0, eta: float = 0.0,
-                 sample_rate: float = DIFFUSION_FS) -> np.ndarray:
+                 sample_rate: float = DIFFUSION_FS, data_parallel: bool = False) -> np.ndarray:
         """ECGs `[N, 12, T]` in mV: `n` samples for each of the B conditions (N = B * n).
 
         Args:
@@ -123,6 +126,8 @@ class DiffusionPipeline:
             the model config's `sample.guidance`).
             A rhythm-conditioned UNet also gets regular beats at `hr` (first beat from `seed`).
           sample_rate: 102.4 (native, T = 1024) or e.g. 500 (T = 5000, polyphase resampling).
+          data_parallel: shard the N rows over this host's devices (padded to a multiple of the
+            device count; the noise of row i does not depend on N, so the rows are the same).
         """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -131,9 +136,21 @@ class DiffusionPipeline:
         condition = repeat_conditions(condition, n)
         rhythm = self.rhythm_for(condition[:, -1], seed)   # the last condition column is the rate
         fn = self._sampler(sampler, steps, guidance, eta, decode=True)
-        ecg = np.asarray(fn(self.unet_params, self.vae_params, jnp.asarray(condition),
-                            None if rhythm is None else jnp.asarray(rhythm),
-                            jax.random.PRNGKey(seed)))
+        rows = len(condition)
+        params, put = (self.unet_params, self.vae_params), jnp.asarray
+        if data_parallel:
+            if self._data_parallel is None:
+                self._data_parallel = HostDataParallel()
+            padded = -rows % self._data_parallel.num_devices
+            condition = np.concatenate([condition, np.repeat(condition[-1:], padded, 0)])
+            if rhythm is not None:
+                rhythm = np.concatenate([rhythm, np.repeat(rhythm[-1:], padded, 0)])
+            if self._parallel_params is None or any(
+                    a is not b for a, b in zip(self._parallel_params, params)):
+                self._parallel_params = params   # one object, so its replicas are reused
+            params, put = self._data_parallel.place(self._parallel_params, len(condition))
+        ecg = np.asarray(fn(*params, put(condition), None if rhythm is None else put(rhythm),
+                            jax.random.PRNGKey(seed)))[:rows]
         ecg = np.swapaxes(ecg, 1, 2)  # [N, L, 12] -> [N, 12, L]
         return resample(ecg, DIFFUSION_FS, sample_rate)
 

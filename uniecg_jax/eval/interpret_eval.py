@@ -4,7 +4,7 @@ Every host takes the records whose index in the sorted record list is `process_i
 `process_count` (no manual splitting of files); within a host, each batch is sharded over the local
 devices. Each host appends to its own part file `OUT.part-{i}-of-{n}` and flushes after every batch,
 so a killed job resumes where it stopped (records already in the part file are skipped, a torn last
-line is dropped). When every part is complete, `merge` writes OUT (one line per record, sorted by
+line is dropped; `eval.sharded_job`, shared with `eval generate`). When every part is complete, `merge` writes OUT (one line per record, sorted by
 record id, each record exactly once) and `OUT.metrics.json` with the judge-free metrics of the model
 and of the trivial baseline (most common statement, mean heart rate).
 """
@@ -24,7 +24,8 @@ from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.data.conversations import measure_findings
 from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
 from uniecg_jax.errors import UniECGError
-from uniecg_jax.eval import judge, report_metrics
+from uniecg_jax.eval import judge, report_metrics, sharded_job
+from uniecg_jax.eval.sharded_job import part_path, read_part  # noqa: F401  (the job's part files)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,82 +73,37 @@ def load_eval_records(data: str, config=None) -> list:
     raise UniECGError(f"{data}: expected 'bundled', a `uniecg prep` folder or a folder of WFDB records")
 
 
-def part_path(out: str, process_index: int, process_count: int) -> str:
-    return f"{out}.part-{process_index}-of-{process_count}"
-
-
-def read_part(path: str) -> dict[str, dict]:
-    """Finished rows of a part file by record id; drops (and truncates) a torn last line."""
-    rows: dict[str, dict] = {}
-    if not os.path.exists(path):
-        return rows
-    good_bytes = 0
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not line.endswith(b"\n"):
-                break
-            rows[row["record_id"]] = row
-            good_bytes += len(line)
-    if good_bytes != os.path.getsize(path):
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return rows
-
-
 def run_shard(interpreter, items: Sequence[EvalItem], out: str, *, process_index: int,
               process_count: int, batch_size: int = 8, max_new_tokens: int | None = None,
               prompt: str | None = None, progress: bool = True) -> str:
-    """Interprets this host's share of `items` into its part file; returns the part path."""
-    mine = [item for i, item in enumerate(items) if i % process_count == process_index]
-    path = part_path(out, process_index, process_count)
-    done = read_part(path)
-    todo = [item for item in mine if item.record_id not in done]
+    """Interprets this host's share of `items` (round robin) into its part file
+    (`sharded_job.run_shard`); returns the part path."""
     devices = jax.local_device_count()
     batch_size = max(devices, (batch_size // devices) * devices)
     vocab = report_metrics.StatementVocabulary.default()
-    with open(path, "a") as f, tqdm(total=len(mine), initial=len(mine) - len(todo),
-                                    disable=not progress, desc=f"eval host {process_index}") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            reports = interpreter.interpret(np.stack([item.ecg for item in batch]),
-                                            prompt, max_new_tokens=max_new_tokens,
-                                            batch_multiple=devices)
-            for item, report in zip(batch, reports):
-                row = dict(record_id=item.record_id, generated=report,
-                           reference=item.reference_text,
-                           reference_labels=list(item.reference.labels or []),
-                           reference_measurements=dict(item.reference.measurements or {}),
-                           scores=report_metrics.score_record(report, item.reference, vocab))
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-    with open(path + ".done", "w") as f:
-        f.write(str(len(mine)))
-    return path
+
+    def interpret_batch(indices: list[int]) -> list[dict]:
+        batch = [items[i] for i in indices]
+        reports = interpreter.interpret(np.stack([item.ecg for item in batch]),
+                                        prompt, max_new_tokens=max_new_tokens,
+                                        batch_multiple=devices)
+        return [dict(generated=report, reference=item.reference_text,
+                     reference_labels=list(item.reference.labels or []),
+                     reference_measurements=dict(item.reference.measurements or {}),
+                     scores=report_metrics.score_record(report, item.reference, vocab))
+                for item, report in zip(batch, reports)]
+
+    return sharded_job.run_shard([item.record_id for item in items], interpret_batch, out,
+                                 process_index=process_index, process_count=process_count,
+                                 batch_size=batch_size, desc="eval", progress=progress,
+                                 settings=dict(max_new_tokens=max_new_tokens, prompt=prompt))
 
 
 def merge(out: str, process_count: int, items: Sequence[EvalItem]) -> dict | None:
     """Writes OUT and OUT.metrics.json once every part is done; returns the metrics (else None)."""
-    parts = [part_path(out, i, process_count) for i in range(process_count)]
-    if not all(os.path.exists(p + ".done") for p in parts):
+    ordered = sharded_job.read_parts(out, process_count, sorted(item.record_id for item in items))
+    if ordered is None:
         return None
-    rows: dict[str, dict] = {}
-    for part in parts:
-        for record_id, row in read_part(part).items():
-            if record_id in rows:
-                raise UniECGError(f"{part}: record {record_id} also appears in another part")
-            rows[record_id] = row
-    expected = {item.record_id for item in items}
-    missing = expected - set(rows)
-    if missing:
-        raise UniECGError(f"{out}: parts are complete but {len(missing)} records are missing, "
-                          f"e.g. {sorted(missing)[:3]}")
-    ordered = [rows[record_id] for record_id in sorted(rows)]
     with open(out, "w") as f:
         for row in ordered:
             f.write(json.dumps(row) + "\n")

@@ -28,6 +28,7 @@ from uniecg_jax.inference import decoding
 from uniecg_jax.layers.params import abstract_module_params
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.stage1 import UniECG, build_unified, expand_inputs
+from uniecg_jax.sharding import HostDataParallel
 
 DEFAULT_PROMPT = INTERPRETATION_REQUEST
 
@@ -59,8 +60,7 @@ class Interpreter:
     params: Any
     tokenizer: Any
     config: ml_collections.ConfigDict
-    _replicated: Any = dataclasses.field(default=None, repr=False)
-    _batch_sharding: Any = dataclasses.field(default=None, repr=False)
+    _data_parallel: Any = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: str, command: str = "uniecg interpret") -> "Interpreter":
@@ -142,16 +142,9 @@ class Interpreter:
     def _placement(self, batch: int):
         """(params, put) where `put` shards a batch over this host's devices when it divides
         evenly (params then replicated once), else keeps everything on the default device."""
-        devices = jax.local_devices()
-        if len(devices) == 1 or batch % len(devices):
-            return self.params, jnp.asarray
-        if self._replicated is None:
-            mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-            self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-                "batch"))
-            self._replicated = jax.device_put(
-                self.params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        return self._replicated, lambda x: jax.device_put(np.asarray(x), self._batch_sharding)
+        if self._data_parallel is None:
+            self._data_parallel = HostDataParallel()
+        return self._data_parallel.place(self.params, batch)
 
 
 _ENCODE: dict = {}
