@@ -5,7 +5,10 @@
 
 --ckpt is a diffusion train workdir (its model/) or a model checkpoint (`uniecg train` export or
 `uniecg convert diffusets`). The report is embedded with the checkpoint's text encoder
-(`text.encoder`, `text.template`), or given precomputed with --embedding FILE.npy ([D]). All N
+(`text.encoder`, `text.template`; --text-encoder / --template / --api-key-env replace them for this
+run, e.g. `--text-encoder endpoint:text-embedding-ada-002@https://api.openai.com/v1` for converted
+DiffuSETS weights), or given precomputed with --embedding FILE.npy ([D]). An encoder whose width is
+not the UNet's fails naming both widths. All N
 samples run as one batch; the same --seed gives the same ECGs. Writes DIR/gen_000.{hea,dat,png}, ...
 (12 named leads in mV; PNG on a 25 mm/s, 10 mm/mV grid) and DIR/generation.json.
 """
@@ -18,6 +21,13 @@ def register(subparsers) -> None:
     parser.add_argument("--ckpt", required=True, help="diffusion workdir or model checkpoint")
     parser.add_argument("--text", default=None, help="report text (or use --embedding)")
     parser.add_argument("--embedding", default=None, help=".npy with a precomputed [D] embedding")
+    parser.add_argument("--text-encoder", default=None,
+                        help="text encoder for --text instead of the checkpoint's: minilm, hash:D, "
+                             "precomputed:FILE.npz or endpoint:MODEL@BASE_URL")
+    parser.add_argument("--template", default=None, choices=("plain", "diffusets"),
+                        help="prompt template for --text instead of the checkpoint's")
+    parser.add_argument("--api-key-env", default=None,
+                        help="environment variable holding the endpoint's API key ('' = none)")
     parser.add_argument("--hr", type=float, required=True, help="heart rate, bpm")
     parser.add_argument("--age", type=float, required=True, help="age, years")
     parser.add_argument("--sex", required=True, help="M or F")
@@ -36,8 +46,28 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def with_text_options(config, encoder: str | None, template: str | None,
+                      api_key_env: str | None):
+    """`config` with `text.encoder` / `text.template` / `text.endpoint.api_key_env` replaced by
+    the given (non-None) values (a new config)."""
+    import ml_collections
+
+    if encoder is None and template is None and api_key_env is None:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    if encoder is not None:
+        config.text.encoder = encoder
+    if template is not None:
+        config.text.template = template
+    if api_key_env is not None:
+        if "endpoint" not in config.text:
+            config.text.endpoint = ml_collections.ConfigDict()
+        config.text.endpoint.api_key_env = api_key_env
+    return config
+
+
 def text_embedding_for(config, text: str | None, embedding_path: str | None):
-    """`[D]` float32: the report through the checkpoint's text encoder, or a precomputed .npy."""
+    """`[D]` float32: the report through the config's text encoder, or a precomputed .npy."""
     import numpy as np
 
     from uniecg_jax.diffusion.conditioning import ConditionError
@@ -75,7 +105,9 @@ def run(args) -> int:
     rate = float(args.rate if args.rate is not None else sample.output_rate)
     if steps < 1:
         raise ConditionError(f"--steps must be >= 1, got {steps}")
-    embedding = text_embedding_for(config, args.text, args.embedding)
+    embedding = text_embedding_for(
+        with_text_options(config, args.text_encoder, args.template, args.api_key_env),
+        args.text, args.embedding)
     ecgs = pipeline.generate(embedding, sex=args.sex, age=args.age, hr=args.hr, n=args.n,
                              sampler=sampler, steps=steps, guidance=guidance, seed=args.seed,
                              eta=eta, sample_rate=rate)
