@@ -14,6 +14,8 @@ samples run as one batch; the same --seed gives the same ECGs. Writes DIR/gen_00
 """
 from __future__ import annotations
 
+DEFAULT_DDIM_STEPS = 50
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("generate", help="generate 12-lead ECGs from a text report",
@@ -35,7 +37,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--sampler", default=None, choices=("ddim", "ddpm"),
                         help="default: the config's sample.sampler")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (ddpm uses all)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="DDIM steps (ddpm uses all; default: the config's, or 50 when "
+                             "--sampler ddim overrides a ddpm config)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (1 = conditional, 0 = unconditional)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
@@ -99,7 +103,9 @@ def run(args) -> int:
     pipeline, config = load_pipeline(args.ckpt)
     sample = config.sample
     sampler = args.sampler or str(sample.sampler)
-    steps = int(args.steps if args.steps is not None else sample.steps)
+    # --sampler ddim on a DDPM-1000 config (converted DiffuSETS) means DDIM-50 unless --steps says.
+    default_steps = sample.steps if sampler == str(sample.sampler) else DEFAULT_DDIM_STEPS
+    steps = int(args.steps if args.steps is not None else default_steps)
     guidance = float(args.guidance if args.guidance is not None else sample.guidance)
     eta = float(args.eta if args.eta is not None else sample.eta)
     rate = float(args.rate if args.rate is not None else sample.output_rate)
