@@ -146,6 +146,7 @@ def test_text_encoder_for_reads_the_endpoint_group_and_template(key):
         te.text_encoder_for(config)
 
 
+@pytest.mark.slow
 def test_generate_text_with_an_endpoint_encoder(tmp_path, key):
     """`uniecg generate --text` with --text-encoder endpoint:... on a tiny diffusion checkpoint:
     the width matches -> ECGs are written; a wrong width fails naming both widths."""
@@ -188,6 +189,7 @@ def test_generate_text_with_an_endpoint_encoder(tmp_path, key):
                     args.handler(args)
 
 
+@pytest.mark.slow
 def test_diffusets_preset_and_converted_text_encoder(capsys):
     """configs/diffusion.py:diffusets trains and samples as DiffuSETS b610a00 (utils/train.py:
     t ~ randint(1, 999), no condition dropout; inference: DDPM 1000, no guidance), and a converted
