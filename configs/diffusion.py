@@ -5,7 +5,14 @@
   uniecg convert diffusets --vae vae_model.pth --unet unet_model.pth --out /ckpt/diffusets
 
 Variants: tiny (CPU, seconds per step), diffusets (the published sizes: VAE 128/256/512, UNet 7
-levels, kernel 7; 1000 DDPM steps, betas 0.00085-0.012 "linear" as DiffuSETS's diffusers default).
+levels, kernel 7; 1000 DDPM steps, betas 0.00085-0.012 "linear" as DiffuSETS's diffusers default;
+trained and sampled as DiffuSETS does, see below).
+
+Text encoders (`text.encoder`): minilm | hash[:D] | precomputed:FILE.npz |
+endpoint:MODEL@BASE_URL (any OpenAI-compatible /v1/embeddings service; `text.endpoint` holds the
+key's environment variable, batch size, timeout and retries), e.g.
+  uniecg generate --ckpt W --text "Sinus rhythm|Normal ECG." --hr 80 --age 50 --sex M --out DIR \
+      --text-encoder endpoint:text-embedding-ada-002@https://api.openai.com/v1 --template diffusets
 """
 import ml_collections
 
@@ -28,7 +35,10 @@ def get_config(arg=None):
     config.text = ml_collections.ConfigDict(dict(
         encoder="minilm",          # frozen text encoder of the data layer (all-MiniLM-L6-v2)
         embed_dim=384,             # width of text embeddings (any width for precomputed ones)
-        template="plain"))         # plain | diffusets ("Most importantly, the 1st diagnosis is ...")
+        template="plain",          # plain | diffusets ("Most importantly, the 1st diagnosis is ...")
+        # endpoint:MODEL@BASE_URL encoders (data.text_encoder.EndpointOptions)
+        endpoint=ml_collections.ConfigDict(dict(api_key_env="OPENAI_API_KEY", batch_size=64,
+                                                timeout_s=60.0, max_retries=4, backoff_s=1.0))))
     config.data = ml_collections.ConfigDict(dict(
         signal_length=1024, sample_rate=102.4, num_leads=12,
         source="bundled",          # "bundled" (+ synthetic ECGs) or a `uniecg prep` folder
@@ -47,6 +57,19 @@ def get_config(arg=None):
         b2=0.999, log_every=100, checkpoint_every=5000))
     config.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance=1.0, eta=0.0,
                                                    output_rate=102.4))
+    if variant == "diffusets":
+        # As DiffuSETS trains and samples (PKUDigitalHealth/DiffuSETS b610a00): utils/train.py
+        # draws `t = torch.randint(1, num_train_timesteps - 1)` (1..998) and never drops the
+        # condition; AdamW(lr) with CosineAnnealingLR(eta_min=0.1 lr) per step, no warmup, no
+        # gradient clipping; Inference_config.json: lr 1e-3, batch 2048, 1000 DDPM inference
+        # steps (utils/inference.py runs every DDPMScheduler step, no guidance). DDIM and guidance
+        # are one flag away (`uniecg generate --sampler ddim --steps 50 --guidance 2`), but with
+        # cfg_dropout=0 the null condition is untrained: train with diffusion.cfg_dropout=0.1 first.
+        config.diffusion.update(dict(cfg_dropout=0.0, train_timestep_low=1,
+                                     train_timestep_high=999))
+        config.train.update(dict(batch_size=2048, learning_rate=1e-3, warmup_steps=0,
+                                 min_lr_ratio=0.1, grad_clip=0.0))
+        config.sample.update(dict(sampler="ddpm", steps=1000, guidance=1.0))
     if variant == "tiny":
         config.model.vae.update(dict(widths=(16, 32, 64), num_res_blocks=1, num_groups=8,
                                      auto_scale=True))

@@ -3,10 +3,14 @@
   uniecg convert diffusets --vae prerequisites/vae_model.pth --unet prerequisites/unet_all.pth \
       --out W/model [--config configs/diffusion.py:diffusets] [--text-encoder precomputed:E.npz]
 
-The UNet's text width is read from the checkpoint (DiffuSETS: 1536, OpenAI embeddings) and written to
-`text.embed_dim`; every tensor is checked against the Flax model, and errors name the tensor. The
-result samples with `uniecg generate --ckpt W/model --embedding E.npy ...` (or --text when
---text-encoder gives embeddings of that width). Wire into `cli/convert.py` with
+The UNet's text width is read from the checkpoint and written to `text.embed_dim`; every tensor is
+checked against the Flax model, and errors name the tensor. The stored text encoder is the one the
+weights were trained with (`convert.diffusets.DIFFUSETS_TEXT_ENCODERS`: 8192-d -> the public
+release's E-72B endpoint, 1536-d -> OpenAI text-embedding-ada-002 with $OPENAI_API_KEY, both with
+DiffuSETS's prompt template), or --text-encoder; for any other width the converter says which
+width an encoder must give. The model samples as DiffuSETS does (DDPM, 1000 steps, guidance 1):
+`uniecg generate --ckpt W/model --text "Sinus rhythm|Normal ECG." ...` (or --embedding E.npy);
+`--sampler ddim --steps 50` for speed. Wire into `cli/convert.py` with
 `convert_diffusets.add_parser(actions)`.
 """
 from __future__ import annotations
@@ -36,8 +40,26 @@ def text_width_of(unet_state) -> int | None:
     return None
 
 
-def convert(vae_path: str, unet_path: str, out: str, config) -> str:
-    """Imports both files onto `config`'s model (text width taken from the UNet) and saves `out`."""
+def _set_text_encoder(config, width: int) -> None:
+    """`config.text` := the encoder DiffuSETS's weights of this width were trained with; else
+    keeps the config's encoder and says which width one must give."""
+    from uniecg_jax.convert.diffusets import DIFFUSETS_TEXT_ENCODERS, text_settings_for_width
+
+    settings = text_settings_for_width(width)
+    if settings is None:
+        print(f"note: the UNet reads {width}-d text embeddings, which no known DiffuSETS encoder "
+              f"gives (known: {sorted(DIFFUSETS_TEXT_ENCODERS)}); generate with --embedding "
+              f"E.npy or --text-encoder NAME of a {width}-d encoder")
+        return
+    config.text.encoder = settings["encoder"]
+    config.text.template = settings["template"]
+    config.text.endpoint.api_key_env = settings["endpoint.api_key_env"]
+
+
+def convert(vae_path: str, unet_path: str, out: str, config, text_encoder_given: bool = False
+            ) -> str:
+    """Imports both files onto `config`'s model (text width taken from the UNet; the text encoder
+    set to match it unless `text_encoder_given`) and saves `out`."""
     import ml_collections
 
     from uniecg_jax.checkpoint import save_model
@@ -55,6 +77,8 @@ def convert(vae_path: str, unet_path: str, out: str, config) -> str:
     if width is not None:
         config.text.embed_dim = width
         config.model.unet.text_embed_dim = width
+        if not text_encoder_given:
+            _set_text_encoder(config, width)
     try:
         unet = diffusets.unet_from_torch(unet_state, UNetConfig.from_config(
             config.model.unet, config.diffusion.num_steps))
@@ -76,6 +100,6 @@ def run(args) -> int:
     if args.text_encoder:
         with config.unlocked():
             config.text.encoder = args.text_encoder
-    out = convert(args.vae, args.unet, args.out, config)
+    out = convert(args.vae, args.unet, args.out, config, text_encoder_given=bool(args.text_encoder))
     print(f"wrote {out} (DiffuSETS VAE + UNet)")
     return 0

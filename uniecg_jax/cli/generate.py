@@ -5,12 +5,17 @@
 
 --ckpt is a diffusion train workdir (its model/) or a model checkpoint (`uniecg train` export or
 `uniecg convert diffusets`). The report is embedded with the checkpoint's text encoder
-(`text.encoder`, `text.template`), or given precomputed with --embedding FILE.npy ([D]). All N
+(`text.encoder`, `text.template`; --text-encoder / --template / --api-key-env replace them for this
+run, e.g. `--text-encoder endpoint:text-embedding-ada-002@https://api.openai.com/v1` for converted
+DiffuSETS weights), or given precomputed with --embedding FILE.npy ([D]). An encoder whose width is
+not the UNet's fails naming both widths. All N
 samples run as one batch; the same --seed gives the same ECGs. Writes DIR/gen_000.{hea,dat,png}, ...
 (12 named leads in mV; PNG on a 25 mm/s, 10 mm/mV grid) and DIR/generation.json. A second run into
 the same DIR adds gen_004... and generation_004.json instead of replacing (--overwrite replaces).
 """
 from __future__ import annotations
+
+DEFAULT_DDIM_STEPS = 50
 
 
 def register(subparsers) -> None:
@@ -19,6 +24,13 @@ def register(subparsers) -> None:
     parser.add_argument("--ckpt", required=True, help="diffusion workdir or model checkpoint")
     parser.add_argument("--text", default=None, help="report text (or use --embedding)")
     parser.add_argument("--embedding", default=None, help=".npy with a precomputed [D] embedding")
+    parser.add_argument("--text-encoder", default=None,
+                        help="text encoder for --text instead of the checkpoint's: minilm, hash:D, "
+                             "precomputed:FILE.npz or endpoint:MODEL@BASE_URL")
+    parser.add_argument("--template", default=None, choices=("plain", "diffusets"),
+                        help="prompt template for --text instead of the checkpoint's")
+    parser.add_argument("--api-key-env", default=None,
+                        help="environment variable holding the endpoint's API key ('' = none)")
     parser.add_argument("--hr", type=float, required=True, help="heart rate, bpm")
     parser.add_argument("--age", type=float, required=True, help="age, years")
     parser.add_argument("--sex", required=True, help="M or F")
@@ -26,7 +38,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--sampler", default=None, choices=("ddim", "ddpm"),
                         help="default: the config's sample.sampler")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (ddpm uses all)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="DDIM steps (ddpm uses all; default: the config's, or 50 when "
+                             "--sampler ddim overrides a ddpm config)")
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (1 = conditional, 0 = unconditional)")
     parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
@@ -39,8 +53,28 @@ def register(subparsers) -> None:
     parser.set_defaults(handler=run)
 
 
+def with_text_options(config, encoder: str | None, template: str | None,
+                      api_key_env: str | None):
+    """`config` with `text.encoder` / `text.template` / `text.endpoint.api_key_env` replaced by
+    the given (non-None) values (a new config)."""
+    import ml_collections
+
+    if encoder is None and template is None and api_key_env is None:
+        return config
+    config = ml_collections.ConfigDict(config.to_dict())
+    if encoder is not None:
+        config.text.encoder = encoder
+    if template is not None:
+        config.text.template = template
+    if api_key_env is not None:
+        if "endpoint" not in config.text:
+            config.text.endpoint = ml_collections.ConfigDict()
+        config.text.endpoint.api_key_env = api_key_env
+    return config
+
+
 def text_embedding_for(config, text: str | None, embedding_path: str | None):
-    """`[D]` float32: the report through the checkpoint's text encoder, or a precomputed .npy."""
+    """`[D]` float32: the report through the config's text encoder, or a precomputed .npy."""
     import numpy as np
 
     from uniecg_jax.diffusion.conditioning import ConditionError
@@ -76,13 +110,17 @@ def run(args) -> int:
     pipeline, config = load_pipeline(args.ckpt)
     sample = config.sample
     sampler = args.sampler or str(sample.sampler)
-    steps = int(args.steps if args.steps is not None else sample.steps)
+    # --sampler ddim on a DDPM-1000 config (converted DiffuSETS) means DDIM-50 unless --steps says.
+    default_steps = sample.steps if sampler == str(sample.sampler) else DEFAULT_DDIM_STEPS
+    steps = int(args.steps if args.steps is not None else default_steps)
     guidance = float(args.guidance if args.guidance is not None else sample.guidance)
     eta = float(args.eta if args.eta is not None else sample.eta)
     rate = float(args.rate if args.rate is not None else sample.output_rate)
     if steps < 1:
         raise ConditionError(f"--steps must be >= 1, got {steps}")
-    embedding = text_embedding_for(config, args.text, args.embedding)
+    embedding = text_embedding_for(
+        with_text_options(config, args.text_encoder, args.template, args.api_key_env),
+        args.text, args.embedding)
     ecgs = pipeline.generate(embedding, sex=args.sex, age=args.age, hr=args.hr, n=args.n,
                              sampler=sampler, steps=steps, guidance=guidance, seed=args.seed,
                              eta=eta, sample_rate=rate)

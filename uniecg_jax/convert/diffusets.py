@@ -258,3 +258,23 @@ def load_torch_file(path: str) -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except Exception as e:  # corrupt / not a torch file
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint: {e}") from None
+
+
+# The text encoders DiffuSETS's weights were trained with, by the UNet's text width
+# (PKUDigitalHealth/DiffuSETS b610a00): utils/text_to_emb.py posts `prompt_propcess(text)` to an
+# OpenAI-compatible /v1/embeddings service, model "E-72B" at kidneytalk.bjmu.edu.cn with no key
+# (8192-d; DiffuSETS_train.py builds the UNet with text_embed_dim=8192); the paper's experiments
+# used OpenAI's text-embedding-ada-002 (1536-d). Both read the DiffuSETS prompt template.
+DIFFUSETS_TEXT_ENCODERS = {
+    8192: ("endpoint:E-72B@https://kidneytalk.bjmu.edu.cn/api/v1", ""),
+    1536: ("endpoint:text-embedding-ada-002@https://api.openai.com/v1", "OPENAI_API_KEY"),
+}
+
+
+def text_settings_for_width(width: int) -> dict | None:
+    """`config.text` values (encoder, template, endpoint.api_key_env) that give `width`-d
+    embeddings as DiffuSETS's weights of that width expect, or None for an unknown width."""
+    if width not in DIFFUSETS_TEXT_ENCODERS:
+        return None
+    encoder, key_env = DIFFUSETS_TEXT_ENCODERS[width]
+    return {"encoder": encoder, "template": "diffusets", "endpoint.api_key_env": key_env}

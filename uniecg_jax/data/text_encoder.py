@@ -8,18 +8,31 @@ Interface: any object with `name: str`, `dim: int` and `encode(texts: list[str])
 - `hash[:D]`: a deterministic bag-of-words hashing encoder (no model) for tests and tiny configs.
 - `precomputed:FILE.npz`: the user's own embeddings of any width (e.g. DiffuSETS' 1536-d), an npz
   with `keys` (record ids or report texts) and `embeddings` [N, D].
+- `endpoint:MODEL@BASE_URL`: any OpenAI-compatible `POST BASE_URL/embeddings` service, e.g.
+  `endpoint:text-embedding-ada-002@https://api.openai.com/v1` (1536-d, DiffuSETS's experiment code)
+  or `endpoint:E-72B@https://kidneytalk.bjmu.edu.cn/api/v1` (8192-d, DiffuSETS's public release).
+  The key is read from the environment variable `text.endpoint.api_key_env` names (default
+  OPENAI_API_KEY; "" sends none); texts go in batches, 5xx / 429 / timeouts are retried with
+  exponential backoff (`EndpointOptions`).
 
 `text_encoder_for(config)` is the encoder a diffusion config names (`text.encoder`, `text.template`),
 shared by training, generation, evaluation and the demos.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import os
 import re
+import socket
+import time
+import urllib.error
+import urllib.request
 from typing import Protocol, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from uniecg_jax.data.prompts import report_text
 from uniecg_jax.errors import ConfigError, UniECGError
@@ -120,6 +133,126 @@ class PrecomputedEmbeddings:
     encode = lookup
 
 
+@dataclasses.dataclass(frozen=True)
+class EndpointOptions:
+    """How `EndpointTextEncoder` calls its service (`config.text.endpoint`)."""
+    api_key_env: str = "OPENAI_API_KEY"   # environment variable with the key; "" = send no key
+    batch_size: int = 64                  # texts per request
+    timeout_s: float = 60.0               # per request
+    max_retries: int = 4                  # retries after the first attempt (5xx, 429, timeouts)
+    backoff_s: float = 1.0                # wait before retry k: backoff_s * 2**k
+
+
+ENDPOINT_PREFIX = "endpoint:"
+
+
+def parse_endpoint_name(name: str) -> tuple[str, str]:
+    """`endpoint:MODEL@BASE_URL` -> (MODEL, BASE_URL without a trailing slash)."""
+    spec = name[len(ENDPOINT_PREFIX):]
+    model, _, base_url = spec.rpartition("@")
+    if not model or not base_url.startswith(("http://", "https://")):
+        raise UniECGError(f"text encoder {name!r}: expected endpoint:MODEL@BASE_URL, e.g. "
+                          "endpoint:text-embedding-ada-002@https://api.openai.com/v1")
+    return model, base_url.rstrip("/")
+
+
+class EndpointTextEncoder:
+    """Embeddings from an OpenAI-compatible `POST {base_url}/embeddings` service (`{"model",
+    "input": [texts], "encoding_format": "float"}` -> `{"data": [{"index", "embedding"}]}`).
+
+    `dim` is None until the first answer (then its width). With `expected_dim` (the UNet's text
+    width) a different width raises UniECGError naming both.
+    """
+
+    def __init__(self, model: str, base_url: str, options: EndpointOptions = EndpointOptions(),
+                 expected_dim: int | None = None):
+        self.model, self.base_url, self.options = model, base_url.rstrip("/"), options
+        self.name = f"{ENDPOINT_PREFIX}{model}@{self.base_url}"
+        self.expected_dim = expected_dim
+        self.dim = None
+        self._key = None
+        if options.api_key_env:
+            self._key = os.environ.get(options.api_key_env)
+            if not self._key:
+                raise UniECGError(f"text encoder {self.name}: the API key variable "
+                                  f"{options.api_key_env} is not set (export {options.api_key_env}"
+                                  "=..., or set text.endpoint.api_key_env to the variable that "
+                                  "holds it, or to '' for a service without a key)")
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """[N] texts -> [N, D] float32, `options.batch_size` texts per request, in order."""
+        texts = list(texts)
+        size = max(1, int(self.options.batch_size))
+        starts = range(0, len(texts), size)
+        rows = [self._request(texts[i:i + size])
+                for i in tqdm(starts, desc=f"embedding via {self.model}", unit="batch",
+                              disable=len(starts) <= 1)]
+        if not rows:
+            return np.zeros((0, self.dim or self.expected_dim or 0), np.float32)
+        return np.concatenate(rows).astype(np.float32)
+
+    def _request(self, batch: list[str]) -> np.ndarray:
+        payload = json.dumps({"model": self.model, "input": batch,
+                              "encoding_format": "float"}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        url = f"{self.base_url}/embeddings"
+        last_error = ""
+        for attempt in range(int(self.options.max_retries) + 1):
+            if attempt:
+                time.sleep(float(self.options.backoff_s) * 2 ** (attempt - 1))
+            request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=float(self.options.timeout_s)) as reply:
+                    return self._parse(json.loads(reply.read().decode()), len(batch))
+            except urllib.error.HTTPError as e:
+                body = e.read().decode(errors="replace")[:300]
+                if e.code < 500 and e.code != 429:  # the request itself is wrong: no retry
+                    hint = (f" (check the key in ${self.options.api_key_env})"
+                            if e.code in (401, 403) else "")
+                    raise UniECGError(f"{url}: HTTP {e.code}{hint}: {body}") from None
+                last_error = f"HTTP {e.code}: {body}"
+            except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+                last_error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except json.JSONDecodeError as e:
+                raise UniECGError(f"{url}: the answer is not JSON: {e}") from None
+        raise UniECGError(f"{url}: no embeddings after {int(self.options.max_retries) + 1} "
+                          f"attempts; last error {last_error}")
+
+    def _parse(self, answer: dict, count: int) -> np.ndarray:
+        """OpenAI embeddings JSON -> [count, D], rows put back in input order by `index`."""
+        try:
+            items = sorted(answer["data"], key=lambda item: item.get("index", 0))
+            rows = np.asarray([item["embedding"] for item in items], np.float32)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UniECGError(f"{self.base_url}/embeddings: unexpected answer (need data[i]."
+                              f"embedding): {e}") from None
+        if rows.ndim != 2 or rows.shape[0] != count:
+            raise UniECGError(f"{self.base_url}/embeddings: {count} texts sent, got embeddings "
+                              f"of shape {rows.shape}")
+        width = int(rows.shape[1])
+        if self.expected_dim is not None and width != int(self.expected_dim):
+            raise UniECGError(f"text encoder {self.name} gives {width}-d embeddings but the "
+                              f"model's UNet expects {self.expected_dim}-d text embeddings "
+                              "(text.embed_dim); use the encoder the weights were trained with")
+        self.dim = width
+        return rows
+
+
+def endpoint_options(text_config) -> EndpointOptions:
+    """`EndpointOptions` from `config.text.endpoint` (missing group or keys: defaults)."""
+    group = text_config.get("endpoint", None) if text_config is not None else None
+    if not group:
+        return EndpointOptions()
+    values = group.to_dict() if hasattr(group, "to_dict") else dict(group)
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(EndpointOptions)})
+    if unknown:
+        raise ConfigError(f"text.endpoint: unknown keys {unknown}; known: "
+                          f"{[f.name for f in dataclasses.fields(EndpointOptions)]}")
+    return EndpointOptions(**values)
+
+
 def check_text_encoder_name(name: str) -> None:
     """Raises UniECGError for a name `get_text_encoder` would reject, without loading a model."""
     if name in ("none", "", None, "minilm", "hash"):
@@ -130,12 +263,19 @@ def check_text_encoder_name(name: str) -> None:
         if not os.path.exists(name.split(":", 1)[1]):
             raise UniECGError(f"{name.split(':', 1)[1]}: precomputed embeddings file not found")
         return
-    raise UniECGError(f"unknown text encoder {name!r}; use minilm, hash[:D], "
-                      "precomputed:FILE.npz or none")
+    if name.startswith(ENDPOINT_PREFIX):
+        parse_endpoint_name(name)
+        return
+    raise UniECGError(f"unknown text encoder {name!r}; use {ENCODER_NAMES}")
 
 
-def get_text_encoder(name: str = "minilm"):
-    """`minilm` | `hash` | `hash:D` | `precomputed:FILE.npz` | `none` (-> None)."""
+ENCODER_NAMES = "minilm, hash[:D], precomputed:FILE.npz, endpoint:MODEL@BASE_URL or none"
+
+
+def get_text_encoder(name: str = "minilm", endpoint: EndpointOptions = EndpointOptions(),
+                     expected_dim: int | None = None):
+    """`minilm` | `hash` | `hash:D` | `precomputed:FILE.npz` | `endpoint:MODEL@BASE_URL` |
+    `none` (-> None). `endpoint`, `expected_dim`: for endpoint encoders (`EndpointTextEncoder`)."""
     check_text_encoder_name(name)
     if name in ("none", "", None):
         return None
@@ -145,8 +285,9 @@ def get_text_encoder(name: str = "minilm"):
         return HashingTextEncoder(int(name.split(":", 1)[1]) if ":" in name else 64)
     if name.startswith("precomputed:"):
         return PrecomputedEmbeddings(name.split(":", 1)[1])
-    raise UniECGError(f"unknown text encoder {name!r}; use minilm, hash[:D], "
-                      "precomputed:FILE.npz or none")
+    if name.startswith(ENDPOINT_PREFIX):
+        return EndpointTextEncoder(*parse_endpoint_name(name), endpoint, expected_dim)
+    raise UniECGError(f"unknown text encoder {name!r}; use {ENCODER_NAMES}")
 
 
 class TemplatedEncoder:
@@ -163,14 +304,19 @@ class TemplatedEncoder:
 
 
 def text_encoder_for(config):
-    """The frozen text encoder of `config.text` (`encoder`, `template`, default "plain"), checked
-    against `text.embed_dim`. Raises ConfigError for `text.encoder=none` or a width mismatch."""
-    encoder = get_text_encoder(str(config.text.encoder))
+    """The frozen text encoder of `config.text` (`encoder`, `template`, default "plain";
+    `endpoint` options for endpoint encoders), checked against `text.embed_dim`, the UNet's text
+    width. Raises ConfigError for `text.encoder=none` or a width mismatch (naming both widths; an
+    endpoint's width is checked on its first answer)."""
+    expected = int(config.text.embed_dim)
+    encoder = get_text_encoder(str(config.text.encoder), endpoint_options(config.text), expected)
     if encoder is None:
         raise ConfigError("text.encoder=none: the diffusion model needs text embeddings")
     dim = getattr(encoder, "dim", None)
-    if dim is not None and int(dim) != int(config.text.embed_dim):
-        raise ConfigError(f"text.encoder={config.text.encoder!r} gives {dim}-d embeddings but "
-                          f"text.embed_dim={config.text.embed_dim}")
+    if dim is not None and int(dim) != expected:
+        raise ConfigError(f"text.encoder={config.text.encoder!r} gives {dim}-d embeddings but the "
+                          f"model's UNet expects {expected}-d text embeddings (text.embed_dim); "
+                          "use the encoder the weights were trained with, e.g. --text-encoder "
+                          "endpoint:MODEL@BASE_URL, or a precomputed --embedding")
     template = str(config.text.get("template", "plain"))
     return TemplatedEncoder(encoder, template) if template != "plain" else encoder

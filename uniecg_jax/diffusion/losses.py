@@ -60,10 +60,13 @@ def vae_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, model:
 def diffusion_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
                    model: ConditionalUNet, cfg, vae: VAE | None = None, vae_params: Any = None
                    ) -> tuple[jax.Array, dict]:
-    """Denoising MSE (eps or v target) at uniform random timesteps, with condition dropout
+    """Denoising MSE (eps or v target) at uniform random timesteps in `diffusion.train_timestep_low`
+    .. `_high` (default: all), with condition dropout
     (`diffusion.cfg_dropout`) for classifier-free guidance. Latents come from `batch['latent']`
     or from the frozen VAE (sampled, scaled, no gradient)."""
     schedule = schedule_lib.NoiseSchedule.from_config(cfg.diffusion)
+    low, high = schedule_lib.training_timestep_range(
+        schedule_lib.DiffusionConfig.from_config(cfg.diffusion))
     t_key, noise_key, drop_key, vae_key = jax.random.split(rng, 4)
     if "latent" in batch:
         latent = batch["latent"].astype(jnp.float32)
@@ -80,7 +83,7 @@ def diffusion_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
         latent, _, _ = vae.apply(vae_params, ecg, noise, method=VAE.encode)
         latent = jax.lax.stop_gradient(latent)
     batch_size = latent.shape[0]
-    timesteps = jax.random.randint(t_key, (batch_size,), 0, schedule.num_steps)
+    timesteps = jax.random.randint(t_key, (batch_size,), low, high)
     noise = jax.random.normal(noise_key, latent.shape, jnp.float32)
     noisy = schedule_lib.add_noise(schedule, latent, noise, timesteps)
     drop = jax.random.bernoulli(drop_key, cfg.diffusion.cfg_dropout, (batch_size,))

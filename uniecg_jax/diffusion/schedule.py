@@ -28,6 +28,10 @@ class DiffusionConfig(ConfigSchema):
     prediction: str = "epsilon"      # epsilon | v
     clip_sample: float = 1.0         # DDPM/DDIM clip of predicted x0 (diffusers default); 0 = off
     cfg_dropout: float = 0.1         # probability of the null condition in training
+    # Training timesteps are drawn uniformly from [train_timestep_low, train_timestep_high)
+    # (high 0 = num_steps). DiffuSETS draws `torch.randint(1, num_train_timesteps - 1)`: 1..998.
+    train_timestep_low: int = 0
+    train_timestep_high: int = 0
     # UNet targets: "sample" of the VAE posterior (DiffuSETS) | its "mean"
     latent: str = "sample"
 
@@ -68,6 +72,15 @@ def make_schedule(num_steps: int = 1000, beta_start: float = 0.00085, beta_end: 
     alphas_cumprod = np.cumprod(1.0 - betas)
     return NoiseSchedule(betas.astype(np.float32), alphas_cumprod.astype(np.float32), prediction,
                          float(clip_sample))
+
+
+def training_timestep_range(cfg: DiffusionConfig) -> tuple[int, int]:
+    """`[low, high)` of the uniform training timesteps (`train_timestep_low/high`), validated."""
+    high = cfg.train_timestep_high or cfg.num_steps
+    if not 0 <= cfg.train_timestep_low < high <= cfg.num_steps:
+        raise ValueError(f"diffusion.train_timestep_low/high must satisfy 0 <= low < high <= "
+                         f"num_steps={cfg.num_steps}, got [{cfg.train_timestep_low}, {high})")
+    return cfg.train_timestep_low, high
 
 
 def _gather(values: np.ndarray, timesteps: jax.Array, ndim: int) -> jax.Array:
