@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,7 +23,9 @@ from safetensors.numpy import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from ecg_coca_torch_reference import EcgTower, GemProjectors
+from uniecg_jax import sharding
 from uniecg_jax.cli import main as cli_main
+from uniecg_jax.config import load_config
 from uniecg_jax.convert import gem, hf_testing
 from uniecg_jax.data import record as record_lib
 from uniecg_jax.data.chat_format import LLAVA_V1, VICUNA, InputBuilder
@@ -30,6 +33,7 @@ from uniecg_jax.data import read_record
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.inference.interpret import Interpreter
 from uniecg_jax.models.stage1 import UniECG, UniECGConfig
+from uniecg_jax.train import build_task
 
 # heads = width // 64 = 2, as open_clip derives them; 11 ECG tokens.
 WIDTH, LAYERS, PATCH, SAMPLES, MM_HIDDEN = 128, 2, 50, 500, 48
@@ -40,11 +44,11 @@ VISION_KEYS = {  # a few of the CLIP tower's tensors, as GEM saves them
 }
 
 
-def _gem_state(seed: int = 0):
+def _gem_state(seed: int = 0, samples: int = SAMPLES, layers: int = LAYERS):
     """(torch LLM, tower, projectors, {GEM tensor name: np.ndarray}) with random weights."""
     llm = hf_testing.tiny_hf_model("llama", seed=seed)
     torch.manual_seed(seed + 1)
-    tower = EcgTower(SAMPLES, 12, PATCH, WIDTH, LAYERS, heads=WIDTH // 64).eval()
+    tower = EcgTower(samples, 12, PATCH, WIDTH, layers, heads=WIDTH // 64).eval()
     projectors = GemProjectors(WIDTH, MM_HIDDEN, llm.config.hidden_size).eval()
     with torch.no_grad():
         for name, param in tower.named_parameters():
@@ -219,6 +223,35 @@ def test_round_trip_to_gem_layout_and_back(release, tmp_path):
     np.testing.assert_array_equal(our_logits(again.params, again.model_config, IDS, ecg),
                                   our_logits(first.params, first.model_config, IDS, ecg))
     assert again.model_config.to_dict() == first.model_config.to_dict()
+
+
+@pytest.mark.slow  # builds the grounded conversations and a 5000-sample tower: minutes on 2 cores
+def test_training_starts_from_a_gem_release(tmp_path):
+    """`--config.init.gem_dir=`: the release sets the shapes and input layout, its weights are the
+    initial params, and the batches carry the sentinel and GEM's lead order."""
+    llm, _, _, state = _gem_state(samples=5000, layers=1)  # the pipeline's 10 s at 500 Hz
+    directory = write_release(tmp_path / "gem", state, _gem_config(llm, "x.pt"))
+    hf_testing.tiny_tokenizer(directory, vocab_size=96)
+    config = load_config("configs/stage1.py:tiny", [
+        f"init.gem_dir={directory}", "data.max_length=48", "data.num_synthetic=0",
+        "train.batch_size=2"])
+    task = build_task(config)
+    model = task.config.model
+    assert (model.llm.vocab_size, model.ecg_encoder.width, model.projector.ecg_proj_dim) == (
+        96, WIDTH, MM_HIDDEN)
+    assert dict(model.input) == dict(prompt_format="llava_v1", placeholder="sentinel",
+                                     ecg_lead_order="mimic_iv")
+    batch = next(task.make_data(0, 1, 2))
+    assert ((batch["input_ids"] == SENTINEL).sum(axis=1) == 1).all()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    abstract, _ = sharding.abstract_sharded_init(task.init_params, mesh, jax.random.PRNGKey(0))
+    params = task.initial_params(mesh, abstract)
+    imported = gem.import_gem(str(directory))
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(imported.params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    batch.pop("record_key")
+    loss, _ = task.loss_fn(params, batch, jax.random.PRNGKey(0))
+    assert np.isfinite(float(loss))
 
 
 # ----------------------------------------------------------------------------- lead order

@@ -40,7 +40,8 @@ def resolve_tokenizer(config: ml_collections.ConfigDict):
     """The tokenizer this config trains with: data.tokenizer, else init.gem_dir's, else
     init.hf_dir's, else tiny; `<ecg>` is added only for a "token" placeholder."""
     path = config.data.tokenizer or config.init.get("gem_dir") or config.init.hf_dir or None
-    placeholder = config.model.get("input", {}).get("placeholder", "token")
+    placeholder = (gem.GEM_INPUT.placeholder if config.init.get("gem_dir")
+                   else config.model.get("input", {}).get("placeholder", "token"))
     return load_tokenizer(path, placeholder=placeholder), path
 
 
