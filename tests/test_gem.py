@@ -215,7 +215,10 @@ def test_round_trip_to_gem_layout_and_back(release, tmp_path):
     assert fields["mm_projector_type"] == "mlp2x_gelu" and fields["mm_hidden_size"] == MM_HIDDEN
     assert fields["ecg_lead_order"] == "mimic_iv"
     assert fields["mm_vision_tower"] == "openai/clip-vit-large-patch14-336"
-    assert os.path.isfile(fields["mm_ecg_tower"])  # GEM's loader opens it before the shards
+    # GEM's get_ecg_encoder opens mm_ecg_tower first and loads its `module.ecg.*` strictly.
+    coca = torch.load(fields["mm_ecg_tower"], weights_only=True)["state_dict"]
+    EcgTower(SAMPLES, 12, PATCH, WIDTH, LAYERS, heads=2).load_state_dict(
+        {k[len("module.ecg."):]: v for k, v in coca.items()}, strict=True)
 
     first = gem.import_gem(release["dir"])
     again = gem.import_gem(out)

@@ -69,6 +69,7 @@ GEM_DEFAULT_FIELDS = {
     "use_mm_proj": True, "tune_mm_mlp_adapter": False, "tokenizer_padding_side": "right",
 }
 ECG_TOWER_FILE = "ecg_coca.pt"   # the `.pt` `mm_ecg_tower` points to in an exported release
+COCA_EMBED_DIM = 512             # coca_ViT-B-32 embed_dim: the width of the tower's `proj`
 
 
 # ----------------------------------------------------------------------------- reading a release
@@ -415,6 +416,12 @@ def export_gem(params: Mapping[str, Any], model_config: Any, out_dir: str, *,
     coca = ecg_coca.export_ecg_coca(params["ecg_tower"], config.encoder, prefix="module.ecg.")
     coca.update({"module.ecg." + name[len(TOWER_PREFIX):]: np.asarray(tensor, np.float32)
                  for name, tensor in (kept or {}).items() if name.startswith(TOWER_PREFIX)})
+    # GEM's get_ecg_encoder (ecg_coca/training/main.py) loads this file strictly, so the head that
+    # GEM's forward never reaches must be there: a model that never had one gets a neutral one.
+    width = config.encoder.width
+    coca.setdefault("module.ecg.ln_post.weight", np.ones(width, np.float32))
+    coca.setdefault("module.ecg.ln_post.bias", np.zeros(width, np.float32))
+    coca.setdefault("module.ecg.proj", np.zeros((width, COCA_EMBED_DIM), np.float32))
     ecg_coca.save_state_dict(coca, ecg_tower_path)
     with open(os.path.join(out_dir, "config.json")) as f:
         hf_config = json.load(f)
