@@ -286,6 +286,17 @@ def test_interpreter_feeds_the_encoder_in_the_models_lead_order(release, tmp_pat
                      "--config", "configs/stage1.py:tiny"]) == 0
     interpreter = Interpreter.load(ckpt)
     assert interpreter.model.config.input.ecg_lead_order == "mimic_iv"
+    # Served with the sentinel: the cached decode equals greedy full forward passes.
+    canonical = _ecg(3)
+    served = interpreter.interpret(canonical, "w5 w6", max_new_tokens=3, stop_token_ids=())
+    prompt = interpreter.inputs.prompt_ids("w5 w6", with_ecg=True)
+    assert prompt.count(SENTINEL) == 1 and max(prompt) < 96
+    ids, mimic_rows = list(prompt), canonical[:, [0, 1, 2, 3, 5, 4, 6, 7, 8, 9, 10, 11]]
+    for _ in range(3):
+        logits = our_logits(interpreter.params, interpreter.config.model, ids, mimic_rows)
+        ids.append(int(np.argmax(logits[0, -1])))
+    assert served[0] == interpreter.tokenizer.decode(ids[len(prompt):],
+                                                     skip_special_tokens=True).strip()
     seen = []
 
     class Stop(Exception):
@@ -296,7 +307,6 @@ def test_interpreter_feeds_the_encoder_in_the_models_lead_order(release, tmp_pat
         raise Stop
 
     interpreter._generate = record_and_stop
-    canonical = _ecg(3)
     with pytest.raises(Stop):
         interpreter.interpret(canonical, "w5 w6", max_new_tokens=1)
     np.testing.assert_array_equal(seen[0][0], canonical[0][[0, 1, 2, 3, 5, 4, 6, 7, 8, 9, 10, 11]])
