@@ -220,6 +220,14 @@ def test_round_trip_to_gem_layout_and_back(release, tmp_path):
     EcgTower(SAMPLES, 12, PATCH, WIDTH, LAYERS, heads=2).load_state_dict(
         {k[len("module.ecg."):]: v for k, v in coca.items()}, strict=True)
 
+    assert cli_main(["convert", "export-ecg-coca", "--ckpt", ckpt,
+                     "--out", str(tmp_path / "tower.safetensors")]) == 0
+    tower = gem.hf_llm.safe_open(str(tmp_path / "tower.safetensors"), framework="numpy")
+    np.testing.assert_array_equal(tower.get_tensor("module.ecg.conv1.weight"),
+                                  release["state"][gem.TOWER_PREFIX + "conv1.weight"])
+    np.testing.assert_array_equal(tower.get_tensor("model.mm_projector.2.weight"),
+                                  release["state"]["model.mm_projector.2.weight"])
+
     first = gem.import_gem(release["dir"])
     again = gem.import_gem(out)
     ecg = _ecg(2)

@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0,
                        help="shard safetensors above this size (GiB)")
     to_hf.set_defaults(handler=run_from_ckpt_to_hf)
-    from_gem = actions.add_parser("from-gem", help="GEM release (LLaVA layout) -> stage-1 checkpoint")
+    from_gem = actions.add_parser("from-gem",
+                                  help="GEM release (LLaVA layout) -> stage-1 checkpoint")
     from_gem.add_argument("--gem-dir", required=True, help="GEM release: config.json + safetensors")
     from_gem.add_argument("--out", required=True, help="output checkpoint directory")
     from_gem.add_argument("--ecg-tower", default=None,

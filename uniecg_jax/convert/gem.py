@@ -155,8 +155,8 @@ def open_release(gem_dir: str, ecg_tower_ckpt: str | None = None) -> _Release:
         else:
             groups.setdefault(group, []).append(name)
     if unplaced:
-        raise CheckpointError(f"{gem_dir}: tensors no part of the model takes: {sorted(unplaced)[:8]}"
-                              f"{' ...' if len(unplaced) > 8 else ''}")
+        raise CheckpointError(f"{gem_dir}: tensors no part of the model takes: "
+                              f"{sorted(unplaced)[:8]}{' ...' if len(unplaced) > 8 else ''}")
     return _Release(gem_dir, config, reader, groups, ecg_tower_ckpt)
 
 

@@ -126,7 +126,8 @@ class InputBuilder:
 
     def __post_init__(self):
         if self.placeholder not in ("token", "sentinel"):
-            raise UniECGError(f"placeholder must be 'token' or 'sentinel', got {self.placeholder!r}")
+            raise UniECGError(f"placeholder must be 'token' or 'sentinel', got "
+                              f"{self.placeholder!r}")
 
     @property
     def placeholder_id(self) -> int:

@@ -1,6 +1,6 @@
 """Tokenizers: the tiny offline byte-level BPE (vocab 512, for `presets.llm("tiny")`), loading any
-HF tokenizer (with the `<ecg>` placeholder, or unchanged for a sentinel placeholder), and growing a tokenizer by new tokens (the stage-2
-`[ECG0]..[ECG{N-1}]`).
+HF tokenizer (with the `<ecg>` placeholder, or as it is for a sentinel placeholder), and growing a
+tokenizer by new tokens (the stage-2 `[ECG0]..[ECG{N-1}]`).
 
 Real models use their checkpoint's tokenizer (`AutoTokenizer.from_pretrained(path)`); everything here
 takes any HF tokenizer. The chat format and the ids built from it live in `data.chat_format`.
