@@ -1,6 +1,6 @@
 """Tokenizers: the tiny offline byte-level BPE (vocab 512, for `presets.llm("tiny")`), loading any
-HF tokenizer with the `<ecg>` placeholder, and growing a tokenizer by new tokens (the stage-2
-`[ECG0]..[ECG{N-1}]`).
+HF tokenizer (with the `<ecg>` placeholder, or as it is for a sentinel placeholder), and growing a
+tokenizer by new tokens (the stage-2 `[ECG0]..[ECG{N-1}]`).
 
 Real models use their checkpoint's tokenizer (`AutoTokenizer.from_pretrained(path)`); everything here
 takes any HF tokenizer. The chat format and the ids built from it live in `data.chat_format`.
@@ -56,17 +56,19 @@ def load_tiny():
     return PreTrainedTokenizerFast.from_pretrained(str(tiny_tokenizer_dir()))
 
 
-def load_tokenizer(path: str | None = None):
+def load_tokenizer(path: str | None = None, placeholder: str = "token"):
     """`path` None -> the tiny tokenizer; otherwise `AutoTokenizer.from_pretrained(path)` (offline),
-    with the `<ecg>` placeholder added if the checkpoint lacks it."""
+    with the `<ecg>` placeholder added if the checkpoint lacks it and `placeholder` is "token" (a
+    "sentinel" placeholder, as GEM's, needs no token: the vocabulary stays as released)."""
     if path is None:
         return load_tiny()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    # Grown like every other added token (`add_tokens`): `add_special_tokens` with
-    # additional_special_tokens would also replace a checkpoint's own extra special-token list.
-    add_tokens(tokenizer, [ECG_PLACEHOLDER])
+    if placeholder == "token":
+        # Grown like every other added token (`add_tokens`): `add_special_tokens` with
+        # additional_special_tokens would also replace a checkpoint's own special-token list.
+        add_tokens(tokenizer, [ECG_PLACEHOLDER])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -111,11 +113,22 @@ class PlainTokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self.core.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def __call__(self, text: str, add_special_tokens: bool = True,
+                 return_offsets_mapping: bool = False) -> dict:
+        """`{"input_ids", "offset_mapping"?}` of one string, as the HF fast tokenizer's call
+        (offsets come from the same `tokenizers` encoding)."""
+        encoding = self.core.encode(text, add_special_tokens=add_special_tokens)
+        out = {"input_ids": encoding.ids}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [tuple(span) for span in encoding.offsets]
+        return out
 
-def load_serving_tokenizer(path: str | None = None):
-    """The tokenizer `load_tokenizer(path)` returns, as a `PlainTokenizer` when the files allow it
-    (a plain tokenizer.json that already holds `<ecg>` and a pad token: the tiny one and what
-    training saves), else through `transformers`. For inference, which never grows the vocabulary."""
+
+def load_serving_tokenizer(path: str | None = None, placeholder: str = "token"):
+    """The tokenizer `load_tokenizer(path, placeholder)` returns, as a `PlainTokenizer` when the
+    files allow it (a plain tokenizer.json with a pad token that already holds `<ecg>` where the
+    placeholder is a token: the tiny one and what training saves), else through `transformers`.
+    For inference, which never grows the vocabulary."""
     directory = str(tiny_tokenizer_dir()) if path is None else path
     try:
         with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
@@ -126,9 +139,10 @@ def load_serving_tokenizer(path: str | None = None):
             and os.path.isfile(os.path.join(directory, "tokenizer.json"))
             and not config.get("clean_up_tokenization_spaces")):
         tokenizer = PlainTokenizer(directory, config)
-        if tokenizer.pad_token_id is not None and ECG_PLACEHOLDER in tokenizer.get_vocab():
+        if tokenizer.pad_token_id is not None and (placeholder != "token"
+                                                   or ECG_PLACEHOLDER in tokenizer.get_vocab()):
             return tokenizer
-    return load_tokenizer(path)
+    return load_tokenizer(path, placeholder=placeholder)
 
 
 def add_tokens(tokenizer, names: Sequence[str]) -> tuple[list[int], list[int]]:

@@ -1,6 +1,7 @@
 """Growing the decoder's vocabulary-sized tensors (the embedding rows and an untied lm_head's
-columns) when tokens are added to its tokenizer: `<ecg>` to an HF tokenizer in stage 1, the
-`[ECG]` generation tokens in stage 2. The tokenizer side is `data.tokenizer.add_tokens`; the two
+columns) when tokens are added to its tokenizer: `<ecg>` to an HF tokenizer in stage 1 (only with
+`model.input.placeholder = "token"`: GEM's sentinel placeholder adds no row, so a GEM model keeps
+its 32000), the `[ECG]` generation tokens in stage 2. The tokenizer side is `data.tokenizer.add_tokens`; the two
 together are `convert.hf_llm.add_tokens`.
 """
 from __future__ import annotations
