@@ -104,7 +104,8 @@ def _print_report(args, report: dict, target) -> None:
               f"compiler ran out of HBM ({_gib(target.hbm_bytes).strip()} per device):\n  "
               f"{report['compile_error']}")
         return
-    where = f"{target.name} = {target.topology}, " if target else ""
+    where = "" if target is None else (f"{target.topology}, " if target.name == target.topology
+                                        else f"{target.name} = {target.topology}, ")
     print(f"dry run: {args.config} on mesh {report['mesh']} ({where}{report['devices']} "
           f"{report['device_kind']} devices), global batch {report['global_batch']} x grad_accum "
           f"{report['grad_accum_steps']}")
