@@ -38,6 +38,7 @@ EXTRAS_REQUIRE = {
     "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
     # `uniecg prep --runner direct|dataflow|flink|spark` (data_prep/beam.py).
     "beam": ["apache-beam>=2.77,<3"],
+    "tpu": ["libtpu==0.0.51"],  # `uniecg dry-run --topology`: compile for TPU slices on any host
 }
 
 setup(

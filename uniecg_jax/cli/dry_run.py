@@ -1,9 +1,14 @@
-"""`uniecg dry-run --config configs/llm.py:llama2_7b [--config.mesh.fsdp=8] [--devices N]`.
+"""`uniecg dry-run --config configs/stage2.py:vicuna_7b --topology v5p-64 [--config.mesh.tensor=4]`.
 
-Lowers and compiles the train step for the configured mesh against abstract parameters (nothing is
-allocated) and prints per-device memory from `compiled.memory_analysis()`, the parameter count and the
-FLOPs of one step: what to check before renting a pod. `--devices N` simulates N CPU devices
-(`XLA_FLAGS=--xla_force_host_platform_device_count=N`), e.g. `--devices 256` for a v4-256 mesh.
+Lowers and compiles the real train step (optimizer included) with the real shardings for the
+configured mesh against abstract parameters (nothing is allocated) and prints per-device memory from
+`compiled.memory_analysis()`, the parameter count and the FLOPs of one step: what to check before
+renting a pod. `--topology` compiles for the chips of a Cloud TPU slice (`v5e-8`, `v5p-64`, or a
+libtpu topology such as `v5e:2x2`) through libtpu on this host, no TPU attached (`pip install -e
+'.[tpu]'`); those figures are the TPU compiler's plan and say whether the step fits in HBM.
+Without it the step compiles for the local devices; `--devices N` simulates N CPU devices, whose
+compiler ignores remat: its temporaries are not a TPU plan. `--per-device-batch N` sets
+`train.batch_size` to N x data x fsdp x grad_accum_steps.
 """
 from __future__ import annotations
 
@@ -13,11 +18,15 @@ import sys
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "dry-run", help="compile the train step for a mesh and print per-device memory",
+        "dry-run", help="compile the train step for a mesh or TPU slice and print per-device memory",
         description=__doc__.split("\n\n")[1] if __doc__ else None)
     parser.add_argument("--config", required=True, help="configs/<file>.py:<variant>")
+    parser.add_argument("--topology", default="",
+                        help="compile for this TPU slice through libtpu (v5e-8, v5p-64, v5e:2x2)")
     parser.add_argument("--devices", type=int, default=0,
                         help="simulate this many CPU devices (must be set before JAX starts)")
+    parser.add_argument("--per-device-batch", type=int, default=0,
+                        help="set train.batch_size to this x data x fsdp x grad_accum_steps")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     parser.set_defaults(handler=run)
 
@@ -41,22 +50,64 @@ def _simulate_devices(count: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _set_per_device_batch(config, per_device: int, num_devices: int) -> None:
+    """train.batch_size = per_device x data x fsdp x grad_accum_steps (the mesh resolved over
+    `num_devices`)."""
+    from uniecg_jax.sharding import mesh_shape
+
+    data, fsdp, _ = mesh_shape(config.mesh, num_devices)
+    with config.unlocked():
+        config.train.batch_size = per_device * data * fsdp * int(config.train.grad_accum_steps)
+
+
 def run(args) -> int:
+    from uniecg_jax.errors import UniECGError
+
+    if args.topology and args.devices:
+        raise UniECGError("--topology and --devices are exclusive (a TPU slice or simulated CPUs)")
     if args.devices:
         _simulate_devices(args.devices)
     import json
 
+    from uniecg_jax import aot
     from uniecg_jax.config import load_config
     from uniecg_jax.train import build_task
     from uniecg_jax.train.loop import dry_run
 
     config = load_config(args.config, args.config_overrides)
-    report = dry_run(config, build_task(config))
+    target = aot.resolve_target(args.topology) if args.topology else None
+    devices = aot.topology_devices(target) if target else None
+    if args.per_device_batch:
+        import jax
+        _set_per_device_batch(config, args.per_device_batch,
+                              len(devices) if devices else jax.device_count())
+    try:
+        report = dry_run(config, build_task(config), devices)
+    except Exception as e:  # the TPU compiler refuses a program that exceeds HBM
+        if target is None or "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        report = dict(fits=False, compile_error=str(e).splitlines()[0][:500])
+    if target is not None:
+        report.update(topology=target.topology, hbm_bytes_per_device=target.hbm_bytes)
+        if "peak_estimate_bytes" in report:
+            report["fits"] = report["peak_estimate_bytes"] <= target.hbm_bytes
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"dry run: {args.config} on mesh {report['mesh']} ({report['devices']} "
-          f"{report['platform']} devices), global batch {report['global_batch']} x grad_accum "
+    _print_report(args, report, target)
+    return 0
+
+
+def _print_report(args, report: dict, target) -> None:
+    if "compile_error" in report:
+        print(f"dry run: {args.config} on {target.name} ({target.topology}): does NOT fit, the TPU "
+              f"compiler ran out of HBM ({_gib(target.hbm_bytes).strip()} per device):\n  "
+              f"{report['compile_error']}")
+        return
+    where = "" if target is None else (f"{target.topology}, " if target.name == target.topology
+                                        else f"{target.name} = {target.topology}, ")
+    print(f"dry run: {args.config} on mesh {report['mesh']} ({where}{report['devices']} "
+          f"{report['device_kind']} devices), global batch {report['global_batch']} x grad_accum "
           f"{report['grad_accum_steps']}")
     print(f"  parameters            {report['num_params'] / 1e9:9.3f} B")
     print(f"  train state (global)  {_gib(report['train_state_bytes_total'])}  "
@@ -74,5 +125,10 @@ def run(args) -> int:
         print(f"    generated code      {_gib(report['generated_code_bytes'])}")
         print(f"    peak estimate       {_gib(report['peak_estimate_bytes'])}  "
               "(args + outputs - aliased + temps + code)")
+        if target is not None:
+            verdict = "fits" if report["fits"] else "does NOT fit"
+            print(f"    HBM per device      {_gib(target.hbm_bytes)}  -> {verdict}")
+        elif report["platform"] == "cpu":
+            print("    (CPU compile: the temporaries are the CPU compiler's plan, which ignores "
+                  "remat; they are not a TPU plan. Use --topology for TPU figures.)")
     print(f"  lower {report['lower_s']:.1f} s, compile {report['compile_s']:.1f} s")
-    return 0

@@ -376,14 +376,16 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: TrainTask,
                        steps_run=step - start_step)
 
 
-def dry_run(config: ml_collections.ConfigDict, task: TrainTask) -> dict:
+def dry_run(config: ml_collections.ConfigDict, task: TrainTask, devices: Any = None) -> dict:
     """Lowers and compiles the train step for the configured mesh without allocating anything.
 
-    Returns a dict of per-device memory (bytes: arguments, outputs, temporaries, generated code,
-    aliased = donated and reused), parameter count, and model and compiler FLOPs per step.
+    `devices`: the mesh's devices (default: all local ones), e.g. compile-only TPU devices of a
+    slice (`uniecg_jax.aot.topology_devices`). Returns a dict of per-device memory (bytes:
+    arguments, outputs, temporaries, generated code, aliased = donated and reused), parameter
+    count, and model and compiler FLOPs per step.
     """
     config = task.config if task.config is not None else config
-    mesh = sharding_lib.make_mesh(config.mesh)
+    mesh = sharding_lib.make_mesh(config.mesh, devices)
     global_batch = _global_batch_size(config, mesh)
     tx, schedule, labels, abstract_state, shardings = build_optimizer_and_state(config, task, mesh)
     train_step = step_lib.jit_train_step(
@@ -406,7 +408,8 @@ def dry_run(config: ml_collections.ConfigDict, task: TrainTask) -> dict:
     state_bytes = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_state))
     param_count = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
     report = dict(
-        mesh=dict(mesh.shape), devices=jax.device_count(), platform=jax.devices()[0].platform,
+        mesh=dict(mesh.shape), devices=mesh.devices.size, platform=mesh.devices.flat[0].platform,
+        device_kind=mesh.devices.flat[0].device_kind,
         global_batch=global_batch, grad_accum_steps=int(config.train.grad_accum_steps),
         num_params=param_count, train_state_bytes_total=state_bytes,
         model_flops_per_step=task.flops_per_step,
