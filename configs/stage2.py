@@ -6,9 +6,9 @@
       --config.init.stage1_ckpt=gs://b/stage1 --config.data.source=/data/mimic_prep \\
       --config.mesh.fsdp=-1 --config.distributed=True                          # TPU pod
   uniecg chat --ckpt /tmp/stage2 --diffusion /tmp/diffusion \\
-      --prompt "Generate a 12-lead ECG that matches this report: sinus tachycardia, HR 110"
+      --prompt "Show me sinus tachycardia at 130 bpm in a 70-year-old woman"
 
-Only the N new embedding / lm_head rows and the alignment head train: `train.freeze` freezes the ECG
+Only the N new embedding / lm_head rows and the alignment and attribute heads train: `train.freeze` freezes the ECG
 tower and every LLM tensor but `embedding` / `lm_head`, and the stage-2 loss masks the gradient of
 the old rows of those two, so the stage-1 model is unchanged bit for bit (interpretation preserved).
 The model shapes come from the stage-1 checkpoint's config when `init.stage1_ckpt` is set.
@@ -20,7 +20,7 @@ import os
 
 import ml_collections
 
-from uniecg_jax.models.alignment import AlignmentConfig
+from uniecg_jax.models.alignment import AlignmentConfig, AttributeConfig
 from uniecg_jax.train.schema import Stage2TrainConfig, train_group
 
 VARIANTS = ("tiny", "demo", "vicuna_7b", "qwen2_5_7b")
@@ -55,10 +55,17 @@ def get_config(arg=None):
         encoder="minilm",      # the diffusion model's frozen text encoder (uniecg_jax.data.text_encoder)
         embed_dim=384))
     config.model.alignment.output_dim = config.text.get_ref("embed_dim")
+    # Heart rate / age / sex read from the [ECG] hidden states (the diffusion model's scalar
+    # conditions); their loss weights are train.heart_rate_weight / age_weight / sex_weight.
+    config.model.attributes = ml_collections.ConfigDict(AttributeConfig().to_dict())
     config.data = ml_collections.ConfigDict(dict(
         source="bundled",      # "bundled" (bundled + synthetic reports) or a `uniecg prep` folder
         num_synthetic=48, holdout_every=5, tokenizer="", max_length=128, worker_count=0,
-        interpret_max_length=stage1.data.max_length))   # interpretation (preservation) examples
+        interpret_max_length=stage1.data.max_length,    # interpretation (preservation) examples
+        # Requests (data.conversations.stage2_request): the share answered in words (general
+        # questions, questions about a report), of generation requests that follow a turn about
+        # the report, and the chance each known attribute is stated in the request.
+        negative_fraction=0.3, follow_up_fraction=0.15, state_fraction=0.5))
     config.init = ml_collections.ConfigDict(dict(
         stage1_ckpt=""))       # stage-1 train workdir or model checkpoint; "" = random (tests)
     # weight_decay stays 0 (the default): decoupled decay would move the frozen vocabulary rows.

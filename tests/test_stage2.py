@@ -1,5 +1,6 @@
 """Stage 2 and the unified model: [ECG] vocabulary extension, gather, frozen rows, preservation,
-chat generation to WFDB, whole-model HF export, kill-and-resume."""
+the [ECG] decision over varied phrasings, the attribute head (heart rate / age / sex read from the
+request), chat generation to WFDB, whole-model HF export, kill-and-resume."""
 import os
 
 import flax.linen as nn
@@ -18,6 +19,8 @@ from uniecg_jax.models.stage2 import build_stage2, init_stage2_params
 from uniecg_jax.train import build_task
 from uniecg_jax.train.loop import train
 from uniecg_jax.inference.chat import UnifiedModel, parse_conditions
+from uniecg_jax.data.conversations import (TRAINED_REQUESTS, generation_request, stage2_fields,
+                                           stage2_request)
 
 STAGE1 = ["data.max_length=48", "data.num_synthetic=0", "model.llm.num_layers=1",
           "model.ecg_encoder.layers=1"]
@@ -190,7 +193,13 @@ def test_chat_emits_ecg_tokens_for_a_request_and_writes_a_readable_wfdb(trained,
     turn = unified.chat(REQUEST, out_dir=str(tmp_path), steps=2, max_new_tokens=8)
     assert turn.emitted_ecg_tokens
     assert turn.token_ids == list(unified.ecg_token_ids)
-    assert turn.conditions == {"sex": "F", "age": 60.0, "heart_rate": 110.0}
+    # Conditions come from the attribute head; explicit values and the regex flag override it.
+    assert turn.conditions == turn.predicted_conditions and set(
+        turn.conditions_source.values()) == {"model"}
+    assert 20 <= turn.conditions["heart_rate"] <= 300 and turn.conditions["sex"] in ("M", "F")
+    parsed = unified.chat(REQUEST, steps=2, max_new_tokens=8, parse_request=True, age=33)
+    assert parsed.conditions == {"sex": "F", "age": 33.0, "heart_rate": 110.0}
+    assert parsed.conditions_source == {"sex": "text", "age": "argument", "heart_rate": "text"}
     assert turn.condition.shape == (TEXT_DIM,) and np.isfinite(turn.condition).all()
     record = wfdb.rdrecord(turn.files[0])
     assert record.n_sig == 12 and record.sig_len == 1024 and record.sig_name[6] == "V1"
@@ -202,26 +211,115 @@ def test_chat_emits_ecg_tokens_for_a_request_and_writes_a_readable_wfdb(trained,
 
 
 def test_stage2_training_requests_are_the_served_prompts(trained):
-    """A stage-2 training example holds, before its [ECG] tokens, exactly the ids `UnifiedModel`
-    serves for the same request; the interpretation path uses the same builder."""
+    """A stage-2 training conversation holds, before its answer, exactly the ids `UnifiedModel`
+    serves for the same request (one user turn: `InputBuilder.request_ids`; a follow-up after a
+    turn about the report: the whole conversation); the loader's rows are such conversations, and
+    the interpretation path uses the same builder."""
     from uniecg_jax.data import load_bundled_records
-    from uniecg_jax.data.chat_format import GENERATION_REQUEST
     from uniecg_jax.data.pipelines import records_source, stage2_loader
     from uniecg_jax.data.text_encoder import HashingTextEncoder
 
     unified = UnifiedModel.load(trained["stage2_dir"])
+    inputs, ids = unified.inputs, list(unified.ecg_token_ids)
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(12):
+        request = stage2_request("sinus bradycardia", {"heart_rate": 52.0, "age": 70.0, "sex": "F"},
+                                 rng, negative_probability=0.3, follow_up_probability=0.3)
+        fields = stage2_fields(inputs, request, ids, max_length=200)
+        served = unified.text_prompt_ids(list(request.turns))
+        assert fields["input_ids"][:len(served)].tolist() == served
+        answer = fields["input_ids"][len(served):fields["attention_mask"].sum()].tolist()
+        assert (answer[:len(ids)] == ids) == request.is_generation
+        if len(request.turns) == 1:
+            assert served == inputs.request_ids(request.turns[0][1])
+        kinds.add((request.is_generation, len(request.turns)))
+    assert kinds == {(True, 1), (True, 3), (False, 1)}, kinds
     records = load_bundled_records()[:4]
     source = records_source(records, text_encoder=HashingTextEncoder(TEXT_DIM))
-    count = unified.model.config.num_ecg_tokens
-    batch = next(iter(stage2_loader(source, unified.tokenizer, num_ecg_tokens=count,
+    batch = next(iter(stage2_loader(source, unified.tokenizer, num_ecg_tokens=len(ids),
                                     max_length=400, batch_size=4, shuffle=False, process_index=0,
                                     process_count=1)))
-    for row, record in enumerate(records):
+    for row in range(4):
         start = int(batch["ecg_token_positions"][row][0])
-        assert batch["input_ids"][row][:start].tolist() == unified.text_prompt_ids(
-            GENERATION_REQUEST + record.report)
+        assert batch["input_ids"][row][start:start + len(ids)].tolist() == ids
+        assert unified.tokenizer.decode(batch["input_ids"][row][:start]).endswith(" ASSISTANT: ")
     assert unified.interpreter().inputs.prompt_ids("Hi", True) == unified.inputs.prompt_ids(
         "Hi", True)
+
+
+def test_the_model_decides_generation_requests_from_questions_and_interpretations(trained):
+    """After training, [ECG] for requests in several trained phrasings (stated attributes in
+    varied forms) and none for an interpretation with an ECG. (General questions answered in
+    words are trained too, but 24 steps on a random tiny LLM do not yet separate them: the demo
+    measures that decision, trained vs held-out phrasings.)"""
+    from uniecg_jax.data.bundled import bundled_split
+
+    unified = UnifiedModel.load(trained["stage2_dir"])
+    rng = np.random.default_rng(3)
+    requests = [list(generation_request("sinus tachycardia", {"heart_rate": 120.0, "age": 70.0,
+                                                              "sex": "F"}, rng).turns)
+                for _ in range(6)]
+    requests += [[("user", TRAINED_REQUESTS[i].format(report="sinus rhythm", attrs=""))]
+                 for i in (0, 4, 8)]
+    _, _, emitted = unified.respond(requests, max_new_tokens=6)
+    assert emitted.all(), (requests, emitted)
+    ecgs = np.stack([r.to_encoder_input() for r in bundled_split(5, 0, 0)["test"][:2]])
+    _, _, emitted = unified.respond(["Interpret this 12-lead ECG and give the evidence for your "
+                                     "diagnosis."] * 2, ecgs, max_new_tokens=6)
+    assert not emitted.any()
+
+
+def _toy_attribute_run(tmp_path, monkeypatch, extra):
+    """Stage 2 on a toy set: one report, every request stating its record's rate (50 or 130 bpm;
+    age and sex vary independently of it), from a random tiny stage-1 model."""
+    import uniecg_jax.train.stage2 as stage2_trainer
+    from uniecg_jax.data.pipelines import records_source
+    from uniecg_jax.data.record import ECGRecord
+    from uniecg_jax.data.text_encoder import HashingTextEncoder
+
+    records = [ECGRecord(signal=np.zeros((12, 5000), np.float32), fs=500.0, record_id=f"toy{i}",
+                         report="sinus rhythm", heart_rate=float((50, 130)[i % 2]),
+                         age=float(30 + 7 * (i // 4)), sex="MF"[(i // 2) % 2]) for i in range(32)]
+    source = records_source(records, text_encoder=HashingTextEncoder(TEXT_DIM))
+    monkeypatch.setattr(stage2_trainer, "stage2_data_source", lambda config, split: source)
+    config = load_config("configs/stage2.py:tiny", [
+        f"text.encoder=hash:{TEXT_DIM}", f"text.embed_dim={TEXT_DIM}", "model.num_ecg_tokens=4",
+        "model.llm.num_layers=1", "model.ecg_encoder.layers=1", "data.max_length=64",
+        "train.log_every=10", "train.checkpoint_every=0", "train.learning_rate=5e-3",
+        "train.warmup_steps=2", "train.preservation_weight=0", "data.negative_fraction=0",
+        "data.follow_up_fraction=0", "data.state_fraction=1"] + list(extra))
+    task = build_task(config)
+    result = train(task.config, str(tmp_path), task)
+    return task, jax.device_get(result.state.params)
+
+
+def test_attribute_head_reads_the_stated_rate(tmp_path, monkeypatch):
+    task, params = _toy_attribute_run(tmp_path, monkeypatch, ["train.steps=60"])
+    task.export(str(tmp_path), params)
+    unified = UnifiedModel.load(str(tmp_path))
+    rates = [50.0, 130.0] * 5
+    prompts = [TRAINED_REQUESTS[i].format(report="sinus rhythm", attrs=f" at {rate:.0f} bpm")
+               for i, rate in enumerate(rates)]
+    _, _, emitted, attributes = unified.respond(prompts, max_new_tokens=6, with_attributes=True)
+    assert emitted.all()
+    predicted = attributes["heart_rate"]
+    assert np.corrcoef(rates, predicted)[0, 1] > 0.8, predicted
+    assert predicted[1::2].mean() - predicted[::2].mean() > 40, predicted
+
+
+def test_zero_attribute_loss_weights_leave_the_head_at_init(tmp_path, monkeypatch):
+    task, params = _toy_attribute_run(tmp_path, monkeypatch, [
+        "train.steps=3", "train.heart_rate_weight=0", "train.age_weight=0", "train.sex_weight=0"])
+    # The trainer's init (jitted onto the mesh) and this eager one differ in the last bit; one
+    # Adam step at this learning rate moves a weight by ~5e-3, so 1e-6 still catches any update.
+    initial = nn.meta.unbox(task.init_params(jax.random.PRNGKey(int(task.config.seed))))
+    for got, want in zip(jax.tree.leaves(params["attributes"]),
+                         jax.tree.leaves(initial["attributes"])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
+    changed = [np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in
+               zip(jax.tree.leaves(params["alignment"]), jax.tree.leaves(initial["alignment"]))]
+    assert all(changed)    # the same run trains the alignment head
 
 
 def test_chat_samples_with_the_diffusion_checkpoints_sample_settings(trained, tiny_diffusion):

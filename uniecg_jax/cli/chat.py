@@ -1,11 +1,14 @@
 """`uniecg chat`: one model that interprets an ECG or generates one from text, as it decides.
 
   uniecg chat --ckpt /tmp/stage2 --diffusion /tmp/diffusion \\
-      --prompt "Generate a 12-lead ECG that matches this report: sinus tachycardia. 60-year-old woman, HR 110"
+      --prompt "Show me sinus tachycardia at 130 bpm in a 70-year-old woman"
   uniecg chat --ckpt /tmp/stage2 --ecg uniecg_jax/assets/ecg_samples/cinc2021/E07500 --prompt "Interpret this ECG."
   uniecg chat --ckpt /tmp/stage2 --diffusion /tmp/diffusion          # interactive; ':ecg PATH' loads a record
 
-When the model answers with its [ECG] tokens the ECG is sampled and written to --out as WFDB + PNG.
+When the model answers with its [ECG] tokens the ECG is sampled and written to --out as WFDB + PNG;
+heart rate, age and sex come from the model's attribute head (what it read in the request), unless
+--sex/--age/--hr give them, or --conditions-from-text takes them from regular expressions on the
+request text.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--sex", default=None, choices=["M", "F"])
     parser.add_argument("--age", type=float, default=None)
     parser.add_argument("--hr", type=float, default=None, help="heart rate (bpm)")
+    parser.add_argument("--conditions-from-text", action="store_true",
+                        help="override the model's sex/age/heart rate with those regular "
+                             "expressions find in the request (\"HR 110\", \"60-year-old woman\")")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the diffusion model's sample.steps)")
     parser.add_argument("--max-new-tokens", type=int, default=None)
@@ -56,10 +62,12 @@ def run_chat(args) -> int:
         nonlocal count
         turn = model.chat(prompt, ecg=ecg, out_dir=args.out, sex=args.sex, age=args.age,
                           heart_rate=args.hr, max_new_tokens=args.max_new_tokens, steps=args.steps,
-                          seed=args.seed + count, record_name="chat")
+                          seed=args.seed + count, record_name="chat",
+                          parse_request=args.conditions_from_text)
         count += 1
         if turn.emitted_ecg_tokens:
-            print(f"[ECG tokens emitted] conditions {turn.conditions}")
+            print(f"[ECG tokens emitted] conditions {turn.conditions} "
+                  f"(from {turn.conditions_source})")
             for stem in turn.files:
                 print(f"wrote {stem}.hea/.dat/.png")
         if turn.text:

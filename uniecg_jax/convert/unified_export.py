@@ -43,7 +43,8 @@ from uniecg_jax.models.vae import VAEConfig, abstract_vae_params
 FORMAT = "uniecg-unified-v1"
 CONFIG_FILE = "uniecg_config.json"
 LLM_DIR = "llm"
-COMPONENTS = {"ecg_tower": "ecg_tower.safetensors", "alignment": "alignment.safetensors"}
+COMPONENTS = {"ecg_tower": "ecg_tower.safetensors", "alignment": "alignment.safetensors",
+              "attributes": "attributes.safetensors"}   # attributes: only models with the head
 DIFFUSION_COMPONENTS = {"vae": "diffusion_vae.safetensors", "unet": "diffusion_unet.safetensors"}
 
 
@@ -103,7 +104,9 @@ def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = 
     os.makedirs(out_dir, exist_ok=True)
     save_hf(unified.params["llm"], unified.model.config.unified.llm, os.path.join(out_dir, LLM_DIR),
             tokenizer_dir=tokenizer_path(directory), dtype=dtype, max_shard_size=max_shard_size)
-    for name, filename in COMPONENTS.items():
+    components = {name: filename for name, filename in COMPONENTS.items()
+                  if name in unified.params}
+    for name, filename in components.items():
         _save(unified.params[name], out_dir, filename)
     diffusion_config = None
     if diffusion is not None:
@@ -120,7 +123,7 @@ def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = 
             unified.model.config.unified.llm.family],
         "ecg_token_ids": list(unified.ecg_token_ids),
         "ecg_tokens": [unified.tokenizer.convert_ids_to_tokens(i) for i in unified.ecg_token_ids],
-        "components": dict(COMPONENTS, **(DIFFUSION_COMPONENTS if diffusion_config else {})),
+        "components": dict(components, **(DIFFUSION_COMPONENTS if diffusion_config else {})),
         "stage2_config": json.loads(config_to_json(unified.config)),
         "diffusion_config": json.loads(config_to_json(diffusion_config)) if diffusion_config
         else None}
@@ -145,6 +148,8 @@ def load_unified_export(out_dir: str):
     llm_dir = os.path.join(out_dir, manifest["llm_dir"])
     params = {"llm": load_hf_params(llm_dir, s2cfg.unified.llm, abstract["llm"])}
     for name, filename in COMPONENTS.items():
+        if name not in abstract:
+            continue
         params[name] = unflatten_params(_load(os.path.join(out_dir, filename)), abstract[name],
                                         os.path.join(out_dir, filename))
     tokenizer = load_tokenizer(llm_dir)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from typing import Sequence
 
 import numpy as np
 
-from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, Turn
+from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, InputBuilder, Turn
 from uniecg_jax.data.measure import RhythmMeasurements, rhythm
 from uniecg_jax.data.record import LEADS, ECGRecord
+from uniecg_jax.errors import UniECGError
 
 QUESTIONS = (
     INTERPRETATION_REQUEST,
@@ -118,3 +120,217 @@ def build_conversation(record: ECGRecord, with_follow_up: bool = False,
                    if rate > 100 else "Yes, it is between 60 and 100 bpm")
         turns += [("user", FOLLOW_UP[0]), ("assistant", f"{verdict} ({rate:.0f} bpm).")]
     return turns
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: generation requests as users phrase them, and the requests answered without [ECG].
+#
+# `{report}` is the record's report, `{attrs}` the stated attributes (or ""). TRAINED_* phrasings
+# are drawn in training; HELD_OUT_* never are (they measure generalisation to new wording).
+TRAINED_REQUESTS = (
+    # report style
+    "Generate a 12-lead ECG that matches this report: {report}{attrs}",
+    "Create an ECG with the following findings: {report}{attrs}",
+    "Synthesize a 12-lead electrocardiogram showing {report}{attrs}",
+    "Report: {report}{attrs}. Produce the matching ECG.",
+    # question style
+    "Can you generate an ECG showing {report}{attrs}?",
+    "Could you draw a 12-lead ECG with {report}{attrs}?",
+    "What would an ECG with {report} look like{attrs}? Please generate one.",
+    # teaching objective
+    "For teaching: generate an example ECG that illustrates {report}{attrs}.",
+    "Learning objective: recognise {report}. Generate a corresponding ECG{attrs}.",
+    "I am preparing a lecture on {report}. Show me a typical ECG{attrs}.",
+)
+HELD_OUT_REQUESTS = (
+    "Please make an electrocardiogram consistent with: {report}{attrs}",
+    "Show me what {report} looks like on a 12-lead ECG{attrs}.",
+    "Students should learn to identify {report}; produce an illustrative tracing{attrs}.",
+    "I need a sample ECG with {report}{attrs}, can you create one?",
+)
+# A follow-up request after a turn about the report (the report is only in that earlier turn).
+TRAINED_FOLLOW_UPS = ("Generate an ECG that shows this{attrs}.",
+                      "Now show me these findings as a 12-lead ECG{attrs}.")
+HELD_OUT_FOLLOW_UPS = ("Can you draw that ECG for me{attrs}?",)
+REPORT_QUESTIONS = (   # about a report, answered in words (trained)
+    "What does this ECG report mean: {report}?",
+    "Explain these ECG findings to a student: {report}",
+    "Is this report worrying? {report}",
+)
+HELD_OUT_REPORT_QUESTIONS = ("My ECG report says: {report}. What should I make of it?",)
+REPORT_ANSWER = "The report describes {report}; rhythm and rate come from the RR intervals."
+GENERAL_QUESTIONS = (  # (question, answer), trained
+    ("Hello, who are you?", "I am an ECG assistant: I interpret 12-lead ECGs you attach and can "
+     "generate an ECG from a description."),
+    ("What is the normal duration of the PR interval?",
+     "The normal PR interval is 120 to 200 ms."),
+    ("What is a normal resting heart rate in adults?",
+     "A normal resting heart rate in adults is 60 to 100 beats per minute."),
+    ("How long is a normal QRS complex?", "A normal QRS complex lasts less than 120 ms."),
+    ("Which leads look at the inferior wall of the heart?", "Leads II, III and aVF."),
+    ("What does the T wave represent?", "The T wave represents ventricular repolarisation."),
+)
+HELD_OUT_GENERAL_QUESTIONS = (
+    ("What is the QT interval?", "The QT interval spans ventricular depolarisation and "
+     "repolarisation, from the start of the QRS complex to the end of the T wave."),
+    ("Thanks, that was helpful.", "You are welcome."),
+)
+# How each attribute is stated; `{hr}`, `{age}`, `{woman}` ("woman"/"man"), `{female}`
+# ("female"/"male"), `{sex}` ("F"/"M"). Held-out forms are never trained either.
+TRAINED_RATE_FORMS = (" at {hr} bpm", ", HR {hr}", ", heart rate {hr}",
+                      " with a rate of {hr} beats per minute", ", rate {hr}/min")
+HELD_OUT_RATE_FORMS = (", pulse {hr}", " beating at {hr} per minute")
+TRAINED_PATIENT_FORMS = {   # keyed by what they state
+    ("age", "sex"): (" in a {age}-year-old {woman}", ", {female}, {age} years",
+                     " for a {age} y/o {sex} patient"),
+    ("age",): (" in a patient aged {age}", ", age {age}"),
+    ("sex",): (" in a {woman}", ", {female} patient"),
+}
+HELD_OUT_PATIENT_FORMS = {("age", "sex"): (" from a {female} aged {age}",),
+                          ("age",): (", {age} years old",), ("sex",): (" of a {female}",)}
+PHRASINGS = ("trained", "held_out")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Request:
+    """One stage-2 conversation: `turns` end with the user's last request (the answer comes from
+    the caller: the `[ECG]` tokens when `is_generation`, else `answer`); `stated` is what the
+    request text says of each attribute (None where it says nothing)."""
+    turns: tuple[Turn, ...]
+    is_generation: bool
+    answer: str | None = None
+    stated: tuple[tuple[str, float | str | None], ...] = ()
+
+
+def record_attributes(record: ECGRecord) -> dict:
+    """The record's own scalar conditions (what the diffusion model is conditioned on): heart rate
+    (bpm; MIMIC-IV-ECG: machine `rr_interval`, else the QRS-measured `qrs_heart_rate`), age
+    (years) and sex ("M"/"F"); None where unknown."""
+    rate = record.heart_rate or record.measurements.get("qrs_heart_rate")
+    return {"heart_rate": None if rate is None else float(rate),
+            "age": None if record.age is None else float(record.age),
+            "sex": record.sex if record.sex in ("M", "F") else None}
+
+
+def _phrasing_set(phrasing: str, trained, held_out):
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+    return trained if phrasing == "trained" else held_out
+
+
+def _stated_attributes(attributes: dict, rng: np.random.Generator, phrasing: str,
+                       state_probability: float) -> tuple[str, dict]:
+    """(the attribute phrase, {name: stated value or None}): each known attribute is stated with
+    `state_probability`, in a form drawn from the phrasing set."""
+    stated = {name: value for name, value in attributes.items()
+              if value is not None and rng.random() < state_probability}
+    phrase = ""
+    patient = tuple(name for name in ("age", "sex") if name in stated)
+    if patient:
+        forms = _phrasing_set(phrasing, TRAINED_PATIENT_FORMS, HELD_OUT_PATIENT_FORMS)[patient]
+        female = stated.get("sex") == "F"
+        phrase += forms[rng.integers(len(forms))].format(
+            age=int(round(stated.get("age", 0))), woman="woman" if female else "man",
+            female="female" if female else "male", sex=stated.get("sex", ""))
+    if "heart_rate" in stated:
+        stated["heart_rate"] = float(round(stated["heart_rate"]))
+        forms = _phrasing_set(phrasing, TRAINED_RATE_FORMS, HELD_OUT_RATE_FORMS)
+        phrase += forms[rng.integers(len(forms))].format(hr=int(stated["heart_rate"]))
+    if "age" in stated:
+        stated["age"] = float(round(stated["age"]))
+    return phrase, {name: stated.get(name) for name in ("heart_rate", "age", "sex")}
+
+
+def _clean_report(report: str) -> str:
+    return report.strip().rstrip(".") or "a normal ECG"
+
+
+def generation_request(report: str, attributes: dict, rng: np.random.Generator, *,
+                       phrasing: str = "trained", state_probability: float = 0.5,
+                       follow_up_probability: float = 0.0) -> Stage2Request:
+    """A request for an ECG matching `report`, in a drawn template (report-, question- or
+    teaching-style), stating each known attribute of `attributes` (`record_attributes`) with
+    `state_probability`; with `follow_up_probability` it is a follow-up after a question about the
+    report and its answer (one conversation)."""
+    report = _clean_report(report)
+    phrase, stated = _stated_attributes(attributes, rng, phrasing, state_probability)
+    if rng.random() < follow_up_probability:
+        questions = _phrasing_set(phrasing, REPORT_QUESTIONS, HELD_OUT_REPORT_QUESTIONS)
+        follow_ups = _phrasing_set(phrasing, TRAINED_FOLLOW_UPS, HELD_OUT_FOLLOW_UPS)
+        turns = (("user", questions[rng.integers(len(questions))].format(report=report)),
+                 ("assistant", REPORT_ANSWER.format(report=report)),
+                 ("user", follow_ups[rng.integers(len(follow_ups))].format(attrs=phrase)))
+    else:
+        templates = _phrasing_set(phrasing, TRAINED_REQUESTS, HELD_OUT_REQUESTS)
+        turns = (("user", templates[rng.integers(len(templates))].format(report=report,
+                                                                         attrs=phrase)),)
+    return Stage2Request(turns, True, stated=tuple(stated.items()))
+
+
+def text_answered_request(report: str, rng: np.random.Generator, *,
+                          phrasing: str = "trained") -> Stage2Request:
+    """A request answered in words, never with `[ECG]`: a question about `report` or a general
+    question (half each), drawn from the phrasing set."""
+    if rng.random() < 0.5:
+        questions = _phrasing_set(phrasing, REPORT_QUESTIONS, HELD_OUT_REPORT_QUESTIONS)
+        report = _clean_report(report)
+        return Stage2Request((("user", questions[rng.integers(len(questions))].format(
+            report=report)),), False, REPORT_ANSWER.format(report=report))
+    pairs = _phrasing_set(phrasing, GENERAL_QUESTIONS, HELD_OUT_GENERAL_QUESTIONS)
+    question, answer = pairs[rng.integers(len(pairs))]
+    return Stage2Request((("user", question),), False, answer)
+
+
+def stage2_request(report: str, attributes: dict, rng: np.random.Generator, *,
+                   negative_probability: float, follow_up_probability: float,
+                   state_probability: float = 0.5, phrasing: str = "trained") -> Stage2Request:
+    """One stage-2 training conversation for a record: with `negative_probability` a request
+    answered in words (`text_answered_request`), else a generation request
+    (`generation_request`)."""
+    if rng.random() < negative_probability:
+        return text_answered_request(report, rng, phrasing=phrasing)
+    return generation_request(report, attributes, rng, phrasing=phrasing,
+                              state_probability=state_probability,
+                              follow_up_probability=follow_up_probability)
+
+
+def request_prompt_ids(inputs: InputBuilder, turns: Sequence[Turn]) -> list[int]:
+    """Text-only conversation ending with a user request, followed by the whole assistant prefix:
+    for one user turn exactly `InputBuilder.request_ids`; earlier turns as `conversation` writes
+    them. What a stage-2 example holds before its answer, and what serving feeds."""
+    ids, _ = inputs.conversation(list(turns), with_ecg=False)
+    return ids + _assistant_prefix_ids(inputs)
+
+
+def _assistant_prefix_ids(inputs: InputBuilder) -> list[int]:
+    return inputs.tokenizer.encode(inputs.template.assistant_prefix, add_special_tokens=False)
+
+
+def stage2_fields(inputs: InputBuilder, request: Stage2Request, ecg_token_ids: Sequence[int],
+                  max_length: int) -> dict:
+    """Training fields of one stage-2 conversation: the request answered by the `[ECG]` tokens and
+    `</s>` (generation) or by its text answer and `</s>`; the loss mask covers every assistant
+    answer (earlier turns' too). A generation prompt too long for `max_length` loses tokens at the
+    end of its last user text, so the `[ECG]` tokens always fit; a text answer is cut at the end.
+    Returns input_ids / loss_mask / attention_mask [max_length] i32, ecg_token_positions [N] i32
+    (zeros for a text answer) and is_generation (bool)."""
+    ids, mask = inputs.conversation(list(request.turns), with_ecg=False)
+    tail = _assistant_prefix_ids(inputs)
+    if request.is_generation:
+        answer = list(ecg_token_ids) + [inputs.tokenizer.eos_token_id]
+        overflow = len(ids) + len(tail) + len(answer) - max_length
+        if overflow > 0:
+            if overflow >= len(ids) - 1:
+                raise UniECGError(f"max_length={max_length} cannot hold the request and "
+                                  f"{len(ecg_token_ids)} [ECG] tokens")
+            ids, mask = ids[:len(ids) - overflow], mask[:len(mask) - overflow]
+    else:
+        answer = inputs.tokenizer.encode(request.answer.strip(), add_special_tokens=False) + [
+            inputs.tokenizer.eos_token_id]
+    start = len(ids) + len(tail)
+    input_ids, loss_mask, attention = inputs.fixed_length(
+        ids + tail + answer, mask + [0] * len(tail) + [1] * len(answer), max_length)
+    positions = (np.arange(start, start + len(ecg_token_ids), dtype=np.int32)
+                 if request.is_generation else np.zeros((len(ecg_token_ids),), np.int32))
+    return dict(input_ids=input_ids, loss_mask=loss_mask, attention_mask=attention,
+                ecg_token_positions=positions, is_generation=bool(request.is_generation))

@@ -14,7 +14,8 @@ Output fields (per host batch of B):
   stage 1:  ecg [B, 12, 5000] f32, input_ids / loss_mask / attention_mask [B, L] i32,
             ecg_position [B] i32 (index of the single `<ecg>` placeholder), record_key [B] i64
   stage 2:  input_ids / loss_mask / attention_mask [B, L] i32, ecg_token_positions [B, N] i32,
-            text_embedding [B, D] f32, record_key [B] i64
+            text_embedding [B, D] f32, heart_rate / age / sex [B] f32, attribute_known [B, 3] f32,
+            record_key [B] i64
   diffusion: signal [B, 12, 1024] f32, text_embedding [B, D] f32, sex / age / heart_rate [B] f32,
             condition_known [B, 3] f32 (1 where sex, age, heart rate are known), record_key [B] i64
 """
@@ -30,7 +31,8 @@ import numpy as np
 
 from uniecg_jax import sharding
 from uniecg_jax.data.chat_format import InputBuilder
-from uniecg_jax.data.conversations import build_conversation
+from uniecg_jax.data.conversations import build_conversation, record_attributes, stage2_fields, \
+    stage2_request
 from uniecg_jax.data.examples import decode_example, encode_example, example_to_record, \
     shard_paths
 from uniecg_jax.data.measure import with_measured_rhythm
@@ -124,24 +126,45 @@ class Stage1Example(grain.MapTransform):
                     **fields, record_key=_record_key(example))
 
 
-class Stage2Example(grain.MapTransform):
-    """Example -> generation request for its report, answered by `[ECG0]..[ECG{N-1}]</s>`; the loss
-    mask covers those N tokens and `</s>`; plus the report's text embedding (computed in data_prep).
-    A report too long for `max_length` is truncated so the ECG tokens always fit
-    (`InputBuilder.generation_example`). The tokenizer must already hold the `[ECG]` tokens
-    (`data.tokenizer.add_ecg_tokens`): this transform never changes it."""
+class Stage2Example(grain.RandomMapTransform):
+    """Example -> one stage-2 conversation drawn for it (`data.conversations.stage2_request`): a
+    generation request in a varied phrasing, stating some of the record's attributes, answered by
+    `[ECG0]..[ECG{N-1}]</s>`; or (with `negative_probability`) a question answered in words.
+    Plus the report's text embedding (computed in data_prep) and the attribute targets: the
+    record's own heart rate / age / sex (`record_attributes`; heart rate measured by QRS detection
+    when the source has none), `attribute_known` [3] = 1 where known on a generation row.
+    Fields via `data.conversations.stage2_fields`; the tokenizer must already hold the `[ECG]`
+    tokens (`data.tokenizer.add_ecg_tokens`): this transform never changes it."""
 
-    def __init__(self, inputs: InputBuilder, num_ecg_tokens: int, max_length: int):
+    def __init__(self, inputs: InputBuilder, num_ecg_tokens: int, max_length: int, *,
+                 negative_probability: float = 0.0, follow_up_probability: float = 0.0,
+                 state_probability: float = 0.5):
         self.inputs, self.max_length = inputs, max_length
         self.ecg_token_ids = inputs.ecg_token_ids(num_ecg_tokens)
+        self.probabilities = dict(negative_probability=negative_probability,
+                                  follow_up_probability=follow_up_probability,
+                                  state_probability=state_probability)
 
-    def map(self, example: dict) -> dict:
+    def random_map(self, example: dict, rng: np.random.Generator) -> dict:
         if example.get("text_embedding") is None:
             raise UniECGError(f"record {example['record_id']}: no text embedding; run data_prep "
                               "with a --text-encoder, or pass one to records_source")
-        fields = self.inputs.generation_example(example["report"], self.ecg_token_ids,
-                                                self.max_length)
+        record = example_to_record(example)
+        attributes = record_attributes(record)
+        if attributes["heart_rate"] is None:
+            attributes = record_attributes(with_measured_rhythm(record))
+        request = stage2_request(record.report, attributes, rng, **self.probabilities)
+        try:
+            fields = stage2_fields(self.inputs, request, self.ecg_token_ids, self.max_length)
+        except UniECGError as error:
+            raise UniECGError(f"record {record.record_id}: {error}") from None
+        generation = fields.pop("is_generation")
+        known = np.array([attributes[name] is not None and generation
+                          for name in ("heart_rate", "age", "sex")], np.float32)
         return dict(**fields, text_embedding=np.asarray(example["text_embedding"], np.float32),
+                    heart_rate=np.float32(attributes["heart_rate"] or UNKNOWN_HEART_RATE),
+                    age=np.float32(UNKNOWN_AGE if attributes["age"] is None else attributes["age"]),
+                    sex=np.float32(attributes["sex"] == "M"), attribute_known=known,
                     record_key=_record_key(example))
 
 
@@ -221,15 +244,21 @@ def stage1_loader(data, tokenizer=None, *, max_length: int = 256, batch_size: in
 
 
 def stage2_loader(data, tokenizer=None, *, num_ecg_tokens: int = 8, max_length: int = 128,
-                  batch_size: int = 8, split: str = "train", **loader_kwargs) -> grain.DataLoader:
-    """Stage-2 batches (report -> [ECG] tokens, + text embedding). tokenizer: one that already
-    holds the `[ECG]` tokens (`data.tokenizer.add_ecg_tokens`); default: the tiny one grown by
-    `num_ecg_tokens` of them."""
+                  batch_size: int = 8, split: str = "train", negative_probability: float = 0.0,
+                  follow_up_probability: float = 0.0, state_probability: float = 0.5,
+                  **loader_kwargs) -> grain.DataLoader:
+    """Stage-2 batches (varied requests -> [ECG] tokens, + text embedding and attribute targets;
+    questions answered in words with `negative_probability`; see `Stage2Example`). tokenizer: one
+    that already holds the `[ECG]` tokens (`data.tokenizer.add_ecg_tokens`); default: the tiny one
+    grown by `num_ecg_tokens` of them."""
     if tokenizer is None:
         tokenizer = load_tiny()
         add_ecg_tokens(tokenizer, num_ecg_tokens)
     return make_loader(open_source(data, split),
-                       [Stage2Example(InputBuilder(tokenizer), num_ecg_tokens, max_length)],
+                       [Stage2Example(InputBuilder(tokenizer), num_ecg_tokens, max_length,
+                                      negative_probability=negative_probability,
+                                      follow_up_probability=follow_up_probability,
+                                      state_probability=state_probability)],
                        batch_size=batch_size, **loader_kwargs)
 
 

@@ -14,11 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
-from uniecg_jax.data.chat_format import GENERATION_REQUEST
+from uniecg_jax.data.chat_format import GENERATION_REQUEST, INTERPRETATION_REQUEST
+from uniecg_jax.data.conversations import generation_request, record_attributes, \
+    text_answered_request
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.eval import sharded_job
-from uniecg_jax.eval.generate_eval import (eval_items, generate_for_items, record_stats,
-                                           set_metrics, take_items)
+from uniecg_jax.eval.generate_eval import (eval_items, generate_for_items,
+                                           record_stats, set_metrics, take_items)
+from uniecg_jax.inference.chat import conditions_from_attributes, regex_conditions
 
 
 def cosine_similarity(predicted: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -107,3 +110,75 @@ def summary_lines(metrics: dict) -> list[str]:
         lines.append(f"{name}: HR MAE {part['hr_mae']:.1f} bpm ({part['hr_undetected']} "
                      f"undetected), QRS F1 vs reference {part['qrs_f1_vs_reference']:.3f}{extra}")
     return lines
+
+
+def _decision_scores(emitted_for_generation: np.ndarray, emitted_for_others: np.ndarray) -> dict:
+    true_positive = int(emitted_for_generation.sum())
+    false_positive = int(emitted_for_others.sum())
+    return {"precision": true_positive / max(true_positive + false_positive, 1),
+            "recall": true_positive / max(len(emitted_for_generation), 1),
+            "generation_requests": len(emitted_for_generation),
+            "other_requests": len(emitted_for_others)}
+
+
+def _attribute_errors(predicted: Sequence[dict], truth: Sequence[dict]) -> dict:
+    """MAE of heart rate / age and sex accuracy of `predicted` against `truth` where known."""
+    out = {}
+    for name, key in (("heart_rate", "heart_rate_mae"), ("age", "age_mae")):
+        errors = [abs(p[name] - t[name]) for p, t in zip(predicted, truth) if t[name] is not None]
+        out[key] = float(np.mean(errors)) if errors else float("nan")
+    hits = [p["sex"] == t["sex"] for p, t in zip(predicted, truth) if t["sex"] is not None]
+    out["sex_accuracy"] = float(np.mean(hits)) if hits else float("nan")
+    return out
+
+
+def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
+                    interpretation_ecgs: np.ndarray | None = None, batch_size: int = 8) -> dict:
+    """How the unified model reads requests phrased as users phrase them (data.conversations).
+
+    For each record: one generation request (`generation_request`, phrasing set `phrasing`:
+    "trained" or "held_out"; each known attribute stated half the time, else implied by the
+    report or unknown) and one request answered in words (`text_answered_request`); plus, when
+    given, interpretation prompts with `interpretation_ecgs` [M, 12, samples].
+    Returns {"decision": precision / recall of emitting [ECG] for the generation requests,
+    "attributes": heart-rate / age MAE and sex accuracy of the attribute head against the record's
+    own values (`record_attributes`) on the generation requests it answered with [ECG],
+    "baseline": the same for the regular expressions + defaults (`regex_conditions`), "stated_heart_rate": both MAEs on the requests that state the rate}."""
+    rng = np.random.default_rng(seed)
+    truth = [record_attributes(record) for record in records]
+    generation = [generation_request(r.report, attributes, rng, phrasing=phrasing)
+                  for r, attributes in zip(records, truth)]
+    others = [text_answered_request(r.report, rng, phrasing=phrasing) for r in records]
+    budget = unified.model.config.num_ecg_tokens + 2
+    emitted, predicted = [], []
+    for start in range(0, len(generation), batch_size):
+        chunk = [list(request.turns) for request in generation[start:start + batch_size]]
+        _, _, flags, attributes = unified.respond(chunk, max_new_tokens=budget,
+                                                  with_attributes=True)
+        emitted.append(flags)
+        predicted += ([conditions_from_attributes(attributes, row) for row in range(len(chunk))]
+                      if attributes is not None else [None] * len(chunk))
+    emitted = np.concatenate(emitted)
+    other_flags = [unified.respond([list(r.turns) for r in others[s:s + batch_size]],
+                                   max_new_tokens=budget)[2]
+                   for s in range(0, len(others), batch_size)]
+    if interpretation_ecgs is not None and len(interpretation_ecgs):
+        ecgs = np.asarray(interpretation_ecgs, np.float32)
+        other_flags += [unified.respond([INTERPRETATION_REQUEST] * len(ecgs[s:s + batch_size]),
+                                        ecgs[s:s + batch_size], max_new_tokens=budget)[2]
+                        for s in range(0, len(ecgs), batch_size)]
+    baseline = [regex_conditions(" ".join(text for role, text in request.turns if role == "user"))
+                for request in generation]
+    answered = [i for i in range(len(generation)) if emitted[i] and predicted[i] is not None]
+    stated = [i for i in answered if dict(generation[i].stated)["heart_rate"] is not None]
+    pick = lambda items, rows: [items[i] for i in rows]  # noqa: E731
+    return {"decision": _decision_scores(emitted, np.concatenate(other_flags)),
+            "attributes": _attribute_errors(pick(predicted, answered), pick(truth, answered)),
+            "baseline": _attribute_errors(pick(baseline, answered), pick(truth, answered)),
+            "stated_heart_rate": {
+                "model_mae": _attribute_errors(pick(predicted, stated),
+                                               pick(truth, stated))["heart_rate_mae"],
+                "baseline_mae": _attribute_errors(pick(baseline, stated),
+                                                  pick(truth, stated))["heart_rate_mae"],
+                "requests": len(stated)},
+            "answered": len(answered)}

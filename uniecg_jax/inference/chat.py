@@ -1,17 +1,22 @@
 """One model that interprets or generates: stage-2 UniECG + the diffusion model.
 
     model = UnifiedModel.load("/tmp/stage2", diffusion="/tmp/diffusion")
-    turn = model.chat("Generate a 12-lead ECG that matches this report: sinus tachycardia. "
-                      "60-year-old woman, HR 110", out_dir="/tmp/gen")
+    turn = model.chat("Show me sinus tachycardia at 130 bpm in a 70-year-old woman",
+                      out_dir="/tmp/gen")
     turn.text, turn.generated_ecg, turn.files       # [ECG] emitted -> ECG [12, T] + WFDB/PNG stems
     turn = model.chat("Interpret this ECG.", ecg=record.to_encoder_input())   # a report
 
 The task is never chosen by a rule: the LLM decodes (greedy by default) keeping the final hidden
 states of the tokens it feeds (`decoding.generate(..., return_hidden=True)`); if it emitted the
-`[ECG]` tokens, their hidden states go through the alignment head to the condition vector (no
-second forward pass), sex / age / heart rate are read from the request text (`parse_conditions`,
-overridable) and the diffusion sampler draws the ECG with the diffusion checkpoint's `sample.*`
-settings, written as WFDB + PNG.
+`[ECG]` tokens, their hidden states go through the alignment head to the condition vector and
+through the attribute head to sex / age / heart rate (no second forward pass): the model read the
+numbers the request states or implies, and they feed the diffusion model directly. Explicit
+values (`chat(sex=..., age=..., heart_rate=...)`, `uniecg chat --sex/--age/--hr`) override them;
+`parse_request=True` (`--conditions-from-text`) overrides them with what the regular expressions of
+`parse_conditions` find in the text (the pre-attribute-head behaviour, kept as the measured
+baseline and an explicit override). A stage-2 model without an attribute head (trained before it
+existed) uses the defaults (M, 50 years, 70 bpm) unless overridden. The diffusion sampler draws the
+ECG with the diffusion checkpoint's `sample.*` settings, written as WFDB + PNG.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ import numpy as np
 
 from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
 from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
-from uniecg_jax.data.chat_format import InputBuilder
+from uniecg_jax.data.chat_format import InputBuilder, Turn
+from uniecg_jax.data.conversations import request_prompt_ids
 from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.diffusion.ecg_writer import write_generated
 from uniecg_jax.diffusion.pipeline import load_pipeline
@@ -49,7 +55,9 @@ _MALE = re.compile(r"\b(?:man|male|boy|gentleman|he|his)\b|\bsex\s*[:=]\s*m\b", 
 
 
 def parse_conditions(text: str) -> dict:
-    """Sex ("M"/"F"), age (years) and heart rate (bpm) stated in a request, None where absent.
+    """Sex ("M"/"F"), age (years) and heart rate (bpm) stated in a request, None where absent, by
+    regular expressions: the explicit override `parse_request` and the baseline the attribute head
+    is measured against (`demo.stage2`); not how `chat` reads a request by default.
 
     "60-year-old woman", "age 60", "HR 110", "heart rate of 110", "110 bpm", "male" / "female".
     """
@@ -64,6 +72,14 @@ def parse_conditions(text: str) -> dict:
     elif male:
         sex = "M"
     return {"sex": sex, "age": first_number(_AGE), "heart_rate": first_number(_HEART_RATE)}
+
+
+def regex_conditions(text: str) -> dict:
+    """`parse_conditions` with the defaults (M, 50 years, 70 bpm) where the text states nothing:
+    how `chat` read a request before the attribute head (the baseline `eval` measures it by)."""
+    stated = parse_conditions(text)
+    defaults = {"sex": DEFAULT_SEX, "age": UNKNOWN_AGE, "heart_rate": UNKNOWN_HEART_RATE}
+    return {name: defaults[name] if stated[name] is None else stated[name] for name in defaults}
 
 
 def sample_settings(diffusion_config: Any = None, pipeline: Any = None) -> dict:
@@ -90,15 +106,32 @@ def load_diffusion(diffusion) -> tuple[Any, dict | None]:
     return pipeline, sample_settings(config, pipeline)
 
 
+HEART_RATE_RANGE = (20.0, 300.0)   # what the diffusion model is asked for, bpm
+AGE_RANGE = (0.0, 120.0)           # years (`diffusion.conditioning.build_condition` accepts these)
+
+
+def conditions_from_attributes(attributes: dict, row: int = 0) -> dict:
+    """The attribute head's outputs (`{"heart_rate", "age", "male_logit"}`, each [B]) -> row's
+    {"sex": "M"/"F", "age": years, "heart_rate": bpm}, clipped to what the UNet accepts."""
+    return {"sex": "M" if float(attributes["male_logit"][row]) > 0 else "F",
+            "age": float(np.clip(attributes["age"][row], *AGE_RANGE)),
+            "heart_rate": float(np.clip(attributes["heart_rate"][row], *HEART_RATE_RANGE))}
+
+
 @dataclasses.dataclass
 class ChatTurn:
-    """One answer. `generated_ecg` [12, T] mV at `sample_rate` when the model emitted [ECG]."""
+    """One answer. `generated_ecg` [12, T] mV at `sample_rate` when the model emitted [ECG].
+    `conditions`: what the diffusion model was given; `predicted_conditions`: what the attribute
+    head read from the request (None without a head); `conditions_source`: per value, "model",
+    "argument", "text" (parse_request) or "default"."""
     prompt: str
     text: str
     token_ids: list[int]
     emitted_ecg_tokens: bool
     condition: np.ndarray | None = None
     conditions: dict | None = None
+    predicted_conditions: dict | None = None
+    conditions_source: dict | None = None
     generated_ecg: np.ndarray | None = None
     sample_rate: float | None = None
     files: list[str] = dataclasses.field(default_factory=list)
@@ -146,10 +179,13 @@ class UnifiedModel:
         """The input builder of this model's training data (shared with its interpreter)."""
         return input_builder(self.tokenizer, self.config)
 
-    def text_prompt_ids(self, prompt: str) -> list[int]:
-        """A text-only request, open for the answer: the ids a stage-2 training example holds
-        before its `[ECG]` tokens (`InputBuilder.generation_example`)."""
-        return self.inputs.request_ids(prompt)
+    def text_prompt_ids(self, prompt: str | Sequence[Turn]) -> list[int]:
+        """A text-only request (or a conversation of (role, text) turns ending with the user's
+        request), open for the answer: the ids a stage-2 training example holds before its
+        answer (`data.conversations.request_prompt_ids`)."""
+        if isinstance(prompt, str):
+            return self.inputs.request_ids(prompt)
+        return request_prompt_ids(self.inputs, prompt)
 
     def decode_text(self, token_ids: Sequence[int]) -> str:
         """Generated ids -> text without special tokens, [ECG] tokens or eos."""
@@ -159,15 +195,18 @@ class UnifiedModel:
 
     def respond(self, prompts: Sequence[str], ecgs: np.ndarray | None = None, *,
                 max_new_tokens: int | None = None, sampling: decoding.Sampling | None = None,
-                seed: int = 0) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+                seed: int = 0, with_attributes: bool = False) -> tuple:
         """Decodes a batch; then the condition vectors of the rows that emitted [ECG] tokens.
 
         Args:
-          prompts: B requests. ecgs: optional [B, 12, samples] (interpretation prompts then carry
-            the `<ecg>` placeholder, as in stage 1).
+          prompts: B requests (text, or text-only conversations as (role, text) turns). ecgs:
+            optional [B, 12, samples] (interpretation prompts then carry the `<ecg>` placeholder,
+            as in stage 1).
+          with_attributes: also return the attribute head's outputs.
         Returns:
           (generated ids per row (eos excluded), condition [B, text_dim] f32, emitted [B] bool:
-           True where all N [ECG] tokens were generated).
+           True where all N [ECG] tokens were generated) and, with `with_attributes`, the
+          attribute head's {"heart_rate", "age", "male_logit"} [B] f32 (None without a head).
         """
         sampling = sampling or decoding.Sampling()
         llm_cfg = self.model.config.unified.llm
@@ -192,33 +231,48 @@ class UnifiedModel:
         generated = [[t for t in tokens[row, :lengths[row]].tolist() if t != llm_cfg.eos_token_id]
                      for row in range(len(prompts))]
         # The decode pass's hidden states at the [ECG] tokens (prompt + answer, as in training).
-        condition, valid = alignment_fn(self.model)(self.params, out.hidden,
-                                                 np.concatenate([ids, tokens], axis=1))
+        all_ids = np.concatenate([ids, tokens], axis=1)
+        condition, valid = alignment_fn(self.model)(self.params, out.hidden, all_ids)
         emitted = np.asarray(valid).all(axis=1)
-        return generated, np.asarray(condition, np.float32), emitted
+        if not with_attributes:
+            return generated, np.asarray(condition, np.float32), emitted
+        attributes = None
+        if self.model.config.attributes is not None:
+            attributes = {name: np.asarray(value, np.float32) for name, value in
+                          attribute_fn(self.model)(self.params, out.hidden, all_ids).items()}
+        return generated, np.asarray(condition, np.float32), emitted, attributes
 
     def chat(self, prompt: str, ecg: np.ndarray | None = None, *, out_dir: str | None = None,
              sex: str | None = None, age: float | None = None, heart_rate: float | None = None,
              max_new_tokens: int | None = None, steps: int | None = None, seed: int = 0,
-             sample_rate: float | None = None, record_name: str = "generated") -> ChatTurn:
+             sample_rate: float | None = None, record_name: str = "generated",
+             parse_request: bool = False) -> ChatTurn:
         """One request: interprets (text answer) or, when the model emits [ECG], generates an ECG
-        (condition from the [ECG] hidden states; sex/age/HR from the flags, else the request,
-        else defaults) and writes `out_dir/{record_name}_000.{hea,dat,png}` when out_dir is given.
+        (condition from the [ECG] hidden states; sex/age/HR from the arguments, else (with
+        `parse_request`) the regular expressions on the request, else the attribute head, else
+        the defaults) and writes `out_dir/{record_name}_000.{hea,dat,png}` when out_dir is given.
         The diffusion model samples with its checkpoint's `sample.*` (sampler, steps, guidance,
         eta, output rate); `steps` / `sample_rate` override those two."""
         ecgs = None if ecg is None else np.asarray(ecg, np.float32)[None]
-        generated, condition, emitted = self.respond([prompt], ecgs, max_new_tokens=max_new_tokens,
-                                                     seed=seed)
+        generated, condition, emitted, attributes = self.respond(
+            [prompt], ecgs, max_new_tokens=max_new_tokens, seed=seed, with_attributes=True)
         turn = ChatTurn(prompt, self.decode_text(generated[0]), generated[0], bool(emitted[0]))
         if not turn.emitted_ecg_tokens:
             return turn
-        stated = parse_conditions(prompt)
         turn.condition = condition[0]
-        turn.conditions = {
-            "sex": sex or stated["sex"] or DEFAULT_SEX,
-            "age": float(age if age is not None else stated["age"] or UNKNOWN_AGE),
-            "heart_rate": float(heart_rate if heart_rate is not None
-                                else stated["heart_rate"] or UNKNOWN_HEART_RATE)}
+        if attributes is not None:
+            turn.predicted_conditions = conditions_from_attributes(attributes)
+        layers = [("argument", {"sex": sex, "age": age, "heart_rate": heart_rate}),
+                  ("text", parse_conditions(prompt) if parse_request else {}),
+                  ("model", turn.predicted_conditions or {}),
+                  ("default", {"sex": DEFAULT_SEX, "age": UNKNOWN_AGE,
+                               "heart_rate": UNKNOWN_HEART_RATE})]
+        turn.conditions, turn.conditions_source = {}, {}
+        for name in ("sex", "age", "heart_rate"):
+            source, value = next((source, values[name]) for source, values in layers
+                                 if values.get(name) is not None)
+            turn.conditions[name] = value if name == "sex" else float(value)
+            turn.conditions_source[name] = source
         if self.diffusion is None:
             turn.text = turn.text or "[ECG tokens emitted; no diffusion model loaded]"
             return turn
@@ -231,7 +285,8 @@ class UnifiedModel:
             eta=float(settings["eta"]), seed=seed, sample_rate=turn.sample_rate)[0]
         if out_dir:
             comments = [f"prompt: {prompt}", "sex: {sex} age: {age:g} hr: {heart_rate:g}".format(
-                **turn.conditions)]
+                **turn.conditions) + " (from {sex}/{age}/{heart_rate})".format(
+                **turn.conditions_source)]
             turn.files = write_generated(turn.generated_ecg[None], out_dir, turn.sample_rate,
                                          prefix=record_name, comments=comments)
         return turn
@@ -247,3 +302,15 @@ def alignment_fn(model: UniECGStage2):
         _ALIGNMENT[model.config] = jax.jit(lambda params, hidden, ids: model.apply(
             {"params": params}, hidden, ids, method=UniECGStage2.align))
     return _ALIGNMENT[model.config]
+
+
+_ATTRIBUTES: dict = {}
+
+
+def attribute_fn(model: UniECGStage2):
+    """Jitted `(params, hidden [B, T, D], ids [B, T]) -> {"heart_rate", "age", "male_logit"}`
+    ([B] each): the attribute head, the hidden states at the `[ECG]` tokens reading the request's."""
+    if model.config not in _ATTRIBUTES:
+        _ATTRIBUTES[model.config] = jax.jit(lambda params, hidden, ids: model.apply(
+            {"params": params}, hidden, ids, method=UniECGStage2.attributes_of))
+    return _ATTRIBUTES[model.config]

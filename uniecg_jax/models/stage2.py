@@ -1,12 +1,14 @@
 """The stage-2 (unified) UniECG model: the stage-1 ECG tower + decoder, plus the `[ECG]` generation
 tokens and the alignment head that maps their hidden states onto the diffusion text space.
 
-Params: {"ecg_tower", "llm", "alignment"}; the first two are exactly stage 1's (`UniECG`), with
+Params: {"ecg_tower", "llm", "alignment"} (+ "attributes" when `model.attributes` is set: the head
+that reads heart rate, age and sex from the same `[ECG]` hidden states); the first two are exactly stage 1's (`UniECG`), with
 `llm/embedding` (and an untied `llm/lm_head/kernel`) grown by the N `[ECG]` rows. Interpretation runs
 the stage-1 `UniECG` on `stage1_params(params)`, so it is the stage-1 computation by construction.
 
     model, cfg = build_stage2(config.model)            # config.model.ecg_token_ids set
     logits, condition, valid = model.apply({"params": p}, ids, mask)   # text-only generation path
+    attributes = model.apply({"params": p}, hidden, ids, method=UniECGStage2.attributes_of)
 
 Vocabulary extension of a stage-1 checkpoint: `convert.hf_llm.add_tokens(llm_params, llm_config,
 tokenizer, data.chat_format.ecg_token_names(N))` (rows initialised with the mean of the old ones).
@@ -21,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from uniecg_jax.layers.params import abstract_params
-from uniecg_jax.models.alignment import AlignmentConfig, AlignmentHead, gather_ecg_hidden
+from uniecg_jax.models.alignment import (AlignmentConfig, AlignmentHead, AttributeConfig,
+                                         AttributeHead, gather_ecg_hidden)
 from uniecg_jax.models.ecg_encoder import ECGTower
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.schema import ConfigError, check_group_keys
@@ -32,17 +35,21 @@ STAGE1_KEYS = ("ecg_tower", "llm")
 
 @dataclasses.dataclass(frozen=True)
 class Stage2Config:
-    """UniECG shapes + alignment head + the `[ECG]` token ids (static: they define the gather)."""
+    """UniECG shapes + alignment head + the `[ECG]` token ids (static: they define the gather)
+    + the attribute head (None: a model without one, as every stage-2 model before it)."""
     unified: UniECGConfig
     alignment: AlignmentConfig
     ecg_token_ids: tuple[int, ...]
+    attributes: AttributeConfig | None = None
 
     @classmethod
     def from_config(cls, model_config: Any, group: str = "model") -> "Stage2Config":
         """From `config.model`: the stage-1 groups (llm, ecg_encoder, projector), `alignment`,
-        `num_ecg_tokens` and `ecg_token_ids` (any other key is an error)."""
+        `num_ecg_tokens`, `ecg_token_ids` and the optional `attributes` (any other key is an
+        error)."""
         values = check_group_keys(
-            model_config, UNIECG_GROUPS + ("alignment", "num_ecg_tokens", "ecg_token_ids"), group)
+            model_config, UNIECG_GROUPS + ("alignment", "num_ecg_tokens", "ecg_token_ids",
+                                           "attributes"), group)
         ids = values.get("ecg_token_ids") or ()
         count = values.get("num_ecg_tokens")
         if not isinstance(count, int) or not all(isinstance(i, int) for i in ids):
@@ -57,8 +64,11 @@ class Stage2Config:
         if max(ids) >= unified.llm.vocab_size:
             raise ConfigError(f"[ECG] token id {max(ids)} is outside the vocabulary "
                               f"({group}.llm.vocab_size={unified.llm.vocab_size})")
+        attributes = values.get("attributes")
         return cls(unified, AlignmentConfig.from_config(values.get("alignment"),
-                                                        f"{group}.alignment"), tuple(ids))
+                                                        f"{group}.alignment"), tuple(ids),
+                   None if attributes is None
+                   else AttributeConfig.from_config(attributes, f"{group}.attributes"))
 
     @property
     def num_ecg_tokens(self) -> int:
@@ -66,7 +76,7 @@ class Stage2Config:
 
 
 class UniECGStage2(nn.Module):
-    """ECG tower + decoder LLM + alignment head."""
+    """ECG tower + decoder LLM + alignment head (+ attribute head)."""
     config: Stage2Config
 
     def setup(self):
@@ -74,6 +84,8 @@ class UniECGStage2(nn.Module):
         self.ecg_tower = ECGTower(unified.encoder, unified.projector)
         self.llm = Decoder(unified.llm)
         self.alignment = AlignmentHead(self.config.alignment)
+        if self.config.attributes is not None:
+            self.attributes = AttributeHead(self.config.attributes)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  extra_embeddings: jax.Array | None = None,
@@ -101,10 +113,36 @@ class UniECGStage2(nn.Module):
         ecg_hidden, valid = gather_ecg_hidden(hidden, input_ids, self.config.ecg_token_ids)
         return self.alignment(ecg_hidden, valid), valid
 
+    def attributes_of(self, hidden: jax.Array, input_ids: jax.Array) -> dict:
+        """hidden [B, T, D] + ids [B, T] -> the attribute head's {"heart_rate", "age",
+        "male_logit"}, each [B] f32 (see `models.alignment.AttributeHead`): the `[ECG]` states
+        read the request, i.e. the tokens before the first `[ECG]` that are not padding (left
+        padding at serving, right padding in training; a real token equal to the pad id is only
+        hidden from the read-out)."""
+        if self.config.attributes is None:
+            raise ConfigError("this stage-2 model has no attribute head (model.attributes unset)")
+        ecg_hidden, valid = gather_ecg_hidden(hidden, input_ids, self.config.ecg_token_ids)
+        is_ecg = jnp.isin(input_ids, jnp.asarray(self.config.ecg_token_ids, jnp.int32))
+        before_ecg = jnp.cumsum(is_ecg, axis=1) == 0
+        request = before_ecg & (input_ids != self.config.unified.llm.pad_token_id)
+        return self.attributes(ecg_hidden, valid, hidden, request)
+
+    def generate_outputs(self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+                         ) -> tuple[jax.Array, jax.Array, jax.Array, dict | None]:
+        """`__call__` plus the attribute head: (logits [B, T, V], condition [B, text_dim],
+        valid [B, N], attributes {name: [B]} or None without a head). One decoder pass."""
+        logits, hidden = self.llm(input_ids, attention_mask=attention_mask, return_hidden=True)
+        condition, valid = self.align(hidden, input_ids)
+        attributes = (None if self.config.attributes is None
+                      else self.attributes_of(hidden, input_ids))
+        return logits, condition, valid, attributes
+
     def init_all(self, input_ids, ecg, ecg_position):
         """Touches every submodule (for `init`); interpretation itself runs `UniECG` on
         `stage1_params(params)` (`stage1_model`)."""
         del ecg_position
+        if self.config.attributes is not None:
+            return self.ecg_tower(ecg), self.generate_outputs(input_ids)
         return self.ecg_tower(ecg), self(input_ids)
 
 

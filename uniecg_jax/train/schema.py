@@ -59,12 +59,18 @@ class Stage1TrainConfig(TrainConfig):
 @dataclasses.dataclass(frozen=True)
 class Stage2TrainConfig(TrainConfig):
     """`stage2` objective (configs/stage2.py): the weights of the loss terms."""
-    token_loss_weight: float = 1.0   # CE on the [ECG] generation tokens
+    token_loss_weight: float = 1.0   # CE on the answer tokens ([ECG] tokens, or words)
+    decision_weight: float = 1.0     # BCE of answering with [ECG0] (generation) or not (words)
     mse_weight: float = 1.0          # alignment output vs the text embedding
     cosine_weight: float = 1.0
     # Stage-1 CE on interpretation answers (grads reach only the new rows): keeps the [ECG]
     # tokens out of interpretations. 0 = off (then no ECG data is read).
     preservation_weight: float = 1.0
+    # Attribute head (model.attributes) vs the record's own values: squared error of the
+    # standardised heart rate / age, cross-entropy of sex. 0 leaves that output untrained.
+    heart_rate_weight: float = 1.0
+    age_weight: float = 1.0
+    sex_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

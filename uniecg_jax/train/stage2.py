@@ -1,14 +1,20 @@
 """Stage 2, Text-to-ECG by latent alignment: the `stage2` objective of the shared train loop.
 
-Each example is a generation request for a report answered by `[ECG0]..[ECG{N-1}]</s>`
-(`data.pipelines.stage2_loader`). Loss = `token_loss_weight` x next-token CE on those N + 1 tokens
-+ `mse_weight` x MSE + `cosine_weight` x (1 - cosine) between the alignment head's output (on the
-hidden states at the `[ECG]` positions) and the frozen text encoder's embedding of the report
-+ `preservation_weight` x the stage-1 CE on interpretation answers (ECG conversations): with all
-old weights frozen its gradient reaches only the new rows and teaches the `[ECG]` logits to stay
-below the answer tokens when an ECG is being interpreted (no negatives otherwise exist for them).
+Each example is a conversation drawn for a record (`data.pipelines.stage2_loader`): a generation
+request in one of many phrasings (report-, question- or teaching-style, some attributes stated,
+sometimes after a turn about the report) answered by `[ECG0]..[ECG{N-1}]</s>`, or, with
+`data.negative_fraction`, a question answered in words. Loss = `token_loss_weight` x next-token CE
+on every answer token + `decision_weight` x the binary CE of answering with `[ECG0]` at the first
+token of the last answer (`decision_loss`: high after generation requests, low after questions
+answered in words) + on generation rows only: `mse_weight` x MSE + `cosine_weight` x (1 - cosine)
+between the alignment head's output (on the hidden states at the `[ECG]` positions) and the frozen
+text encoder's embedding of the report, and, with `model.attributes`, `heart_rate_weight` /
+`age_weight` x the squared error of the standardised heart rate / age and `sex_weight` x the sex
+cross-entropy against the record's own values (where known) + `preservation_weight` x the stage-1
+CE on interpretation answers (ECG conversations): with all old weights frozen its gradient reaches
+only the new rows and keeps the `[ECG]` logits below the answer tokens when an ECG is interpreted.
 
-Only the new rows and the alignment head learn: `train.freeze` freezes every other tensor, and
+Only the new rows and the alignment / attribute heads learn: `train.freeze` freezes every other tensor, and
 `only_rows_train` stops the gradient of the old rows of `llm/embedding` / `llm/lm_head` inside the
 loss, so their gradients, Adam moments and updates are exact zeros (with weight_decay 0, enforced).
 The model starts from a stage-1 checkpoint (`init.stage1_ckpt`: vocabulary extended with
@@ -35,10 +41,11 @@ from uniecg_jax.layers.params import abstract_params, count_params, path_name
 from uniecg_jax.convert.hf_llm import add_tokens
 from uniecg_jax.data.chat_format import ecg_token_names
 from uniecg_jax.data.examples import decode_example
+from uniecg_jax.data.measure import with_measured_rhythms
 from uniecg_jax.data.pipelines import records_source, stage1_loader, stage2_loader
 from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tokenizer
-from uniecg_jax.models.stage2 import (UniECGStage2, build_stage2, init_stage2_params, stage1_model,
-                                      stage1_params)
+from uniecg_jax.models.stage2 import (STAGE1_KEYS, UniECGStage2, build_stage2, init_stage2_params,
+                                      stage1_model, stage1_params)
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
 from uniecg_jax.inference.interpret import model_exporter, resolve_model_dir
 from uniecg_jax.train.loop import TrainTask
@@ -120,20 +127,76 @@ def with_row_gradient_mask(params: Any, trainable_rows: jax.Array) -> Any:
     return {**params, "llm": llm}
 
 
-def alignment_losses(predicted: jax.Array, target: jax.Array) -> dict:
-    """predicted / target [B, D] -> {"mse": mean squared error, "cosine": mean cosine similarity}."""
+def _row_mean(values: jax.Array, rows: jax.Array) -> jax.Array:
+    """values [B] -> their mean over rows where `rows` [B] is 1 (0 when there is none)."""
+    rows = rows.astype(jnp.float32)
+    return jnp.sum(values * rows) / jnp.maximum(rows.sum(), 1.0)
+
+
+def alignment_losses(predicted: jax.Array, target: jax.Array, rows: jax.Array | None = None
+                     ) -> dict:
+    """predicted / target [B, D] -> {"mse": mean squared error, "cosine": mean cosine similarity},
+    averaged over the rows where `rows` [B] is 1 (default: all)."""
     predicted, target = predicted.astype(jnp.float32), target.astype(jnp.float32)
-    mse = jnp.mean(jnp.square(predicted - target))
+    rows = jnp.ones(predicted.shape[:1]) if rows is None else rows
+    # A row without [ECG] tokens pools to zeros, whose norm has a NaN gradient (NaN x 0 weight is
+    # still NaN): give such rows a stand-in vector; they carry no weight in the means.
+    predicted = jnp.where(rows[:, None] > 0, predicted, jnp.ones_like(predicted))
+    mse = _row_mean(jnp.mean(jnp.square(predicted - target), -1), rows)
     cosine = jnp.sum(predicted * target, -1) / (
         jnp.linalg.norm(predicted, axis=-1) * jnp.linalg.norm(target, axis=-1) + 1e-8)
-    return {"mse": mse, "cosine": jnp.mean(cosine)}
+    return {"mse": mse, "cosine": _row_mean(cosine, rows)}
+
+
+def attribute_losses(predicted: dict, batch: dict, rows: jax.Array, config) -> dict:
+    """The attribute head's outputs (`AttributeHead`: heart_rate / age [B], male_logit [B]) against
+    the batch's heart_rate / age / sex [B] where `attribute_known` [B, 3] and `rows` [B] are 1:
+    squared error of the standardised values, sex cross-entropy; plus MAE (bpm, years) and sex
+    accuracy for the log."""
+    known = batch["attribute_known"].astype(jnp.float32) * rows.astype(jnp.float32)[:, None]
+    rate_error = (predicted["heart_rate"] - batch["heart_rate"]) / config.heart_rate_scale
+    age_error = (predicted["age"] - batch["age"]) / config.age_scale
+    logit, male = predicted["male_logit"], batch["sex"].astype(jnp.float32)
+    sex_ce = jnp.maximum(logit, 0) - logit * male + jnp.log1p(jnp.exp(-jnp.abs(logit)))
+    return {"heart_rate_loss": _row_mean(jnp.square(rate_error), known[:, 0]),
+            "age_loss": _row_mean(jnp.square(age_error), known[:, 1]),
+            "sex_loss": _row_mean(sex_ce, known[:, 2]),
+            "heart_rate_mae": _row_mean(jnp.abs(rate_error) * config.heart_rate_scale, known[:, 0]),
+            "age_mae": _row_mean(jnp.abs(age_error) * config.age_scale, known[:, 1]),
+            "sex_accuracy": _row_mean(((logit > 0) == (male > 0.5)).astype(jnp.float32),
+                                      known[:, 2])}
+
+
+def decision_loss(logits: jax.Array, target_mask: jax.Array, generation: jax.Array,
+                  first_ecg_id: int) -> tuple[jax.Array, jax.Array]:
+    """Binary cross-entropy of the choice to answer with `[ECG0]`, at the position that predicts
+    the first token of each row's last answer: p([ECG0]) should be high on generation rows and
+    low on rows answered in words. The token CE alone spreads this one decision over every answer
+    token (a word answer's first token is 1 of ~20), so it is learned far more slowly.
+
+    logits [B, T, V]; target_mask [B, T] (1 where position t's next token is an answer token);
+    generation [B] bool. Returns (mean BCE, accuracy of p > 0.5), over rows with an answer."""
+    mask = target_mask.astype(jnp.int32)
+    starts = mask * (1 - jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1])
+    index = jnp.arange(mask.shape[1])
+    decision = jnp.max(jnp.where(starts > 0, index, -1), axis=1)    # last answer's start
+    rows = decision >= 0
+    row_logits = jnp.take_along_axis(logits, jnp.maximum(decision, 0)[:, None, None], axis=1)[:, 0]
+    row_logits = row_logits.astype(jnp.float32)
+    log_p = row_logits[:, first_ecg_id] - jax.nn.logsumexp(row_logits, axis=-1)
+    log_not_p = jnp.log(-jnp.expm1(jnp.minimum(log_p, -1e-6)))
+    bce = -jnp.where(generation, log_p, log_not_p)
+    correct = ((log_p > jnp.log(0.5)) == generation).astype(jnp.float32)
+    return _row_mean(bce, rows), _row_mean(correct, rows)
 
 
 def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: jax.Array,
-                weights: tuple[float, float, float, float]) -> tuple[jax.Array, dict]:
-    """Weighted CE on the [ECG] tokens + eos, MSE and (1 - cosine) to the text embedding, and
-    (when `batch` has `interpret/*` fields) the stage-1 CE on interpretation answers."""
-    token_weight, mse_weight, cosine_weight, preservation_weight = weights
+                weights: dict) -> tuple[jax.Array, dict]:
+    """Weighted CE on every answer token ([ECG] tokens + eos, or words), on generation rows MSE
+    and (1 - cosine) to the text embedding and the attribute losses, and (when `batch` has
+    `interpret/*` fields) the stage-1 CE on interpretation answers. `weights`: the
+    `Stage2TrainConfig` loss weights by name (`loss_weights`)."""
+    preservation_weight = weights["preservation_weight"]
     params = with_row_gradient_mask(params, trainable_rows)
     metrics = {}
     preservation = 0.0
@@ -143,8 +206,10 @@ def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: j
         preservation, aux = stage1_loss(stage1_model(model.config), stage1_params(params),
                                         interpret)
         metrics["interpret_nll"] = aux["nll"]
-    logits, condition, _ = model.apply({"params": params}, batch["input_ids"],
-                                       batch["attention_mask"])
+    logits, condition, valid, attributes = model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"],
+        method=UniECGStage2.generate_outputs)
+    generation = valid.all(-1)    # rows answered by the [ECG] tokens (the others: in words)
     pad = model.config.unified.llm.pad_token_id
     ids = batch["input_ids"]
     # Position t predicts token t + 1; the last position predicts nothing.
@@ -152,11 +217,36 @@ def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: j
     target_mask = jnp.concatenate([batch["loss_mask"][:, 1:],
                                    jnp.zeros_like(batch["loss_mask"][:, :1])], axis=1)
     token_loss, aux = next_token_loss(logits, targets, target_mask)
-    aligned = alignment_losses(condition, batch["text_embedding"])
-    loss = (token_weight * token_loss + mse_weight * aligned["mse"]
-            + cosine_weight * (1.0 - aligned["cosine"]) + preservation_weight * preservation)
-    return loss, {"num_tokens": aux["num_tokens"], "token_nll": aux["nll"],
-                  "token_accuracy": aux["accuracy"], **aligned, **metrics}
+    # Logged apart: the [ECG] answers (learnable) and the word answers (the frozen LLM's own
+    # text, whose CE mostly cannot move; it is there to push the [ECG] logits down).
+    _, ecg_aux = next_token_loss(logits, targets, target_mask * generation[:, None])
+    _, words_aux = next_token_loss(logits, targets, target_mask * ~generation[:, None])
+    aligned = alignment_losses(condition, batch["text_embedding"], generation)
+    decision, decision_accuracy = decision_loss(logits, target_mask, generation,
+                                                model.config.ecg_token_ids[0])
+    metrics.update(decision_loss=decision, decision_accuracy=decision_accuracy)
+    loss = (weights["token_loss_weight"] * token_loss + weights["decision_weight"] * decision
+            + weights["mse_weight"] * aligned["mse"]
+            + weights["cosine_weight"] * (1.0 - aligned["cosine"])
+            + preservation_weight * preservation)
+    if attributes is not None:
+        read = attribute_losses(attributes, batch, generation, model.config.attributes)
+        loss = loss + (weights["heart_rate_weight"] * read["heart_rate_loss"]
+                       + weights["age_weight"] * read["age_loss"]
+                       + weights["sex_weight"] * read["sex_loss"])
+        metrics.update(read)
+    return loss, {"num_tokens": aux["num_tokens"], "token_nll": ecg_aux["nll"],
+                  "token_accuracy": ecg_aux["accuracy"], "words_nll": words_aux["nll"],
+                  "generation_rows": generation.astype(jnp.float32).mean(), **aligned, **metrics}
+
+
+LOSS_WEIGHTS = ("token_loss_weight", "decision_weight", "mse_weight", "cosine_weight", "preservation_weight",
+                "heart_rate_weight", "age_weight", "sex_weight")
+
+
+def loss_weights(train_config) -> dict:
+    """{name: float} of the stage-2 loss weights of a `Stage2TrainConfig`."""
+    return {name: float(getattr(train_config, name)) for name in LOSS_WEIGHTS}
 
 
 class PairedIterator:
@@ -194,13 +284,13 @@ _EMBEDDED_SOURCES: dict = {}
 
 def stage2_data_source(config: ml_collections.ConfigDict, split: str):
     """A prep folder path, or bundled + synthetic records with reports embedded by `text.encoder`
-    (embedded once per process and cached)."""
+    and heart rates measured (once per process, cached)."""
     if config.data.source != "bundled":
         return config.data.source
     key = (str(config.text.encoder), int(config.data.holdout_every),
            int(config.data.num_synthetic), int(config.seed), split)
     if key not in _EMBEDDED_SOURCES:
-        records = bundled_split(key[1], key[2], key[3])[split]
+        records = with_measured_rhythms(bundled_split(key[1], key[2], key[3])[split])
         _EMBEDDED_SOURCES[key] = records_source(records, text_encoder=key[0])
     return _EMBEDDED_SOURCES[key]
 
@@ -217,8 +307,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
         raise ConfigError(f"model.alignment.output_dim={text_dim} must equal text.embed_dim="
                           f"{config.text.embed_dim} (the text encoder's width)")
     trainable_rows = new_row_mask(s2cfg.unified.llm.vocab_size, s2cfg.ecg_token_ids)
-    weights = (train_config.token_loss_weight, train_config.mse_weight,
-               train_config.cosine_weight, train_config.preservation_weight)
+    weights = loss_weights(train_config)
 
     def init_params(rng):
         return init_stage2_params(model, rng, max_length)
@@ -237,9 +326,12 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                                   f"embeddings but text.embed_dim is {text_dim}")
         loader = stage2_loader(source, tokenizer, num_ecg_tokens=count, max_length=max_length,
                                batch_size=local_batch, split="train", seed=int(config.seed),
+                               negative_probability=float(config.data.negative_fraction),
+                               follow_up_probability=float(config.data.follow_up_fraction),
+                               state_probability=float(config.data.state_fraction),
                                process_index=process_index, process_count=process_count,
                                worker_count=int(config.data.worker_count))
-        if not weights[3]:
+        if not weights["preservation_weight"]:
             return iter(loader)
 
         interpretations = stage1_loader(
@@ -251,10 +343,13 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
 
     def abstract_batch(global_batch):
         tokens = jax.ShapeDtypeStruct((global_batch, max_length), jnp.int32)
+        scalar = jax.ShapeDtypeStruct((global_batch,), jnp.float32)
         batch = {"input_ids": tokens, "loss_mask": tokens, "attention_mask": tokens,
                  "ecg_token_positions": jax.ShapeDtypeStruct((global_batch, count), jnp.int32),
-                 "text_embedding": jax.ShapeDtypeStruct((global_batch, text_dim), jnp.float32)}
-        if weights[3]:
+                 "text_embedding": jax.ShapeDtypeStruct((global_batch, text_dim), jnp.float32),
+                 "heart_rate": scalar, "age": scalar, "sex": scalar,
+                 "attribute_known": jax.ShapeDtypeStruct((global_batch, 3), jnp.float32)}
+        if weights["preservation_weight"]:
             enc = s2cfg.unified.encoder
             interpret = jax.ShapeDtypeStruct((global_batch, int(config.data.interpret_max_length)),
                                              jnp.int32)
@@ -307,17 +402,19 @@ def _stage1_targets(stage1_dir: str, abstract_params) -> dict:
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec))
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
 
-    stage1_part = {key: abstract_params[key] for key in ("ecg_tower", "llm")}
+    stage1_part = {key: abstract_params[key] for key in STAGE1_KEYS}
     return jax.tree_util.tree_map_with_path(target, stage1_part)
 
 
 def _params_from_stage1(config, model: UniECGStage2, stage1_dir: str, mesh, abstract_params):
-    """Stage-1 tower + LLM (vocabulary extended, mean rows) + a random alignment head, sharded.
-    Only the alignment head is randomly initialised (the jitted init returns just that subtree, so
-    XLA drops the random tower and LLM init the stage-1 weights replace)."""
+    """Stage-1 tower + LLM (vocabulary extended, mean rows) + random alignment (and attribute)
+    heads, sharded. Only the heads are randomly initialised (the jitted init returns just those
+    subtrees, so XLA drops the random tower and LLM init the stage-1 weights replace)."""
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-    fresh = jax.jit(lambda rng: {"alignment": nn.meta.unbox(init_stage2_params(model, rng))[
-        "alignment"]}, out_shardings={"alignment": shardings["alignment"]})(
+    heads = [key for key in abstract_params if key not in STAGE1_KEYS]
+    fresh = jax.jit(lambda rng: {key: value for key, value in nn.meta.unbox(
+        init_stage2_params(model, rng)).items() if key in heads},
+        out_shardings={key: shardings[key] for key in heads})(
             jax.random.PRNGKey(int(config.seed)))
     stage1, stage1_config = restore_model(stage1_dir, _stage1_targets(stage1_dir, abstract_params))
     tokenizer, _ = _load_base_tokenizer(config, stage1_dir)
