@@ -387,3 +387,40 @@ def test_stage2_kill_and_resume_equals_uninterrupted(tmp_path, resume_after_pree
     resumed = resume_after_preemption(config, str(tmp_path / "resumed"), build_task, 2)
     assert resumed.steps_run == 2
     assert_trees_equal(resumed.state.params, full.state.params)
+
+
+def test_stage2_keeps_a_gem_derived_stage1_input_layout(tmp_path):
+    """A stage 1 with GEM's layout (llava_v1 prompt, sentinel placeholder, MIMIC lead order) gives
+    a stage 2 with the same `model.input`: its requests carry LLaVA's system text, its tokenizer
+    gets the [ECG] rows but no `<ecg>` row, and its interpretation batches splice at the
+    sentinel (issue 14: the [ECG] tokens of stage 2 still add rows, the placeholder does not)."""
+    from uniecg_jax.data import load_bundled_records
+    from uniecg_jax.data.chat_format import ECG_PLACEHOLDER, LLAVA_V1, SENTINEL_PLACEHOLDER_ID
+    from uniecg_jax.data.pipelines import records_source, stage1_loader, stage2_loader
+    from uniecg_jax.data.text_encoder import HashingTextEncoder
+    from uniecg_jax.train.stage2 import finalize_stage2_config
+
+    gem_input = ["model.input.prompt_format=llava_v1", "model.input.placeholder=sentinel",
+                 "model.input.ecg_lead_order=mimic_iv"]
+    stage1_task = build_task(load_config("configs/stage1.py:tiny", STAGE1 + gem_input))
+    params = jax.device_get(jax.jit(lambda rng: nn.meta.unbox(stage1_task.init_params(rng)))(
+        jax.random.PRNGKey(0)))
+    stage1_task.export(str(tmp_path / "stage1"), params)
+
+    config, tokenizer, _, _, _ = finalize_stage2_config(
+        _stage2_config([f"init.stage1_ckpt={tmp_path / 'stage1'}"]))
+    assert config.model.input.to_dict() == {"prompt_format": "llava_v1",
+                                            "placeholder": "sentinel", "ecg_lead_order": "mimic_iv"}
+    ids = list(config.model.ecg_token_ids)
+    assert ids == list(range(len(tokenizer) - 4, len(tokenizer)))   # the 4 [ECG] rows, appended
+    source = records_source(load_bundled_records()[:2], text_encoder=HashingTextEncoder(TEXT_DIM))
+    batch = next(iter(stage2_loader(source, tokenizer, num_ecg_tokens=4, max_length=400,
+                                    batch_size=2, shuffle=False, process_index=0,
+                                    process_count=1, input_format=config.model.input)))
+    assert tokenizer.decode(batch["input_ids"][0]).lstrip("<s> ").startswith(LLAVA_V1.system)
+    interpret = next(iter(stage1_loader(source, tokenizer, max_length=200, batch_size=2,
+                                        shuffle=False, process_index=0, process_count=1,
+                                        input_format=config.model.input)))
+    position = int(interpret["ecg_position"][0])
+    assert interpret["input_ids"][0][position] == SENTINEL_PLACEHOLDER_ID
+    assert tokenizer.convert_tokens_to_ids(ECG_PLACEHOLDER) not in interpret["input_ids"][0]

@@ -246,16 +246,17 @@ def stage1_loader(data, tokenizer=None, *, max_length: int = 256, batch_size: in
 def stage2_loader(data, tokenizer=None, *, num_ecg_tokens: int = 8, max_length: int = 128,
                   batch_size: int = 8, split: str = "train", negative_probability: float = 0.0,
                   follow_up_probability: float = 0.0, state_probability: float = 0.5,
-                  **loader_kwargs) -> grain.DataLoader:
+                  input_format: Any = None, **loader_kwargs) -> grain.DataLoader:
     """Stage-2 batches (varied requests -> [ECG] tokens, + text embedding and attribute targets;
     questions answered in words with `negative_probability`; see `Stage2Example`). tokenizer: one
     that already holds the `[ECG]` tokens (`data.tokenizer.add_ecg_tokens`); default: the tiny one
-    grown by `num_ecg_tokens` of them."""
+    grown by `num_ecg_tokens` of them. input_format: the model's `model.input` (as stage1_loader)."""
     if tokenizer is None:
         tokenizer = load_tiny()
         add_ecg_tokens(tokenizer, num_ecg_tokens)
     return make_loader(open_source(data, split),
-                       [Stage2Example(InputBuilder(tokenizer), num_ecg_tokens, max_length,
+                       [Stage2Example(InputBuilder.for_model(tokenizer, input_format or {}),
+                                      num_ecg_tokens, max_length,
                                       negative_probability=negative_probability,
                                       follow_up_probability=follow_up_probability,
                                       state_probability=state_probability)],

@@ -30,7 +30,8 @@ import ml_collections
 import numpy as np
 
 from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
-from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
+from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE, \
+    to_encoder_lead_order
 from uniecg_jax.data.chat_format import InputBuilder, Turn
 from uniecg_jax.data.conversations import request_prompt_ids
 from uniecg_jax.data.tokenizer import load_tokenizer
@@ -160,7 +161,8 @@ class UnifiedModel:
         model, _ = build_stage2(config.model)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         params, _ = restore_model(directory, abstract_stage2_params(model, device))
-        tokenizer = load_tokenizer(tokenizer_path(directory))
+        tokenizer = load_tokenizer(tokenizer_path(directory),
+                                   placeholder=model.config.unified.input.placeholder)
         return cls(model, params, tokenizer, config, *load_diffusion(diffusion))
 
     @property
@@ -221,8 +223,9 @@ class UnifiedModel:
         else:
             interpreter = self.interpreter()
             ids, mask, slots = interpreter.build_inputs(list(prompts))
-            ecg_tokens = encode_ecg_fn(interpreter.model)(interpreter.params,
-                                                          jnp.asarray(ecgs, jnp.float32))
+            ecgs = to_encoder_lead_order(np.asarray(ecgs, np.float32),
+                                         self.model.config.unified.input.ecg_lead_order)
+            ecg_tokens = encode_ecg_fn(interpreter.model)(interpreter.params, jnp.asarray(ecgs))
             out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
                                     max_new_tokens=max_new, sampling=sampling, rng=rng,
                                     extra_embeddings=ecg_tokens, extra_positions=slots,

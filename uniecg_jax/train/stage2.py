@@ -63,10 +63,12 @@ def stage1_model_dir(config: ml_collections.ConfigDict) -> str | None:
     return resolve_model_dir(str(config.init.stage1_ckpt))
 
 
-def _load_base_tokenizer(config: ml_collections.ConfigDict, stage1_dir: str | None):
-    """The stage-1 checkpoint's tokenizer, else data.tokenizer, else the tiny one (no [ECG] yet)."""
+def _load_base_tokenizer(config: ml_collections.ConfigDict, stage1_dir: str | None,
+                         placeholder: str = "token"):
+    """The stage-1 checkpoint's tokenizer, else data.tokenizer, else the tiny one (no [ECG] yet);
+    `<ecg>` is added only for a "token" placeholder (a GEM-derived stage 1 splices at a sentinel)."""
     path = (tokenizer_path(stage1_dir) if stage1_dir else None) or config.data.tokenizer or None
-    return load_tokenizer(path), path
+    return load_tokenizer(path, placeholder=placeholder), path
 
 
 def finalize_stage2_config(config: ml_collections.ConfigDict):
@@ -78,14 +80,19 @@ def finalize_stage2_config(config: ml_collections.ConfigDict):
     `model.ecg_token_ids` and `model.llm.vocab_size` grows to cover them.
     """
     stage1_dir = stage1_model_dir(config)
-    tokenizer, path = _load_base_tokenizer(config, stage1_dir)
     count = int(config.model.num_ecg_tokens)
     if count < 1:
         raise ConfigError(f"model.num_ecg_tokens must be >= 1, got {count}")
-    groups = {group: config.model[group].to_dict() for group in ("llm", "ecg_encoder", "projector")}
+    # The stage-1 model's input layout (`model.input`: prompt format, placeholder, lead order)
+    # comes along with its shapes, so a GEM-derived stage 1 keeps GEM's prompt in stage 2.
+    names = ("llm", "ecg_encoder", "projector") + (("input",) if "input" in config.model else ())
+    groups = {group: config.model[group].to_dict() for group in names}
     if stage1_dir:
         stage1 = load_model_config(stage1_dir)
-        groups = {group: stage1.model[group].to_dict() for group in groups}
+        groups = {group: stage1.model[group].to_dict() for group in groups
+                  if group in stage1.model}
+    placeholder = groups.get("input", {}).get("placeholder", "token")
+    tokenizer, path = _load_base_tokenizer(config, stage1_dir, placeholder)
     llm = groups["llm"]
     old_vocab = int(llm["vocab_size"])
     if len(tokenizer) > old_vocab:
@@ -324,7 +331,9 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
             if width != text_dim:
                 raise UniECGError(f"text encoder {config.text.encoder!r} gives {width}-d "
                                   f"embeddings but text.embed_dim is {text_dim}")
+        input_format = config.model.get("input", {})
         loader = stage2_loader(source, tokenizer, num_ecg_tokens=count, max_length=max_length,
+                               input_format=input_format,
                                batch_size=local_batch, split="train", seed=int(config.seed),
                                negative_probability=float(config.data.negative_fraction),
                                follow_up_probability=float(config.data.follow_up_fraction),
@@ -335,7 +344,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
             return iter(loader)
 
         interpretations = stage1_loader(
-            stage1_data_source(config, "train"), tokenizer,
+            stage1_data_source(config, "train"), tokenizer, input_format=input_format,
             max_length=int(config.data.interpret_max_length), batch_size=local_batch,
             split="train", seed=int(config.seed) + 1, process_index=process_index,
             process_count=process_count, worker_count=int(config.data.worker_count))
