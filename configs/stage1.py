@@ -5,14 +5,21 @@
       --config.init.hf_dir=/ckpt/vicuna-7b-v1.5 --config.data.source=/data/grounding_prep \\
       --config.mesh.fsdp=-1 --config.distributed=True                          # TPU pod
   uniecg interpret --ckpt /tmp/stage1 --ecg uniecg_jax/assets/ecg_samples/cinc2021/E07500
+  uniecg train --config configs/stage1.py:gem_7b --workdir gs://b/gem --config.init.gem_dir=/ckpt/GEM
 
 Variants: tiny (CPU tests), demo (what `uniecg demo` trains), small (~100M: `small` LLM + small encoder), vicuna_7b (GEM's shapes: full
-ECG-CoCa tower, 1024-d ecg_projector, Vicuna-7B), qwen2_5_7b.
+ECG-CoCa tower, 1024-d ecg_projector, Vicuna-7B), gem_7b (vicuna_7b continuing a GEM release:
+`init.gem_dir`, what `uniecg convert from-gem` writes), qwen2_5_7b.
+
+`model.input` is the input layout: the GEM-derived variants (vicuna_7b, gem_7b) use GEM's own
+(LLaVA's llava_v1 prompt, a sentinel placeholder that adds no vocabulary row, the MIMIC-IV-ECG lead
+order ECG-CoCa was trained on); qwen2_5_7b keeps the project's prompt but the ECG-CoCa lead order.
 """
 import ml_collections
 
 from uniecg_jax.eval.judge import JudgeConfig
 from uniecg_jax.models import ecg_encoder, presets
+from uniecg_jax.models.schema import InputFormatConfig
 from uniecg_jax.train.schema import Stage1TrainConfig, train_group
 
 VARIANTS = {
@@ -21,6 +28,7 @@ VARIANTS = {
     "demo": ("tiny", "tiny", 128),     # `uniecg demo`: tiny shapes, a little wider, a few minutes
     "small": ("small", "small", 512),
     "vicuna_7b": ("vicuna_7b", "full", 1024),
+    "gem_7b": ("vicuna_7b", "full", 1024),
     "qwen2_5_7b": ("qwen2_5_7b", "full", 1024),
 }
 
@@ -41,6 +49,12 @@ def get_config(arg=None):
     config.model.ecg_encoder = ecg_encoder.encoder_config_dict(encoder_preset)
     config.model.projector = ecg_encoder.projector_config_dict(config.model.llm.hidden_size,
                                                                proj_dim)
+    gem_input = InputFormatConfig(prompt_format="llava_v1", placeholder="sentinel",
+                                  ecg_lead_order="mimic_iv")
+    config.model.input = ml_collections.ConfigDict(
+        gem_input.to_dict() if variant in ("vicuna_7b", "gem_7b") else
+        InputFormatConfig(ecg_lead_order="mimic_iv" if variant == "qwen2_5_7b" else "canonical"
+                          ).to_dict())
 
     config.data = ml_collections.ConfigDict(dict(
         source="bundled",        # "bundled" (bundled records + synthetic) or a `uniecg prep` folder
@@ -51,7 +65,9 @@ def get_config(arg=None):
         worker_count=0,          # grain worker processes
         system="",               # optional system prompt
     ))
-    config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt=""))
+    # gem_dir: a GEM release (LLaVA layout) for the whole model; it replaces hf_dir and
+    # ecg_encoder_ckpt and sets the model's shapes (`convert.gem`).
+    config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt="", gem_dir=""))
     # GEM freezes the pretrained ECG encoder (the 7B variants below); tiny trains it from scratch.
     config.train = train_group(Stage1TrainConfig(steps=300, learning_rate=2e-3, warmup_steps=20,
                                                  log_every=25))

@@ -43,7 +43,8 @@ def test_tiny_tokenizer_vocab_specials_and_chat_format():
     assert tokenizer.decode(ids) == ("<s>USER: <ecg>\nWhat rhythm? ASSISTANT: sinus rhythm.</s>"
                                      "USER: Rate? ASSISTANT: 72 bpm.</s>")
     trained = tokenizer.decode([i for i, m in zip(ids, mask) if m])
-    assert trained == "sinus rhythm.</s>72 bpm.</s>"
+    # Whole-string tokenization: the space after "ASSISTANT:" belongs to the answer's first token.
+    assert trained == " sinus rhythm.</s> 72 bpm.</s>"
     # Served prompts are prefixes of the training ids: interpretation stops at "ASSISTANT:"
     # (GEM's generation prompt), a generation request keeps the whole assistant prefix.
     prompt = inputs.prompt_ids("Hi", with_ecg=True)
@@ -117,7 +118,7 @@ def test_stage1_tokens_placeholder_and_loss_mask(source, records):
         length = batch["attention_mask"][row].sum()
         assert (ids[length:] == tokenizer.pad_token_id).all() and (batch["loss_mask"][row][length:] == 0).all()
         answer = tokenizer.decode(ids[batch["loss_mask"][row] == 1])
-        assert answer.startswith("Rhythm and rate:") and answer.endswith("</s>")
+        assert answer.startswith(" Rhythm and rate:") and answer.endswith("</s>")
         assert "USER:" not in answer and "ASSISTANT" not in answer
 
 

@@ -4,6 +4,9 @@
     uniecg convert to-hf --ckpt /ckpt/vicuna-orbax --out /ckpt/vicuna-hf [--dtype bfloat16]
     uniecg convert diffusets --vae vae.pth --unet unet.pth --out /ckpt/diffusets   (see convert_diffusets)
     uniecg convert export-unified --ckpt W/stage2 --diffusion W/diffusion --out D (see convert_unified)
+    uniecg convert from-gem --gem-dir /ckpt/GEM --out /ckpt/gem-uniecg [--ecg-tower ecg_coca.pt]
+    uniecg convert to-gem --ckpt /ckpt/gem-uniecg --out /ckpt/GEM-again [--dtype bfloat16]
+    uniecg convert export-ecg-coca --ckpt /ckpt/stage1 --out ecg_coca.pt
 
 from-hf infers the model config from the HF config.json unless --config is given (then the shapes
 must agree, or the error names the tensor). The tokenizer files travel with the checkpoint.
@@ -13,7 +16,8 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "convert", help="convert checkpoints: HF LLMs both ways, DiffuSETS, unified HF export")
+        "convert", help="convert checkpoints: HF LLMs and GEM releases both ways, DiffuSETS, "
+                        "unified HF export")
     actions = parser.add_subparsers(dest="direction", metavar="DIRECTION")
     actions.required = True
     from_hf = actions.add_parser("from-hf", help="HF safetensors dir -> uniecg checkpoint")
@@ -30,6 +34,28 @@ def register(subparsers) -> None:
     to_hf.add_argument("--max-shard-gb", type=float, default=5.0,
                        help="shard safetensors above this size (GiB)")
     to_hf.set_defaults(handler=run_from_ckpt_to_hf)
+    from_gem = actions.add_parser("from-gem", help="GEM release (LLaVA layout) -> stage-1 checkpoint")
+    from_gem.add_argument("--gem-dir", required=True, help="GEM release: config.json + safetensors")
+    from_gem.add_argument("--out", required=True, help="output checkpoint directory")
+    from_gem.add_argument("--ecg-tower", default=None,
+                          help="ECG-CoCa .pt when the release holds no tower (default: its "
+                               "mm_ecg_tower)")
+    from_gem.add_argument("--config", default="configs/stage1.py:gem_7b",
+                          help="config whose run settings (dtypes, mesh) the checkpoint keeps; "
+                               "shapes come from the release")
+    from_gem.set_defaults(handler=run_from_gem)
+    to_gem = actions.add_parser("to-gem", help="stage-1 checkpoint -> GEM release (LLaVA layout)")
+    to_gem.add_argument("--ckpt", required=True, help="stage-1 model checkpoint or train workdir")
+    to_gem.add_argument("--out", required=True, help="output GEM directory")
+    to_gem.add_argument("--dtype", default=None, help="tensor dtype (default: the param dtype)")
+    to_gem.add_argument("--max-shard-gb", type=float, default=5.0,
+                        help="shard the LLM safetensors above this size (GiB)")
+    to_gem.set_defaults(handler=run_to_gem)
+    coca = actions.add_parser("export-ecg-coca",
+                              help="stage-1 checkpoint's ECG tower -> ECG-CoCa .pt / .safetensors")
+    coca.add_argument("--ckpt", required=True, help="stage-1 model checkpoint or train workdir")
+    coca.add_argument("--out", required=True, help="output file (.pt or .safetensors)")
+    coca.set_defaults(handler=run_export_ecg_coca)
     # Other model families convert through their own modules (argparse only at import time).
     from uniecg_jax.cli import convert_diffusets, convert_unified
     convert_diffusets.add_parser(actions)
@@ -72,4 +98,58 @@ def run_from_ckpt_to_hf(args) -> int:
     hf_llm.save_hf(params, model_config, args.out, tokenizer_dir=checkpoint.tokenizer_path(args.ckpt),
                    dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_from_gem(args) -> int:
+    from uniecg_jax import checkpoint, sharding
+    from uniecg_jax.config import load_config, replace_values
+    from uniecg_jax.convert import gem
+
+    config = load_config(args.config, args.config_overrides)
+    model = gem.release_model_config(args.gem_dir, config.model, args.ecg_tower)
+    config = replace_values(config, {"model": model, "init.gem_dir": args.gem_dir})
+    result = gem.import_gem(args.gem_dir, mesh=sharding.make_mesh(config.mesh),
+                            ecg_tower_ckpt=args.ecg_tower, model_config=config.model)
+    checkpoint.save_model(args.out, result.params, config, tokenizer_dir=args.gem_dir)
+    gem.save_sidecar(args.out, result)
+    for line in result.report:
+        print(line)
+    print(f"wrote {args.out} (input: {dict(config.model.input)})")
+    return 0
+
+
+def _restore_stage1(path: str):
+    from uniecg_jax import checkpoint
+    from uniecg_jax.inference.interpret import resolve_model_dir
+    from uniecg_jax.models.stage1 import UniECGConfig
+
+    directory = resolve_model_dir(path)
+    params, config = checkpoint.restore_model(directory)
+    return directory, params, UniECGConfig.from_config(config.model)
+
+
+def run_to_gem(args) -> int:
+    from uniecg_jax import checkpoint
+    from uniecg_jax.convert import gem
+
+    directory, params, model_config = _restore_stage1(args.ckpt)
+    base, kept = gem.load_sidecar(directory)
+    gem.export_gem(params, model_config, args.out,
+                   tokenizer_dir=checkpoint.tokenizer_path(directory), base_config=base,
+                   kept=kept, dtype=args.dtype,
+                   max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+    print(f"wrote {args.out} ({len(kept)} kept tensors from the original release; "
+          f"ECG lead order {model_config.input.ecg_lead_order})")
+    return 0
+
+
+def run_export_ecg_coca(args) -> int:
+    from uniecg_jax.convert import ecg_coca
+
+    _, params, model_config = _restore_stage1(args.ckpt)
+    state = ecg_coca.export_ecg_coca(params["ecg_tower"], model_config.encoder,
+                                     model_config.projector)
+    ecg_coca.save_state_dict(state, args.out)
+    print(f"wrote {args.out} ({len(state)} tensors)")
     return 0

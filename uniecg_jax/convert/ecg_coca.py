@@ -181,7 +181,7 @@ def _to_numpy(value: Any, key: str, label: str) -> np.ndarray:
         raise CheckpointError(f"{label}: tensor {key!r} is not an array: {e}") from None
 
 
-def _detect_prefix(keys: Sequence[str], candidates: Sequence[str], anchor: str) -> str | None:
+def detect_prefix(keys: Sequence[str], candidates: Sequence[str], anchor: str) -> str | None:
     """The first candidate prefix under which `anchor` is a key, else None."""
     for prefix in candidates:
         if prefix + anchor in keys:
@@ -240,7 +240,7 @@ def import_ecg_coca(source: str | os.PathLike | Mapping[str, Any],
     state, label = load_state_dict(source)
     keys = list(state)
     if prefix is None:
-        prefix = _detect_prefix(keys, TOWER_PREFIXES, "conv1.weight")
+        prefix = detect_prefix(keys, TOWER_PREFIXES, "conv1.weight")
         if prefix is None:
             raise CheckpointError(
                 f"{label}: no ECG tower found: none of "
@@ -250,7 +250,7 @@ def import_ecg_coca(source: str | os.PathLike | Mapping[str, Any],
 
     projector_prefix = None
     if projector_config is not None:
-        projector_prefix = _detect_prefix(keys, PROJECTOR_PREFIXES, "ecg_projector.weight")
+        projector_prefix = detect_prefix(keys, PROJECTOR_PREFIXES, "ecg_projector.weight")
         if projector_prefix is not None:
             rules += _projector_rules(projector_config, encoder_config.width, projector_prefix)
 

@@ -39,6 +39,9 @@ from uniecg_jax.models.vocabulary import grow_vocab_rows
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# LLaVA / GEM model types whose language model is a plain Llama / Qwen2 (llava/model/
+# language_model/llava_llama.py: LlavaConfig(LlamaConfig), model_type "llava_llama").
+LLAVA_FAMILIES = {"llava_llama": "llama", "llava_qwen": "qwen2"}
 # HF tensors that carry no parameters (old checkpoints saved RoPE buffers).
 IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -219,9 +222,10 @@ def model_config_from_hf(hf_dir: str) -> ml_collections.ConfigDict:
         raise CheckpointError(f"{path}: missing (needed to infer the model config)")
     with open(path) as f:
         hf = json.load(f)
-    family = hf.get("model_type")
+    family = LLAVA_FAMILIES.get(hf.get("model_type"), hf.get("model_type"))
     if family not in ("llama", "qwen2"):
-        raise CheckpointError(f"{path}: model_type {family!r} is not supported (llama, qwen2)")
+        raise CheckpointError(f"{path}: model_type {hf.get('model_type')!r} is not supported "
+                              f"(llama, qwen2, {', '.join(LLAVA_FAMILIES)})")
     heads = int(hf["num_attention_heads"])
     head_dim = int(hf.get("head_dim") or 0)
     if head_dim == hf["hidden_size"] // heads:
@@ -280,17 +284,22 @@ def abstract_params_for(config: LLMConfig, mesh=None) -> Any:
     return sharding.abstract_sharded_params(Decoder(config), mesh, dummy)
 
 
-def load_hf_params(hf_dir: str, config: LLMConfig, abstract_params: Any = None, mesh=None) -> dict:
+def load_hf_params(hf_dir: str, config: LLMConfig, abstract_params: Any = None, mesh=None, *,
+                   reader: SafetensorsDir | None = None,
+                   tensor_names: Iterable[str] | None = None) -> dict:
     """Reads an HF safetensors dir into our param tree, each leaf placed on its sharding.
 
     Args:
       hf_dir: directory with model.safetensors or model.safetensors.index.json.
       config: our LLMConfig (param dtype = dtype of the returned leaves).
       abstract_params: target tree of ShapeDtypeStructs with `.sharding` (default from `mesh`).
+      reader: an already open `SafetensorsDir` of `hf_dir` (default: opened here).
+      tensor_names: the tensors of the directory that are the LLM's (default: all of them); a
+        multimodal checkpoint (`convert.gem`) routes its other tensors elsewhere.
     Raises:
       CheckpointError naming the tensor on a missing / unexpected / wrong-shaped tensor.
     """
-    reader = SafetensorsDir(hf_dir)
+    reader = reader or SafetensorsDir(hf_dir)
     abstract = abstract_params if abstract_params is not None else abstract_params_for(config, mesh)
     entries = leaf_rules(config)
     expected_paths = {path for path, _, _ in entries}
@@ -299,7 +308,7 @@ def load_hf_params(hf_dir: str, config: LLMConfig, abstract_params: Any = None, 
         raise CheckpointError(f"internal name map does not cover the model: missing "
                               f"{sorted(abstract_paths - expected_paths)}, extra "
                               f"{sorted(expected_paths - abstract_paths)}")
-    available = set(reader.keys())
+    available = set(reader.keys() if tensor_names is None else tensor_names)
     needed = {name for _, _, names in entries for name in names}
     missing = sorted(needed - available)
     if missing:

@@ -1,30 +1,31 @@
-"""The chat format, the `<ecg>` placeholder, the `[ECG{i}]` generation tokens, and `InputBuilder`:
+"""The chat formats, the ECG placeholder, the `[ECG{i}]` generation tokens, and `InputBuilder`:
 the one object that turns conversations and requests into token ids and masks, for the training
 examples (`data.pipelines.Stage1Example`, `Stage2Example`) and for serving
 (`inference.interpret.Interpreter`, `inference.chat.UnifiedModel`) alike, so the two cannot drift.
 
-Chat format (`VICUNA`, Vicuna-style as GEM's conversations):
-    "<s>" + [system + " "] + "USER: <ecg>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>"
-Each piece (role prefix, content, answer) is tokenized on its own and the ids concatenated, so
-serving prompts are prefixes of the training ids. A stage-2 request's content is one piece
-(`GENERATION_REQUEST + report`): training used to tokenize the report apart from the request and
-serving the request together with "USER: ", which split words differently at both seams
-("report: sinus" -> ':', 'Ġ', 'sinus' vs ':', 'Ġsinus' in the tiny BPE); both now follow the
-template. Swapping the template (e.g. for LLaVA's exact llava_v1 one) is a change to `VICUNA` /
-`InputBuilder.template` only.
+Both formats are LLaVA's `SeparatorStyle.TWO` (llava/conversation.py `get_prompt`, separators " "
+after the system text and each user turn, the tokenizer's eos `</s>` after each answer):
+    [system + " "] + "USER: <ph>\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>"
+  - `VICUNA` (`model.input.prompt_format = "vicuna"`): the project's own, no system text unless
+    `data.system` sets one; the placeholder is the `<ecg>` token.
+  - `LLAVA_V1` ("llava_v1"): LLaVA's `conv_llava_v1`, what GEM trains (`--version llava_v1`) and
+    serves (`--conv-mode llava_v1`) with, token for token: its system text, `<image>` moved to the
+    front of the first user turn.
 
-Two open prompts, as trained and served before they shared this builder:
-  - `prompt_ids` (interpretation, stage 1): ends with "ASSISTANT:" (no space), GEM's generation
-    prompt (LLaVA conversation.py `get_prompt`: `ret += role + ":"` for the open turn). Training
-    tokenizes " ASSISTANT: " before the answer, so the served prompt stops one token (the space)
-    short of the trained context; the llava_v1 switch removes that lone space token.
+Tokenization is LLaVA's `tokenizer_image_token` (llava/mm_utils.py): the WHOLE string is tokenized
+at once, split only at the placeholder, whose slot holds the placeholder id (the `<ecg>` token, or
+the sentinel -200 = LLaVA's IMAGE_TOKEN_INDEX with `placeholder="sentinel"`, which needs no
+vocabulary row). The supervised-token mask is LLaVA's `preprocess_v1` (llava/train/train.py): per
+round, everything up to and including "ASSISTANT: " is masked, the answer and its `</s>` trained.
+
+Two open prompts:
+  - `prompt_ids` (interpretation, stage 1): ends with "ASSISTANT:" (no space), LLaVA's generation
+    prompt (`ret += role + ":"` for the open turn); whole-string tokenization merges the space into
+    the first answer token in training, so the served prompt is a prefix of the training ids.
   - `request_ids` (generation, stage 2): ends with " ASSISTANT: ", exactly the ids a stage-2
-    training example holds before its `[ECG]` tokens. (Serving interpretation with the trailing
-    space too was tried: the tiny stage-2 test model then answered ECG prompts with special
-    tokens only, as its two tasks were told apart by that last token; kept apart until the
-    template switch.)
+    training example holds before its `[ECG]` tokens.
 
-    builder = InputBuilder(tokenizer)
+    builder = InputBuilder(tokenizer)                              # or prompt_format="llava_v1"
     builder.prompt_ids("Interpret this ECG.", with_ecg=True)      # serving: interpretation
     builder.request_ids(GENERATION_REQUEST + report)               # serving: generation request
     builder.interpretation_example(turns, max_length=256)          # training: stage 1 fields
@@ -40,6 +41,10 @@ import numpy as np
 from uniecg_jax.errors import UniECGError
 
 ECG_PLACEHOLDER = "<ecg>"
+# LLaVA's image marker and the id its placeholder gets (llava/constants.py DEFAULT_IMAGE_TOKEN,
+# IMAGE_TOKEN_INDEX): a negative id no embedding row holds, replaced by the ECG tokens.
+IMAGE_MARKER = "<image>"
+SENTINEL_PLACEHOLDER_ID = -200
 GENERATION_REQUEST = "Generate a 12-lead ECG that matches this report: "
 # The default interpretation prompt: the first of the grounded conversations' questions.
 INTERPRETATION_REQUEST = "Interpret this 12-lead ECG and give the evidence for your diagnosis."
@@ -53,36 +58,80 @@ def ecg_token_names(count: int) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
-    """How turns become text pieces. Role prefixes and contents are tokenized separately.
+    """A `SeparatorStyle.TWO` conversation format (the answer separator is the tokenizer's eos).
 
-    user_prefix / assistant_prefix: put before each user / assistant turn.
-    ecg_separator: between the `<ecg>` placeholder and the first user text.
+    system: the format's own system text (None: none unless the builder is given one).
+    separator: after the system text and after each user turn (LLaVA `sep`).
+    marker: where the ECG placeholder stands in the text; `ecg_separator` follows it.
     ignored_markers: image/ECG markers removed from user text (the placeholder is placed here).
     """
-    user_prefix: str = "USER: "
-    assistant_prefix: str = " ASSISTANT: "
+    name: str
+    system: str | None = None
+    user_role: str = "USER"
+    assistant_role: str = "ASSISTANT"
+    separator: str = " "
+    marker: str = ECG_PLACEHOLDER
     ecg_separator: str = "\n"
-    system_separator: str = " "
-    ignored_markers: tuple[str, ...] = ("<image>", ECG_PLACEHOLDER)
+    ignored_markers: tuple[str, ...] = (IMAGE_MARKER, ECG_PLACEHOLDER)
+
+    @property
+    def user_prefix(self) -> str:
+        return f"{self.user_role}: "
+
+    @property
+    def assistant_prefix(self) -> str:
+        return f"{self.separator}{self.assistant_role}: "
 
 
-VICUNA = ChatTemplate()
+VICUNA = ChatTemplate("vicuna")
+# llava/conversation.py conv_llava_v1 (GEM commit c8a580f = LLaVA's).
+LLAVA_V1 = ChatTemplate(
+    "llava_v1", marker=IMAGE_MARKER,
+    system="A chat between a curious human and an artificial intelligence assistant. "
+           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+TEMPLATES = {template.name: template for template in (VICUNA, LLAVA_V1)}
+
+
+def template_named(name: str) -> ChatTemplate:
+    """The `ChatTemplate` of `model.input.prompt_format`."""
+    if name not in TEMPLATES:
+        raise UniECGError(f"unknown prompt format {name!r}; choose from {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class InputBuilder:
     """Token ids, loss masks and ECG positions for every model input, in one format.
 
-    tokenizer: any HF tokenizer with `<ecg>` (`data.tokenizer.load_tokenizer`); it is never
-      modified here (grow it once with `data.tokenizer.add_ecg_tokens`).
-    system: optional system prompt before the first user turn.
+    tokenizer: any HF fast tokenizer; with placeholder "token" it must hold `<ecg>`
+      (`data.tokenizer.load_tokenizer`); it is never modified here (grow it once with
+      `data.tokenizer.add_ecg_tokens`).
+    template: the chat format (`VICUNA`, `LLAVA_V1`; `for_model` picks the model's).
+    system: a system prompt; None = the template's own (none for `VICUNA`).
+    placeholder: "token" (`<ecg>`'s id) or "sentinel" (`SENTINEL_PLACEHOLDER_ID`).
     """
     tokenizer: Any
     template: ChatTemplate = VICUNA
     system: str | None = None
+    placeholder: str = "token"
+
+    @classmethod
+    def for_model(cls, tokenizer, input_config: Any, system: str | None = None) -> "InputBuilder":
+        """The builder of a model's `model.input` group (an `InputFormatConfig` or mapping with
+        prompt_format / placeholder); `system` overrides the format's own system text."""
+        get = (input_config.get if hasattr(input_config, "get")
+               else lambda key, default: getattr(input_config, key, default))
+        return cls(tokenizer, template_named(get("prompt_format", "vicuna")), system or None,
+                   get("placeholder", "token"))
+
+    def __post_init__(self):
+        if self.placeholder not in ("token", "sentinel"):
+            raise UniECGError(f"placeholder must be 'token' or 'sentinel', got {self.placeholder!r}")
 
     @property
     def placeholder_id(self) -> int:
+        if self.placeholder == "sentinel":
+            return SENTINEL_PLACEHOLDER_ID
         token_id = self.tokenizer.convert_tokens_to_ids(ECG_PLACEHOLDER)
         if token_id is None or token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {ECG_PLACEHOLDER} token; load it with "
@@ -93,6 +142,10 @@ class InputBuilder:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id)
 
+    @property
+    def system_text(self) -> str | None:
+        return self.system if self.system is not None else self.template.system
+
     def ecg_token_ids(self, count: int) -> list[int]:
         """Ids of `[ECG0]..[ECG{count-1}]`; raises if the tokenizer was not grown with them."""
         vocab = self.tokenizer.get_vocab()
@@ -102,58 +155,104 @@ class InputBuilder:
                               "data.tokenizer.add_ecg_tokens(tokenizer, count)")
         return [int(vocab[name]) for name in ecg_token_names(count)]
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    def conversation(self, turns: Sequence[Turn], with_ecg: bool = True
-                     ) -> tuple[list[int], list[int]]:
-        """Tokenizes a conversation.
+    # ------------------------------------------------------------------ text and tokenization
+    def text(self, turns: Sequence[Turn], with_ecg: bool = True) -> str:
+        """The conversation string (LLaVA `Conversation.get_prompt` for SeparatorStyle.TWO).
 
         turns: [(role, text)] alternating "user"/"assistant", starting with "user". A final
-          ("assistant", None) leaves the prompt open for the answer: "ASSISTANT:" without the
-          trailing space, no answer, no `</s>` (GEM's generation prompt).
-        with_ecg: one `<ecg>` placeholder (then `ecg_separator`) before the first user text.
-        Returns (token ids [L], loss mask [L]: 1 on assistant answer tokens and their `</s>`).
+          ("assistant", None) leaves the prompt open: "ASSISTANT:" without the trailing space.
+        with_ecg: the placeholder marker + `ecg_separator` in front of the first user text
+          (markers anywhere in user text are removed first, as LLaVA's preprocess_multimodal).
         """
-        template = self.template
-        ids, mask = [self.tokenizer.bos_token_id], [0]
-
-        def add(token_ids, trainable):
-            ids.extend(token_ids)
-            mask.extend([int(trainable)] * len(token_ids))
-
+        template, end = self.template, self.tokenizer.eos_token
+        out = self.system_text + template.separator if self.system_text else ""
         for index, (role, text) in enumerate(turns):
             if role == "user":
                 text = text or ""
                 for marker in template.ignored_markers:
                     text = text.replace(marker, "")
                 text = text.strip()
-                system = (self.system + template.system_separator
-                          if self.system and index == 0 else "")
-                add(self._ids(system + template.user_prefix), False)
                 if index == 0 and with_ecg:
-                    add([self.placeholder_id], False)
-                    text = template.ecg_separator + text
-                add(self._ids(text), False)
+                    text = template.marker + template.ecg_separator + text
+                out += template.user_prefix + text
             elif role == "assistant":
-                prefix = template.assistant_prefix
-                add(self._ids(prefix.rstrip() if text is None else prefix), False)
-                if text is not None:
-                    add(self._ids(text.strip()) + [self.tokenizer.eos_token_id], True)
+                if text is None:
+                    out += template.separator + template.assistant_role + ":"
+                else:
+                    out += template.assistant_prefix + text.strip() + end
             else:
                 raise ValueError(f"unknown role {role!r} in turn {index}")
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """bos + the whole string tokenized at once. With an `<ecg>` token in the text (the
+        project's format) that is literally one call; otherwise LLaVA's `tokenizer_image_token`:
+        split only at the placeholder marker, whose slot gets `placeholder_id`."""
+        return self._encode_with_spans(text)[0]
+
+    def _encode_with_spans(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode` and each token's character span in `text` ((0, 0) for bos)."""
+        ids = [] if self.tokenizer.bos_token_id is None else [int(self.tokenizer.bos_token_id)]
+        spans = [(0, 0)] * len(ids)
+        if self.placeholder == "token" and self.template.marker == ECG_PLACEHOLDER:
+            chunks, marker = [text], ""
+        else:
+            chunks, marker = text.split(self.template.marker), self.template.marker
+        start = 0
+        for index, chunk in enumerate(chunks):
+            if index:
+                ids.append(self.placeholder_id)
+                spans.append((start, start + len(marker)))
+                start += len(marker)
+            if chunk:
+                encoded = self.tokenizer(chunk, add_special_tokens=False,
+                                         return_offsets_mapping=True)
+                ids.extend(encoded["input_ids"])
+                spans.extend((start + a, start + b) for a, b in encoded["offset_mapping"])
+            start += len(chunk)
+        return ids, spans
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def conversation(self, turns: Sequence[Turn], with_ecg: bool = True
+                     ) -> tuple[list[int], list[int]]:
+        """Tokenizes a conversation (see `text`).
+
+        Returns (token ids [L], loss mask [L]: 1 on the assistant answers and their eos). The mask
+        is what LLaVA's `preprocess_v1` trains: each answer from the space after "ASSISTANT:"
+        (whichever token holds it: merged into the answer's first word, or alone before a digit)
+        through its eos. preprocess_v1 finds those tokens by counting the tokens of each round
+        tokenized apart; we find them by their character spans in the one tokenized string, which
+        gives the same mask wherever LLaVA's counts add up (where they do not, LLaVA drops the
+        example with "tokenization mismatch"; a tokenizer whose words merge differently after
+        `</s>` does that).
+        """
+        text = self.text(turns, with_ecg)
+        ids, spans = self._encode_with_spans(text)
+        supervised = []   # [start, end) character ranges: " " + answer + eos
+        cursor, end_text = 0, self.tokenizer.eos_token
+        for role, answer in turns:
+            if role != "assistant" or answer is None:
+                continue
+            at = text.index(self.template.assistant_prefix + answer.strip() + end_text, cursor)
+            first = at + len(self.template.assistant_prefix) - 1   # the separating space
+            cursor = first + 1 + len(answer.strip()) + len(end_text)
+            supervised.append((first, cursor))
+        mask = [int(end > start and any(start < stop and begin < end for begin, stop in supervised))
+                for start, end in spans]
         return ids, mask
 
     def prompt_ids(self, text: str, with_ecg: bool) -> list[int]:
         """One user turn, open for the assistant's answer (serving interpretation): a prefix of
         the training ids of the same question (`interpretation_example`)."""
-        return self.conversation([("user", text), ("assistant", None)], with_ecg=with_ecg)[0]
+        return self.encode(self.text([("user", text), ("assistant", None)], with_ecg))
 
     def request_ids(self, text: str) -> list[int]:
         """A text-only request followed by the whole assistant prefix (serving generation): the
         ids a stage-2 training example holds before its `[ECG]` tokens."""
-        return (self.conversation([("user", text)], with_ecg=False)[0]
-                + self._ids(self.template.assistant_prefix))
+        return self.encode(self.text([("user", text)], with_ecg=False)
+                           + self.template.assistant_prefix)
 
     def fixed_length(self, ids: Sequence[int], mask: Sequence[int], length: int
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -34,7 +34,8 @@ from uniecg_jax.data.conversations import build_conversation
 from uniecg_jax.data.examples import decode_example, encode_example, example_to_record, \
     shard_paths
 from uniecg_jax.data.measure import with_measured_rhythm
-from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE, ECGRecord
+from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE, ECGRecord, \
+    to_encoder_lead_order
 from uniecg_jax.data.text_encoder import get_text_encoder
 from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tiny
 from uniecg_jax.errors import UniECGError
@@ -104,10 +105,11 @@ class DecodeExample(grain.MapTransform):
 class Stage1Example(grain.MapTransform):
     """Example -> ECG [12, 5000] + conversation tokens with one `<ecg>` placeholder, loss mask on
     assistant tokens only, padded/truncated to `max_length` (`InputBuilder.interpretation_example`).
+    The ECG rows are in the encoder's `lead_order` (`data.record.to_encoder_lead_order`).
     """
 
-    def __init__(self, inputs: InputBuilder, max_length: int):
-        self.inputs, self.max_length = inputs, max_length
+    def __init__(self, inputs: InputBuilder, max_length: int, lead_order: str = "canonical"):
+        self.inputs, self.max_length, self.lead_order = inputs, max_length, lead_order
 
     def map(self, example: dict) -> dict:
         record = example_to_record(example)
@@ -118,7 +120,8 @@ class Stage1Example(grain.MapTransform):
             fields = self.inputs.interpretation_example(turns, self.max_length)
         except UniECGError as error:
             raise UniECGError(f"record {record.record_id}: {error}") from None
-        return dict(ecg=record.to_encoder_input(), **fields, record_key=_record_key(example))
+        return dict(ecg=to_encoder_lead_order(record.to_encoder_input(), self.lead_order),
+                    **fields, record_key=_record_key(example))
 
 
 class Stage2Example(grain.MapTransform):
@@ -203,12 +206,17 @@ def make_loader(source, operations: Sequence[grain.Transformation], *, batch_siz
 
 
 def stage1_loader(data, tokenizer=None, *, max_length: int = 256, batch_size: int = 8,
-                  split: str = "train", system: str | None = None, **loader_kwargs
-                  ) -> grain.DataLoader:
-    """Stage-1 batches (ECG + conversation tokens). tokenizer: any HF tokenizer with `<ecg>`
-    (default: the tiny one). loader_kwargs: see make_loader."""
-    inputs = InputBuilder(tokenizer or load_tiny(), system=system)
-    return make_loader(open_source(data, split), [Stage1Example(inputs, max_length)],
+                  split: str = "train", system: str | None = None, input_format: Any = None,
+                  **loader_kwargs) -> grain.DataLoader:
+    """Stage-1 batches (ECG + conversation tokens). tokenizer: any HF tokenizer (with `<ecg>` for
+    a "token" placeholder; default: the tiny one). input_format: the model's `model.input`
+    (prompt format, placeholder, ECG lead order; default the project's own). loader_kwargs: see
+    make_loader."""
+    input_format = input_format or {}
+    inputs = InputBuilder.for_model(tokenizer or load_tiny(), input_format, system)
+    lead_order = (input_format.get("ecg_lead_order", "canonical") if hasattr(input_format, "get")
+                  else input_format.ecg_lead_order)
+    return make_loader(open_source(data, split), [Stage1Example(inputs, max_length, lead_order)],
                        batch_size=batch_size, **loader_kwargs)
 
 

@@ -20,6 +20,23 @@ from uniecg_jax.errors import RecordError
 
 LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 NUM_LEADS = len(LEADS)
+# The row order an ECG encoder was trained on: "canonical" = `LEADS`; "mimic_iv" = the file order of
+# MIMIC-IV-ECG (aVF before aVL), which ECG-CoCa and GEM read unmapped (GEM train.py: wfdb.rdsamp,
+# transpose, no renaming), so their weights expect aVF in row 4 and aVL in row 5.
+ENCODER_LEAD_ORDERS = {
+    "canonical": LEADS,
+    "mimic_iv": ("I", "II", "III", "aVR", "aVF", "aVL", "V1", "V2", "V3", "V4", "V5", "V6"),
+}
+
+
+def to_encoder_lead_order(signal: np.ndarray, order: str) -> np.ndarray:
+    """[..., 12, T] in `LEADS` order -> the same leads in the row order `order` (a key of
+    `ENCODER_LEAD_ORDERS`) that the model's ECG encoder was trained on."""
+    if order not in ENCODER_LEAD_ORDERS:
+        raise ValueError(f"unknown ECG lead order {order!r}; choose from "
+                         f"{sorted(ENCODER_LEAD_ORDERS)}")
+    rows = [LEADS.index(lead) for lead in ENCODER_LEAD_ORDERS[order]]
+    return np.asarray(signal)[..., rows, :]
 
 # The ECG encoder (ECG-CoCa / GEM) reads 10 s at 500 Hz.
 ENCODER_FS = 500.0

@@ -1,5 +1,5 @@
 """Tokenizers: the tiny offline byte-level BPE (vocab 512, for `presets.llm("tiny")`), loading any
-HF tokenizer with the `<ecg>` placeholder, and growing a tokenizer by new tokens (the stage-2
+HF tokenizer (with the `<ecg>` placeholder, or unchanged for a sentinel placeholder), and growing a tokenizer by new tokens (the stage-2
 `[ECG0]..[ECG{N-1}]`).
 
 Real models use their checkpoint's tokenizer (`AutoTokenizer.from_pretrained(path)`); everything here
@@ -56,17 +56,19 @@ def load_tiny():
     return PreTrainedTokenizerFast.from_pretrained(str(tiny_tokenizer_dir()))
 
 
-def load_tokenizer(path: str | None = None):
+def load_tokenizer(path: str | None = None, placeholder: str = "token"):
     """`path` None -> the tiny tokenizer; otherwise `AutoTokenizer.from_pretrained(path)` (offline),
-    with the `<ecg>` placeholder added if the checkpoint lacks it."""
+    with the `<ecg>` placeholder added if the checkpoint lacks it and `placeholder` is "token" (a
+    "sentinel" placeholder, as GEM's, needs no token: the vocabulary stays as released)."""
     if path is None:
         return load_tiny()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    # Grown like every other added token (`add_tokens`): `add_special_tokens` with
-    # additional_special_tokens would also replace a checkpoint's own extra special-token list.
-    add_tokens(tokenizer, [ECG_PLACEHOLDER])
+    if placeholder == "token":
+        # Grown like every other added token (`add_tokens`): `add_special_tokens` with
+        # additional_special_tokens would also replace a checkpoint's own special-token list.
+        add_tokens(tokenizer, [ECG_PLACEHOLDER])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer

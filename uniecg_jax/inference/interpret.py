@@ -3,6 +3,10 @@
     interpreter = Interpreter.load("/tmp/stage1")          # a train workdir or a model checkpoint
     reports = interpreter.interpret(ecgs)                  # ecgs [B, 12, 5000] mV at 500 Hz
 
+ECGs arrive in the record layer's lead order (`data.record.LEADS`); the rows are put in the order
+the model's encoder was trained on (`model.input.ecg_lead_order`, e.g. MIMIC-IV-ECG file order for
+GEM / ECG-CoCa weights) here, once, as the stage-1 training examples do.
+
 Prompts come from `data.chat_format.InputBuilder` (the builder the training examples use) and are
 left-padded; the single `<ecg>` placeholder of each prompt expands into the E ECG tokens by
 `models.stage1.expand_inputs` (the layout of the training forward pass), and the ECG embeddings are
@@ -22,6 +26,7 @@ import numpy as np
 
 from uniecg_jax.checkpoint import load_model_config, restore_model, save_model
 from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, InputBuilder
+from uniecg_jax.data.record import to_encoder_lead_order
 from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.inference import decoding
 from uniecg_jax.errors import CheckpointError
@@ -60,8 +65,10 @@ def model_exporter(config: ml_collections.ConfigDict, tokenizer):
 
 
 def input_builder(tokenizer, config: ml_collections.ConfigDict) -> InputBuilder:
-    """The `InputBuilder` a model trained with `config` was trained on (`data.system`)."""
-    return InputBuilder(tokenizer, system=config.data.get("system", "") or None)
+    """The `InputBuilder` a model trained with `config` was trained on (`model.input`,
+    `data.system`)."""
+    return InputBuilder.for_model(tokenizer, config.model.get("input", {}),
+                                  config.data.get("system", "") or None)
 
 
 @dataclasses.dataclass
@@ -86,7 +93,8 @@ class Interpreter:
             jnp.zeros((1,), jnp.int32), sharding=device)
         params, _ = restore_model(directory, abstract)
         tokenizer_dir = os.path.join(directory, "tokenizer")
-        tokenizer = load_tokenizer(tokenizer_dir if os.path.isdir(tokenizer_dir) else None)
+        tokenizer = load_tokenizer(tokenizer_dir if os.path.isdir(tokenizer_dir) else None,
+                                   placeholder=ucfg.input.placeholder)
         return cls(model, params, tokenizer, config)
 
     @property
@@ -110,7 +118,7 @@ class Interpreter:
                   max_new_tokens: int | None = None, sampling: decoding.Sampling | None = None,
                   seed: int = 0, batch_multiple: int = 1,
                   stop_token_ids: Sequence[int] | None = None) -> list[str]:
-        """ecgs [B, 12, samples] (mV, encoder rate) -> B reports.
+        """ecgs [B, 12, samples] (mV, encoder rate, `LEADS` order) -> B reports.
 
         batch_multiple: rows are padded to a multiple of this (the device count for a sharded batch).
         stop_token_ids: default the model's eos; () decodes exactly max_new_tokens (benchmarks).
@@ -118,6 +126,7 @@ class Interpreter:
         ecgs = np.asarray(ecgs, np.float32)
         if ecgs.ndim != 3:
             raise ValueError(f"ecgs must be [B, leads, samples], got shape {ecgs.shape}")
+        ecgs = to_encoder_lead_order(ecgs, self.model.config.input.ecg_lead_order)
         count = ecgs.shape[0]
         if prompts is None or isinstance(prompts, str):
             prompts = [prompts or DEFAULT_PROMPT] * count

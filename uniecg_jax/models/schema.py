@@ -194,3 +194,37 @@ def check_group_keys(values: Any, allowed: typing.Iterable[str], group: str) -> 
         raise ConfigError(f"unknown key(s) in config group {group or '(top level)'}: "
                           f"{'; '.join(messages)}")
     return values
+
+
+# Choices of `InputFormatConfig` (the data layer implements them: `data.chat_format` formats and
+# placeholders, `data.record.ENCODER_LEAD_ORDERS`).
+PROMPT_FORMATS = ("vicuna", "llava_v1")
+PLACEHOLDER_KINDS = ("token", "sentinel")
+ECG_LEAD_ORDERS = ("canonical", "mimic_iv")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFormatConfig(ConfigSchema):
+    """How a UniECG model's inputs were laid out in training (`model.input`); part of the model,
+    so every checkpoint states it and serving follows it.
+
+    prompt_format: "vicuna" (the project's own chat format) or "llava_v1" (LLaVA's `conv_llava_v1`,
+      GEM's training and serving prompt, token for token).
+    placeholder: "token" (an added `<ecg>` token with its own embedding row) or "sentinel" (a
+      negative id, LLaVA's IMAGE_TOKEN_INDEX -200, spliced away before the embedding lookup, so
+      the vocabulary keeps its size).
+    ecg_lead_order: the row order the ECG encoder was trained on ("canonical", or "mimic_iv", the
+      MIMIC-IV-ECG file order that ECG-CoCa / GEM weights saw).
+    """
+    config_group = "model.input"
+    prompt_format: str = "vicuna"
+    placeholder: str = "token"
+    ecg_lead_order: str = "canonical"
+
+    def __post_init__(self):
+        for name, choices in (("prompt_format", PROMPT_FORMATS),
+                              ("placeholder", PLACEHOLDER_KINDS),
+                              ("ecg_lead_order", ECG_LEAD_ORDERS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"model.input.{name}={getattr(self, name)!r}; choose from "
+                                  f"{', '.join(choices)}")

@@ -8,6 +8,10 @@ embeddings at positions `ecg_position + arange(E)` (the Decoder's `extra_embeddi
 data-dependent shapes, so training and decoding jit. `expand_inputs` is that layout, the one
 implementation the forward pass, the loss and the serving prompts (`inference.interpret`) use.
 
+The placeholder itself is never embedded (its slot becomes the first ECG slot), so it may be an added
+`<ecg>` token or, as in LLaVA / GEM, a sentinel id outside the vocabulary (-200,
+`model.input.placeholder = "sentinel"`): a GEM model keeps its 32000 embedding rows.
+
 Params: {"ecg_tower": {"encoder", "projector"}, "llm": <Decoder params>}; the LLM subtree is exactly
 the Decoder's, so HF conversion applies to `params["llm"]` unchanged.
 """
@@ -22,9 +26,9 @@ import jax.numpy as jnp
 
 from uniecg_jax.models.ecg_encoder import ECGEncoderConfig, ECGTower, ProjectorConfig
 from uniecg_jax.models.llm import Decoder, LLMConfig
-from uniecg_jax.models.schema import check_group_keys
+from uniecg_jax.models.schema import InputFormatConfig, check_group_keys
 
-UNIECG_GROUPS = ("llm", "ecg_encoder", "projector")
+UNIECG_GROUPS = ("llm", "ecg_encoder", "projector", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +36,13 @@ class UniECGConfig:
     llm: LLMConfig
     encoder: ECGEncoderConfig
     projector: ProjectorConfig
+    input: InputFormatConfig = InputFormatConfig()
 
     @classmethod
     def from_config(cls, model_config: Any, group: str = "model") -> "UniECGConfig":
-        """From `config.model` with sub-groups `llm`, `ecg_encoder`, `projector` (each loaded by its
-        dataclass's strict `from_config`; any other key is an error)."""
+        """From `config.model` with sub-groups `llm`, `ecg_encoder`, `projector` and the optional
+        `input` (each loaded by its dataclass's strict `from_config`; any other key is an error;
+        checkpoints without `input` get its defaults, the project's own format)."""
         values = check_group_keys(model_config, UNIECG_GROUPS, group)
         llm = LLMConfig.from_config(values.get("llm"), f"{group}.llm")
         encoder = ECGEncoderConfig.from_config(values.get("ecg_encoder"), f"{group}.ecg_encoder")
@@ -45,7 +51,8 @@ class UniECGConfig:
         if projector.llm_hidden_size != llm.hidden_size:
             raise ValueError(f"model.projector.llm_hidden_size={projector.llm_hidden_size} must equal "
                              f"model.llm.hidden_size={llm.hidden_size}")
-        return cls(llm, encoder, projector)
+        return cls(llm, encoder, projector,
+                   InputFormatConfig.from_config(values.get("input"), f"{group}.input"))
 
     @property
     def num_ecg_tokens(self) -> int:

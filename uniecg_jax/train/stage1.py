@@ -2,9 +2,10 @@
 
 The `stage1` objective of the shared train loop (`configs/stage1.py`). Data: a `uniecg prep` folder
 (`config.data.source=/path`) or, by default, the bundled real records (minus a held-out set by
-patient) plus synthetic ECGs with known heart rate. The LLM starts from an HF checkpoint
-(`config.init.hf_dir`) or random (tiny config); the ECG encoder from an ECG-CoCa checkpoint
-(`config.init.ecg_encoder_ckpt`) or random.
+patient) plus synthetic ECGs with known heart rate. The whole model starts from a GEM release
+(`config.init.gem_dir`, `convert.gem`), or the LLM from an HF checkpoint (`config.init.hf_dir`) or
+random (tiny config) and the ECG encoder from an ECG-CoCa checkpoint (`config.init.ecg_encoder_ckpt`)
+or random.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from uniecg_jax.config import replace_values
+from uniecg_jax.convert import gem
 from uniecg_jax.convert.ecg_coca import import_ecg_coca
 from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
 from uniecg_jax.data.bundled import bundled_split
@@ -35,17 +37,24 @@ from uniecg_jax.train.schema import load_train_config
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict):
-    """The tokenizer this config trains with: data.tokenizer, else init.hf_dir's, else tiny."""
-    path = config.data.tokenizer or config.init.hf_dir or None
-    return load_tokenizer(path), path
+    """The tokenizer this config trains with: data.tokenizer, else init.gem_dir's, else
+    init.hf_dir's, else tiny; `<ecg>` is added only for a "token" placeholder."""
+    path = config.data.tokenizer or config.init.get("gem_dir") or config.init.hf_dir or None
+    placeholder = config.model.get("input", {}).get("placeholder", "token")
+    return load_tokenizer(path, placeholder=placeholder), path
 
 
 def finalize_model_config(config: ml_collections.ConfigDict, tokenizer
                           ) -> ml_collections.ConfigDict:
     """A new config whose `model.llm` matches the HF checkpoint (if any) and the tokenizer's
-    vocabulary and special ids (`config` itself is left as it is)."""
-    llm = config.model.llm.to_dict()
+    vocabulary and special ids (`config` itself is left as it is). With `init.gem_dir` the
+    release sets every model shape and the input layout (`convert.gem.release_model_config`)."""
     changes = {}
+    if config.init.get("gem_dir"):
+        model = gem.release_model_config(config.init.gem_dir, config.model,
+                                         config.init.ecg_encoder_ckpt or None)
+        config = replace_values(config, {"model": model})
+    llm = config.model.llm.to_dict()
     if config.init.hf_dir:
         hf_model = model_config_from_hf(config.init.hf_dir).to_dict()
         for key, value in hf_model.items():
@@ -132,7 +141,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
     def make_data(process_index, process_count, local_batch):
         loader = stage1_loader(stage1_data_source(config, "train"), tokenizer,
                                max_length=max_length, batch_size=local_batch, split="train",
-                               system=config.data.system or None, seed=int(config.seed),
+                               system=config.data.system or None, input_format=ucfg.input,
+                               seed=int(config.seed),
                                process_index=process_index, process_count=process_count,
                                worker_count=int(config.data.worker_count))
         return iter(loader)
@@ -144,7 +154,7 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                 "ecg_position": jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
 
     initial_params = None
-    if config.init.hf_dir or config.init.ecg_encoder_ckpt:
+    if config.init.hf_dir or config.init.ecg_encoder_ckpt or config.init.get("gem_dir"):
         initial_params = functools.partial(_pretrained_params, config, model, tokenizer)
 
     llm_params = ucfg.llm.num_params()
@@ -173,6 +183,10 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
     The HF embedding (and untied lm_head) grows to the tokenizer's vocabulary when `<ecg>` was
     added: new rows are the mean of the pretrained ones.
     """
+    if config.init.get("gem_dir"):
+        return gem.import_gem(config.init.gem_dir, abstract_params=abstract_params,
+                              model_config=config.model,
+                              ecg_tower_ckpt=config.init.ecg_encoder_ckpt or None).params
     shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
     # The jitted init returns only the randomly initialised subtrees, so XLA drops the rest of the
     # init: an HF-initialised LLM's random weights are never computed or allocated. (The tower is

@@ -1,0 +1,409 @@
+"""GEM releases: one-step import, LLaVA's llava_v1 token ids and mask, the encoder's lead order, and
+the round trip back to GEM's layout.
+
+References: the whole GEM model in torch (a `transformers` LlamaForCausalLM, our torch ECG-CoCa tower
+and GEM's projectors from tests/ecg_coca_torch_reference.py, spliced as LLaVA's
+`prepare_inputs_labels_for_multimodal` splices: the embeddings are split at the -200 placeholder and
+the ECG features concatenated in its place), and LLaVA's prompt code re-written here from
+llava/conversation.py (`conv_llava_v1`, SeparatorStyle.TWO `get_prompt`), llava/mm_utils.py
+(`tokenizer_image_token`) and llava/train/train.py (`preprocess_multimodal`, `preprocess_v1`) at
+lanxiang1017/GEM commit c8a580f.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from ecg_coca_torch_reference import EcgTower, GemProjectors
+from uniecg_jax.cli import main as cli_main
+from uniecg_jax.convert import gem, hf_testing
+from uniecg_jax.data import record as record_lib
+from uniecg_jax.data.chat_format import LLAVA_V1, VICUNA, InputBuilder
+from uniecg_jax.data import read_record
+from uniecg_jax.errors import CheckpointError
+from uniecg_jax.inference.interpret import Interpreter
+from uniecg_jax.models.stage1 import UniECG, UniECGConfig
+
+# heads = width // 64 = 2, as open_clip derives them; 11 ECG tokens.
+WIDTH, LAYERS, PATCH, SAMPLES, MM_HIDDEN = 128, 2, 50, 500, 48
+SENTINEL = -200
+VISION_KEYS = {  # a few of the CLIP tower's tensors, as GEM saves them
+    "model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight": (8, 3, 2, 2),
+    "model.vision_tower.vision_tower.vision_model.post_layernorm.weight": (8,),
+}
+
+
+def _gem_state(seed: int = 0):
+    """(torch LLM, tower, projectors, {GEM tensor name: np.ndarray}) with random weights."""
+    llm = hf_testing.tiny_hf_model("llama", seed=seed)
+    torch.manual_seed(seed + 1)
+    tower = EcgTower(SAMPLES, 12, PATCH, WIDTH, LAYERS, heads=WIDTH // 64).eval()
+    projectors = GemProjectors(WIDTH, MM_HIDDEN, llm.config.hidden_size).eval()
+    with torch.no_grad():
+        for name, param in tower.named_parameters():
+            if "ln" in name:
+                param.copy_(torch.randn_like(param) * 0.2 + (1.0 if name.endswith("weight") else 0))
+    state = {name: t.detach().numpy().copy() for name, t in llm.state_dict().items()}
+    state.update({gem.TOWER_PREFIX + k: v.detach().numpy().copy()
+                  for k, v in tower.state_dict().items()})
+    state.update({"model." + k: v.detach().numpy().copy()
+                  for k, v in projectors.state_dict().items()})
+    rng = np.random.default_rng(seed)
+    state.update({k: rng.standard_normal(shape).astype(np.float32)
+                  for k, shape in VISION_KEYS.items()})
+    return llm, tower, projectors, state
+
+
+def _gem_config(llm, mm_ecg_tower: str) -> dict:
+    config = llm.config.to_dict()
+    config.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"],
+                  mm_ecg_tower=mm_ecg_tower, open_clip_config="coca_ViT-B-32",
+                  ecg_projector_type="linear", mm_vision_tower="openai/clip-vit-large-patch14-336",
+                  mm_projector_type="mlp2x_gelu", mm_hidden_size=MM_HIDDEN,
+                  mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                  image_aspect_ratio="ori", mm_patch_merge_type="flat",
+                  mm_use_im_start_end=False, use_mm_proj=True)
+    return config
+
+
+def write_release(directory, state: dict, config: dict, shards: int = 3) -> str:
+    """GEM's save layout: config.json + `shards` safetensors files with an index (or one
+    model.safetensors)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    names = sorted(state)
+    if shards == 1:
+        save_file({k: state[k] for k in names}, os.path.join(directory, "model.safetensors"))
+        return str(directory)
+    weight_map = {}
+    for index in range(shards):
+        file = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[index::shards]}
+        save_file(part, os.path.join(directory, file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in part})
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    llm, tower, projectors, state = _gem_state()
+    directory = tmp_path_factory.mktemp("gem_release")
+    write_release(directory, state, _gem_config(llm, "/nonexistent/ecg_coca.pt"))
+    hf_testing.tiny_tokenizer(directory, vocab_size=96)
+    return dict(dir=str(directory), llm=llm, tower=tower, projectors=projectors, state=state)
+
+
+def torch_gem_logits(llm, tower, projectors, ids: list[int], ecg: np.ndarray) -> np.ndarray:
+    """GEM's forward: features = mm_projector(ecg_projector(tower(ecg))), spliced where the -200
+    placeholder stands (llava_arch.py prepare_inputs_labels_for_multimodal), then the Llama."""
+    position = ids.index(SENTINEL)
+    with torch.no_grad():
+        features = projectors(tower(torch.from_numpy(ecg)))
+        embed = llm.get_input_embeddings()
+        before = embed(torch.tensor([ids[:position]]))
+        after = embed(torch.tensor([ids[position + 1:]]))
+        embeds = torch.cat([before, features, after], dim=1)
+        return llm(inputs_embeds=embeds).logits.numpy()
+
+
+def our_logits(params, model_config, ids: list[int], ecg: np.ndarray) -> np.ndarray:
+    config = UniECGConfig.from_config(model_config)
+    return np.asarray(UniECG(config).apply(
+        {"params": params}, jnp.asarray([ids], jnp.int32), jnp.asarray(ecg),
+        jnp.asarray([ids.index(SENTINEL)], jnp.int32)))
+
+
+IDS = [1, 17, 23, SENTINEL, 40, 41, 9, 88, 5]
+
+
+def _ecg(seed=0):
+    return np.random.default_rng(seed).standard_normal((1, 12, SAMPLES)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- import
+def test_sharded_release_imports_in_one_step_and_matches_torch(release):
+    result = gem.import_gem(release["dir"])
+    config = UniECGConfig.from_config(result.model_config)
+    assert (config.encoder.width, config.encoder.heads, config.encoder.layers,
+            config.encoder.num_samples) == (WIDTH, 2, LAYERS, SAMPLES)
+    assert config.projector.ecg_proj_dim == MM_HIDDEN and config.projector.mm_projector_depth == 2
+    assert config.llm.vocab_size == 96 and config.llm.family == "llama"
+    assert (config.input.prompt_format, config.input.placeholder, config.input.ecg_lead_order) == (
+        "llava_v1", "sentinel", "mimic_iv")
+    assert result.params["llm"]["embedding"].shape[0] == 96  # no row added for the placeholder
+    # The image tower is reported and kept, not silently dropped or called unplaced.
+    assert any("image tower" in line and "NOT used" in line for line in result.report)
+    assert set(VISION_KEYS) <= set(result.kept)
+    assert {gem.TOWER_PREFIX + "ln_post.weight", gem.TOWER_PREFIX + "proj"} <= set(result.kept)
+
+    ecg = _ecg()
+    want = torch_gem_logits(release["llm"], release["tower"], release["projectors"], IDS, ecg)
+    got = our_logits(result.params, result.model_config, IDS, ecg)
+    assert got.shape == want.shape == (1, len(IDS) - 1 + SAMPLES // PATCH + 1, 96)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    assert np.abs(want).max() > 0.1
+
+
+def test_single_file_release_without_tower_takes_the_ecg_coca_file(release, tmp_path):
+    state = {k: v for k, v in release["state"].items() if not k.startswith(gem.TOWER_PREFIX)}
+    coca = {"module.ecg." + k[len(gem.TOWER_PREFIX):]: torch.from_numpy(v)
+            for k, v in release["state"].items() if k.startswith(gem.TOWER_PREFIX)}
+    torch.save({"state_dict": coca}, tmp_path / "ecg_coca.pt")
+    directory = write_release(tmp_path / "gem", state,
+                              _gem_config(release["llm"], str(tmp_path / "ecg_coca.pt")), shards=1)
+    result = gem.import_gem(directory)
+    assert any(str(tmp_path / "ecg_coca.pt") in line for line in result.report)
+    ecg = _ecg(1)
+    want = torch_gem_logits(release["llm"], release["tower"], release["projectors"], IDS, ecg)
+    np.testing.assert_allclose(our_logits(result.params, result.model_config, IDS, ecg), want,
+                               atol=1e-4, rtol=0)
+    os.remove(tmp_path / "ecg_coca.pt")
+    with pytest.raises(CheckpointError, match="holds no ECG tower"):
+        gem.import_gem(directory)
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"),
+    ("drop model.ecg_projector.weight", "model.ecg_projector.weight"),
+    ("shape model.mm_projector.2.weight", "model.mm_projector.2.weight"),
+    ("shape model.ecg_tower.ecg_tower.transformer.resblocks.1.attn.in_proj_weight",
+     "resblocks.1.attn.in_proj_weight"),
+    ("add model.mystery.weight", "model.mystery.weight"),
+])
+def test_missing_misshapen_or_unplaced_tensor_is_named(release, tmp_path, change, message):
+    action, name = change.split()
+    state = dict(release["state"])
+    if action == "drop":
+        del state[name]
+    elif action == "shape":
+        state[name] = state[name][:-1]
+    else:
+        state[name] = np.zeros(3, np.float32)
+    directory = write_release(tmp_path / "gem", state, _gem_config(release["llm"], "x.pt"))
+    with pytest.raises(CheckpointError, match=message.replace(".", r"\.")):
+        gem.import_gem(directory)
+
+
+def test_round_trip_to_gem_layout_and_back(release, tmp_path):
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "gem_again")
+    assert cli_main(["convert", "from-gem", "--gem-dir", release["dir"], "--out", ckpt,
+                     "--config", "configs/stage1.py:tiny"]) == 0
+    assert cli_main(["convert", "to-gem", "--ckpt", ckpt, "--out", out]) == 0
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        exported = json.load(f)["weight_map"]
+    assert set(exported) == set(release["state"])
+    reader = gem.hf_llm.SafetensorsDir(out)
+    for name, tensor in release["state"].items():  # every tensor back bit for bit
+        np.testing.assert_array_equal(reader.get(name), tensor, err_msg=name)
+    with open(os.path.join(out, "config.json")) as f:
+        fields = json.load(f)
+    assert fields["model_type"] == "llava_llama" and fields["vocab_size"] == 96
+    assert fields["mm_projector_type"] == "mlp2x_gelu" and fields["mm_hidden_size"] == MM_HIDDEN
+    assert fields["ecg_lead_order"] == "mimic_iv"
+    assert fields["mm_vision_tower"] == "openai/clip-vit-large-patch14-336"
+    assert os.path.isfile(fields["mm_ecg_tower"])  # GEM's loader opens it before the shards
+
+    first = gem.import_gem(release["dir"])
+    again = gem.import_gem(out)
+    ecg = _ecg(2)
+    np.testing.assert_array_equal(our_logits(again.params, again.model_config, IDS, ecg),
+                                  our_logits(first.params, first.model_config, IDS, ecg))
+    assert again.model_config.to_dict() == first.model_config.to_dict()
+
+
+# ----------------------------------------------------------------------------- lead order
+def test_mimic_file_and_canonical_file_reach_the_encoder_alike(tmp_path):
+    import wfdb
+    rng = np.random.default_rng(0)
+    canonical = rng.standard_normal((SAMPLES * 10, 12)) * 0.5
+    mimic_names = list(record_lib.ENCODER_LEAD_ORDERS["mimic_iv"])
+    mimic = canonical[:, [record_lib.LEADS.index(n) for n in mimic_names]]
+    for name, signal, leads in (("mimic", mimic, mimic_names),
+                                ("ptbxl", canonical, list(record_lib.LEADS))):
+        wfdb.wrsamp(name, fs=500, units=["mV"] * 12, sig_name=leads, p_signal=signal,
+                    fmt=["16"] * 12, adc_gain=[1000.0] * 12, baseline=[0] * 12,
+                    write_dir=str(tmp_path))
+    inputs = {name: record_lib.to_encoder_lead_order(
+        read_record(str(tmp_path / name)).to_encoder_input(), "mimic_iv")
+        for name in ("mimic", "ptbxl")}
+    np.testing.assert_array_equal(inputs["mimic"], inputs["ptbxl"])
+    # GEM read MIMIC files unmapped: under the GEM order the encoder sees the file's own rows.
+    np.testing.assert_allclose(inputs["mimic"], mimic.T[:, :5000], atol=1e-3)
+    canonical_rows = record_lib.to_encoder_lead_order(
+        read_record(str(tmp_path / "mimic")).to_encoder_input(), "canonical")
+    assert not np.allclose(canonical_rows, inputs["mimic"])  # aVL / aVF differ
+
+
+def test_interpreter_feeds_the_encoder_in_the_models_lead_order(release, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    assert cli_main(["convert", "from-gem", "--gem-dir", release["dir"], "--out", ckpt,
+                     "--config", "configs/stage1.py:tiny"]) == 0
+    interpreter = Interpreter.load(ckpt)
+    assert interpreter.model.config.input.ecg_lead_order == "mimic_iv"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record_and_stop(ecgs, *rest):
+        seen.append(ecgs)
+        raise Stop
+
+    interpreter._generate = record_and_stop
+    canonical = _ecg(3)
+    with pytest.raises(Stop):
+        interpreter.interpret(canonical, "w5 w6", max_new_tokens=1)
+    np.testing.assert_array_equal(seen[0][0], canonical[0][[0, 1, 2, 3, 5, 4, 6, 7, 8, 9, 10, 11]])
+
+
+# ----------------------------------------------------------------------------- llava_v1 token ids
+CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions.",
+    "USER: Interpret this ECG. ASSISTANT: Sinus rhythm at 72 bpm, normal axis.",
+    "USER: What is the rate? ASSISTANT: 72 bpm; the PR interval is 160 ms.",
+    "\n leads I II III aVR aVL aVF V1 V2 V3 V4 V5 V6",
+    "questions. USER: Interpret this ECG. ASSISTANT: Sinus rhythm.",
+]
+
+
+def llama_tokenizer(legacy: bool):
+    """A tiny Llama tokenizer: BPE with byte fallback, legacy (Metaspace prepend "always": a "▁"
+    after every special token) or not (Metaspace prepend "first"), bos added as Llama's."""
+    from transformers import LlamaTokenizer
+    core = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # Trained without a prefix at line starts, so that both "USER:" (after `</s>`, non-legacy)
+    # and "▁USER:" are whole tokens, as "USER" and "▁USER" have the same length in Llama's vocab
+    # (what preprocess_v1's one-token correction for non-legacy tokenizers assumes).
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    core.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    model = json.loads(core.to_str())["model"]
+    tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                               legacy=legacy, add_bos_token=True)
+    tokenizer.pad_token = tokenizer.unk_token
+    assert tokenizer("x").input_ids[0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+def llava_prompt(messages, system=LLAVA_V1.system):
+    """conv_llava_v1.get_prompt(): SeparatorStyle.TWO with sep " ", sep2 "</s>"."""
+    seps, out = [" ", "</s>"], system + " "
+    for index, (role, message) in enumerate(messages):
+        out += f"{role}: {message}{seps[index % 2]}" if message else f"{role}:"
+    return out
+
+
+def llava_tokenizer_image_token(prompt, tokenizer):
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
+    ids, offset = [], 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        ids.append(chunks[0][0])
+    separated = [x for pair in zip(chunks, [[SENTINEL] * (offset + 1)] * len(chunks))
+                 for x in pair][:-1]
+    for piece in separated:
+        ids.extend(piece[offset:])
+    return ids
+
+
+def llava_preprocess_v1(turns, tokenizer):
+    """(input_ids, labels) as preprocess_multimodal + preprocess_v1 with has_image=True."""
+    messages = []
+    for index, (role, text) in enumerate(turns):
+        if index == 0:
+            text = "<image>\n" + text.replace("<image>", "").strip()
+        messages.append(("USER" if role == "user" else "ASSISTANT", text))
+    conversation = llava_prompt(messages)
+    ids = llava_tokenizer_image_token(conversation, tokenizer)
+    labels = list(ids)
+    sep = " ASSISTANT: "
+    cur = 1
+    labels[:cur] = [-100] * cur
+    for index, rou in enumerate(conversation.split("</s>")):
+        if rou == "":
+            break
+        parts = rou.split(sep)
+        if len(parts) != 2:
+            break
+        parts[0] += sep
+        round_len = len(llava_tokenizer_image_token(rou, tokenizer))
+        instruction_len = len(llava_tokenizer_image_token(parts[0], tokenizer)) - 2
+        if index != 0 and not tokenizer.legacy:
+            round_len, instruction_len = round_len - 1, instruction_len - 1
+        labels[cur:cur + instruction_len] = [-100] * instruction_len
+        cur += round_len
+    labels[cur:] = [-100] * (len(labels) - cur)
+    if cur != len(ids):  # LLaVA: "WARNING: tokenization mismatch ... (ignored)"
+        return ids, None
+    return ids, labels
+
+
+TURNS = [("user", "Interpret this ECG. <image>"), ("assistant", "Sinus rhythm at 72 bpm."),
+         ("user", "What is the rate?"), ("assistant", "72 bpm; the PR interval is 160 ms.")]
+
+
+def test_mask_starts_at_the_lone_space_before_a_digit_answer_as_llava():
+    """An answer whose first token cannot absorb the space ("▁" then "7" with a vocabulary without
+    "▁7"): preprocess_v1's count trains that lone "▁"; so does ours."""
+    tokenizer = llama_tokenizer(True)
+    turns = [("user", "What is the rate?"), ("assistant", "7 9")]
+    ids, mask = InputBuilder(tokenizer, LLAVA_V1, placeholder="sentinel").conversation(turns)
+    want_ids, labels = llava_preprocess_v1(turns, tokenizer)
+    assert ids == want_ids and labels is not None
+    assert mask == [int(label != -100) for label in labels]
+    first = mask.index(1)
+    assert tokenizer.convert_ids_to_tokens(ids[first - 1:first + 1]) == ["▁ASSISTANT:", "▁"]
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["llama_legacy", "metaspace_first"])
+def test_llava_v1_token_ids_and_mask_equal_llavas(legacy):
+    tokenizer = llama_tokenizer(legacy)
+    builder = InputBuilder(tokenizer, LLAVA_V1, placeholder="sentinel")
+    ids, mask = builder.conversation(TURNS)
+    want_ids, labels = llava_preprocess_v1(TURNS, tokenizer)
+    assert ids == want_ids
+    if legacy:  # LLaVA's round-by-round token counts add up for this tokenizer: same mask
+        assert mask == [int(label != -100) for label in labels]
+    else:
+        # transformers 5's non-legacy Llama tokenizer gives "USER:" after `</s>` as many tokens
+        # as a round tokenized alone, so preprocess_v1's one-token correction for non-legacy
+        # tokenizers overshoots and LLaVA would drop this conversation; we still train it.
+        assert labels is None
+    trained = [token for token, m in zip(ids, mask) if m]
+    assert tokenizer.decode(trained) .replace(" ", "") == (
+        "Sinus rhythm at 72 bpm.</s>72 bpm; the PR interval is 160 ms.</s>").replace(" ", "")
+    assert trained.count(tokenizer.eos_token_id) == 2 and trained[-1] == tokenizer.eos_token_id
+    # Serving: model_ecg.py's prompt (question, then the open assistant turn).
+    prompt = builder.prompt_ids("Interpret this ECG.", with_ecg=True)
+    assert prompt == llava_tokenizer_image_token(
+        llava_prompt([("USER", "<image>\nInterpret this ECG."), ("ASSISTANT", None)]), tokenizer)
+    assert ids[:len(prompt)] == prompt and ids.count(SENTINEL) == 1
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["llama_legacy", "metaspace_first"])
+def test_project_format_is_tokenized_as_a_whole_string(legacy):
+    tokenizer = llama_tokenizer(legacy)
+    tokenizer.add_tokens(["<ecg>"], special_tokens=True)
+    builder = InputBuilder(tokenizer, VICUNA)
+    ids, mask = builder.conversation(TURNS)
+    text = builder.text(TURNS)
+    assert text.startswith("USER: <ecg>\nInterpret this ECG. ASSISTANT: Sinus")
+    assert ids == tokenizer(text).input_ids  # one string, `<ecg>` a special token
+    # Pieces tokenized apart (the old way) put a lone "▁" before every answer.
+    lone_space = tokenizer.convert_tokens_to_ids("▁")
+    assert tokenizer(" ASSISTANT: ", add_special_tokens=False).input_ids[-1] == lone_space
+    answer = tokenizer("Sinus", add_special_tokens=False).input_ids[0]  # "▁Sinus"
+    assert ids[ids.index(answer) - 1] != lone_space
+    trained = tokenizer.decode([t for t, m in zip(ids, mask) if m]).replace(" ", "")
+    assert trained == "Sinusrhythmat72bpm.</s>72bpm;thePRintervalis160ms.</s>"
