@@ -8,8 +8,11 @@
   uniecg train --config configs/stage1.py:gem_7b --workdir gs://b/gem --config.init.gem_dir=/ckpt/GEM
 
 Variants: tiny (CPU tests), demo (what `uniecg demo` trains), small (~100M: `small` LLM + small encoder), vicuna_7b (GEM's shapes: full
-ECG-CoCa tower, 1024-d ecg_projector, Vicuna-7B), gem_7b (vicuna_7b continuing a GEM release:
-`init.gem_dir`, what `uniecg convert from-gem` writes), qwen2_5_7b.
+ECG-CoCa tower, 1024-d ecg_projector, CLIP ViT-L/14-336 image tower, Vicuna-7B), gem_7b (vicuna_7b
+continuing a GEM release: `init.gem_dir`, what `uniecg convert from-gem` writes), qwen2_5_7b (with
+the same image tower). tiny_image / demo_image: tiny / demo with a tiny ViT (56 px, 16 image
+tokens), reading a signal, an image or both (`models.stage1`; `train.ecg_dropout` /
+`train.image_dropout` drop one input of an example that has both).
 
 `model.input` is the input layout: the GEM-derived variants (vicuna_7b, gem_7b) use GEM's own
 (LLaVA's llava_v1 prompt, a sentinel placeholder that adds no vocabulary row, the MIMIC-IV-ECG lead
@@ -18,18 +21,20 @@ order ECG-CoCa was trained on); qwen2_5_7b keeps the project's prompt but the EC
 import ml_collections
 
 from uniecg_jax.eval.judge import JudgeConfig
-from uniecg_jax.models import ecg_encoder, presets
+from uniecg_jax.models import clip_vision, ecg_encoder, presets
 from uniecg_jax.models.schema import InputFormatConfig
 from uniecg_jax.train.schema import Stage1TrainConfig, train_group
 
 VARIANTS = {
-    # name: (LLM preset, encoder preset, ecg_proj_dim)
-    "tiny": ("tiny", "tiny", 64),
-    "demo": ("tiny", "tiny", 128),     # `uniecg demo`: tiny shapes, a little wider, a few minutes
-    "small": ("small", "small", 512),
-    "vicuna_7b": ("vicuna_7b", "full", 1024),
-    "gem_7b": ("vicuna_7b", "full", 1024),
-    "qwen2_5_7b": ("qwen2_5_7b", "full", 1024),
+    # name: (LLM preset, encoder preset, ecg_proj_dim, image tower preset or None)
+    "tiny": ("tiny", "tiny", 64, None),
+    "tiny_image": ("tiny", "tiny", 64, "tiny"),
+    "demo": ("tiny", "tiny", 128, None),  # `uniecg demo`: tiny shapes, a little wider, minutes
+    "demo_image": ("tiny", "tiny", 128, "tiny"),
+    "small": ("small", "small", 512, None),
+    "vicuna_7b": ("vicuna_7b", "full", 1024, "vit_l14_336"),
+    "gem_7b": ("vicuna_7b", "full", 1024, None),
+    "qwen2_5_7b": ("qwen2_5_7b", "full", 1024, "vit_l14_336"),
 }
 
 
@@ -37,7 +42,8 @@ def get_config(arg=None):
     variant = arg or "tiny"
     if variant not in VARIANTS:
         raise KeyError(f"{variant!r}; choose from {sorted(VARIANTS)}")
-    llm_preset, encoder_preset, proj_dim = VARIANTS[variant]
+    llm_preset, encoder_preset, proj_dim, vision_preset = VARIANTS[variant]
+    base = variant.removesuffix("_image")
     config = ml_collections.ConfigDict()
     config.objective = "stage1"
     config.seed = 0
@@ -49,6 +55,13 @@ def get_config(arg=None):
     config.model.ecg_encoder = ecg_encoder.encoder_config_dict(encoder_preset)
     config.model.projector = ecg_encoder.projector_config_dict(config.model.llm.hidden_size,
                                                                proj_dim)
+    if vision_preset:
+        # GEM's image tower: CLIP features (layer -2, patches) enter the shared mm_projector, so
+        # the tower is as wide as ecg_proj_dim; the tiny ViT is widened to match.
+        config.model.vision_tower = clip_vision.vision_config_dict(vision_preset)
+        config.model.vision_tower.update(hidden_size=proj_dim,
+                                         intermediate_size=max(4 * proj_dim, 64)
+                                         if vision_preset == "tiny" else 4 * proj_dim)
     gem_input = InputFormatConfig(prompt_format="llava_v1", placeholder="sentinel",
                                   ecg_lead_order="mimic_iv")
     config.model.input = ml_collections.ConfigDict(
@@ -64,6 +77,7 @@ def get_config(arg=None):
         max_length=256,          # text tokens incl. the one <ecg> placeholder
         worker_count=0,          # grain worker processes
         system="",               # optional system prompt
+        image_distortions=False,  # image tower: seeded print distortions on the rendered pages
     ))
     # gem_dir: a GEM release (LLaVA layout) for the whole model; it replaces hf_dir and
     # ecg_encoder_ckpt and sets the model's shapes (`convert.gem`).
@@ -74,7 +88,7 @@ def get_config(arg=None):
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=96, batch_size=8))
     # `uniecg eval interpret --judge`: any OpenAI-compatible chat-completions endpoint.
     config.eval.judge = ml_collections.ConfigDict(JudgeConfig().to_dict())
-    if variant == "demo":
+    if base == "demo":
         config.model.llm.update(hidden_size=128, intermediate_size=352, num_layers=3)
         config.model.ecg_encoder.width = 64
         config.model.projector.llm_hidden_size = 128
@@ -83,13 +97,21 @@ def get_config(arg=None):
         config.train.update(steps=400, learning_rate=3e-3, warmup_steps=30, log_every=50,
                             checkpoint_every=200, augment_roll=True, weight_decay=0.05)
         config.eval.max_new_tokens = 200
-    if variant not in ("tiny", "demo"):
-        for group in (config.model.llm, config.model.ecg_encoder, config.model.projector):
-            group.dtype = "bfloat16"
+        if vision_preset:
+            # Each input hidden from 1/3 of the two-input examples: 4/9 keep both, 5/18 each
+            # keep one (`train.stage1.drop_modalities`).
+            config.train.update(ecg_dropout=1 / 3, image_dropout=1 / 3)
+            config.data.image_distortions = True
+    if base not in ("tiny", "demo"):
+        for group in (config.model.llm, config.model.ecg_encoder, config.model.projector,
+                      config.model.get("vision_tower")):
+            if group is not None:
+                group.dtype = "bfloat16"
         config.model.llm.remat = "dots_with_no_batch_dims_saveable"
         config.data.max_length = 2048
         config.train.update(batch_size=128, steps=10000, learning_rate=2e-5, warmup_steps=300,
-                            freeze=r"^ecg_tower/encoder/")
+                            freeze=r"^ecg_tower/encoder/|^vision_tower/" if vision_preset
+                            else r"^ecg_tower/encoder/")
         config.eval.max_new_tokens = 512
     if variant == "small":
         config.data.max_length = 512

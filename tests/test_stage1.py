@@ -107,7 +107,11 @@ def _one_step(mesh, config, task, batch):
 
 
 def test_one_step_on_8_devices_equals_one_device(task_and_batch):
-    config, task, batch = task_and_batch
+    check_one_step_on_8_devices_equals_one_device(*task_and_batch)
+
+
+def check_one_step_on_8_devices_equals_one_device(config, task, batch):
+    """One train step on a (2, 2, 2) mesh == on one device; returns the 8-device state."""
     single = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
     ref_state, ref_metrics = _one_step(single, config, task, batch)
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
@@ -120,6 +124,7 @@ def test_one_step_on_8_devices_equals_one_device(task_and_batch):
                                  jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5,
                                    err_msg=jax.tree_util.keystr(path))
+    return state
 
 
 # First and last loss of 6 AdamW steps on the fixed-seed tiny run (8 simulated devices, lr 2e-3).

@@ -160,7 +160,9 @@ class ClipEmbeddings(nn.Module):
                                                              cfg.num_channels)
         embeds = DenseGeneral(
             features=cfg.hidden_size, axis=(-3, -2, -1),
-            kernel_axes=("conv_window", "conv_window", "conv_in", "conv_out"), use_bias=False,
+            # One logical name may appear once per array: the window's second axis is left
+            # unnamed (conv_window is replicated anyway).
+            kernel_axes=("conv_window", None, "conv_in", "conv_out"), use_bias=False,
             dtype=dtype, param_dtype=param_dtype,
             kernel_init=nn.initializers.lecun_normal(in_axis=(0, 1, 2), out_axis=3),
             name="patch_embedding")(patches)

@@ -231,7 +231,10 @@ class ECGProjector(nn.Module):
     config: ProjectorConfig
 
     @nn.compact
-    def __call__(self, ecg_tokens: Array) -> Array:
+    def __call__(self, ecg_tokens: Array, image_features: Array | None = None) -> Array:
+        """image_features [B, I, ecg_proj_dim] (CLIP features, 1024 wide in GEM) join the ECG
+        tokens after `ecg_projector` and share the per-token `mm_projector` (GEM's
+        `encode_images`): [B, E, width] (+ [B, I, ecg_proj_dim]) -> [B, E (+ I), D]."""
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         if cfg.ecg_width and ecg_tokens.shape[-1] != cfg.ecg_width:
@@ -239,6 +242,11 @@ class ECGProjector(nn.Module):
                              f"got shape {tuple(ecg_tokens.shape)}")
         hidden = _dense(cfg.ecg_proj_dim, ("embed", "mlp"), param_dtype, dtype,
                         "ecg_projector")(ecg_tokens)
+        if image_features is not None:
+            # One [B, E + I] token axis through mm_projector (it acts per token). Projecting the
+            # image features in a call of their own mixed up batch shards on a (data 2, fsdp 2,
+            # tensor 2) mesh under XLA's SPMD partitioner (jax 0.10.2, CPU).
+            hidden = jnp.concatenate([hidden, image_features.astype(hidden.dtype)], axis=1)
         hidden = nn.with_logical_constraint(
             hidden, ("activation_batch", "activation_length", "activation_mlp"))
         hidden = MLPGelu(cfg, name="mm_projector")(hidden)
@@ -280,6 +288,12 @@ class ECGTower(nn.Module):
     def encode(self, ecg: Array) -> Array:
         """Encoder tokens only: [B, 1 + P, width]."""
         return self.encoder(ecg)
+
+    def with_image(self, ecg: Array, image_features: Array) -> Array:
+        """ECG [B, leads, samples] and CLIP features [B, I, ecg_proj_dim] -> [B, E + I, D]: ECG
+        tokens through `ecg_projector` + `mm_projector`, then the image tokens through the shared
+        `mm_projector` alone (GEM's `encode_ecgs` / `encode_images`, concatenated in that order)."""
+        return self.projector(self.encoder(ecg), image_features)
 
 
 def build_tower(model_cfg: Mapping[str, Any]) -> ECGTower:

@@ -54,6 +54,10 @@ class LMTrainConfig(TrainConfig):
 class Stage1TrainConfig(TrainConfig):
     """`stage1` objective (configs/stage1.py)."""
     augment_roll: bool = False       # rotate ECGs in time by a random offset (small-data runs)
+    # Modality dropout (models with an image tower): the probability of hiding each input from
+    # an example that carries both (train.stage1.drop_modalities); never both at once.
+    ecg_dropout: float = 0.0
+    image_dropout: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,14 +19,16 @@ import ml_collections
 import numpy as np
 
 from uniecg_jax.config import replace_values
+from uniecg_jax.errors import ConfigError
 from uniecg_jax.convert import gem
 from uniecg_jax.convert.ecg_coca import import_ecg_coca
 from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
 from uniecg_jax.data.bundled import bundled_split
+from uniecg_jax.data.multimodal import with_rendered_images
 from uniecg_jax.data.pipelines import records_source, stage1_loader
 from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder, \
-    expand_inputs
+    expand_inputs, expand_multimodal_inputs, next_real_targets
 from uniecg_jax.models.vocabulary import grow_vocab_rows
 from uniecg_jax.layers.params import abstract_params, count_params
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
@@ -92,20 +94,70 @@ def roll_ecgs(ecg: jax.Array, rng: jax.Array) -> jax.Array:
     return jax.vmap(lambda signal, shift: jnp.roll(signal, shift, axis=-1))(ecg, shifts)
 
 
-def stage1_loss(model, params, batch, rng=None, augment: bool = False) -> tuple[jax.Array, dict]:
-    """Masked next-token loss over the placeholder-expanded sequence."""
+def drop_modalities(ecg_present: jax.Array, image_present: jax.Array, rng: jax.Array,
+                    ecg_dropout: float, image_dropout: float) -> tuple[jax.Array, jax.Array]:
+    """Modality dropout: [B] presence flags -> the flags the model sees this step.
+
+    Only an example carrying BOTH inputs loses one: the ECG with probability `ecg_dropout`, the
+    image with `image_dropout`, drawn independently; when both draws hit, a fair coin keeps one
+    of the two (an example never loses its last input, so one model learns to answer from a
+    signal alone, an image alone and both). A single-input example is never touched.
+    """
+    ecg_rng, image_rng, coin_rng = jax.random.split(rng, 3)
+    shape = ecg_present.shape
+    both = (ecg_present > 0) & (image_present > 0)
+    drop_ecg = jax.random.bernoulli(ecg_rng, ecg_dropout, shape) & both
+    drop_image = jax.random.bernoulli(image_rng, image_dropout, shape) & both
+    keep_ecg = jax.random.bernoulli(coin_rng, 0.5, shape)
+    clash = drop_ecg & drop_image
+    drop_ecg = jnp.where(clash, ~keep_ecg, drop_ecg)
+    drop_image = jnp.where(clash, keep_ecg, drop_image)
+    return (jnp.where(drop_ecg, 0, ecg_present).astype(jnp.int32),
+            jnp.where(drop_image, 0, image_present).astype(jnp.int32))
+
+
+def stage1_loss(model, params, batch, rng=None, augment: bool = False,
+                ecg_dropout: float = 0.0, image_dropout: float = 0.0) -> tuple[jax.Array, dict]:
+    """Masked next-token loss over the placeholder-expanded sequence.
+
+    With an image tower the batch also carries `image` [B, H, W, C] and `ecg_present` /
+    `image_present` [B]; modality dropout (`drop_modalities`) applies whenever `rng` is given.
+    """
     ecg = roll_ecgs(batch["ecg"], rng) if augment else batch["ecg"]
-    logits = model.apply({"params": params}, batch["input_ids"], ecg,
-                         batch["ecg_position"], batch["attention_mask"])
-    num_ecg = model.config.num_ecg_tokens
-    pad = model.config.llm.pad_token_id
-    ids, _, _ = expand_inputs(batch["input_ids"], batch["attention_mask"], batch["ecg_position"],
-                              num_ecg, pad)
-    loss_mask = expand_at_placeholder(batch["loss_mask"], batch["ecg_position"], num_ecg, 0)
-    # Position t predicts token t + 1; the last position predicts nothing.
-    targets = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], pad)], axis=1)
-    target_mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1)
+    ucfg = model.config
+    pad = ucfg.llm.pad_token_id
+    if ucfg.vision is None:
+        logits = model.apply({"params": params}, batch["input_ids"], ecg,
+                             batch["ecg_position"], batch["attention_mask"])
+        ids, mask, _ = expand_inputs(batch["input_ids"], batch["attention_mask"],
+                                     batch["ecg_position"], ucfg.num_ecg_tokens, pad)
+    else:
+        ecg_present, image_present = batch["ecg_present"], batch["image_present"]
+        if rng is not None:
+            ecg_present, image_present = drop_modalities(
+                ecg_present, image_present, jax.random.fold_in(rng, 1), ecg_dropout,
+                image_dropout)
+        logits = model.apply({"params": params}, batch["input_ids"], ecg, batch["ecg_position"],
+                             batch["attention_mask"], image=batch["image"],
+                             ecg_present=ecg_present, image_present=image_present)
+        ids, mask, _ = expand_multimodal_inputs(
+            batch["input_ids"], batch["attention_mask"], batch["ecg_position"], ecg_present,
+            image_present, ucfg.num_ecg_tokens, ucfg.num_image_tokens, pad)
+    loss_mask = expand_at_placeholder(batch["loss_mask"], batch["ecg_position"], ucfg.num_slots,
+                                      0)
+    # Each real position predicts the next real token (absent slots are skipped).
+    targets, target_mask = next_real_targets(ids, mask, loss_mask)
     return next_token_loss(logits, targets, target_mask)
+
+
+def multimodal_abstract_batch(ucfg: UniECGConfig, global_batch: int) -> dict:
+    """The batch entries an image tower adds (none without one): `image` [B, H, W, C] float32,
+    `ecg_present` / `image_present` [B] int32."""
+    if ucfg.vision is None:
+        return {}
+    flags = jax.ShapeDtypeStruct((global_batch,), jnp.int32)
+    return {"image": jax.ShapeDtypeStruct((global_batch, *ucfg.image_shape), jnp.float32),
+            "ecg_present": flags, "image_present": flags}
 
 
 def encoder_flops_per_ecg(ucfg: UniECGConfig) -> float:
@@ -135,9 +187,13 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                           jnp.zeros((1,), jnp.int32))["params"]
 
     augment = train_config.augment_roll
+    if (train_config.ecg_dropout or train_config.image_dropout) and ucfg.vision is None:
+        raise ConfigError("train.ecg_dropout / train.image_dropout need an image tower "
+                          "(model.vision_tower): a signal-only model has one input to drop")
 
     def loss_fn(params, batch, rng):
-        return stage1_loss(model, params, batch, rng, augment)
+        return stage1_loss(model, params, batch, rng, augment, train_config.ecg_dropout,
+                           train_config.image_dropout)
 
     def make_data(process_index, process_count, local_batch):
         loader = stage1_loader(stage1_data_source(config, "train"), tokenizer,
@@ -146,13 +202,19 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                                seed=int(config.seed),
                                process_index=process_index, process_count=process_count,
                                worker_count=int(config.data.worker_count))
-        return iter(loader)
+        if ucfg.vision is None:
+            return iter(loader)
+        return with_rendered_images(loader, ucfg.vision.image_size, ucfg.vision.image_aspect_ratio,
+                                    ucfg.input.ecg_lead_order,
+                                    bool(config.data.get("image_distortions", False)),
+                                    int(config.seed))
 
     def abstract_batch(global_batch):
         tokens = jax.ShapeDtypeStruct((global_batch, max_length), jnp.int32)
         return {"input_ids": tokens, "loss_mask": tokens, "attention_mask": tokens,
                 "ecg": jax.ShapeDtypeStruct((global_batch, *ecg_shape), jnp.float32),
-                "ecg_position": jax.ShapeDtypeStruct((global_batch,), jnp.int32)}
+                "ecg_position": jax.ShapeDtypeStruct((global_batch,), jnp.int32),
+                **multimodal_abstract_batch(ucfg, global_batch)}
 
     initial_params = None
     if config.init.hf_dir or config.init.ecg_encoder_ckpt or config.init.get("gem_dir"):
