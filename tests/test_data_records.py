@@ -110,6 +110,35 @@ def test_resampling_preserves_heart_rate_by_qrs_detection(bundled):
         assert after == pytest.approx(before, rel=0.02), record.record_id
 
 
+def test_kalidas_fast_path_equals_neurokit2_calls(bundled, simulated):
+    """`measure.kalidas_r_peaks` (cached filter designs, no pandas) gives exactly the peaks of
+    neurokit2's `ecg_clean` + `ecg_peaks(method="kalidas2017")` on every lead of bundled records
+    (500 Hz), their 102.4 Hz versions upsampled as `detect_r_peaks` does, and simulated ECGs."""
+    import warnings
+
+    import neurokit2 as nk
+
+    leads = [(lead, 500) for record in bundled[:4] + simulated[:2] for lead in record.signal]
+    leads += [(record_lib.resample(lead[None], record_lib.DIFFUSION_FS, 500.0)[0], 500)
+              for record in bundled[4:6] for lead in record.to_diffusion_input()]
+    leads += [(bundled[0].signal[1][::2], 250), (np.zeros(5000), 500)]
+    total = 0
+    for lead, fs in leads:
+        lead = np.nan_to_num(np.asarray(lead, np.float64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                cleaned = nk.ecg_clean(lead, sampling_rate=fs)
+                expected = nk.ecg_peaks(cleaned, sampling_rate=fs, method="kalidas2017")[1]
+                expected = np.asarray(expected["ECG_R_Peaks"], np.float64)
+            except Exception:
+                expected = np.zeros(0)
+        got = measure.detect_r_peaks(lead, float(fs))
+        np.testing.assert_array_equal(got, expected)
+        total += len(got)
+    assert total > 300   # the leads do have beats
+
+
 @pytest.fixture(scope="module")
 def simulated():
     """neurokit2-simulated 12-lead ECGs (`ecg_simulate(method="multileads")`, 500 Hz) at known rates."""
