@@ -248,6 +248,33 @@ def test_truncated_signal_file(tmp_path, bundled):
         read_record(base)
 
 
+def test_header_parsed_once_path_equals_the_checked_path(tmp_path, bundled):
+    """A header declaring its length is parsed once (read first, checked after); one that declares
+    none takes the checked path (header alone, then the signal): both read the same values, and a
+    truncated file is refused on both paths with the same message."""
+    from uniecg_jax.data.readers import wfdb_io
+
+    base = _copy_bundled(tmp_path)
+    declared = wfdb_io.read_wfdb_signal(base)
+    lines = open(base + ".hea").read().splitlines(keepends=True)
+    fields = lines[0].split()
+    assert fields[3] == "5000"
+    open(base + ".hea", "w").write(" ".join(fields[:3]) + "\n" + "".join(lines[1:]))
+    inferred = wfdb_io.read_wfdb_signal(base)
+    np.testing.assert_array_equal(inferred[0], declared[0])
+    assert inferred[1:] == declared[1:]
+    np.testing.assert_array_equal(declared[0], bundled[0].signal)
+    for header in (lines[0], " ".join(fields[:3]) + "\n"):
+        trunc = write_wfdb(str(tmp_path), "trunc", _leads(bundled))
+        text = open(trunc + ".hea").read().splitlines(keepends=True)
+        text[0] = " ".join(text[0].split()[:3]) + "\n" if header.count(" ") < 3 else text[0]
+        open(trunc + ".hea", "w").write("".join(text))
+        data = open(trunc + ".dat", "rb").read()
+        open(trunc + ".dat", "wb").write(data[: len(data) // 2 + 1])
+        with pytest.raises(RecordError, match=r"trunc\.hea: .*(truncated|whole number of frames)"):
+            wfdb_io.read_wfdb_signal(trunc)
+
+
 def test_corrupt_header(tmp_path):
     base = _copy_bundled(tmp_path)
     open(base + ".hea", "w").write("E07500 twelve 500 5000\nnonsense\n")
