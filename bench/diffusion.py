@@ -260,6 +260,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="batch of the --torch comparison")
     parser.add_argument("--torch-steps", type=int, default=20,
                         help="torch DDPM steps timed and extrapolated to 1000")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads (0: torch's default). On a loaded host torch's "
+                        "OpenMP threads spin against each other (UNet batch 2: 4 s with 2 threads, "
+                        "0.1 s with 1 on a 2-core box at load 5): compare on a quiet host")
     parser.add_argument("--demo-workdir", default=None)
     parser.add_argument("--demo-n", type=int, default=4)
     args = parser.parse_args()
@@ -284,7 +288,9 @@ def main() -> None:
                   f"{r['ddim50_ecgs_per_s']:.2f} ECGs/s | DDPM-1000 {r['ddpm1000_s']:.1f} s{tag} = "
                   f"{r['ddpm1000_ecgs_per_s']:.3f} ECGs/s | speed-up {r['speedup']:.1f}x", flush=True)
         if args.torch and size == "diffusets":
-            import torch  # optional; only to report its thread count beside the CPU
+            import torch  # optional; only for its thread count
+            if args.torch_threads:
+                torch.set_num_threads(args.torch_threads)
             r = torch_comparison(config, args.batch, args.torch_steps, size in args.full_ddpm.split(","))
             print(f"[{size}] vs DiffuSETS torch (same weights, batch {args.batch}, torch "
                   f"{torch.get_num_threads()} threads):", flush=True)
