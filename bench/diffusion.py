@@ -3,6 +3,7 @@
     python bench/diffusion.py                                   # tiny + diffusets sizes (~15 min, 2 cores)
     python bench/diffusion.py --sizes tiny --batches 1,8        # smoke run
     python bench/diffusion.py --demo-workdir /tmp/demo/diffusion  # + HR MAE on the demo model
+    python bench/diffusion.py --torch --skip-train --skip-sample --batch 16  # vs DiffuSETS torch
 
 On one device (plain local jit, donated state):
   1. training steps/s and ECGs/s: VAE step and UNet step (UNet on latents of the frozen VAE encoder,
@@ -11,13 +12,20 @@ On one device (plain local jit, donated state):
      size. The UNet pass per denoising step is measured from DDIM-10 and DDIM-50 runs
      (t(s) = decode + s * step); DDPM-1000 is timed in full where `--full-ddpm` allows (tiny by
      default) and otherwise extrapolated as decode + 1000 * step (printed as "extrapolated");
-  3. on the demo model (`uniecg_jax.demo.diffusion`, trained if --demo-workdir has none): the
+  3. `--torch` (DiffuSETS config only): against DiffuSETS's own PyTorch code with the same random
+     weights (`tests/diffusets_torch_reference.py`, converted by `uniecg_jax.convert.diffusets`),
+     in the same run and on the same cores: one UNet call, one VAE decode, and text -> ECG end to end
+     (our DDIM-50 and DDPM-1000 against DiffuSETS's default DDPM-1000, whose torch time is
+     `--torch-steps` UNet + DDPM-update steps timed and extrapolated linearly to 1000, plus a decode);
+  4. on the demo model (`uniecg_jax.demo.diffusion`, trained if --demo-workdir has none): the
      heart-rate MAE of DDPM-1000 and DDIM-50 samples at the demo's requested rates, and the speed-up.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import platform
+import sys
 import time
 
 import jax
@@ -32,6 +40,7 @@ from uniecg_jax.layers.params import init_params_on_host
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline
 from uniecg_jax.diffusion.rhythm import requested_rhythm
 from uniecg_jax.diffusion.schedule import NoiseSchedule
+from uniecg_jax.models.vae import VAE
 from uniecg_jax.train import diffusion as diffusion_train
 
 TEXT_DIM = 384
@@ -128,6 +137,93 @@ def sampling_speed(config, batch: int, full_ddpm: bool) -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else `platform.processor()`) and core count."""
+    name = platform.processor() or "unknown CPU"
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        name = names[0] if names else name
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool) -> dict:
+    """Seconds of one UNet call, one VAE decode and text -> ECG end to end, ours vs DiffuSETS's
+    PyTorch code (`tests/diffusets_torch_reference.py`) with the same random weights."""
+    import torch  # optional (`uniecg_jax[torch]`); only this comparison needs it
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "tests"))
+    import diffusets_torch_reference as ref  # DiffuSETS's modules, kept beside the parity tests
+    from uniecg_jax.convert import diffusets
+
+    vae, unet = diffusion_train.build_models(config)
+    torch.manual_seed(0)
+    torch_unet = ref.ECGconditional(steps=config.diffusion.num_steps, text_embed_dim=TEXT_DIM).eval()
+    torch_decoder = ref.vae_decoder(vae.cfg.widths, vae.cfg.num_groups,
+                                    vae.cfg.num_res_blocks).eval()
+    unet_vars = diffusets.unet_from_torch(torch_unet.state_dict(), unet.cfg)
+    vae_vars = diffusets.vae_from_torch({"decoder": torch_decoder.state_dict()}, vae.cfg)
+    schedule = NoiseSchedule.from_config(config.diffusion)
+    pipeline = DiffusionPipeline(vae, vae_vars, unet, unet_vars, schedule)
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal((batch, 4, unet.cfg.latent_length)).astype(np.float32)
+    text = rng.standard_normal((batch, TEXT_DIM)).astype(np.float32)
+    scalars = {"gender": np.zeros(batch), "age": np.full(batch, 60.0), "heart rate": np.full(batch, 75.0)}
+    condition = np.concatenate([text] + [v[:, None] for v in scalars.values()], -1).astype(np.float32)
+    timesteps = np.full(batch, 500)
+    t_latent, t_text = torch.tensor(latent), torch.tensor(text[:, None])
+    t_cond = {k: torch.tensor(v, dtype=torch.float32)[:, None, None] for k, v in scalars.items()}
+    t_steps = torch.tensor(timesteps)
+
+    unet_call = jax.jit(unet.apply)
+    decode_call = jax.jit(lambda v, z: vae.apply(v, z, method=VAE.decode))
+    j_latent, j_t, j_cond = (jnp.asarray(latent.transpose(0, 2, 1)), jnp.asarray(timesteps),
+                             jnp.asarray(condition))
+
+    def torch_unet_call():
+        with torch.no_grad():
+            return torch_unet(t_latent, t_steps, t_text, t_cond)
+
+    def torch_decode():
+        with torch.no_grad():
+            return ref.decode(torch_decoder, t_latent)
+
+    # DiffuSETS's utils/inference.py: every DDPMScheduler step (posterior mean + fixed-small noise).
+    alphas = torch.tensor(np.asarray(schedule.alphas_cumprod), dtype=torch.float32)
+
+    def torch_ddpm(steps: int):
+        x = torch.randn(batch, 4, unet.cfg.latent_length)
+        with torch.no_grad():
+            for t in range(config.diffusion.num_steps - 1, config.diffusion.num_steps - 1 - steps, -1):
+                eps = torch_unet(x, torch.full((batch,), t), t_text, t_cond)
+                a_t, a_prev = alphas[t], alphas[t - 1] if t > 0 else torch.tensor(1.0)
+                x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+                beta = 1 - a_t / a_prev
+                mean = (a_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - a_prev) * x) / (1 - a_t)
+                x = mean + ((1 - a_prev) / (1 - a_t) * beta).sqrt() * torch.randn_like(x)
+        return x
+
+    out = {"unet_ours_s": timed(lambda: unet_call(unet_vars, j_latent, j_t, j_cond).block_until_ready(), 3),
+           "unet_torch_s": timed(torch_unet_call, 3),
+           "decode_ours_s": timed(lambda: decode_call(vae_vars, j_latent).block_until_ready(), 2),
+           "decode_torch_s": timed(torch_decode, 2)}
+
+    def ours(sampler, steps):
+        return lambda: pipeline.generate(text, "F", 60.0, 75.0, sampler=sampler, steps=steps)
+    out["ddim50_ours_s"] = timed(ours("ddim", 50), 1, 0.0)
+    if full_ddpm:
+        out["ddpm1000_ours_s"] = timed(ours("ddpm", 1000), 1, 0.0)
+    else:   # decode + 1000 UNet steps, the step from DDIM-50 minus its decode
+        out["ddpm1000_ours_s"] = out["decode_ours_s"] + 1000 * max(
+            (out["ddim50_ours_s"] - out["decode_ours_s"]) / 50, 0.0)
+    out["ddpm1000_ours_extrapolated"] = not full_ddpm
+    per_step = timed(lambda: torch_ddpm(torch_steps), 1, 0.0) / torch_steps
+    out["ddpm1000_torch_s"] = 1000 * per_step + out["decode_torch_s"]
+    return out
+
+
 def demo_fidelity(workdir: str, n: int) -> dict:
     """HR MAE of DDPM-1000 vs DDIM-50 samples on the demo model (trained here if missing)."""
     from uniecg_jax.diffusion.pipeline import load_pipeline
@@ -159,11 +255,21 @@ def main() -> None:
                         help="sizes whose DDPM-1000 is timed in full (others extrapolated)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-sample", action="store_true")
+    parser.add_argument("--torch", action="store_true",
+                        help="compare with DiffuSETS's PyTorch code (diffusets size only)")
+    parser.add_argument("--batch", type=int, default=16, help="batch of the --torch comparison")
+    parser.add_argument("--torch-steps", type=int, default=20,
+                        help="torch DDPM steps timed and extrapolated to 1000")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads (0: torch's default). On a loaded host torch's "
+                        "OpenMP threads spin against each other (UNet batch 2: 4 s with 2 threads, "
+                        "0.1 s with 1 on a 2-core box at load 5): compare on a quiet host")
     parser.add_argument("--demo-workdir", default=None)
     parser.add_argument("--demo-n", type=int, default=4)
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.devices()[0].platform})",
           flush=True)
+    print(f"cpu: {cpu_model()}", flush=True)
     for size in args.sizes.split(","):
         config = size_config(size)
         with config.unlocked():
@@ -181,6 +287,23 @@ def main() -> None:
                   f"decode {r['decode_s'] * 1e3:.0f} ms | DDIM-50 {r['ddim50_s']:.2f} s = "
                   f"{r['ddim50_ecgs_per_s']:.2f} ECGs/s | DDPM-1000 {r['ddpm1000_s']:.1f} s{tag} = "
                   f"{r['ddpm1000_ecgs_per_s']:.3f} ECGs/s | speed-up {r['speedup']:.1f}x", flush=True)
+        if args.torch and size == "diffusets":
+            import torch  # optional; only for its thread count
+            if args.torch_threads:
+                torch.set_num_threads(args.torch_threads)
+            r = torch_comparison(config, args.batch, args.torch_steps, size in args.full_ddpm.split(","))
+            print(f"[{size}] vs DiffuSETS torch (same weights, batch {args.batch}, torch "
+                  f"{torch.get_num_threads()} threads):", flush=True)
+            for name in ("unet", "decode"):
+                print(f"  one {name:<6} call: ours {r[name + '_ours_s'] * 1e3:8.1f} ms, torch "
+                      f"{r[name + '_torch_s'] * 1e3:8.1f} ms  -> {r[name + '_torch_s'] / r[name + '_ours_s']:.2f}x",
+                      flush=True)
+            tag = " (extrapolated)" if r["ddpm1000_ours_extrapolated"] else ""
+            print(f"  text -> ECG: torch DDPM-1000 {r['ddpm1000_torch_s']:.1f} s (extrapolated from "
+                  f"{args.torch_steps} steps) | ours DDPM-1000 {r['ddpm1000_ours_s']:.1f} s{tag} -> "
+                  f"{r['ddpm1000_torch_s'] / r['ddpm1000_ours_s']:.2f}x | ours DDIM-50 "
+                  f"{r['ddim50_ours_s']:.2f} s -> {r['ddpm1000_torch_s'] / r['ddim50_ours_s']:.1f}x",
+                  flush=True)
     if args.demo_workdir:
         r = demo_fidelity(args.demo_workdir, args.demo_n)
         for name, score in r.items():

@@ -110,6 +110,35 @@ def test_resampling_preserves_heart_rate_by_qrs_detection(bundled):
         assert after == pytest.approx(before, rel=0.02), record.record_id
 
 
+def test_kalidas_fast_path_equals_neurokit2_calls(bundled, simulated):
+    """`measure.kalidas_r_peaks` (cached filter designs, no pandas) gives exactly the peaks of
+    neurokit2's `ecg_clean` + `ecg_peaks(method="kalidas2017")` on every lead of bundled records
+    (500 Hz), their 102.4 Hz versions upsampled as `detect_r_peaks` does, and simulated ECGs."""
+    import warnings
+
+    import neurokit2 as nk
+
+    leads = [(lead, 500) for record in bundled[:4] + simulated[:2] for lead in record.signal]
+    leads += [(record_lib.resample(lead[None], record_lib.DIFFUSION_FS, 500.0)[0], 500)
+              for record in bundled[4:6] for lead in record.to_diffusion_input()]
+    leads += [(bundled[0].signal[1][::2], 250), (np.zeros(5000), 500)]
+    total = 0
+    for lead, fs in leads:
+        lead = np.nan_to_num(np.asarray(lead, np.float64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                cleaned = nk.ecg_clean(lead, sampling_rate=fs)
+                expected = nk.ecg_peaks(cleaned, sampling_rate=fs, method="kalidas2017")[1]
+                expected = np.asarray(expected["ECG_R_Peaks"], np.float64)
+            except Exception:
+                expected = np.zeros(0)
+        got = measure.detect_r_peaks(lead, float(fs))
+        np.testing.assert_array_equal(got, expected)
+        total += len(got)
+    assert total > 300   # the leads do have beats
+
+
 @pytest.fixture(scope="module")
 def simulated():
     """neurokit2-simulated 12-lead ECGs (`ecg_simulate(method="multileads")`, 500 Hz) at known rates."""
@@ -217,6 +246,33 @@ def test_truncated_signal_file(tmp_path, bundled):
     open(base + ".dat", "wb").write(data[: len(data) // 2])
     with pytest.raises(RecordError, match=r"trunc\.hea: .*truncated"):
         read_record(base)
+
+
+def test_header_parsed_once_path_equals_the_checked_path(tmp_path, bundled):
+    """A header declaring its length is parsed once (read first, checked after); one that declares
+    none takes the checked path (header alone, then the signal): both read the same values, and a
+    truncated file is refused on both paths with the same message."""
+    from uniecg_jax.data.readers import wfdb_io
+
+    base = _copy_bundled(tmp_path)
+    declared = wfdb_io.read_wfdb_signal(base)
+    lines = open(base + ".hea").read().splitlines(keepends=True)
+    fields = lines[0].split()
+    assert fields[3] == "5000"
+    open(base + ".hea", "w").write(" ".join(fields[:3]) + "\n" + "".join(lines[1:]))
+    inferred = wfdb_io.read_wfdb_signal(base)
+    np.testing.assert_array_equal(inferred[0], declared[0])
+    assert inferred[1:] == declared[1:]
+    np.testing.assert_array_equal(declared[0], bundled[0].signal)
+    for header in (lines[0], " ".join(fields[:3]) + "\n"):
+        trunc = write_wfdb(str(tmp_path), "trunc", _leads(bundled))
+        text = open(trunc + ".hea").read().splitlines(keepends=True)
+        text[0] = " ".join(text[0].split()[:3]) + "\n" if header.count(" ") < 3 else text[0]
+        open(trunc + ".hea", "w").write("".join(text))
+        data = open(trunc + ".dat", "rb").read()
+        open(trunc + ".dat", "wb").write(data[: len(data) // 2 + 1])
+        with pytest.raises(RecordError, match=r"trunc\.hea: .*(truncated|whole number of frames)"):
+            wfdb_io.read_wfdb_signal(trunc)
 
 
 def test_corrupt_header(tmp_path):

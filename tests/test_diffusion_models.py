@@ -248,3 +248,23 @@ def test_fixed_seed_loss_regression(tiny):
 
 VAE_LOSSES = [11681.8115234375, 9982.6279296875, 8333.896484375]
 UNET_LOSSES = [0.3644450902938843, 0.9322786331176758]
+
+
+@pytest.mark.parametrize("width,factor", [(3, 2), (1, 2), (5, 2), (7, 3)])
+def test_upsampled_conv_equals_torch_upsample_then_conv(width, factor):
+    """`UpsampledConv1d` (polyphase, used by the VAE decoder's "up" + conv) equals torch's
+    `nn.Upsample(nearest)` + `nn.Conv1d(padding=(k-1)//2)` with the same weights."""
+    import torch
+
+    from uniecg_jax.layers.conv import UpsampledConv1d
+
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((2, 9, 6)).astype(np.float32)
+    conv = torch.nn.Conv1d(6, 5, width, padding=(width - 1) // 2)
+    with torch.no_grad():
+        expected = conv(torch.nn.Upsample(scale_factor=factor)(torch.tensor(x).transpose(1, 2)))
+    params = {"params": {"kernel": conv.weight.detach().numpy().transpose(2, 1, 0),
+                         "bias": conv.bias.detach().numpy()}}
+    got = UpsampledConv1d(5, width, factor).apply(params, jnp.asarray(x))
+    assert got.shape == (2, 9 * factor, 5)
+    np.testing.assert_allclose(np.asarray(got), expected.transpose(1, 2).numpy(), atol=1e-5)

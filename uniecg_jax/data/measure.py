@@ -17,9 +17,11 @@ both paths against neurokit2-simulated ECGs at known rates and against XQRS.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import numpy as np
+import scipy.signal
 
 from uniecg_jax.data.record import resample
 
@@ -68,16 +70,48 @@ def detect_r_peaks(lead: np.ndarray, fs: float, method: str = "kalidas2017") -> 
         conf = processing.XQRS.Conf(qrs_thr_init=XQRS_INITIAL_THRESHOLD)
         return np.asarray(processing.xqrs_detect(lead, fs=fs, verbose=False, conf=conf),
                           dtype=np.float64)
-    import neurokit2 as nk  # optional heavy dependency (slow import)
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cleaned = nk.ecg_clean(lead, sampling_rate=int(round(fs)))
-            _, info = nk.ecg_peaks(cleaned, sampling_rate=int(round(fs)), method="kalidas2017")
+            return kalidas_r_peaks(lead, int(round(fs)))
     except Exception:  # neurokit2 raises assorted errors on degenerate (e.g. generated) signals
         return np.zeros(0)
-    return np.asarray(info["ECG_R_Peaks"], dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=32)
+def _butter_sos(order: int, cutoff: float | tuple[float, float], btype: str,
+                fs: float | None) -> np.ndarray:
+    # One design per (order, cutoff, rate): neurokit2 redesigns both filters on every call (~1.3 ms
+    # per record). The filters only read it (and their Cython needs a writable buffer).
+    return scipy.signal.butter(order, list(cutoff) if isinstance(cutoff, tuple) else cutoff,
+                               btype=btype, output="sos", fs=fs)
+
+
+def kalidas_r_peaks(lead: np.ndarray, fs: int) -> np.ndarray:
+    """`nk.ecg_peaks(nk.ecg_clean(lead, fs), fs, method="kalidas2017")["ECG_R_Peaks"]` of a finite
+    float64 [T] lead, as float64 sample positions, with the same scipy / pywt calls in the same
+    order (so the same peaks to the last bit; `tests/test_data_records.py` compares them) but the
+    two Butterworth designs cached and without neurokit2's pandas bookkeeping.
+
+    Follows neurokit2 0.2.13: `ecg/ecg_clean.py::_ecg_clean_nk` (0.5 Hz order-5 high-pass
+    `sosfiltfilt`, then the 50 Hz moving-average `filtfilt` of `signal/signal_filter.py`) and
+    `ecg/ecg_findpeaks.py::_ecg_findpeaks_kalidas` (db3 SWT level 3, squared detail, order-3
+    0.01-10 Hz band-pass `sosfilt`, then neurokit2's own Pan-Tompkins thresholding).
+    """
+    import pywt  # neurokit2's dependency; with it, only for this detector
+    from neurokit2.ecg.ecg_findpeaks import _ecg_findpeaks_peakdetect  # optional heavy dependency
+
+    cleaned = scipy.signal.sosfiltfilt(_butter_sos(5, 0.5, "highpass", fs), lead)
+    window = np.ones(int(fs / 50) if fs >= 100 else 2)
+    cleaned = scipy.signal.filtfilt(window, [len(window)], cleaned, method="pad")
+    length = len(cleaned)
+    swt_level = 3
+    padding = (-length) % 2 ** swt_level
+    padded = np.pad(cleaned, (0, padding), "edge") if padding else cleaned
+    detail = np.array(pywt.swt(padded, "db3", level=swt_level))[0, 1, :]
+    band = _butter_sos(3, (0.01 / (0.5 * fs), 10 / (0.5 * fs)), "bandpass", None)
+    energy = scipy.signal.sosfilt(band, detail * detail)[:length]
+    return np.array(_ecg_findpeaks_peakdetect(energy, fs), dtype="int").astype(np.float64)
 
 
 def rhythm(lead: np.ndarray, fs: float, method: str = "kalidas2017") -> RhythmMeasurements:

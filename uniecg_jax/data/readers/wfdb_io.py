@@ -10,6 +10,7 @@ Every reader (Challenge, PTB-XL, MIMIC-IV-ECG, grounding, `uniecg interpret`) re
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -39,12 +40,8 @@ def strip_wfdb_extension(path: str | os.PathLike) -> str:
     return root if ext.lower() in (".hea", ".dat", ".mat") else path
 
 
-def header_sampling_rate(header_path: str) -> float:
-    """The sampling rate written on the header's record line (`name n_sig fs n_samples ...`).
-
-    Read from the text, not from wfdb: wfdb replaces a missing or non-numeric rate by 250 Hz without
-    a word. Raises RecordError naming the header when the field is absent or not a number.
-    """
+def _record_line(header_path: str) -> list[str]:
+    """The header's record line (`name n_sig fs n_samples ...`) split into fields."""
     try:
         with open(header_path, encoding="latin-1") as f:
             lines = f.read().splitlines()
@@ -54,6 +51,10 @@ def header_sampling_rate(header_path: str) -> float:
                         if line.split("#", 1)[0].strip()), None)
     if not record_line:
         raise RecordError(f"{header_path}: corrupt header (no record line)")
+    return record_line
+
+
+def _rate_of_record_line(record_line: list[str], header_path: str) -> float:
     if len(record_line) < 3:
         raise RecordError(f"{header_path}: the record line {' '.join(record_line)!r} declares no "
                           "sampling rate (wfdb would assume 250 Hz)")
@@ -62,6 +63,15 @@ def header_sampling_rate(header_path: str) -> float:
         raise RecordError(f"{header_path}: sampling rate {record_line[2]!r} on the record line is "
                           "not a number")
     return float(match.group(1))
+
+
+def header_sampling_rate(header_path: str) -> float:
+    """The sampling rate written on the header's record line (`name n_sig fs n_samples ...`).
+
+    Read from the text, not from wfdb: wfdb replaces a missing or non-numeric rate by 250 Hz without
+    a word. Raises RecordError naming the header when the field is absent or not a number.
+    """
+    return _rate_of_record_line(_record_line(header_path), header_path)
 
 
 def check_signal_files(header: Any, base: str, header_path: str) -> None:
@@ -112,11 +122,51 @@ def _read_header(base: str, header_path: str):
         header = wfdb.rdheader(base)
     except Exception as e:  # wfdb raises HeaderSyntaxError/ValueError/TypeError/... on bad headers
         raise RecordError(f"{header_path}: corrupt header ({str(e) or type(e).__name__})") from None
+    _check_signal_count(header, header_path)
+    return header
+
+
+def _check_signal_count(header: Any, header_path: str) -> None:
     found = len(header.sig_name or [])
     if not header.n_sig or found != header.n_sig:
         raise RecordError(f"{header_path}: corrupt header (record line declares {header.n_sig} "
                           f"signals, {found} signal lines parse)")
-    return header
+
+
+def _read_checked_record(base: str, header_path: str):
+    """(wfdb.Record, sampling rate) after the checks of the module docstring, header parsed once.
+
+    wfdb parses a header through pandas (~2 ms, most of a record's read), and checking before
+    reading would parse it twice. So a single-segment record whose header declares its length is
+    read first and its fields checked after: a file that does not match its header either fails
+    inside wfdb (then the checked path below names the problem) or reads and fails the same check.
+    The declared length is taken from the header text, as wfdb shortens `sig_len` to what it read.
+    """
+    record_line = _record_line(header_path)
+    declared_length = record_line[3] if len(record_line) > 3 else ""
+    if "/" not in record_line[0] and declared_length.isdigit():  # "name/n_seg": multi-segment
+        try:
+            record = wfdb.rdrecord(base)
+        except Exception:  # the checked path reads the header alone and says what is wrong
+            record = None
+        if record is not None:
+            _check_signal_count(record, header_path)
+            fs = _rate_of_record_line(record_line, header_path)
+            declared = copy.copy(record)
+            declared.sig_len = int(declared_length)
+            check_signal_files(declared, base, header_path)
+            return record, fs
+    header = _read_header(base, header_path)
+    fs = _rate_of_record_line(record_line, header_path)
+    check_signal_files(header, base, header_path)
+    try:
+        record = wfdb.rdrecord(base)
+    except FileNotFoundError as e:
+        raise RecordError(f"{header_path}: signal file missing ({e.filename or e})") from None
+    except Exception as e:  # wfdb raises ValueError/TypeError/IndexError/... on bad files
+        raise RecordError(f"{header_path}: cannot read WFDB record: "
+                          f"{str(e) or type(e).__name__}") from None
+    return record, fs
 
 
 def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], float, list[str]]:
@@ -130,16 +180,7 @@ def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], fl
     header_path = base + ".hea"
     if not os.path.exists(header_path):
         raise RecordError(f"{header_path}: WFDB header not found")
-    header = _read_header(base, header_path)
-    fs = header_sampling_rate(header_path)
-    check_signal_files(header, base, header_path)
-    try:
-        record = wfdb.rdrecord(base)
-    except FileNotFoundError as e:
-        raise RecordError(f"{header_path}: signal file missing ({e.filename or e})") from None
-    except Exception as e:  # wfdb raises ValueError/TypeError/IndexError/... on bad files
-        raise RecordError(f"{header_path}: cannot read WFDB record: "
-                          f"{str(e) or type(e).__name__}") from None
+    record, fs = _read_checked_record(base, header_path)
     if record.p_signal is None or record.sig_name is None:
         raise RecordError(f"{header_path}: record has no signal channels")
     signal = np.asarray(record.p_signal, dtype=np.float32).T
