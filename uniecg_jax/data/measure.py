@@ -21,7 +21,6 @@ import functools
 import warnings
 
 import numpy as np
-import scipy.signal
 
 from uniecg_jax.data.record import resample
 
@@ -83,6 +82,8 @@ def _butter_sos(order: int, cutoff: float | tuple[float, float], btype: str,
                 fs: float | None) -> np.ndarray:
     # One design per (order, cutoff, rate): neurokit2 redesigns both filters on every call (~1.3 ms
     # per record). The filters only read it (and their Cython needs a writable buffer).
+    import scipy.signal  # 0.5-3 s to import; this module is on every command's path (as record.py)
+
     return scipy.signal.butter(order, list(cutoff) if isinstance(cutoff, tuple) else cutoff,
                                btype=btype, output="sos", fs=fs)
 
@@ -99,6 +100,7 @@ def kalidas_r_peaks(lead: np.ndarray, fs: int) -> np.ndarray:
     0.01-10 Hz band-pass `sosfilt`, then neurokit2's own Pan-Tompkins thresholding).
     """
     import pywt  # neurokit2's dependency; with it, only for this detector
+    import scipy.signal  # see `_butter_sos`
     from neurokit2.ecg.ecg_findpeaks import _ecg_findpeaks_peakdetect  # optional heavy dependency
 
     cleaned = scipy.signal.sosfiltfilt(_butter_sos(5, 0.5, "highpass", fs), lead)
