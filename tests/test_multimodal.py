@@ -14,7 +14,8 @@ from test_stage1 import check_one_step_on_8_devices_equals_one_device
 
 from uniecg_jax.config import load_config
 from uniecg_jax.data.ecg_image import PrintDistortions
-from uniecg_jax.data.multimodal import ecg_pixels, example_seed, to_canonical_lead_order
+from uniecg_jax.data.multimodal import ecg_pixels, example_seed
+from uniecg_jax.data.record import to_canonical_lead_order
 from uniecg_jax.data.record import to_encoder_lead_order
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.stage1 import UniECG, build_unified, expand_multimodal_inputs, \

@@ -16,13 +16,7 @@ import numpy as np
 
 from uniecg_jax.data.ecg_image import PrintDistortions, render_ecg_image
 from uniecg_jax.data.image_preprocess import clip_preprocess
-from uniecg_jax.data.record import ENCODER_FS, ENCODER_LEAD_ORDERS, LEADS
-
-
-def to_canonical_lead_order(ecg: np.ndarray, order: str) -> np.ndarray:
-    """[12, T] in the encoder's `order` -> [12, T] in `LEADS` order (the renderer's)."""
-    rows = [ENCODER_LEAD_ORDERS[order].index(lead) for lead in LEADS]
-    return ecg[rows]
+from uniecg_jax.data.record import ENCODER_FS, to_canonical_lead_order
 
 
 def ecg_pixels(ecg: np.ndarray, image_size: int, aspect: str, lead_order: str = "canonical",

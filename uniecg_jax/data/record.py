@@ -37,6 +37,16 @@ def to_encoder_lead_order(signal: np.ndarray, order: str) -> np.ndarray:
     rows = [LEADS.index(lead) for lead in ENCODER_LEAD_ORDERS[order]]
     return np.asarray(signal)[..., rows, :]
 
+
+def to_canonical_lead_order(signal: np.ndarray, order: str) -> np.ndarray:
+    """The inverse of `to_encoder_lead_order`: [..., 12, T] in the encoder's `order` -> `LEADS`
+    order (what the renderer and the writers take)."""
+    if order not in ENCODER_LEAD_ORDERS:
+        raise ValueError(f"unknown ECG lead order {order!r}; choose from "
+                         f"{sorted(ENCODER_LEAD_ORDERS)}")
+    rows = [ENCODER_LEAD_ORDERS[order].index(lead) for lead in LEADS]
+    return np.asarray(signal)[..., rows, :]
+
 # The ECG encoder (ECG-CoCa / GEM) reads 10 s at 500 Hz.
 ENCODER_FS = 500.0
 ENCODER_LENGTH = 5000

@@ -19,9 +19,9 @@ against XLA's dot on those shapes (1-3 s, mostly compiling) and caches the decis
 the compiled kernel. UNIECG_SMALL_BATCH_KERNEL=1 / =0 forces the kernel on / off without measuring.
 
 The C++ source is compiled on first use with the host's C++ compiler (`$CXX`, else c++ / g++) and
-`-march=native`, into `$UNIECG_KERNEL_CACHE` (default ~/.cache/uniecg_jax/kernels), keyed by the
-source, jaxlib version and CPU. Without a compiler, or with UNIECG_SMALL_BATCH_KERNEL=0, `load()` is
-False and callers keep XLA's own dot.
+`-march=native`, into `$UNIECG_KERNEL_CACHE` (default `kernels/` in the cache home, `$UNIECG_CACHE`
+or ~/.cache/uniecg_jax), keyed by the source, jaxlib version and CPU. Without a compiler, or with
+UNIECG_SMALL_BATCH_KERNEL=0, `load()` is False and callers keep XLA's own dot.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniecg_jax.caches import cache_home
 from uniecg_jax.layers.linear import DenseGeneral
 
 TILE = 32                     # columns per packed tile (small_batch_matmul.cc: kTile)
@@ -87,8 +88,8 @@ def cpu_isa() -> list[str]:
 
 
 def _cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("UNIECG_KERNEL_CACHE",
-                                       pathlib.Path.home() / ".cache" / "uniecg_jax" / "kernels"))
+    """$UNIECG_KERNEL_CACHE, else `kernels/` under the one cache home (`caches.cache_home()`)."""
+    return pathlib.Path(os.environ.get("UNIECG_KERNEL_CACHE", cache_home() / "kernels"))
 
 
 def _source_hash() -> str:

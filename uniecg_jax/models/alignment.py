@@ -58,8 +58,9 @@ class AlignmentConfig(ConfigSchema):
 @dataclasses.dataclass(frozen=True)
 class AttributeConfig(ConfigSchema):
     """Attribute head shape (`model.attributes`): the `[ECG]` hidden states read the request ->
-    heart rate, age, sex (`AttributeHead`). The raw outputs are standardised values; `*_center` / `*_scale` map them to bpm and years
-    (so a fresh head predicts the centre, and the loss is O(1) for either quantity)."""
+    heart rate, age, sex (`AttributeHead`). The raw outputs are standardised values; `*_center` /
+    `*_scale` map them to bpm and years (so a fresh head predicts the centre, and the loss is O(1)
+    for either quantity)."""
     config_group = "model.attributes"
     hidden_dim: int = 256       # read-out width (heads x head_dim) and MLP width
     heads: int = 4
