@@ -16,6 +16,10 @@ In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 
      kernel and with XLA's dot, each on its own line, and "ours" is the one `generate`'s calibration
      chose on this CPU (printed with its model and AVX2 / AVX-512 / AMX flags: the kernel's speed
      depends on them, issue 19); f32 batch 8 always has its XLA's-dot line.
+An AVX2-only host's code paths on a newer CPU (issue 19: the kernel's tuning depends on the ISA):
+    XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 UNIECG_KERNEL_MARCH=x86-64-v3 \
+        python bench/llm.py
+caps XLA's, PyTorch's and the kernel's instruction sets alike (the CPU line names the caps).
 The train step is a plain local jit (value_and_grad + optax.adamw, donated state) on one device.
 """
 from __future__ import annotations
@@ -176,7 +180,10 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads)")
     isa = ", ".join(small_batch_matmul.cpu_isa()) or "none of AVX2 / AVX-512 / AMX"
-    print(f"CPU: {small_batch_matmul.cpu_model()} ({isa}), {os.cpu_count()} cores")
+    caps = small_batch_matmul.isa_caps()
+    capped = ("; code paths capped: " + ", ".join(f"{tool} {cap}" for tool, cap in caps.items())
+              if caps else "")
+    print(f"CPU: {small_batch_matmul.cpu_model()} ({isa}), {os.cpu_count()} cores{capped}")
     print(f"model: preset {args.preset}, {config.num_params() / 1e6:.1f}M params, "
           f"seq {args.seq}, batch {args.batch}")
     hugetlb = "hugetlb" in os.environ.get("GLIBC_TUNABLES", "")

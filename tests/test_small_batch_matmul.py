@@ -184,6 +184,16 @@ def test_calibration_key_follows_cpu_source_jax_and_shapes(calibration, monkeypa
             assert not small_batch_matmul.calibrate(4, SHAPES)
             assert calibration.measured == measured + 1
             calibration.slow("xla")
+    for name, value in (("XLA_FLAGS", "--xla_cpu_max_isa=AVX2"), ("ATEN_CPU_CAPABILITY", "avx2"),
+                        ("UNIECG_KERNEL_MARCH", "x86-64-v3")):
+        with monkeypatch.context() as patched:   # an ISA cap is another host's code path
+            patched.setenv(name, value)
+            assert small_batch_matmul.isa_caps()
+            assert small_batch_matmul.calibration_key(4, SHAPES) != key
+    monkeypatch.setenv("UNIECG_KERNEL_MARCH", "native")      # the default is no cap
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert small_batch_matmul.isa_caps() == {}
     monkeypatch.setattr(jax, "__version__", "0.0.1")
     assert small_batch_matmul.calibration_key(4, SHAPES) != key
 

@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import platform
 import shutil
 import subprocess
@@ -87,6 +88,21 @@ def cpu_isa() -> list[str]:
             if flag in flags]
 
 
+def isa_caps() -> dict[str, str]:
+    """The ISA limits set for this process, by tool: XLA's `--xla_cpu_max_isa`, PyTorch's
+    `ATEN_CPU_CAPABILITY` and the kernel's `UNIECG_KERNEL_MARCH` (default `native`). Setting all
+    three (e.g. AVX2 / avx2 / x86-64-v3) measures an AVX2-only host's code paths on a newer CPU."""
+    xla = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    caps = {"xla": xla.group(1) if xla else "", "torch": os.environ.get("ATEN_CPU_CAPABILITY", ""),
+            "kernel": kernel_march()}
+    return {tool: cap for tool, cap in caps.items() if cap and cap != "native"}
+
+
+def kernel_march() -> str:
+    """The `-march=` the kernel is compiled for: $UNIECG_KERNEL_MARCH, else `native`."""
+    return os.environ.get("UNIECG_KERNEL_MARCH", "").strip() or "native"
+
+
 def _cache_dir() -> pathlib.Path:
     """$UNIECG_KERNEL_CACHE, else `kernels/` under the one cache home (`caches.cache_home()`)."""
     return pathlib.Path(os.environ.get("UNIECG_KERNEL_CACHE", cache_home() / "kernels"))
@@ -105,7 +121,7 @@ def _compiler() -> str | None:
 
 def _build(cxx: str) -> pathlib.Path:
     """Compiles the kernel (once per source / jaxlib / CPU) and returns the shared library path."""
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w",
+    flags = ["-O3", f"-march={kernel_march()}", "-std=c++17", "-shared", "-fPIC", "-w",
              f"-I{jax.ffi.include_dir()}"]
     key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), jax.__version__.encode(),
                                      " ".join([cxx] + flags).encode(),
@@ -231,7 +247,8 @@ def calibration_key(rows: int, shapes: Sequence[tuple[int, int]]) -> str:
     and the shape family (rows; each Dense [K, N] with its count)."""
     what = {"cpu": cpu_model(), "flags": _cpu_signature(), "cores": len(os.sched_getaffinity(0))
             if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "jax": jax.__version__, "source": _source_hash(), **_shape_family(rows, shapes)}
+            "jax": jax.__version__, "source": _source_hash(), "isa_caps": isa_caps(),
+            **_shape_family(rows, shapes)}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -258,7 +275,8 @@ def calibrate(rows: int, shapes: Sequence[tuple[int, int]]) -> bool:
         seconds = _measure(rows, shapes)
         decision = bool(seconds["kernel"] < KERNEL_MARGIN * seconds["xla"])
         record = {"use_kernel": decision, "kernel_s": seconds["kernel"], "xla_s": seconds["xla"],
-                  "cpu": cpu_model(), "isa": cpu_isa(), "jax": jax.__version__,
+                  "cpu": cpu_model(), "isa": cpu_isa(), "isa_caps": isa_caps(),
+                  "jax": jax.__version__,
                   **_shape_family(rows, shapes)}
         _log.info("small_batch_matmul: %s on %s for %s (kernel %.3g s, XLA's dot %.3g s a step)",
                   "kernel" if decision else "XLA's dot", record["cpu"], _shape_family(rows, shapes),
