@@ -3,7 +3,9 @@
   uniecg eval interpret --ckpt /tmp/stage1 --data bundled --out /tmp/eval/results.jsonl
 
 Records are spread over all hosts (`jax.process_index/count`, or --host-index/--host-count to run
-hosts by hand) and, within a host, over its devices. Rerunning the same command resumes.
+hosts by hand) and, within a host, over its devices. Rerunning the same command resumes. A model
+with an image tower is scored per input kind (signal / image / both: the record's signal, the page
+rendered from it, or both), each (record, kind) one item of the job.
 """
 from __future__ import annotations
 
@@ -21,6 +23,9 @@ def register(subparsers) -> None:
     interpret.add_argument("--batch-size", type=int, default=8, help="per host")
     interpret.add_argument("--max-new-tokens", type=int, default=None)
     interpret.add_argument("--prompt", default=None)
+    interpret.add_argument("--kinds", default=None,
+                           help="image-tower models: comma-separated input kinds to score "
+                                "(default signal,image,both)")
     interpret.add_argument("--host-index", type=int, default=None)
     interpret.add_argument("--host-count", type=int, default=None)
     interpret.add_argument("--judge", action="store_true",
@@ -49,14 +54,16 @@ def run_interpret(args) -> int:
         interpret_eval.load_eval_records(args.data, interpreter.config))
     part = interpret_eval.run_shard(interpreter, items, args.out, process_index=host,
                                     process_count=hosts, batch_size=args.batch_size,
-                                    max_new_tokens=args.max_new_tokens, prompt=args.prompt)
+                                    max_new_tokens=args.max_new_tokens, prompt=args.prompt,
+                                    kinds=args.kinds.split(",") if args.kinds else None)
     sharded_job.wait_for_hosts(hosts, manual, "uniecg eval interpret: parts written")
     metrics = (interpret_eval.merge(args.out, hosts, items)
                if sharded_job.should_merge(host, manual) else None)
     if metrics is None:
         print(f"wrote {part}; waiting for the other hosts' parts before merging")
         return 0
-    print(f"wrote {args.out} ({len(items)} records) and {args.out}.metrics.json")
+    kinds = f" x {len(metrics['by_kind'])} input kinds" if "by_kind" in metrics else ""
+    print(f"wrote {args.out} ({len(items)} records{kinds}) and {args.out}.metrics.json")
     for line in interpret_eval.summary_lines(metrics):
         print(line)
     print(json.dumps({"baseline_text": metrics["baseline_text"]}))

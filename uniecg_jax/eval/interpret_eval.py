@@ -7,6 +7,12 @@ so a killed job resumes where it stopped (records already in the part file are s
 line is dropped; `eval.sharded_job`, shared with `eval generate`). When every part is complete, `merge` writes OUT (one line per record, sorted by
 record id, each record exactly once) and `OUT.metrics.json` with the judge-free metrics of the model
 and of the trivial baseline (most common statement, mean heart rate).
+
+With an image tower the job's items are (record, input kind) pairs, record-major, so a batch mixes
+kinds in one compiled program (`inference.interpret.ModelInputs`): "signal" (the ECG alone),
+"image" (the page rendered from it by the training renderer, without print distortions, alone)
+and "both"; rows are keyed `RECORD|KIND` and carry `kind`, and the metrics gain `by_kind` (the
+model's metrics per kind; `model` is the "both" kind, what `uniecg interpret --ecg` serves).
 """
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ from uniecg_jax.data.conversations import measure_findings
 from uniecg_jax.data.examples import example_to_record, read_shards, shard_paths
 from uniecg_jax.errors import UniECGError
 from uniecg_jax.eval import judge, report_metrics, sharded_job
-from uniecg_jax.eval.sharded_job import part_path, read_part  # noqa: F401  (the job's part files)
+from uniecg_jax.eval.sharded_job import part_path, read_part
+from uniecg_jax.inference.interpret import INPUT_KINDS
+
+SIGNAL_ONLY = ("signal",)   # the kinds of a model without an image tower (rows keyed by record)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,61 +82,121 @@ def load_eval_records(data: str, config=None) -> list:
     raise UniECGError(f"{data}: expected 'bundled', a `uniecg prep` folder or a folder of WFDB records")
 
 
+def eval_kinds(interpreter, kinds: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The input kinds to evaluate: all of `INPUT_KINDS` with an image tower (or the `kinds`
+    asked for), "signal" alone without one."""
+    if not interpreter.has_image_tower:
+        if kinds and tuple(kinds) != SIGNAL_ONLY:
+            raise UniECGError(f"input kinds {list(kinds)}: this model has no image tower "
+                              "(model.vision_tower), it reads signals only")
+        return SIGNAL_ONLY
+    kinds = tuple(kinds or INPUT_KINDS)
+    unknown = [kind for kind in kinds if kind not in INPUT_KINDS]
+    if unknown or not kinds:
+        raise UniECGError(f"input kinds {list(kinds)}: choose from {list(INPUT_KINDS)}")
+    return tuple(kind for kind in INPUT_KINDS if kind in kinds)
+
+
+def job_keys(items: Sequence[EvalItem], kinds: Sequence[str]) -> list[str]:
+    """The job's row keys, record-major: the record id (kinds == ("signal",)), else `ID|KIND`."""
+    if tuple(kinds) == SIGNAL_ONLY:
+        return [item.record_id for item in items]
+    return [f"{item.record_id}|{kind}" for item in items for kind in kinds]
+
+
 def run_shard(interpreter, items: Sequence[EvalItem], out: str, *, process_index: int,
               process_count: int, batch_size: int = 8, max_new_tokens: int | None = None,
-              prompt: str | None = None, progress: bool = True) -> str:
-    """Interprets this host's share of `items` (round robin) into its part file
-    (`sharded_job.run_shard`); returns the part path."""
+              prompt: str | None = None, progress: bool = True,
+              kinds: Sequence[str] | None = None) -> str:
+    """Interprets this host's share of the (record, kind) items (round robin) into its part file
+    (`sharded_job.run_shard`); returns the part path. kinds: see `eval_kinds`."""
+    kinds = eval_kinds(interpreter, kinds)
     devices = jax.local_device_count()
     batch_size = max(devices, (batch_size // devices) * devices)
     vocab = report_metrics.StatementVocabulary.default()
 
     def interpret_batch(indices: list[int]) -> list[dict]:
-        batch = [items[i] for i in indices]
-        reports = interpreter.interpret(np.stack([item.ecg for item in batch]),
-                                        prompt, max_new_tokens=max_new_tokens,
-                                        batch_multiple=devices)
-        return [dict(generated=report, reference=item.reference_text,
-                     reference_labels=list(item.reference.labels or []),
-                     reference_measurements=dict(item.reference.measurements or {}),
-                     scores=report_metrics.score_record(report, item.reference, vocab))
-                for item, report in zip(batch, reports)]
+        jobs = [(items[i // len(kinds)], kinds[i % len(kinds)]) for i in indices]
+        pages: dict[str, np.ndarray] = {}
 
-    return sharded_job.run_shard([item.record_id for item in items], interpret_batch, out,
+        def page(item):
+            if item.record_id not in pages:
+                pages[item.record_id] = interpreter.rendered_pixels(item.ecg)
+            return pages[item.record_id]
+
+        ecgs = [item.ecg if kind != "image" else None for item, kind in jobs]
+        images = ([page(item) if kind != "signal" else None for item, kind in jobs]
+                  if interpreter.has_image_tower else None)
+        reports = interpreter.interpret(ecgs, prompt, images=images, render_missing_images=False,
+                                        max_new_tokens=max_new_tokens, batch_multiple=devices)
+        rows = []
+        for (item, kind), report in zip(jobs, reports):
+            row = dict(generated=report, reference=item.reference_text,
+                       reference_labels=list(item.reference.labels or []),
+                       reference_measurements=dict(item.reference.measurements or {}),
+                       scores=report_metrics.score_record(report, item.reference, vocab))
+            rows.append(row if kinds == SIGNAL_ONLY else dict(row, record=item.record_id,
+                                                              kind=kind))
+        return rows
+
+    settings = dict(max_new_tokens=max_new_tokens, prompt=prompt)
+    if kinds != SIGNAL_ONLY:
+        settings["kinds"] = list(kinds)
+    return sharded_job.run_shard(job_keys(items, kinds), interpret_batch, out,
                                  process_index=process_index, process_count=process_count,
                                  batch_size=batch_size, desc="eval", progress=progress,
-                                 settings=dict(max_new_tokens=max_new_tokens, prompt=prompt))
+                                 settings=settings)
 
 
-def merge(out: str, process_count: int, items: Sequence[EvalItem]) -> dict | None:
-    """Writes OUT and OUT.metrics.json once every part is done; returns the metrics (else None)."""
-    ordered = sharded_job.read_parts(out, process_count, sorted(item.record_id for item in items))
+def job_kinds(out: str, process_count: int) -> tuple[str, ...]:
+    """The input kinds a job evaluated, from its first part's stored settings."""
+    settings_path = part_path(out, 0, process_count) + ".job.json"
+    if not os.path.exists(settings_path):
+        return SIGNAL_ONLY
+    with open(settings_path) as f:
+        return tuple(json.load(f).get("kinds", SIGNAL_ONLY))
+
+
+def merge(out: str, process_count: int, items: Sequence[EvalItem],
+          kinds: Sequence[str] | None = None) -> dict | None:
+    """Writes OUT and OUT.metrics.json once every part is done; returns the metrics (else None).
+    kinds: those `run_shard` evaluated (default: read from the job's settings); with more than
+    "signal" the metrics hold `by_kind` and `model` is the "both" kind (else the last one)."""
+    kinds = tuple(kinds) if kinds is not None else job_kinds(out, process_count)
+    items = sorted(items, key=lambda i: i.record_id)
+    ordered = sharded_job.read_parts(out, process_count, job_keys(items, kinds))
     if ordered is None:
         return None
     with open(out, "w") as f:
         for row in ordered:
             f.write(json.dumps(row) + "\n")
-    references = [item.reference for item in sorted(items, key=lambda i: i.record_id)]
+    references = [item.reference for item in items]
     vocab = report_metrics.StatementVocabulary.default()
-    model_metrics = report_metrics.aggregate([row["scores"] for row in ordered])
     baseline = report_metrics.evaluate_reports(
         report_metrics.baseline_reports(references, vocab), references, vocab)
-    metrics = {"model": model_metrics, "baseline": baseline,
+    metrics = {"baseline": baseline,
                "baseline_text": report_metrics.baseline_reports(references, vocab)[0]}
+    if tuple(kinds) == SIGNAL_ONLY:
+        metrics["model"] = report_metrics.aggregate([row["scores"] for row in ordered])
+    else:
+        metrics["by_kind"] = {kind: report_metrics.aggregate(
+            [row["scores"] for row in ordered if row["kind"] == kind]) for kind in kinds}
+        metrics["model"] = metrics["by_kind"]["both" if "both" in kinds else kinds[-1]]
     with open(out + ".metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     return metrics
 
 
 def summary_lines(metrics: dict) -> list[str]:
-    """A short human-readable comparison of model vs baseline."""
+    """A short human-readable comparison of model (per input kind) vs baseline."""
+    rows = ([(f"model ({kind})", m) for kind, m in metrics["by_kind"].items()]
+            if "by_kind" in metrics else [("model", metrics["model"])])
     lines = []
-    for name in ("model", "baseline"):
-        m = metrics[name]
+    for name, m in rows + [("baseline", metrics["baseline"])]:
         hr = m["measurements"]["heart_rate"]
         hr_text = (f"HR MAE {hr['mae']:.1f} bpm (stated in {hr['stated_fraction']:.0%})"
                    if hr["mae"] is not None else "HR not stated")
-        lines.append(f"{name:>8}: diagnosis F1 micro {m['diagnosis']['micro']['f1']:.3f} "
+        lines.append(f"{name:>14}: diagnosis F1 micro {m['diagnosis']['micro']['f1']:.3f} "
                      f"macro {m['diagnosis']['macro']['f1']:.3f}; {hr_text}; "
                      f"lead coverage {m['leads']['coverage']:.2f}")
     return lines
