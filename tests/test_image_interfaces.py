@@ -138,6 +138,11 @@ def test_model_without_image_tower_and_bad_images_fail_clearly(exported, ecgs, t
     Image.fromarray(render_ecg_image(ecgs[0], ENCODER_FS)).save(png)
     assert main(["interpret", "--ckpt", str(tmp_path / "signal_only"), "--image", png]) == 1
     assert "no image tower" in capsys.readouterr().err
+    stage2 = tmp_path / "stage2" / "model"
+    stage2.mkdir(parents=True)
+    (stage2 / "config.json").write_text(config_to_json(load_config("configs/stage2.py:tiny")))
+    assert main(["chat", "--ckpt", str(tmp_path / "stage2"), "--image", png, "--prompt", "Hi"]) == 1
+    assert "no image tower" in capsys.readouterr().err
 
     workdir, interpreter = exported
     not_an_image = tmp_path / "scan.png"
@@ -224,3 +229,47 @@ def test_eval_interpret_per_kind_resumes_after_a_kill(exported, tmp_path):
         interpret_eval.run_shard(interpreter, items, out, **dict(common), kinds=["image"])
     with pytest.raises(UniECGError, match="choose from"):
         interpret_eval.eval_kinds(interpreter, ["photo"])
+
+
+def test_rendered_batches_checkpoint_and_render_each_page_once(monkeypatch, ecgs):
+    """The training loader's page renderer passes the grain state through (the train loop
+    checkpoints it) and renders an example's page once: same record key and signal -> the
+    memoised pixels, equal to a fresh render."""
+    from uniecg_jax.data import multimodal
+
+    class Source:
+        def __init__(self):
+            self.state, self.batches = None, iter([
+                {"ecg": ecgs[:2], "record_key": np.array([b"a", b"b"])},
+                {"ecg": ecgs[[1, 0]], "record_key": np.array([b"b", b"a"])},
+                {"ecg": ecgs[:2], "record_key": np.array([b"b", b"a"])}])
+
+        def __next__(self):
+            return next(self.batches)
+
+        def __iter__(self):
+            return self
+
+        def get_state(self):
+            return b"position"
+
+        def set_state(self, state):
+            self.state = state
+
+    renders = []
+    real = multimodal.ecg_pixels
+    monkeypatch.setattr(multimodal, "ecg_pixels",
+                        lambda *args, **kwargs: renders.append(1) or real(*args, **kwargs))
+    source = Source()
+    batches = multimodal.with_rendered_images(source, 56, "ori", distortions=True, seed=3)
+    first, second, third = next(batches), next(batches), next(batches)
+    assert len(renders) == 4          # a, b, then b and a again with swapped signals
+    np.testing.assert_array_equal(second["image"], first["image"][::-1])
+    assert not np.array_equal(third["image"], first["image"])
+    np.testing.assert_array_equal(third["image"][1], real(
+        ecgs[1], 56, "ori", distortions=multimodal.PrintDistortions(),
+        seed=multimodal.example_seed(b"a", 1, 3)))
+    assert batches.get_state() == b"position"
+    batches.set_state(b"restored")
+    assert source.state == b"restored"
+    assert [multimodal.render_dpi(size) for size in (336, 224, 56)] == [200.0, 134.0, 50.0]

@@ -1,6 +1,8 @@
 """The stage-1 part of `uniecg demo`: train a tiny UniECG (ECG encoder + projectors + LLM) on
 grounded conversations about the bundled records plus synthetic ECGs, then interpret the held-out
-records and score them against trivial baselines.
+records and score them against trivial baselines. Then the same with an image tower
+(configs/stage1.py:demo_image, modality dropout) over two seeds, scored per input kind (the signal,
+the page rendered from it, both) against the baselines, with the spread over the seeds.
 
     lines = run_demo("/tmp/demo/stage1", quick=True)
 """
@@ -17,14 +19,21 @@ from uniecg_jax.train.loop import train
 
 QUICK_OVERRIDES = ("train.steps=4", "train.log_every=2", "data.num_synthetic=4",
                    "eval.max_new_tokens=16", "train.checkpoint_every=0")
+IMAGE_SPEC = "configs/stage1.py:demo_image"
+IMAGE_SEEDS = (0, 1)        # the image demo's seeds (`config.seed`: init, data order, synthetic)
+QUICK_IMAGE_SEEDS = (0,)
+# (name, metrics path, higher is better) of the demo's per-kind comparison with the baselines.
+HEADLINE = (("micro F1", ("diagnosis", "micro", "f1"), True),
+            ("macro F1", ("diagnosis", "macro", "f1"), True),
+            ("HR MAE", ("measurements", "heart_rate", "mae"), False))
 
 
-def run_demo(workdir: str, quick: bool = False, overrides: Sequence[str] = ()) -> list[str] | None:
-    """Trains (or resumes) configs/stage1.py:demo in `workdir`, exports the model there and
-    evaluates it on the held-out bundled records. Returns printable lines, or None when training
-    was stopped by a signal (rerun to resume)."""
-    config = load_config("configs/stage1.py:demo",
-                         (list(QUICK_OVERRIDES) if quick else []) + list(overrides))
+def train_and_evaluate(spec: str, workdir: str, out: str, quick: bool,
+                       overrides: Sequence[str]) -> tuple[dict, list, str] | None:
+    """Trains (or resumes) `spec` in `workdir`, exports the model there and evaluates it on the
+    held-out bundled records into `out` (per input kind with an image tower). Returns (metrics,
+    items, out), or None when training was stopped by a signal (rerun to resume)."""
+    config = load_config(spec, (list(QUICK_OVERRIDES) if quick else []) + list(overrides))
     task = build_task(config)
     result = train(config, workdir, task)
     if result.stopped_by_signal:
@@ -34,14 +43,28 @@ def run_demo(workdir: str, quick: bool = False, overrides: Sequence[str] = ()) -
     interpreter = Interpreter.load(workdir)
     items = interpret_eval.items_from_records(
         interpret_eval.load_eval_records("bundled", interpreter.config))
-    out = os.path.join(os.path.dirname(os.path.abspath(workdir)), "eval_interpret", "results.jsonl")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    for stale in (out, out + ".part-0-of-1", out + ".part-0-of-1.done"):
+    part = interpret_eval.part_path(out, 0, 1)
+    for stale in (out, part, part + ".done", part + ".job.json"):
         if os.path.exists(stale) and result.steps_run:
             os.remove(stale)  # the model changed: old generations are not its answers
     interpret_eval.run_shard(interpreter, items, out, process_index=0, process_count=1,
                              batch_size=int(config.eval.batch_size), progress=False)
-    metrics = interpret_eval.merge(out, 1, items)
+    return interpret_eval.merge(out, 1, items), items, out
+
+
+def run_demo(workdir: str, quick: bool = False, overrides: Sequence[str] = (),
+             image: bool = True) -> list[str] | None:
+    """Trains and evaluates configs/stage1.py:demo in `workdir` (the model stage 2 builds on),
+    then, with `image`, `run_image_demo` beside it (`<workdir>_image/`). Returns printable lines,
+    or None when training was stopped by a signal (rerun to resume)."""
+    root = os.path.dirname(os.path.abspath(workdir))
+    done = train_and_evaluate("configs/stage1.py:demo", workdir,
+                              os.path.join(root, "eval_interpret", "results.jsonl"), quick,
+                              overrides)
+    if done is None:
+        return None
+    metrics, items, out = done
     example = interpret_eval.read_part(out + ".part-0-of-1")[items[0].record_id]
     lines = [f"example held-out record {items[0].record_id}:",
              f"  generated: {example['generated']}",
@@ -49,4 +72,59 @@ def run_demo(workdir: str, quick: bool = False, overrides: Sequence[str] = ()) -
              f"interpretation on {len(items)} held-out records:"]
     lines += ["  " + line for line in interpret_eval.summary_lines(metrics)]
     lines.append(f"interpretation details in {out}.metrics.json")
+    if not image:
+        return lines
+    image_lines = run_image_demo(os.path.abspath(workdir) + "_image", quick, overrides)
+    return None if image_lines is None else lines + image_lines
+
+
+def run_image_demo(root: str, quick: bool = False, overrides: Sequence[str] = (),
+                   seeds: Sequence[int] | None = None) -> list[str] | None:
+    """configs/stage1.py:demo_image trained and evaluated per input kind once per seed
+    (`root/seed{N}/`, evaluations in `root/eval_seed{N}/`); returns `image_summary_lines`, or
+    None when training was stopped by a signal."""
+    seeds = tuple(seeds or (QUICK_IMAGE_SEEDS if quick else IMAGE_SEEDS))
+    per_seed = {}
+    for seed in seeds:
+        done = train_and_evaluate(IMAGE_SPEC, os.path.join(root, f"seed{seed}"),
+                                  os.path.join(root, f"eval_seed{seed}", "results.jsonl"), quick,
+                                  list(overrides) + [f"seed={seed}"])
+        if done is None:
+            return None
+        per_seed[seed] = done[0]
+    lines = [f"with an image tower ({IMAGE_SPEC}, modality dropout), held-out records per input "
+             f"kind, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}:"]
+    lines += ["  " + line for line in image_summary_lines(per_seed)]
+    lines.append(f"details in {root}/eval_seed*/results.jsonl.metrics.json")
+    return lines
+
+
+def _value(metrics: dict, path: tuple[str, ...]) -> float | None:
+    for key in path:
+        metrics = metrics[key]
+    return None if metrics is None else float(metrics)
+
+
+def image_summary_lines(per_seed: dict[int, dict]) -> list[str]:
+    """Per input kind and headline metric: each seed's value against that seed's trivial baseline
+    (the held-out synthetic records follow the seed), the mean and the spread (max - min) over the
+    seeds, and whether the model beat the baseline on every seed."""
+    kinds = list(next(iter(per_seed.values()))["by_kind"])
+    lines = []
+    for kind in kinds:
+        parts, wins = [], True
+        for name, path, higher in HEADLINE:
+            values = [_value(m["by_kind"][kind], path) for m in per_seed.values()]
+            bases = [_value(m["baseline"], path) for m in per_seed.values()]
+            beats = [v is not None and b is not None and (v > b if higher else v < b)
+                     for v, b in zip(values, bases)]
+            wins &= all(beats)
+            shown = " / ".join("n/a" if v is None else f"{v:.3f}" for v in values)
+            if len(values) > 1 and None not in values:
+                shown += f" (mean {sum(values) / len(values):.3f}, spread " \
+                         f"{max(values) - min(values):.3f})"
+            base = " / ".join("n/a" if b is None else f"{b:.3f}" for b in bases)
+            parts.append(f"{name} {shown} vs baseline {base}")
+        lines.append(f"{kind:>6}: " + "; ".join(parts) +
+                     f" -> {'beats' if wins else 'does NOT beat'} the baselines on every seed")
     return lines

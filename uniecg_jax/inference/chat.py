@@ -25,13 +25,11 @@ import re
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from uniecg_jax.checkpoint import load_model_config, restore_model, tokenizer_path
-from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE, \
-    to_encoder_lead_order
+from uniecg_jax.data.record import DIFFUSION_FS, UNKNOWN_AGE, UNKNOWN_HEART_RATE
 from uniecg_jax.data.chat_format import InputBuilder, Turn
 from uniecg_jax.data.conversations import request_prompt_ids
 from uniecg_jax.data.tokenizer import load_tokenizer
@@ -39,8 +37,7 @@ from uniecg_jax.diffusion.ecg_writer import write_generated
 from uniecg_jax.diffusion.pipeline import load_pipeline
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.inference import decoding
-from uniecg_jax.inference.interpret import Interpreter, encode_ecg_fn, input_builder, \
-    resolve_model_dir
+from uniecg_jax.inference.interpret import Interpreter, input_builder, resolve_model_dir
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.stage2 import UniECGStage2, abstract_stage2_params, build_stage2, \
     stage1_model, stage1_params
@@ -197,13 +194,14 @@ class UnifiedModel:
 
     def respond(self, prompts: Sequence[str], ecgs: np.ndarray | None = None, *,
                 max_new_tokens: int | None = None, sampling: decoding.Sampling | None = None,
-                seed: int = 0, with_attributes: bool = False) -> tuple:
+                seed: int = 0, with_attributes: bool = False, images=None) -> tuple:
         """Decodes a batch; then the condition vectors of the rows that emitted [ECG] tokens.
 
         Args:
           prompts: B requests (text, or text-only conversations as (role, text) turns). ecgs:
             optional [B, 12, samples] (interpretation prompts then carry the `<ecg>` placeholder,
-            as in stage 1).
+            as in stage 1). images: optional B ECG images (paths, RGB uint8 pages or pixels; a
+            model with an image tower only), read as `Interpreter.model_inputs` reads them.
           with_attributes: also return the attribute head's outputs.
         Returns:
           (generated ids per row (eos excluded), condition [B, text_dim] f32, emitted [B] bool:
@@ -214,7 +212,7 @@ class UnifiedModel:
         llm_cfg = self.model.config.unified.llm
         max_new = int(max_new_tokens or self.config.eval.max_new_tokens)
         rng = jax.random.PRNGKey(seed)
-        if ecgs is None:
+        if ecgs is None and images is None:
             ids, mask = decoding.left_pad([self.text_prompt_ids(p) for p in prompts],
                                           llm_cfg.pad_token_id)
             out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
@@ -222,14 +220,13 @@ class UnifiedModel:
                                     return_hidden=True)
         else:
             interpreter = self.interpreter()
-            ids, mask, slots = interpreter.build_inputs(list(prompts))
-            ecgs = to_encoder_lead_order(np.asarray(ecgs, np.float32),
-                                         self.model.config.unified.input.ecg_lead_order)
-            ecg_tokens = encode_ecg_fn(interpreter.model)(interpreter.params, jnp.asarray(ecgs))
+            batch = interpreter.model_inputs(ecgs, images)
+            ids, mask, slots = interpreter.build_inputs(list(prompts), batch.ecg_present,
+                                                        batch.image_present)
             out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
                                     max_new_tokens=max_new, sampling=sampling, rng=rng,
-                                    extra_embeddings=ecg_tokens, extra_positions=slots,
-                                    return_hidden=True)
+                                    extra_embeddings=interpreter.encode(batch),
+                                    extra_positions=slots, return_hidden=True)
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         generated = [[t for t in tokens[row, :lengths[row]].tolist() if t != llm_cfg.eos_token_id]
                      for row in range(len(prompts))]
@@ -245,7 +242,8 @@ class UnifiedModel:
                           attribute_fn(self.model)(self.params, out.hidden, all_ids).items()}
         return generated, np.asarray(condition, np.float32), emitted, attributes
 
-    def chat(self, prompt: str, ecg: np.ndarray | None = None, *, out_dir: str | None = None,
+    def chat(self, prompt: str, ecg: np.ndarray | None = None, *, image=None,
+             out_dir: str | None = None,
              sex: str | None = None, age: float | None = None, heart_rate: float | None = None,
              max_new_tokens: int | None = None, steps: int | None = None, seed: int = 0,
              sample_rate: float | None = None, record_name: str = "generated",
@@ -258,7 +256,8 @@ class UnifiedModel:
         eta, output rate); `steps` / `sample_rate` override those two."""
         ecgs = None if ecg is None else np.asarray(ecg, np.float32)[None]
         generated, condition, emitted, attributes = self.respond(
-            [prompt], ecgs, max_new_tokens=max_new_tokens, seed=seed, with_attributes=True)
+            [prompt], ecgs, max_new_tokens=max_new_tokens, seed=seed, with_attributes=True,
+            images=None if image is None else [image])
         turn = ChatTurn(prompt, self.decode_text(generated[0]), generated[0], bool(emitted[0]))
         if not turn.emitted_ecg_tokens:
             return turn
