@@ -273,3 +273,38 @@ def test_rendered_batches_checkpoint_and_render_each_page_once(monkeypatch, ecgs
     batches.set_state(b"restored")
     assert source.state == b"restored"
     assert [multimodal.render_dpi(size) for size in (336, 224, 56)] == [200.0, 134.0, 50.0]
+
+
+def _metrics(micro, macro, mae):
+    return {"diagnosis": {"micro": {"f1": micro}, "macro": {"f1": macro}},
+            "measurements": {"heart_rate": {"mae": mae}}}
+
+
+def test_image_demo_summary_has_each_seed_the_spread_and_the_verdict():
+    from uniecg_jax.demo.stage1 import image_summary_lines
+    baseline = _metrics(0.3, 0.05, 20.0)
+    per_seed = {0: {"baseline": baseline, "by_kind": {
+                    "signal": _metrics(0.4, 0.10, 10.0), "image": _metrics(0.2, 0.10, 10.0),
+                    "both": _metrics(0.5, 0.20, None)}},
+                1: {"baseline": _metrics(0.3, 0.05, 25.0), "by_kind": {
+                    "signal": _metrics(0.5, 0.12, 12.0), "image": _metrics(0.4, 0.10, 10.0),
+                    "both": _metrics(0.5, 0.20, 5.0)}}}
+    signal, image, both = image_summary_lines(per_seed)
+    assert signal.split(":")[0].strip() == "signal"
+    assert "micro F1 0.400 / 0.500 (mean 0.450, spread 0.100) vs baseline 0.300 / 0.300" in signal
+    assert "HR MAE 10.000 / 12.000 (mean 11.000, spread 2.000) vs baseline 20.000 / 25.000" \
+        in signal
+    assert signal.endswith("-> beats the baselines on every seed")
+    assert image.endswith("does NOT beat the baselines on every seed")   # seed 0 micro F1
+    assert "HR MAE n/a / 5.000 vs" in both and "NOT" in both          # HR never stated (seed 0)
+
+
+@pytest.mark.slow
+def test_quick_image_demo_trains_and_scores_every_kind(tmp_path):
+    from uniecg_jax.demo.stage1 import run_image_demo
+    lines = run_image_demo(str(tmp_path / "stage1_image"), quick=True)
+    assert [line.split(":")[0].strip() for line in lines[1:4]] == ["signal", "image", "both"]
+    metrics = json.loads((tmp_path / "stage1_image" / "eval_seed0" /
+                          "results.jsonl.metrics.json").read_text())
+    assert set(metrics["by_kind"]) == {"signal", "image", "both"}
+    assert len({m["num_records"] for m in metrics["by_kind"].values()}) == 1

@@ -241,8 +241,12 @@ class Interpreter:
         batch_multiple: rows are padded to a multiple of this (the device count for a sharded batch).
         stop_token_ids: default the model's eos; () decodes exactly max_new_tokens (benchmarks).
         """
-        batch = (ecgs if isinstance(ecgs, ModelInputs)
-                 else self.model_inputs(ecgs, images, render_missing_images))
+        if isinstance(ecgs, ModelInputs):
+            if images is not None:
+                raise ValueError("images are part of the ModelInputs given; pass one or the other")
+            batch = ecgs
+        else:
+            batch = self.model_inputs(ecgs, images, render_missing_images)
         count = len(batch)
         if prompts is None or isinstance(prompts, str):
             prompts = [prompts or DEFAULT_PROMPT] * count
