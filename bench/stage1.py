@@ -76,7 +76,7 @@ def bench_config(name: str):
         with config.unlocked():
             config.model.vision_tower = clip_vision.vision_config_dict(ADDED_TOWERS[name])
             config.model.vision_tower.update(hidden_size=width, intermediate_size=4 * width,
-                                             dtype=config.model.llm.dtype)
+                                             num_heads=width // 64, dtype=config.model.llm.dtype)
     return config
 
 
