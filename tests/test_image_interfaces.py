@@ -16,6 +16,7 @@ from uniecg_jax.config import config_to_json, load_config
 from uniecg_jax.data import bundled_record_paths, load_bundled_records
 from uniecg_jax.data.ecg_image import render_ecg_image
 from uniecg_jax.data.image_preprocess import clip_preprocess
+from uniecg_jax.data.multimodal import render_dpi
 from uniecg_jax.data.record import ENCODER_FS
 from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.errors import RecordError, UniECGError
@@ -27,6 +28,12 @@ from uniecg_jax.models.stage1 import build_unified
 TINY = ["data.max_length=40", "model.llm.num_layers=1", "model.ecg_encoder.layers=1",
         "model.vision_tower.num_layers=2", "eval.max_new_tokens=5"]
 NEW_TOKENS = 5
+IMAGE_SIZE = 56     # tiny_image's tower
+
+
+def _page(ecg):
+    """The printed page of `ecg` as the training loader renders it (`render_dpi`)."""
+    return render_ecg_image(ecg, ENCODER_FS, dpi=render_dpi(IMAGE_SIZE))
 
 
 def _model(spec="configs/stage1.py:tiny_image", extra=()):
@@ -58,7 +65,7 @@ def test_token_counts_per_input_kind(exported, ecgs):
     _, interpreter = exported
     cfg = interpreter.model.config
     batch = interpreter.model_inputs([ecgs[0], None, ecgs[2]],
-                                     [None, render_ecg_image(ecgs[1], ENCODER_FS), None],
+                                     [None, _page(ecgs[1]), None],
                                      render_missing_images=False)
     assert batch.kinds == ["signal", "image", "signal"]
     rendered = interpreter.model_inputs(ecgs[2:3])
@@ -81,7 +88,7 @@ def test_image_only_is_the_explicit_page_and_equals_full_forward_decoding(export
     answer, and that answer is greedy decoding by full forward passes of the training model with
     the ECG absent."""
     workdir, interpreter = exported
-    page = render_ecg_image(ecgs[1], ENCODER_FS)
+    page = _page(ecgs[1])
     vision = interpreter.model.config.vision
     pixels = clip_preprocess(page, vision.image_size, vision.image_aspect_ratio)
     np.testing.assert_array_equal(interpreter.image_pixels(page), pixels)
@@ -107,7 +114,7 @@ def test_image_only_is_the_explicit_page_and_equals_full_forward_decoding(export
 
 def test_rendering_from_signal_equals_passing_the_page_in_one_compiled_program(exported, ecgs):
     _, interpreter = exported
-    pages = [render_ecg_image(ecg, ENCODER_FS) for ecg in ecgs]
+    pages = [_page(ecg) for ecg in ecgs]
     rendered = interpreter.interpret(ecgs, max_new_tokens=NEW_TOKENS)
     assert interpreter.interpret(ecgs, images=pages, max_new_tokens=NEW_TOKENS) == rendered
     np.testing.assert_array_equal(interpreter.model_inputs(ecgs).image,
@@ -128,14 +135,14 @@ def test_rendering_from_signal_equals_passing_the_page_in_one_compiled_program(e
 def test_model_without_image_tower_and_bad_images_fail_clearly(exported, ecgs, tmp_path, capsys):
     signal_model = _model("configs/stage1.py:tiny")
     with pytest.raises(UniECGError, match="no image tower"):
-        signal_model.interpret(None, images=[render_ecg_image(ecgs[0], ENCODER_FS)])
+        signal_model.interpret(None, images=[_page(ecgs[0])])
     assert len(signal_model.interpret(ecgs[:1], max_new_tokens=2)) == 1   # signals still work
     # The CLI refuses before loading weights (this checkpoint holds only its config).
     ckpt = tmp_path / "signal_only" / "model"
     ckpt.mkdir(parents=True)
     (ckpt / "config.json").write_text(config_to_json(load_config("configs/stage1.py:tiny")))
     png = str(tmp_path / "page.png")
-    Image.fromarray(render_ecg_image(ecgs[0], ENCODER_FS)).save(png)
+    Image.fromarray(_page(ecgs[0])).save(png)
     assert main(["interpret", "--ckpt", str(tmp_path / "signal_only"), "--image", png]) == 1
     assert "no image tower" in capsys.readouterr().err
     stage2 = tmp_path / "stage2" / "model"
@@ -168,7 +175,7 @@ def test_cli_interpret_image_and_pairing(exported, tmp_path, capsys):
     pngs = []
     for index, signal in enumerate(signals):
         pngs.append(str(tmp_path / f"page{index}.png"))
-        Image.fromarray(render_ecg_image(signal, ENCODER_FS)).save(pngs[-1])
+        Image.fromarray(_page(signal)).save(pngs[-1])
     common = ["interpret", "--ckpt", workdir, "--json", "--max-new-tokens", str(NEW_TOKENS)]
 
     def run(*args):
