@@ -167,6 +167,9 @@ def test_calibration_picks_the_faster_side_and_caches_it(calibration, slow_side,
 
 
 def test_calibration_key_follows_cpu_source_jax_and_shapes(calibration, monkeypatch):
+    for name in ("UNIECG_KERNEL_MARCH", "ATEN_CPU_CAPABILITY"):   # start uncapped
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     key = small_batch_matmul.calibration_key(4, SHAPES)
     assert small_batch_matmul.calibration_key(4, SHAPES[::-1]) == key
     assert small_batch_matmul.calibration_key(8, SHAPES) != key
@@ -191,8 +194,6 @@ def test_calibration_key_follows_cpu_source_jax_and_shapes(calibration, monkeypa
             assert small_batch_matmul.isa_caps()
             assert small_batch_matmul.calibration_key(4, SHAPES) != key
     monkeypatch.setenv("UNIECG_KERNEL_MARCH", "native")      # the default is no cap
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert small_batch_matmul.isa_caps() == {}
     monkeypatch.setattr(jax, "__version__", "0.0.1")
     assert small_batch_matmul.calibration_key(4, SHAPES) != key
