@@ -33,6 +33,44 @@ def test_matches_numpy_for_every_row_count(kernel, depth, width):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.sqrt(depth))
 
 
+_OTHER_BUILD = """
+import numpy as np, jax
+from uniecg_jax.kernels import small_batch_matmul as k
+assert k.load() and k.kernel_march() == "x86-64-v3"
+rng = np.random.RandomState(0)
+for depth, width in ((37, 70), (512, 1100)):
+    w = rng.randn(depth, width).astype(np.float32)
+    packed = jax.jit(k.pack)(w)
+    for rows in range(1, 9):
+        x = rng.randn(rows, depth).astype(np.float32)
+        got = np.asarray(jax.jit(k.matmul, static_argnums=2)(x, packed, width))
+        np.save(f"{OUT}/{depth}_{rows}.npy", got)
+"""
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
+                    reason="the AVX2 build is an x86-64 build")
+def test_avx2_build_equals_the_native_build(kernel, tmp_path):
+    """The AVX2 code path (4 x 16 accumulator blocks; -march=x86-64-v3, whatever this host has)
+    sums every output in the same order as the AVX-512 one: identical results, in a fresh process
+    (one process loads one build of the kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, UNIECG_KERNEL_MARCH="x86-64-v3", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + _OTHER_BUILD], env=env,
+                   check=True, timeout=600)
+    rng = np.random.RandomState(0)
+    for depth, width in ((37, 70), (512, 1100)):
+        w = rng.randn(depth, width).astype(np.float32)
+        packed = jax.jit(small_batch_matmul.pack)(w)
+        for rows in range(1, 9):
+            x = rng.randn(rows, depth).astype(np.float32)
+            got = np.asarray(jax.jit(small_batch_matmul.matmul, static_argnums=2)(x, packed, width))
+            np.testing.assert_array_equal(np.load(tmp_path / f"{depth}_{rows}.npy"), got)
+
+
 def test_rejects_shapes_it_cannot_take(kernel):
     packed = small_batch_matmul.pack(jnp.ones((16, 40)))
     with pytest.raises(ValueError, match="M <= 8"):
