@@ -33,19 +33,17 @@ def test_matches_numpy_for_every_row_count(kernel, depth, width):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.sqrt(depth))
 
 
-_OTHER_BUILD = """
-import numpy as np, jax
-from uniecg_jax.kernels import small_batch_matmul as k
-assert k.load() and k.kernel_march() == "x86-64-v3"
-rng = np.random.RandomState(0)
-for depth, width in ((37, 70), (512, 1100)):
-    w = rng.randn(depth, width).astype(np.float32)
-    packed = jax.jit(k.pack)(w)
-    for rows in range(1, 9):
-        x = rng.randn(rows, depth).astype(np.float32)
-        got = np.asarray(jax.jit(k.matmul, static_argnums=2)(x, packed, width))
-        np.save(f"{OUT}/{depth}_{rows}.npy", got)
-"""
+def kernel_products() -> dict[str, np.ndarray]:
+    """x @ w through the loaded kernel for 1..8 rows, a column tail and helper threads."""
+    rng, products = np.random.RandomState(0), {}
+    for depth, width in ((37, 70), (512, 1100)):
+        w = rng.randn(depth, width).astype(np.float32)
+        packed = jax.jit(small_batch_matmul.pack)(w)
+        for rows in range(1, 9):
+            x = rng.randn(rows, depth).astype(np.float32)
+            products[f"{depth}_{rows}"] = np.asarray(
+                jax.jit(small_batch_matmul.matmul, static_argnums=2)(x, packed, width))
+    return products
 
 
 @pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
@@ -58,17 +56,15 @@ def test_avx2_build_equals_the_native_build(kernel, tmp_path):
     import subprocess
     import sys
 
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import numpy as np\n"
+              "from test_small_batch_matmul import kernel_products, small_batch_matmul\n"
+              "assert small_batch_matmul.load() and small_batch_matmul.kernel_march() == "
+              f"'x86-64-v3'\nnp.savez({str(tmp_path / 'avx2.npz')!r}, **kernel_products())")
     env = dict(os.environ, UNIECG_KERNEL_MARCH="x86-64-v3", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-c", f"OUT = {str(tmp_path)!r}\n" + _OTHER_BUILD], env=env,
-                   check=True, timeout=600)
-    rng = np.random.RandomState(0)
-    for depth, width in ((37, 70), (512, 1100)):
-        w = rng.randn(depth, width).astype(np.float32)
-        packed = jax.jit(small_batch_matmul.pack)(w)
-        for rows in range(1, 9):
-            x = rng.randn(rows, depth).astype(np.float32)
-            got = np.asarray(jax.jit(small_batch_matmul.matmul, static_argnums=2)(x, packed, width))
-            np.testing.assert_array_equal(np.load(tmp_path / f"{depth}_{rows}.npy"), got)
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
+    avx2 = np.load(tmp_path / "avx2.npz")
+    for name, native in kernel_products().items():
+        np.testing.assert_array_equal(avx2[name], native)
 
 
 def test_rejects_shapes_it_cannot_take(kernel):
