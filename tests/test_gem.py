@@ -336,6 +336,54 @@ def test_round_trip_to_gem_layout_and_back(release, tmp_path, variant):
     assert again.model_config.to_dict() == first.model_config.to_dict()
 
 
+def test_to_gem_from_two_fake_hosts_writes_each_block_once(release, tmp_path, monkeypatch):
+    """`export_gem` as two hosts of a pod would run it (8 devices, host h owning devices 4h..4h+3,
+    `jax.process_index` patched; host 0 first, as the writer's barriers order them): each host
+    writes only the blocks it owns, together exactly the release, bit for bit, one index."""
+    from uniecg_jax.convert import sharded_writer
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    result = gem.import_gem(release["dir"], mesh=mesh)
+    devices = [d.id for d in mesh.devices.flat]
+    owned, written = sharded_writer._owned_shards, {}
+    write_host_blocks = sharded_writer.write_host_blocks
+    host = {"index": 0}
+
+    def owned_by_fake_host(array):
+        if isinstance(array, jax.Array):
+            mine = set(devices[4 * host["index"]:4 * host["index"] + 4])
+            return [(index, data) for index, data in owned(array)
+                    if next(iter(data.devices())).id in mine]
+        return owned(array)   # host-computed and host-local tensors: host 0's to write
+
+    def counted(*args, **kwargs):
+        count = write_host_blocks(*args, **kwargs)
+        written[host["index"]] = written.get(host["index"], 0) + count
+        return count
+
+    monkeypatch.setattr(sharded_writer, "_owned_shards", owned_by_fake_host)
+    monkeypatch.setattr(sharded_writer, "write_host_blocks", counted)
+    monkeypatch.setattr(jax, "process_index", lambda: host["index"])
+    out = str(tmp_path / "gem")
+    for index in (0, 1):
+        host["index"] = index
+        gem.export_gem(result.params, result.model_config, out, kept=result.kept,
+                       base_config=result.gem_config, max_shard_size="40KB")
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert set(index["weight_map"]) == set(release["state"])
+    main_files = {os.path.join(out, name) for name in set(index["weight_map"].values())}
+    main_bytes = index["metadata"]["total_size"]
+    # Host 1 wrote its slices of the sharded LLM / CLIP leaves and nothing host-computed.
+    assert 0 < written[1] < main_bytes and written[0] > written[1]
+    clip_files = os.path.join(out, gem.VISION_TOWER_DIR, "model.safetensors")
+    assert written[0] + written[1] == main_bytes + os.path.getsize(clip_files) - (
+        8 + int.from_bytes(open(clip_files, "rb").read(8), "little"))
+    assert all(os.path.isfile(path) for path in main_files)
+    reader = gem.hf_llm.SafetensorsDir(out)
+    for name, tensor in release["state"].items():
+        np.testing.assert_array_equal(reader.get(name), tensor, err_msg=name)
+
+
 @pytest.mark.slow  # builds the grounded conversations and a 5000-sample tower: minutes on 2 cores
 def test_training_starts_from_a_gem_release(tmp_path):
     """`--config.init.gem_dir=`: the release sets the shapes and input layout, its weights are the

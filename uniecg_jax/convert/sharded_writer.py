@@ -88,9 +88,17 @@ class HostTensor:
 def gather_to_host(array: Any) -> np.ndarray:
     """The whole of a (possibly multi-host sharded) array on this host; a collective when it spans
     other hosts, so every host must call it for the same arrays in the same order."""
-    if isinstance(array, jax.Array) and not array.is_fully_addressable:
+    if not isinstance(array, jax.Array):
+        return np.asarray(array)
+    if not array.is_fully_addressable:
         return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    return np.asarray(jax.device_get(array))
+    # Assembled from the shards: `np.asarray(array)` would cache the host copy on the array,
+    # keeping every gathered leaf of the model alive on the host.
+    out = np.empty(array.shape, array.dtype)
+    for shard in array.addressable_shards:
+        if shard.replica_id == 0:
+            out[shard.index] = np.asarray(shard.data)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +259,8 @@ def _block(tensor: ExportTensor, index: tuple[slice, ...], data: Any
         x = x.reshape(block_shape)
         if layout.transpose:
             x = x.T
+        if isinstance(x, np.ndarray):   # already the host's (a HostTensor, a host array)
+            return np.ascontiguousarray(x.astype(tensor.np_dtype, copy=False))
         # One explicit host copy (on CPU backends np.asarray could alias the device buffer; a
         # copy keeps the bound the same on every backend and measurable by tracemalloc).
         return np.array(x.astype(tensor.np_dtype), copy=True, order="C")
@@ -326,15 +336,18 @@ def write_host_blocks(plans: Sequence[FilePlan], out_dir: str, progress: bool = 
             try:
                 for tensor, (begin, _) in zip(plan.tensors, plan.offsets):
                     base = len(plan.header) + begin
-                    for index, data in _owned_shards(tensor.array):
-                        block = _block(tensor, index, data)
+                    shards = _owned_shards(tensor.array)
+                    while shards:
+                        # Popped and dropped, so no block outlives its write (a host-computed
+                        # tensor would otherwise stay alive while the next one is computed).
+                        block = _block(tensor, *shards.pop())
                         if block is None:
                             continue
                         ranges, host_block = block
                         host = host_block()
                         _pwrite_block(fd, base, tensor.shape, host, ranges)
                         written += host.nbytes
-                        del host
+                        del host, host_block, block
                     bar.update(1)
             finally:
                 os.close(fd)
