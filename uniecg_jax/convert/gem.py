@@ -113,9 +113,10 @@ def read_gem_config(gem_dir: str) -> dict:
 class GemImport:
     """What `import_gem` returns.
 
-    params: {"ecg_tower": ..., "llm": ...} on the target shardings.
+    params: {"ecg_tower": ..., "llm": ...[, "vision_tower": ...]} on the target shardings.
     model_config: the stage-1 `model` group (llm, ecg_encoder, projector, input).
-    kept: tensors routed to no model part (image tower, unused tower tensors) by name, for export.
+    kept: tensors no model part takes (ECG-CoCa's unused head; the image tower under a
+      signal-only config) by name, for export.
     gem_config: the release's config.json.
     report: one line per tensor group (what was placed, what was found and not used).
     """
