@@ -384,6 +384,64 @@ def test_to_gem_from_two_fake_hosts_writes_each_block_once(release, tmp_path, mo
         np.testing.assert_array_equal(reader.get(name), tensor, err_msg=name)
 
 
+TWO_HOST_WORKER = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+port, process_id, src, dst = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=process_id)
+from uniecg_jax import sharding
+from uniecg_jax.convert import gem, sharded_writer
+result = gem.import_gem(src, mesh=sharding.make_mesh(dict(data=1, fsdp=4, tensor=2)))
+written = []
+original = sharded_writer.write_host_blocks
+sharded_writer.write_host_blocks = lambda *a, **k: written.append(original(*a, **k)) or written[-1]
+gem.export_gem(result.params, result.model_config, dst, kept=result.kept,
+               base_config=result.gem_config, max_shard_size="40KB")
+leaf = result.params["vision_tower"]["layers_0"]["mlp"]["fc1"]["kernel"]
+print("RESULT " + json.dumps({"process": jax.process_index(), "written": sum(written),
+                              "fully_addressable": leaf.is_fully_addressable}), flush=True)
+"""
+
+
+@pytest.mark.slow  # two fresh JAX processes importing and exporting a release: minutes on 2 cores
+def test_to_gem_from_two_real_processes_equals_the_release(release, tmp_path):
+    """Two JAX processes (4 CPU devices each, gloo collectives) import a release onto one 8-device
+    mesh and export it: the ECG tower's host-computed tensors gather across the hosts, every
+    sharded block is written once, and the result is the release bit for bit."""
+    from test_export_sharded import REPO, _free_port
+    import subprocess
+    import sys
+    script, dst = tmp_path / "worker.py", tmp_path / "gem"
+    script.write_text(TWO_HOST_WORKER)
+    port = str(_free_port())
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    workers = [subprocess.Popen([sys.executable, str(script), port, str(i), release["dir"],
+                                 str(dst)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env) for i in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    results = {r["process"]: r for r in (json.loads(line[len("RESULT "):]) for o in outputs
+                                          for line in o.splitlines() if line.startswith("RESULT "))}
+    assert set(results) == {0, 1} and not results[1]["fully_addressable"]
+    with open(dst / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    clip_file = dst / gem.VISION_TOWER_DIR / "model.safetensors"
+    clip_bytes = os.path.getsize(clip_file) - 8 - int.from_bytes(open(clip_file, "rb").read(8),
+                                                                 "little")
+    assert results[0]["written"] + results[1]["written"] == (index["metadata"]["total_size"]
+                                                             + clip_bytes)
+    assert 0 < results[1]["written"] < results[0]["written"]
+    reader = gem.hf_llm.SafetensorsDir(str(dst))
+    assert set(reader.keys()) == set(release["state"])
+    for name, tensor in release["state"].items():
+        np.testing.assert_array_equal(reader.get(name), tensor, err_msg=name)
+
+
 @pytest.mark.slow  # builds the grounded conversations and a 5000-sample tower: minutes on 2 cores
 def test_training_starts_from_a_gem_release(tmp_path):
     """`--config.init.gem_dir=`: the release sets the shapes and input layout, its weights are the
