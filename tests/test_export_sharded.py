@@ -184,7 +184,8 @@ def test_host_computed_tensors_are_computed_one_at_a_time():
     assert peak < 2.5 * tensor_bytes
 
 
-WORKER = textwrap.dedent("""
+# Every worker: 4 CPU devices, gloo collectives, process `argv[2]` of 2; `src`, `dst` from argv.
+WORKER_PREAMBLE = textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
@@ -193,6 +194,8 @@ WORKER = textwrap.dedent("""
     port, process_id, src, dst = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=process_id)
+""")
+WORKER = WORKER_PREAMBLE + textwrap.dedent("""
     from uniecg_jax import sharding
     from uniecg_jax.convert import hf_llm, sharded_writer
     from uniecg_jax.models.llm import LLMConfig
@@ -220,6 +223,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(worker: str, src: str, dst: str, tmp_path, timeout: int = 900) -> list[dict]:
+    """Runs `worker` (WORKER_PREAMBLE + a body printing one `RESULT {json}` line) as JAX processes
+    0 and 1 of one job; returns their results, or fails with the end of their output."""
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    port = str(_free_port())
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    workers = [subprocess.Popen([sys.executable, str(script), port, str(i), src, dst],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env) for i in range(2)]
+    outputs = [w.communicate(timeout=timeout)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    return [json.loads(line[len("RESULT "):]) for o in outputs for line in o.splitlines()
+            if line.startswith("RESULT ")]
+
+
 @pytest.mark.slow  # two fresh JAX processes + transformers imports: ~1 min on 2 loaded cores
 def test_two_processes_export_one_hf_model_with_identical_logits(tmp_path):
     torch = pytest.importorskip("torch")
@@ -228,18 +248,7 @@ def test_two_processes_export_one_hf_model_with_identical_logits(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     model = hf_testing.tiny_hf_model("qwen2", src)
     hf_testing.tiny_tokenizer(src)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = str(_free_port())
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    workers = [subprocess.Popen([sys.executable, str(script), port, str(i), str(src), str(dst)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env) for i in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    results = [json.loads(line[len("RESULT "):]) for o in outputs for line in o.splitlines()
-               if line.startswith("RESULT ")]
+    results = run_two_processes(WORKER, str(src), str(dst), tmp_path)
     assert sorted(r["process"] for r in results) == [0, 1]
     assert all(r["devices"] == 8 and r["local_devices"] == 4 for r in results)
     assert not any(r["fully_addressable"] for r in results)   # the params really span both hosts

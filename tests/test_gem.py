@@ -28,6 +28,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from ecg_coca_torch_reference import EcgTower, GemProjectors
 from test_clip_vision import TINY_HF, hf_features, tiny_hf_vision_model
+from test_export_sharded import WORKER_PREAMBLE, run_two_processes
 from uniecg_jax import sharding
 from uniecg_jax.cli import main as cli_main
 from uniecg_jax.config import load_config
@@ -384,15 +385,7 @@ def test_to_gem_from_two_fake_hosts_writes_each_block_once(release, tmp_path, mo
         np.testing.assert_array_equal(reader.get(name), tensor, err_msg=name)
 
 
-TWO_HOST_WORKER = """
-import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-import jax
-jax.config.update("jax_platforms", "cpu")
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-port, process_id, src, dst = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
-                           process_id=process_id)
+TWO_HOST_WORKER = WORKER_PREAMBLE + """
 from uniecg_jax import sharding
 from uniecg_jax.convert import gem, sharded_writer
 result = gem.import_gem(src, mesh=sharding.make_mesh(dict(data=1, fsdp=4, tensor=2)))
@@ -412,21 +405,9 @@ def test_to_gem_from_two_real_processes_equals_the_release(release, tmp_path):
     """Two JAX processes (4 CPU devices each, gloo collectives) import a release onto one 8-device
     mesh and export it: the ECG tower's host-computed tensors gather across the hosts, every
     sharded block is written once, and the result is the release bit for bit."""
-    from test_export_sharded import REPO, _free_port
-    import subprocess
-    import sys
-    script, dst = tmp_path / "worker.py", tmp_path / "gem"
-    script.write_text(TWO_HOST_WORKER)
-    port = str(_free_port())
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    workers = [subprocess.Popen([sys.executable, str(script), port, str(i), release["dir"],
-                                 str(dst)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env) for i in range(2)]
-    outputs = [w.communicate(timeout=900)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    results = {r["process"]: r for r in (json.loads(line[len("RESULT "):]) for o in outputs
-                                          for line in o.splitlines() if line.startswith("RESULT "))}
+    dst = tmp_path / "gem"
+    results = {r["process"]: r for r in run_two_processes(TWO_HOST_WORKER, release["dir"],
+                                                          str(dst), tmp_path)}
     assert set(results) == {0, 1} and not results[1]["fully_addressable"]
     with open(dst / "model.safetensors.index.json") as f:
         index = json.load(f)
