@@ -225,13 +225,13 @@ def _vision_prefix(release: _Release) -> str | None:
 def _vision_config(release: _Release, projector: ml_collections.ConfigDict
                    ) -> ml_collections.ConfigDict | None:
     """`model.vision_tower` of a release that holds a CLIP tower (see the module docstring)."""
-    if _vision_prefix(release) is None:
+    prefix = _vision_prefix(release)
+    if prefix is None:
         return None
     try:
-        vision = hf_clip.vision_config_from_hf(release.config)
+        vision = hf_clip.vision_config_from_hf(release.directory)
     except CheckpointError as e:
-        raise CheckpointError(f"{release.directory}: the release holds a CLIP image tower, but "
-                              f"its shape is unknown: {e}") from None
+        raise CheckpointError(f"{e} (the release holds a CLIP image tower, {prefix}*)") from None
     if vision.hidden_size != projector.ecg_proj_dim:
         raise CheckpointError(
             f"{release.directory}/config.json: mm_vision_tower's hidden size {vision.hidden_size} "
