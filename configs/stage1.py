@@ -9,7 +9,8 @@
 
 Variants: tiny (CPU tests), demo (what `uniecg demo` trains), small (~100M: `small` LLM + small encoder), vicuna_7b (GEM's shapes: full
 ECG-CoCa tower, 1024-d ecg_projector, CLIP ViT-L/14-336 image tower, Vicuna-7B), gem_7b (vicuna_7b
-continuing a GEM release: `init.gem_dir`, what `uniecg convert from-gem` writes), qwen2_5_7b (with
+continuing a GEM release, its CLIP tower included: `init.gem_dir`, what `uniecg convert from-gem`
+writes), qwen2_5_7b (with
 the same image tower). tiny_image / demo_image: tiny / demo with a tiny ViT (56 px, 16 image
 tokens), reading a signal, an image or both (`models.stage1`; `train.ecg_dropout` /
 `train.image_dropout` drop one input of an example that has both).
@@ -33,7 +34,7 @@ VARIANTS = {
     "demo_image": ("tiny", "tiny", 128, "tiny"),
     "small": ("small", "small", 512, None),
     "vicuna_7b": ("vicuna_7b", "full", 1024, "vit_l14_336"),
-    "gem_7b": ("vicuna_7b", "full", 1024, None),
+    "gem_7b": ("vicuna_7b", "full", 1024, "vit_l14_336"),
     "qwen2_5_7b": ("qwen2_5_7b", "full", 1024, "vit_l14_336"),
 }
 
