@@ -82,7 +82,9 @@ def get_config(arg=None):
     ))
     # gem_dir: a GEM release (LLaVA layout) for the whole model; it replaces hf_dir and
     # ecg_encoder_ckpt and sets the model's shapes (`convert.gem`).
-    config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt="", gem_dir=""))
+    # clip_dir: an HF CLIPVisionModel / CLIPModel dir for the image tower (LLaVA's and GEM's start)
+    config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt="", gem_dir="",
+                                                 clip_dir=""))
     # GEM freezes the pretrained ECG encoder (the 7B variants below); tiny trains it from scratch.
     config.train = train_group(Stage1TrainConfig(steps=300, learning_rate=2e-3, warmup_steps=20,
                                                  log_every=25))
