@@ -18,9 +18,10 @@ On one device (plain local jit, donated state):
      (our DDIM-50 and DDPM-1000 against DiffuSETS's default DDPM-1000, whose torch time is
      `--torch-steps` UNet + DDPM-update steps timed and extrapolated linearly to 1000, plus a decode).
      The single calls take turns (best of `--torch-rounds`) and report wall and process CPU time;
-     for a load-independent comparison of the work run both libraries on one thread each:
-     XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python bench/diffusion.py --torch ... \
-       --torch-threads 1   (add --xla_cpu_max_isa=AVX2 and ATEN_CPU_CAPABILITY=avx2 for AVX2);
+     for a comparison of the work that other processes' load barely moves, pin both libraries to
+     one core (XLA sizes its pool by the affinity mask; --xla_cpu_multi_thread_eigen=false still
+     runs 2 threads): `taskset -c 0 python bench/diffusion.py --torch ... --torch-threads 1`
+     (AVX2-only: XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2);
   4. on the demo model (`uniecg_jax.demo.diffusion`, trained if --demo-workdir has none): the
      heart-rate MAE of DDPM-1000 and DDIM-50 samples at the demo's requested rates, and the speed-up.
 """
@@ -79,8 +80,9 @@ def interleaved_best(fns: dict, rounds: int) -> dict:
 
 
 def host_load() -> str:
-    """The 1-minute load average against the core count, e.g. "load 3.1 on 2 cores"."""
-    return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    """The 1-minute load average against the core count and the cores this process may use."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {usable} usable here"
 
 
 def size_config(size: str):
