@@ -3,6 +3,7 @@
   uniecg train --config configs/stage1.py:tiny --workdir /tmp/stage1            # CPU, minutes
   uniecg train --config configs/stage1.py:vicuna_7b --workdir gs://b/stage1 \\
       --config.init.hf_dir=/ckpt/vicuna-7b-v1.5 --config.data.source=/data/grounding_prep \\
+      --config.init.clip_dir=/ckpt/clip-vit-large-patch14-336 \\
       --config.mesh.fsdp=-1 --config.distributed=True                          # TPU pod
   uniecg interpret --ckpt /tmp/stage1 --ecg uniecg_jax/assets/ecg_samples/cinc2021/E07500
   uniecg train --config configs/stage1.py:gem_7b --workdir gs://b/gem --config.init.gem_dir=/ckpt/GEM
