@@ -3,6 +3,7 @@ resampling, the synthetic generator, and every bad-input case naming the file an
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -17,7 +18,7 @@ from uniecg_jax.data.readers.grounding import iter_grounding_file, read_groundin
 from uniecg_jax.data.readers.mimic import MimicDataset
 from uniecg_jax.data.readers.ptbxl import PTBXLDataset
 from uniecg_jax.errors import RecordError
-from uniecg_jax.eval import ecg_fidelity
+from uniecg_jax.eval import ecg_fidelity, report_metrics
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +212,17 @@ def test_synthetic_generator_is_deterministic_and_reports_its_rate():
     assert record.signal.shape == (12, 5000) and record.heart_rate == 55.0
 
 
+@pytest.mark.parametrize("rate", [50.0, 72.0, 110.0])
+def test_synthetic_labels_are_the_statements_its_report_asserts(rate):
+    """Stage 1 is trained to say the report and scored against the labels: they must agree, or a
+    perfect model loses precision on every synthetic record ("normal ecg" was unlabelled)."""
+    vocab = report_metrics.StatementVocabulary.default()
+    report = synthetic.synthetic_report(rate)
+    labels = synthetic.synthetic_labels(rate)
+    assert report_metrics.extract_statements(report, vocab).present == \
+        {vocab.lookup(label) for label in labels}
+
+
 def test_cached_synthetic_generates_once_and_recovers_from_a_corrupt_file(tmp_path):
     cache = str(tmp_path / "cache")
     first = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
@@ -223,6 +235,10 @@ def test_cached_synthetic_generates_once_and_recovers_from_a_corrupt_file(tmp_pa
     os.utime(path, (0, 0))                                  # the next call reads the file
     cached = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
     assert os.stat(path).st_mtime == 0 and cached[0].record_id == first[0].record_id
+    with open(path, "wb") as f:                             # a file from before synthetic_labels
+        pickle.dump([dataclasses.replace(r, labels=("sinus rhythm",)) for r in first], f)
+    relabelled = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
+    assert [r.labels for r in relabelled] == [("sinus rhythm", "normal ECG")] * 2
     other = synthetic.cached_synthetic(2, seed=3, heart_rates=[61.0], cache_dir=cache)
     assert [r.heart_rate for r in other] == [61.0, 61.0] and len(os.listdir(cache)) == 2
 
