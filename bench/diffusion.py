@@ -16,7 +16,12 @@ On one device (plain local jit, donated state):
      weights (`tests/diffusets_torch_reference.py`, converted by `uniecg_jax.convert.diffusets`),
      in the same run and on the same cores: one UNet call, one VAE decode, and text -> ECG end to end
      (our DDIM-50 and DDPM-1000 against DiffuSETS's default DDPM-1000, whose torch time is
-     `--torch-steps` UNet + DDPM-update steps timed and extrapolated linearly to 1000, plus a decode);
+     `--torch-steps` UNet + DDPM-update steps timed and extrapolated linearly to 1000, plus a decode).
+     The single calls take turns (best of `--torch-rounds`) and report wall and process CPU time;
+     for a comparison of the work that other processes' load barely moves, pin both libraries to
+     one core (XLA sizes its pool by the affinity mask; --xla_cpu_multi_thread_eigen=false still
+     runs 2 threads): `taskset -c 0 python bench/diffusion.py --torch ... --torch-threads 1`
+     (AVX2-only: XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2);
   4. on the demo model (`uniecg_jax.demo.diffusion`, trained if --demo-workdir has none): the
      heart-rate MAE of DDPM-1000 and DDIM-50 samples at the demo's requested rates, and the speed-up.
 """
@@ -55,6 +60,29 @@ def timed(fn, repeats: int, min_seconds: float = 1.0) -> float:
         fn()
         calls += 1
     return (time.perf_counter() - start) / calls
+
+
+def interleaved_best(fns: dict, rounds: int) -> dict:
+    """{name: (wall s, CPU s)}: best of `rounds` calls of each fn (after one warm-up call each),
+    the fns taking turns within every round so that load drifting on a shared host hits them all
+    alike. CPU s is this process's CPU time (all threads); with one thread per library it is the
+    work of the call, nearly independent of other processes' load. Each fn must block."""
+    for fn in fns.values():
+        fn()
+    best = {name: (float("inf"), float("inf")) for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+    return best
+
+
+def host_load() -> str:
+    """The 1-minute load average against the core count and the cores this process may use."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, {usable} usable here"
 
 
 def size_config(size: str):
@@ -147,9 +175,11 @@ def cpu_model() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool) -> dict:
+def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, rounds: int = 5
+                     ) -> dict:
     """Seconds of one UNet call, one VAE decode and text -> ECG end to end, ours vs DiffuSETS's
-    PyTorch code (`tests/diffusets_torch_reference.py`) with the same random weights."""
+    PyTorch code (`tests/diffusets_torch_reference.py`) with the same random weights. The UNet and
+    decode calls are interleaved, best of `rounds`, wall and CPU seconds."""
     import torch  # optional (`uniecg_jax[torch]`); only this comparison needs it
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -205,10 +235,14 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool) -> d
                 x = mean + ((1 - a_prev) / (1 - a_t) * beta).sqrt() * torch.randn_like(x)
         return x
 
-    out = {"unet_ours_s": timed(lambda: unet_call(unet_vars, j_latent, j_t, j_cond).block_until_ready(), 3),
-           "unet_torch_s": timed(torch_unet_call, 3),
-           "decode_ours_s": timed(lambda: decode_call(vae_vars, j_latent).block_until_ready(), 2),
-           "decode_torch_s": timed(torch_decode, 2)}
+    best = interleaved_best({
+        "unet_ours": lambda: unet_call(unet_vars, j_latent, j_t, j_cond).block_until_ready(),
+        "unet_torch": torch_unet_call,
+        "decode_ours": lambda: decode_call(vae_vars, j_latent).block_until_ready(),
+        "decode_torch": torch_decode}, rounds)
+    out = {"load": host_load()}
+    for name, (wall, cpu) in best.items():
+        out[name + "_s"], out[name + "_cpu_s"] = wall, cpu
 
     def ours(sampler, steps):
         return lambda: pipeline.generate(text, "F", 60.0, 75.0, sampler=sampler, steps=steps)
@@ -221,6 +255,7 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool) -> d
     out["ddpm1000_ours_extrapolated"] = not full_ddpm
     per_step = timed(lambda: torch_ddpm(torch_steps), 1, 0.0) / torch_steps
     out["ddpm1000_torch_s"] = 1000 * per_step + out["decode_torch_s"]
+    out["load_after"] = host_load()
     return out
 
 
@@ -260,6 +295,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="batch of the --torch comparison")
     parser.add_argument("--torch-steps", type=int, default=20,
                         help="torch DDPM steps timed and extrapolated to 1000")
+    parser.add_argument("--torch-rounds", type=int, default=5,
+                        help="interleaved rounds of the --torch UNet and decode calls (best of)")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch.set_num_threads (0: torch's default). On a loaded host torch's "
                         "OpenMP threads spin against each other (UNet batch 2: 4 s with 2 threads, "
@@ -291,19 +328,26 @@ def main() -> None:
             import torch  # optional; only for its thread count
             if args.torch_threads:
                 torch.set_num_threads(args.torch_threads)
-            r = torch_comparison(config, args.batch, args.torch_steps, size in args.full_ddpm.split(","))
+            r = torch_comparison(config, args.batch, args.torch_steps,
+                                 size in args.full_ddpm.split(","), args.torch_rounds)
             print(f"[{size}] vs DiffuSETS torch (same weights, batch {args.batch}, torch "
-                  f"{torch.get_num_threads()} threads):", flush=True)
+                  f"{torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}"
+                  f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {r['load']}):", flush=True)
             for name in ("unet", "decode"):
-                print(f"  one {name:<6} call: ours {r[name + '_ours_s'] * 1e3:8.1f} ms, torch "
-                      f"{r[name + '_torch_s'] * 1e3:8.1f} ms  -> {r[name + '_torch_s'] / r[name + '_ours_s']:.2f}x",
-                      flush=True)
+                ours, theirs = r[name + "_ours_s"], r[name + "_torch_s"]
+                ours_cpu, theirs_cpu = r[name + "_ours_cpu_s"], r[name + "_torch_cpu_s"]
+                print(f"  one {name:<6} call (best of {args.torch_rounds}, interleaved): ours "
+                      f"{ours * 1e3:8.1f} ms, torch {theirs * 1e3:8.1f} ms -> {theirs / ours:.2f}x "
+                      f"wall | CPU {ours_cpu * 1e3:.0f} vs {theirs_cpu * 1e3:.0f} ms -> "
+                      f"{theirs_cpu / ours_cpu:.2f}x", flush=True)
             tag = " (extrapolated)" if r["ddpm1000_ours_extrapolated"] else ""
             print(f"  text -> ECG: torch DDPM-1000 {r['ddpm1000_torch_s']:.1f} s (extrapolated from "
                   f"{args.torch_steps} steps) | ours DDPM-1000 {r['ddpm1000_ours_s']:.1f} s{tag} -> "
                   f"{r['ddpm1000_torch_s'] / r['ddpm1000_ours_s']:.2f}x | ours DDIM-50 "
                   f"{r['ddim50_ours_s']:.2f} s -> {r['ddpm1000_torch_s'] / r['ddim50_ours_s']:.1f}x",
                   flush=True)
+            print(f"  (default sampler of configs/diffusion.py:{size}: {config.sample.sampler}-"
+                  f"{config.sample.steps}; {r['load_after']} at the end)", flush=True)
     if args.demo_workdir:
         r = demo_fidelity(args.demo_workdir, args.demo_n)
         for name, score in r.items():

@@ -3,13 +3,15 @@
   uniecg train --config configs/stage1.py:tiny --workdir /tmp/stage1            # CPU, minutes
   uniecg train --config configs/stage1.py:vicuna_7b --workdir gs://b/stage1 \\
       --config.init.hf_dir=/ckpt/vicuna-7b-v1.5 --config.data.source=/data/grounding_prep \\
+      --config.init.clip_dir=/ckpt/clip-vit-large-patch14-336 \\
       --config.mesh.fsdp=-1 --config.distributed=True                          # TPU pod
   uniecg interpret --ckpt /tmp/stage1 --ecg uniecg_jax/assets/ecg_samples/cinc2021/E07500
   uniecg train --config configs/stage1.py:gem_7b --workdir gs://b/gem --config.init.gem_dir=/ckpt/GEM
 
 Variants: tiny (CPU tests), demo (what `uniecg demo` trains), small (~100M: `small` LLM + small encoder), vicuna_7b (GEM's shapes: full
 ECG-CoCa tower, 1024-d ecg_projector, CLIP ViT-L/14-336 image tower, Vicuna-7B), gem_7b (vicuna_7b
-continuing a GEM release: `init.gem_dir`, what `uniecg convert from-gem` writes), qwen2_5_7b (with
+continuing a GEM release, its CLIP tower included: `init.gem_dir`, what `uniecg convert from-gem`
+writes), qwen2_5_7b (with
 the same image tower). tiny_image / demo_image: tiny / demo with a tiny ViT (56 px, 16 image
 tokens), reading a signal, an image or both (`models.stage1`; `train.ecg_dropout` /
 `train.image_dropout` drop one input of an example that has both).
@@ -33,7 +35,7 @@ VARIANTS = {
     "demo_image": ("tiny", "tiny", 128, "tiny"),
     "small": ("small", "small", 512, None),
     "vicuna_7b": ("vicuna_7b", "full", 1024, "vit_l14_336"),
-    "gem_7b": ("vicuna_7b", "full", 1024, None),
+    "gem_7b": ("vicuna_7b", "full", 1024, "vit_l14_336"),
     "qwen2_5_7b": ("qwen2_5_7b", "full", 1024, "vit_l14_336"),
 }
 
@@ -81,7 +83,9 @@ def get_config(arg=None):
     ))
     # gem_dir: a GEM release (LLaVA layout) for the whole model; it replaces hf_dir and
     # ecg_encoder_ckpt and sets the model's shapes (`convert.gem`).
-    config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt="", gem_dir=""))
+    # clip_dir: an HF CLIPVisionModel / CLIPModel dir for the image tower (LLaVA's and GEM's start)
+    config.init = ml_collections.ConfigDict(dict(hf_dir="", ecg_encoder_ckpt="", gem_dir="",
+                                                 clip_dir=""))
     # GEM freezes the pretrained ECG encoder (the 7B variants below); tiny trains it from scratch.
     config.train = train_group(Stage1TrainConfig(steps=300, learning_rate=2e-3, warmup_steps=20,
                                                  log_every=25))

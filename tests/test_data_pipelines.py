@@ -1,6 +1,8 @@
 """grain pipelines: per-host shards disjoint and covering, deterministic shuffling, exact iterator
 restore, the three pipelines' outputs against their inputs, global sharded batches, reading
 data_prep shards; and the tiny tokenizer."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -8,7 +10,7 @@ from data_prep.prep import PrepOptions, run_prep
 from data_prep.sources import SourceOptions
 from uniecg_jax.data import load_bundled_records, pipelines, tokenizer as tok
 from uniecg_jax.data.chat_format import InputBuilder
-from uniecg_jax.data.conversations import TRAINED_REQUESTS
+from uniecg_jax.data.conversations import TRAINED_REQUESTS, ECGFindings, evidence_answer
 from uniecg_jax.data.text_encoder import HashingTextEncoder
 from uniecg_jax.errors import UniECGError
 
@@ -216,3 +218,38 @@ def test_load_tokenizer_adds_the_placeholder_keeping_the_checkpoints_special_tok
     assert "<|im_start|>" in tokenizer.all_special_tokens   # add_special_tokens would drop it
     assert tokenizer.decode([5, placeholder], skip_special_tokens=True) == "w5"
     assert tok.load_tokenizer(str(tmp_path)).convert_tokens_to_ids("<ecg>") == placeholder
+
+
+@pytest.mark.parametrize("lead_i, avf, lead_ii, axis", [
+    (0.5, 0.3, 0.8, "normal"),
+    (0.6, -0.2, 0.3, "normal"),                  # 0 to -30 degrees: physiological, not LAD
+    (0.6, -0.5, -0.2, "left axis deviation"),    # beyond -30 degrees: II turns negative
+    (-0.4, 0.6, 0.3, "right axis deviation"),
+    (-0.4, -0.6, -0.3, "extreme axis deviation"),
+])
+def test_grounded_axis_uses_lead_ii_in_the_leftward_quadrant(records, lead_i, avf, lead_ii, axis):
+    """The answer states left axis deviation (a scored diagnosis statement) only beyond -30
+    degrees, and cites lead II as its evidence exactly when lead II decides."""
+    findings = ECGFindings(beats=10, heart_rate_bpm=60.0, mean_rr_ms=1000.0, rr_std_ms=10.0,
+                           qrs_net_lead_i_mv=lead_i, qrs_net_avf_mv=avf,
+                           limb_peak_to_peak_mv=1.0, qrs_net_lead_ii_mv=lead_ii)
+    assert findings.axis == axis
+    answer = evidence_answer(records[0], findings)
+    assert f"so the frontal QRS axis is {axis}." in answer
+    assert ("in lead II (" in answer) == (lead_i > 0 >= avf)
+
+
+def test_grounded_axis_is_not_read_from_inconsistent_limb_leads(records):
+    """Recorded limb leads satisfy Einthoven's law and get an axis; neurokit2's synthetic leads
+    (II != I + III) would give a spurious "left axis deviation", so their answer states none."""
+    from uniecg_jax.data.conversations import measure_findings
+    from uniecg_jax.data.record import LEADS
+    real = measure_findings(records[0])
+    assert real.limb_leads_consistent
+    signal = records[0].signal.copy()
+    signal[LEADS.index("III")] = signal[LEADS.index("I")]       # II - I - III = II - 2 I
+    broken = dataclasses.replace(records[0], signal=signal)
+    findings = measure_findings(broken)
+    assert not findings.limb_leads_consistent
+    answer = evidence_answer(broken, findings)
+    assert "Axis: not assessed" in answer and "deviation" not in answer

@@ -3,6 +3,7 @@ resampling, the synthetic generator, and every bad-input case naming the file an
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -17,7 +18,7 @@ from uniecg_jax.data.readers.grounding import iter_grounding_file, read_groundin
 from uniecg_jax.data.readers.mimic import MimicDataset
 from uniecg_jax.data.readers.ptbxl import PTBXLDataset
 from uniecg_jax.errors import RecordError
-from uniecg_jax.eval import ecg_fidelity
+from uniecg_jax.eval import ecg_fidelity, report_metrics
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +212,17 @@ def test_synthetic_generator_is_deterministic_and_reports_its_rate():
     assert record.signal.shape == (12, 5000) and record.heart_rate == 55.0
 
 
+@pytest.mark.parametrize("rate", [50.0, 72.0, 110.0])
+def test_synthetic_labels_are_the_statements_its_report_asserts(rate):
+    """Stage 1 is trained to say the report and scored against the labels: they must agree, or a
+    perfect model loses precision on every synthetic record ("normal ecg" was unlabelled)."""
+    vocab = report_metrics.StatementVocabulary.default()
+    report = synthetic.synthetic_report(rate)
+    labels = synthetic.synthetic_labels(rate)
+    assert report_metrics.extract_statements(report, vocab).present == \
+        {vocab.lookup(label) for label in labels}
+
+
 def test_cached_synthetic_generates_once_and_recovers_from_a_corrupt_file(tmp_path):
     cache = str(tmp_path / "cache")
     first = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
@@ -223,6 +235,10 @@ def test_cached_synthetic_generates_once_and_recovers_from_a_corrupt_file(tmp_pa
     os.utime(path, (0, 0))                                  # the next call reads the file
     cached = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
     assert os.stat(path).st_mtime == 0 and cached[0].record_id == first[0].record_id
+    with open(path, "wb") as f:                             # a file from before synthetic_labels
+        pickle.dump([dataclasses.replace(r, labels=("sinus rhythm",)) for r in first], f)
+    relabelled = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)
+    assert [r.labels for r in relabelled] == [("sinus rhythm", "normal ECG")] * 2
     other = synthetic.cached_synthetic(2, seed=3, heart_rates=[61.0], cache_dir=cache)
     assert [r.heart_rate for r in other] == [61.0, 61.0] and len(os.listdir(cache)) == 2
 
@@ -483,3 +499,50 @@ def test_malformed_entry_of_a_json_list_is_skipped_and_named(tmp_path):
     assert [e.sample_id for e in entries if not isinstance(e, RecordError)] == ["g0", "g2"]
     from uniecg_jax.data.readers.grounding import entry_key
     assert entry_key(str(tmp_path / "g.json"), 1) == "g.json#0000001"
+
+
+def _wfdb_reading(base):
+    """What wfdb.rdrecord gives, as `read_wfdb_signal` returns it (the reference of the fast path)."""
+    import wfdb
+
+    record = wfdb.rdrecord(base)
+    factors = {"mv": 1.0, "uv": 1e-3, "v": 1e3}
+    signal = record.p_signal.T.astype(np.float32)
+    for channel, unit in enumerate(record.units):
+        if factors[unit.lower()] != 1.0:
+            signal[channel] *= factors[unit.lower()]
+    return signal, list(record.sig_name), float(record.fs), list(record.comments)
+
+
+def test_format16_fast_path_equals_wfdb(tmp_path, bundled):
+    """The numpy reader of single-file format-16 records (MIMIC-IV-ECG, PTB-XL, the Challenges)
+    gives wfdb.rdrecord's physical signal bit for bit, names, rate and comments; other layouts
+    (format 212, two files) are left to wfdb and read the same."""
+    import wfdb
+
+    from uniecg_jax.data.readers import wfdb_io
+
+    for path in bundled_record_paths():   # .mat with a 24-byte offset, gain 1000, `16x1+24`
+        base = wfdb_io.strip_wfdb_extension(path)
+        assert wfdb_io._read_format16(base, base + ".hea") is not None
+        got, want = wfdb_io.read_wfdb_signal(base), _wfdb_reading(base)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1:] == want[1:]
+    rng = np.random.default_rng(0)
+    signal = rng.normal(0, 0.5, (5000, 3))
+    signal[10:20, 1] = np.nan                       # format 16's missing sample (-32768)
+    cases = {"uv": dict(fmt=["16"] * 3, units=["uV", "mV", "V"], adc_gain=[3.7, 200.0, 2e5],
+                        baseline=[-12, 0, 7], sig_name=["I", "II lead", "V1"]),
+             "p212": dict(fmt=["212"] * 3, units=["mV"] * 3, adc_gain=[200.0] * 3,
+                          baseline=[0] * 3, sig_name=["I", "II", "V1"])}
+    for name, kwargs in cases.items():
+        wfdb.wrsamp(name, fs=250, p_signal=signal * np.array([1e3, 1, 1e-3]) if name == "uv"
+                    else signal, comments=["Age: 61", " Sex: F"], write_dir=str(tmp_path),
+                    **kwargs)
+        base = str(tmp_path / name)
+        fast = wfdb_io._read_format16(base, base + ".hea")
+        assert (fast is None) == (name == "p212")
+        got, want = wfdb_io.read_wfdb_signal(base), _wfdb_reading(base)
+        np.testing.assert_array_equal(got[0], want[0])
+        assert got[1:] == want[1:] and got[1][1] == ("II lead" if name == "uv" else "II")
+        assert np.isnan(got[0][1, 10:20]).all()

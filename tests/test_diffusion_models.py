@@ -268,3 +268,23 @@ def test_upsampled_conv_equals_torch_upsample_then_conv(width, factor):
     got = UpsampledConv1d(5, width, factor).apply(params, jnp.asarray(x))
     assert got.shape == (2, 9 * factor, 5)
     np.testing.assert_allclose(np.asarray(got), expected.transpose(1, 2).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 40, 16), 4), ((2, 40, 16), 1), ((2, 5, 6, 8), 2)])
+def test_group_norm_equals_torch(shape, groups):
+    """`GroupNorm` (VAE, UNet, ECG-CLIP; channels-last, per-position sums first) equals
+    `torch.nn.GroupNorm` on channels-first input, with a non-zero mean and non-trivial affine."""
+    import torch
+
+    from uniecg_jax.layers.norms import GroupNorm
+
+    rng = np.random.default_rng(len(shape) + groups)
+    x = (rng.standard_normal(shape) * 3 + rng.standard_normal(shape[-1]) * 5).astype(np.float32)
+    scale, bias = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
+    norm = torch.nn.GroupNorm(groups, shape[-1])
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor(scale))
+        norm.bias.copy_(torch.tensor(bias))
+        expected = norm(torch.tensor(np.moveaxis(x, -1, 1))).numpy()
+    got = GroupNorm(groups).apply({"params": {"scale": scale, "bias": bias}}, jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), np.moveaxis(expected, 1, -1), atol=2e-5)

@@ -51,7 +51,9 @@ def _layouts(rng):
     stacked = rng.standard_normal((3, 16, 8)).astype(np.float32)      # [L, D, F] scanned mlp
     bias = rng.standard_normal((4, 6)).astype(np.float32)             # [H, Dh] bias
     embed = rng.standard_normal((24, 16)).astype(np.float32)          # [V, D]
+    conv = rng.standard_normal((2, 2, 3, 16)).astype(np.float32)      # [kh, kw, C, D] patch conv
     return [
+        ("conv", conv, TensorLayout(permute=(3, 2, 0, 1)), conv.transpose(3, 2, 0, 1)),
         ("q", kernel, TensorLayout(None, ((0,), (1, 2)), True), kernel.reshape(16, 24).T),
         ("o", out, TensorLayout(None, ((0, 1), (2,)), True), out.reshape(24, 16).T),
         ("up1", stacked, TensorLayout(1, ((0,), (1,)), True), stacked[1].T),
@@ -66,11 +68,14 @@ def test_blocks_of_sharded_arrays_equal_the_whole_tensor(spec, tmp_path):
     rng = np.random.default_rng(0)
     tensors, expected = [], {}
     specs = {  # per tensor: the mesh axis of each of our axes (merged axes split on their first)
-        "fsdp0": {"q": ("fsdp", None, None), "o": ("fsdp", None, None),
+        "fsdp0": {"conv": (None, None, None, "fsdp"), "q": ("fsdp", None, None),
+                  "o": ("fsdp", None, None),
                   "up1": (None, "fsdp", None), "bias": ("fsdp", None), "embed": ("fsdp", None)},
-        "fsdp1": {"q": (None, "fsdp", None), "o": (None, None, "fsdp"),
+        "fsdp1": {"conv": ("tensor", None, None, "fsdp"), "q": (None, "fsdp", None),
+                  "o": (None, None, "fsdp"),
                   "up1": (None, None, "fsdp"), "bias": ("tensor", None), "embed": (None, "fsdp")},
-        "fsdp_tensor": {"q": ("fsdp", "tensor", None), "o": ("tensor", None, "fsdp"),
+        "fsdp_tensor": {"conv": (None, "tensor", None, "fsdp"), "q": ("fsdp", "tensor", None),
+                        "o": ("tensor", None, "fsdp"),
                         "up1": (None, "fsdp", "tensor"), "bias": ("fsdp", None),
                         "embed": ("tensor", "fsdp")},
         "replicated": {}}[spec]
@@ -81,6 +86,12 @@ def test_blocks_of_sharded_arrays_equal_the_whole_tensor(spec, tmp_path):
     # bf16 cast on the devices, and a split into several files.
     tensors.append(ExportTensor("embed_bf16", tensors[-1].array, TensorLayout(), ml_dtypes.bfloat16))
     expected["embed_bf16"] = expected["embed"].astype(ml_dtypes.bfloat16)
+    # A tensor joined from two sharded leaves on the host (open_clip's fused in_proj).
+    halves = [tensors[1].array, tensors[1].array * 2]
+    tensors.append(ExportTensor("joined", sharded_writer.HostTensor(
+        (32, 24), np.float32, lambda: np.concatenate(
+            [sharded_writer.gather_to_host(h).reshape(16, 24) for h in halves]))))
+    expected["joined"] = np.concatenate([expected["q"].T, 2 * expected["q"].T])
     files = sharded_writer.write_safetensors(tensors, str(tmp_path), max_shard_size="1KB",
                                              progress=False)
     index = json.load(open(tmp_path / files[-1]))
@@ -138,7 +149,43 @@ def test_writer_holds_one_block_at_a_time():
     assert replicated_peak < tensor_bytes + 2 ** 20
 
 
-WORKER = textwrap.dedent("""
+def test_host_computed_tensors_are_computed_one_at_a_time():
+    """`HostTensor`s (ten 4 MiB tensors, each joined on the host from two fsdp-sharded leaves):
+    the writer's peak host memory is about one tensor plus its gathered leaves, never the state;
+    a computed tensor of the wrong shape is an error."""
+    mesh = sharding.make_mesh(dict(data=1, fsdp=8, tensor=1))
+    leaves = [jax.jit(lambda k: jax.random.normal(k, (512, 1024)),
+                      out_shardings=NamedSharding(mesh, PartitionSpec("fsdp")))(
+        jax.random.PRNGKey(i)) for i in range(20)]
+
+    def joined(a, b):
+        return lambda: np.concatenate([sharded_writer.gather_to_host(a),
+                                       sharded_writer.gather_to_host(b)])
+    tensors = [ExportTensor(f"t{i}", sharded_writer.HostTensor(
+        (1024, 1024), np.float32, joined(leaves[2 * i], leaves[2 * i + 1]))) for i in range(10)]
+    tensor_bytes = tensors[0].nbytes
+    import tempfile
+    with tempfile.TemporaryDirectory() as out:
+        tracemalloc.start()
+        try:
+            sharded_writer.write_safetensors(tensors, out, max_shard_size="20MB", progress=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        loaded = load_file(os.path.join(out, "model-00001-of-00003.safetensors"))
+        np.testing.assert_array_equal(loaded["t1"], np.concatenate(
+            [np.asarray(leaves[2]), np.asarray(leaves[3])]))
+        bad = [ExportTensor("bad", sharded_writer.HostTensor((3,), np.float32,
+                                                             lambda: np.zeros(4, np.float32)))]
+        with pytest.raises(Exception, match=r"shape \(4,\).*\(3,\)"):
+            sharded_writer.write_safetensors(bad, out, prefix="bad", progress=False)
+    print(f"writer peak host memory: {peak / 2 ** 20:.1f} MiB for ten host-computed "
+          f"{tensor_bytes / 2 ** 20:.0f} MiB tensors")
+    assert peak < 2.5 * tensor_bytes
+
+
+# Every worker: 4 CPU devices, gloo collectives, process `argv[2]` of 2; `src`, `dst` from argv.
+WORKER_PREAMBLE = textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
@@ -147,6 +194,8 @@ WORKER = textwrap.dedent("""
     port, process_id, src, dst = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                                process_id=process_id)
+""")
+WORKER = WORKER_PREAMBLE + textwrap.dedent("""
     from uniecg_jax import sharding
     from uniecg_jax.convert import hf_llm, sharded_writer
     from uniecg_jax.models.llm import LLMConfig
@@ -174,6 +223,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_two_processes(worker: str, src: str, dst: str, tmp_path, timeout: int = 900) -> list[dict]:
+    """Runs `worker` (WORKER_PREAMBLE + a body printing one `RESULT {json}` line) as JAX processes
+    0 and 1 of one job; returns their results, or fails with the end of their output."""
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    port = str(_free_port())
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    workers = [subprocess.Popen([sys.executable, str(script), port, str(i), src, dst],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env) for i in range(2)]
+    outputs = [w.communicate(timeout=timeout)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    return [json.loads(line[len("RESULT "):]) for o in outputs for line in o.splitlines()
+            if line.startswith("RESULT ")]
+
+
 @pytest.mark.slow  # two fresh JAX processes + transformers imports: ~1 min on 2 loaded cores
 def test_two_processes_export_one_hf_model_with_identical_logits(tmp_path):
     torch = pytest.importorskip("torch")
@@ -182,18 +248,7 @@ def test_two_processes_export_one_hf_model_with_identical_logits(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     model = hf_testing.tiny_hf_model("qwen2", src)
     hf_testing.tiny_tokenizer(src)
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    port = str(_free_port())
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("XLA_FLAGS", None)
-    workers = [subprocess.Popen([sys.executable, str(script), port, str(i), str(src), str(dst)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env) for i in range(2)]
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    results = [json.loads(line[len("RESULT "):]) for o in outputs for line in o.splitlines()
-               if line.startswith("RESULT ")]
+    results = run_two_processes(WORKER, str(src), str(dst), tmp_path)
     assert sorted(r["process"] for r in results) == [0, 1]
     assert all(r["devices"] == 8 and r["local_devices"] == 4 for r in results)
     assert not any(r["fully_addressable"] for r in results)   # the params really span both hosts

@@ -238,48 +238,12 @@ def test_eval_interpret_per_kind_resumes_after_a_kill(exported, tmp_path):
         interpret_eval.eval_kinds(interpreter, ["photo"])
 
 
-def test_rendered_batches_checkpoint_and_render_each_page_once(monkeypatch, ecgs):
-    """The training loader's page renderer passes the grain state through (the train loop
-    checkpoints it) and renders an example's page once: same record key and signal -> the
-    memoised pixels, equal to a fresh render."""
-    from uniecg_jax.data import multimodal
-
-    class Source:
-        def __init__(self):
-            self.state, self.batches = None, iter([
-                {"ecg": ecgs[:2], "record_key": np.array([b"a", b"b"])},
-                {"ecg": ecgs[[1, 0]], "record_key": np.array([b"b", b"a"])},
-                {"ecg": ecgs[:2], "record_key": np.array([b"b", b"a"])}])
-
-        def __next__(self):
-            return next(self.batches)
-
-        def __iter__(self):
-            return self
-
-        def get_state(self):
-            return b"position"
-
-        def set_state(self, state):
-            self.state = state
-
-    renders = []
-    real = multimodal.ecg_pixels
-    monkeypatch.setattr(multimodal, "ecg_pixels",
-                        lambda *args, **kwargs: renders.append(1) or real(*args, **kwargs))
-    source = Source()
-    batches = multimodal.with_rendered_images(source, 56, "ori", distortions=True, seed=3)
-    first, second, third = next(batches), next(batches), next(batches)
-    assert len(renders) == 4          # a, b, then b and a again with swapped signals
-    np.testing.assert_array_equal(second["image"], first["image"][::-1])
-    assert not np.array_equal(third["image"], first["image"])
-    np.testing.assert_array_equal(third["image"][1], real(
-        ecgs[1], 56, "ori", distortions=multimodal.PrintDistortions(),
-        seed=multimodal.example_seed(b"a", 1, 3)))
-    assert batches.get_state() == b"position"
-    batches.set_state(b"restored")
-    assert source.state == b"restored"
-    assert [multimodal.render_dpi(size) for size in (336, 224, 56)] == [200.0, 134.0, 50.0]
+def test_pages_render_at_gems_oversampling_for_the_tower_size():
+    from uniecg_jax.data.multimodal import ecg_pixels
+    assert [render_dpi(size) for size in (336, 224, 56)] == [200.0, 134.0, 50.0]
+    ecg = load_bundled_records()[0].to_encoder_input()
+    np.testing.assert_array_equal(ecg_pixels(ecg, IMAGE_SIZE, "ori"),
+                                  clip_preprocess(_page(ecg), IMAGE_SIZE, "ori"))
 
 
 def _metrics(micro, macro, mae):

@@ -216,3 +216,50 @@ def test_rendering_reads_the_encoder_lead_order_back_to_the_page_order():
             to_canonical_lead_order(to_encoder_lead_order(ecg, order), order), ecg)
     mimic = to_encoder_lead_order(ecg, "mimic_iv")
     assert not np.array_equal(to_canonical_lead_order(mimic, "canonical"), ecg)
+
+
+class _ListIterator:
+    """A grain-like iterator over fixed batches with get_state / set_state (the position)."""
+
+    def __init__(self, batches):
+        self.batches, self.position = batches, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.position += 1
+        return self.batches[self.position - 1]
+
+    def get_state(self):
+        return str(self.position).encode()
+
+    def set_state(self, state):
+        self.position = int(state.decode())
+
+
+def test_rendered_images_memoise_pages_and_keep_the_iterator_state(monkeypatch):
+    """A page is rendered once per (signal, seed) over the epochs, and a checkpoint's data
+    position (`get_state`) is the wrapped loader's, so a resumed run sees the same batches."""
+    from uniecg_jax.data import multimodal
+    calls = []
+
+    def fake_pixels(ecg, image_size, aspect, lead_order, distortions, seed):
+        calls.append(seed)
+        return np.full((image_size, image_size, 3), ecg[0, 0] + seed % 7, np.float32)
+
+    monkeypatch.setattr(multimodal, "ecg_pixels", fake_pixels)
+    ecgs = np.arange(2 * 12 * 4, dtype=np.float32).reshape(2, 12, 4)
+    epoch = [dict(ecg=ecgs, record_key=np.array([11, 12])),
+             dict(ecg=ecgs[::-1], record_key=np.array([12, 11]))]
+    images = multimodal.with_rendered_images(_ListIterator(epoch * 2), 4, "pad", seed=3)
+    first = [next(images) for _ in range(2)]
+    assert len(calls) == 2                                  # two examples, two pages
+    np.testing.assert_array_equal(first[1]["image"], first[0]["image"][::-1])
+    state = images.get_state()
+    again = [next(images) for _ in range(2)]
+    assert len(calls) == 2                                  # the second epoch renders nothing
+    np.testing.assert_array_equal(again[0]["image"], first[0]["image"])
+    images.set_state(state)
+    assert np.array_equal(next(images)["image"], again[0]["image"]) and images.get_state() != state
+    assert first[0]["ecg_present"].tolist() == first[0]["image_present"].tolist() == [1, 1]

@@ -40,6 +40,10 @@ def test_statements_longest_match_abbreviations_and_negation(vocab):
      {"sinus bradycardia"}, {"atrial fibrillation"}),
     ("Not atrial flutter; atrial flutter ruled out", set(), {"atrial flutter"}),
     ("no AF. AF later in the strip", {"atrial fibrillation"}, set()),  # asserted wins
+    # "Otherwise normal ECG" qualifies: the ECG is abnormal, so it is not the NORM statement.
+    ("sinus bradycardia. heart rate 55 bpm. otherwise normal ecg.", {"sinus bradycardia"}, set()),
+    ("Sinus tachycardia, otherwise normal ECG", {"sinus tachycardia"}, set()),
+    ("sinus rhythm. normal ECG.", {"sinus rhythm", "normal ecg"}, set()),
 ])
 def test_negation(vocab, text, present, negated):
     found = extract_statements(text, vocab)

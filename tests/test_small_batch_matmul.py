@@ -33,6 +33,40 @@ def test_matches_numpy_for_every_row_count(kernel, depth, width):
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-4 * np.sqrt(depth))
 
 
+def kernel_products() -> dict[str, np.ndarray]:
+    """x @ w through the loaded kernel for 1..8 rows, a column tail and helper threads."""
+    rng, products = np.random.RandomState(0), {}
+    for depth, width in ((37, 70), (512, 1100)):
+        w = rng.randn(depth, width).astype(np.float32)
+        packed = jax.jit(small_batch_matmul.pack)(w)
+        for rows in range(1, 9):
+            x = rng.randn(rows, depth).astype(np.float32)
+            products[f"{depth}_{rows}"] = np.asarray(
+                jax.jit(small_batch_matmul.matmul, static_argnums=2)(x, packed, width))
+    return products
+
+
+@pytest.mark.skipif(__import__("platform").machine() not in ("x86_64", "AMD64"),
+                    reason="the AVX2 build is an x86-64 build")
+def test_avx2_build_equals_the_native_build(kernel, tmp_path):
+    """The AVX2 code path (4 x 16 accumulator blocks; -march=x86-64-v3, whatever this host has)
+    sums every output in the same order as the AVX-512 one: identical results, in a fresh process
+    (one process loads one build of the kernel)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import numpy as np\n"
+              "from test_small_batch_matmul import kernel_products, small_batch_matmul\n"
+              "assert small_batch_matmul.load() and small_batch_matmul.kernel_march() == "
+              f"'x86-64-v3'\nnp.savez({str(tmp_path / 'avx2.npz')!r}, **kernel_products())")
+    env = dict(os.environ, UNIECG_KERNEL_MARCH="x86-64-v3", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=600)
+    avx2 = np.load(tmp_path / "avx2.npz")
+    for name, native in kernel_products().items():
+        np.testing.assert_array_equal(avx2[name], native)
+
+
 def test_rejects_shapes_it_cannot_take(kernel):
     packed = small_batch_matmul.pack(jnp.ones((16, 40)))
     with pytest.raises(ValueError, match="M <= 8"):
@@ -167,6 +201,9 @@ def test_calibration_picks_the_faster_side_and_caches_it(calibration, slow_side,
 
 
 def test_calibration_key_follows_cpu_source_jax_and_shapes(calibration, monkeypatch):
+    for name in ("UNIECG_KERNEL_MARCH", "ATEN_CPU_CAPABILITY"):   # start uncapped
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     key = small_batch_matmul.calibration_key(4, SHAPES)
     assert small_batch_matmul.calibration_key(4, SHAPES[::-1]) == key
     assert small_batch_matmul.calibration_key(8, SHAPES) != key
@@ -191,8 +228,6 @@ def test_calibration_key_follows_cpu_source_jax_and_shapes(calibration, monkeypa
             assert small_batch_matmul.isa_caps()
             assert small_batch_matmul.calibration_key(4, SHAPES) != key
     monkeypatch.setenv("UNIECG_KERNEL_MARCH", "native")      # the default is no cap
-    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert small_batch_matmul.isa_caps() == {}
     monkeypatch.setattr(jax, "__version__", "0.0.1")
     assert small_batch_matmul.calibration_key(4, SHAPES) != key

@@ -313,3 +313,35 @@ def test_model_written_before_the_config_redesign_still_loads(exported_model, tm
     assert load_train_config(interpreter.config) == load_train_config(current.config)
     ecg = load_bundled_records()[0].to_encoder_input()[None]
     assert interpreter.interpret(ecg, max_new_tokens=4) == current.interpret(ecg, max_new_tokens=4)
+
+
+def test_image_tower_starts_from_an_hf_clip_dir(tmp_path):
+    """`init.clip_dir` (LLaVA's / GEM's start: openai/clip-vit-large-patch14-336) fills the image
+    tower, on its shardings, and nothing else; a model without a tower refuses it by name."""
+    from uniecg_jax.config import ConfigError
+    from uniecg_jax.convert import hf_clip
+
+    config = load_config("configs/stage1.py:tiny_image", ["data.num_synthetic=0"])
+    model, _ = build_unified(config.model)
+    rng = np.random.default_rng(3)
+    tower = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                         hf_clip.abstract_params(model.config.vision))
+    hf_clip.save_clip_vision_hf(tower, model.config.vision, str(tmp_path / "clip"))
+    task = build_task(load_config("configs/stage1.py:tiny_image",
+                                  ["data.num_synthetic=0", f"init.clip_dir={tmp_path / 'clip'}"]))
+    mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1))
+    abstract, _ = sharding.abstract_sharded_init(task.init_params, mesh, jax.random.PRNGKey(0))
+    params = task.initial_params(mesh, abstract)
+    assert_trees_equal(params["vision_tower"], tower)
+    for got, want in zip(jax.tree.leaves(params["vision_tower"]),
+                         jax.tree.leaves(abstract["vision_tower"])):
+        assert got.sharding == want.sharding
+    random_init = jax.jit(lambda key: nn.meta.unbox(task.init_params(key)))(
+        jax.random.PRNGKey(int(task.config.seed)))
+    assert_trees_equal(params["llm"], random_init["llm"])   # the rest drawn as without clip_dir
+    signal_only = build_task(load_config("configs/stage1.py:tiny", [
+        "data.num_synthetic=0", f"init.clip_dir={tmp_path / 'clip'}"]))
+    abstract, _ = sharding.abstract_sharded_init(signal_only.init_params, mesh,
+                                                 jax.random.PRNGKey(0))
+    with pytest.raises(ConfigError, match="init.clip_dir=.*has no image tower"):
+        signal_only.initial_params(mesh, abstract)

@@ -356,8 +356,18 @@ def test_whole_model_hf_export_round_trips(trained, tiny_diffusion, tmp_path):
 
     from uniecg_jax.convert.unified_export import export_unified, load_unified_export
 
+    from uniecg_jax.convert import unified_export
+
     out = str(tmp_path / "hf")
-    export_unified(trained["stage2_dir"], out, diffusion=tiny_diffusion)
+    placements = []
+    save_hf = unified_export.save_hf
+    with pytest.MonkeyPatch.context() as patched:   # what the LLM writer is handed
+        patched.setattr(unified_export, "save_hf", lambda params, *a, **k: placements.extend(
+            leaf.sharding for leaf in jax.tree.leaves(params)) or save_hf(params, *a, **k))
+        export_unified(trained["stage2_dir"], out, diffusion=tiny_diffusion)
+    # Restored fsdp-sharded over the 8 devices (as on a pod, where no host holds the whole model).
+    assert all(len(s.device_set) == 8 for s in placements)
+    assert any(not s.is_fully_replicated for s in placements)
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "llm"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.join(out, "llm"))
     ids = list(trained["config"].model.ecg_token_ids)

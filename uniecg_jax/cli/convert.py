@@ -5,7 +5,7 @@
     uniecg convert diffusets --vae vae.pth --unet unet.pth --out /ckpt/diffusets   (see convert_diffusets)
     uniecg convert export-unified --ckpt W/stage2 --diffusion W/diffusion --out D (see convert_unified)
     uniecg convert from-gem --gem-dir /ckpt/GEM --out /ckpt/gem-uniecg [--ecg-tower ecg_coca.pt]
-    uniecg convert to-gem --ckpt /ckpt/gem-uniecg --out /ckpt/GEM-again [--dtype bfloat16]
+    uniecg convert to-gem --ckpt /ckpt/gem-uniecg --out /ckpt/GEM-again [--dtype bfloat16] [--distributed]
     uniecg convert export-ecg-coca --ckpt /ckpt/stage1 --out ecg_coca.pt
 
 from-hf infers the model config from the HF config.json unless --config is given (then the shapes
@@ -31,14 +31,7 @@ def register(subparsers) -> None:
     to_hf.add_argument("--ckpt", required=True, help="uniecg checkpoint directory")
     to_hf.add_argument("--out", required=True, help="output HF directory")
     to_hf.add_argument("--dtype", default=None, help="tensor dtype (default: the param dtype)")
-    to_hf.add_argument("--max-shard-size", default="5GB",
-                       help="safetensors shard size, HF semantics ('5GB' = 5e9 bytes, '2GiB'); "
-                            "every host writes the tensor slices it holds")
-    to_hf.add_argument("--max-shard-gb", type=float, default=None,
-                       help="(older spelling) shard size in GiB; overrides --max-shard-size")
-    to_hf.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize() first: run the same command on "
-                            "every host of a pod; each writes the slices it holds")
+    _add_export_options(to_hf)
     to_hf.set_defaults(handler=run_from_ckpt_to_hf)
     from_gem = actions.add_parser("from-gem",
                                   help="GEM release (LLaVA layout) -> stage-1 checkpoint")
@@ -55,8 +48,7 @@ def register(subparsers) -> None:
     to_gem.add_argument("--ckpt", required=True, help="stage-1 model checkpoint or train workdir")
     to_gem.add_argument("--out", required=True, help="output GEM directory")
     to_gem.add_argument("--dtype", default=None, help="tensor dtype (default: the param dtype)")
-    to_gem.add_argument("--max-shard-gb", type=float, default=5.0,
-                        help="shard the LLM safetensors above this size (GiB)")
+    _add_export_options(to_gem)
     to_gem.set_defaults(handler=run_to_gem)
     coca = actions.add_parser("export-ecg-coca",
                               help="stage-1 checkpoint's ECG tower -> ECG-CoCa .pt / .safetensors")
@@ -67,6 +59,22 @@ def register(subparsers) -> None:
     from uniecg_jax.cli import convert_diffusets, convert_unified
     convert_diffusets.add_parser(actions)
     convert_unified.add_parser(actions)
+
+
+def _add_export_options(parser) -> None:
+    """Shard size and multi-host options of the exports that go through `convert.sharded_writer`."""
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="safetensors shard size, HF semantics ('5GB' = 5e9 bytes, '2GiB'); "
+                             "every host writes the tensor slices it holds")
+    parser.add_argument("--max-shard-gb", type=float, default=None,
+                        help="(older spelling) shard size in GiB; overrides --max-shard-size")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first: run the same command on "
+                             "every host of a pod; each writes the slices it holds")
+
+
+def _max_shard_bytes(args) -> int | None:
+    return None if args.max_shard_gb is None else int(args.max_shard_gb * 1024 ** 3)
 
 
 def run_from_hf(args) -> int:
@@ -107,8 +115,7 @@ def run_from_ckpt_to_hf(args) -> int:
     params, config = checkpoint.restore_model(args.ckpt, hf_llm.abstract_params_for(model_config))
     hf_llm.save_hf(params, model_config, args.out, tokenizer_dir=checkpoint.tokenizer_path(args.ckpt),
                    dtype=args.dtype, max_shard_size=args.max_shard_size, progress=True,
-                   max_shard_bytes=None if args.max_shard_gb is None
-                   else int(args.max_shard_gb * 1024 ** 3))
+                   max_shard_bytes=_max_shard_bytes(args))
     print(f"wrote {args.out}")
     return 0
 
@@ -142,17 +149,24 @@ def _restore_stage1(path: str):
 
 
 def run_to_gem(args) -> int:
-    from uniecg_jax import checkpoint
+    from uniecg_jax import checkpoint, sharding
     from uniecg_jax.convert import gem
+    from uniecg_jax.inference.interpret import resolve_model_dir
+    from uniecg_jax.models.stage1 import UniECGConfig
 
-    directory, params, model_config = _restore_stage1(args.ckpt)
+    sharding.maybe_initialize_distributed(args.distributed)
+    directory = resolve_model_dir(args.ckpt)
+    model_config = UniECGConfig.from_config(checkpoint.load_model_config(directory).model)
+    # Restored fsdp-sharded over every device of every host: no host holds the whole model.
+    params, _ = checkpoint.restore_model(directory, gem.abstract_params_for(model_config))
     base, kept = gem.load_sidecar(directory)
     gem.export_gem(params, model_config, args.out,
                    tokenizer_dir=checkpoint.tokenizer_path(directory), base_config=base,
-                   kept=kept, dtype=args.dtype,
-                   max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
+                   kept=kept, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   max_shard_bytes=_max_shard_bytes(args), progress=True)
     print(f"wrote {args.out} ({len(kept)} kept tensors from the original release; "
-          f"ECG lead order {model_config.input.ecg_lead_order})")
+          f"ECG lead order {model_config.input.ecg_lead_order}"
+          f"{'; image tower ' + gem.VISION_TOWER_DIR + '/' if model_config.vision else ''})")
     return 0
 
 

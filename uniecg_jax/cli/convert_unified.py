@@ -17,11 +17,17 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="HF LLM safetensors shard size, HF semantics ('5GB' = 5e9 bytes, "
                              "'2GiB')")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first: run the same command on "
+                             "every host of a pod; each host writes the slices it holds")
     parser.set_defaults(handler=run_export_unified)
 
 
 def run_export_unified(args) -> int:
+    from uniecg_jax import sharding
     from uniecg_jax.convert.unified_export import export_unified
+
+    sharding.maybe_initialize_distributed(args.distributed)
 
     export_unified(args.ckpt, args.out, diffusion=args.diffusion, dtype=args.dtype,
                    max_shard_size=args.max_shard_size)

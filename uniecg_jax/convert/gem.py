@@ -10,18 +10,33 @@ to one importer:
   model.embed_tokens / model.layers.* / model.norm / lm_head   -> the LLM (`convert.hf_llm`)
   model.ecg_tower.ecg_tower.*, model.ecg_projector.*,
   model.mm_projector.{0,2}.*                                   -> the ECG tower (`convert.ecg_coca`)
-  model.vision_tower.*, model.image_newline                    -> the image tower: not used yet,
-                                                                  kept verbatim for `export_gem`
+  model.vision_tower.vision_tower.vision_model.*                -> the CLIP image tower
+                                                                  (`convert.hf_clip`)
+  model.image_newline, other model.vision_tower.* buffers        -> kept verbatim for export
 Every tensor is routed or named in the error; the tower's `ln_post` / `proj` (unused by GEM's
 `output_last_transformer_layer` forward) are kept for export too. When the release holds no ECG
-tower, the ECG-CoCa `.pt` that `mm_ecg_tower` names (or `ecg_tower_ckpt`) supplies it.
+tower, the ECG-CoCa `.pt` that `mm_ecg_tower` names (or `ecg_tower_ckpt`) supplies it. The image
+tower's shape comes from `mm_vision_tower` as LLaVA's `build_vision_tower` reads it (a local CLIP
+directory's config.json, or the OpenAI ViT-L hub name), its feature selection from
+`mm_vision_select_layer` / `mm_vision_select_feature`; a stage-1 config without
+`model.vision_tower` (signal only) keeps the tower's tensors verbatim instead.
+
+Export (`export_gem`) writes every tensor through `convert.sharded_writer` in one plan (LLM, ECG
+tower + projectors, CLIP tower, kept tensors; one index by host 0): call it on every host of a pod,
+each writes the slices it holds, one tensor at most on a host at a time. GEM's loader
+(llava/model/builder.py `load_pretrained_model`) builds the towers from the files the config names
+rather than from the release's tensors (`CLIPECGTower` opens `mm_ecg_tower`, `CLIPVisionTower.
+load_model` runs `CLIPVisionModel.from_pretrained(mm_vision_tower)`), so the export also writes
+the ECG-CoCa `.pt` (host 0, read back from the written shards) and the CLIP tower as an HF
+`CLIPVisionModel` directory, and points both fields at them.
 
 The imported model keeps GEM's input layout (`model.input`): LLaVA's `llava_v1` prompt, a sentinel
 placeholder (no `<ecg>` row: the vocabulary keeps its size) and the MIMIC-IV-ECG lead order the
 ECG-CoCa tower was trained on. Facts from GEM commit c8a580f: llava/model/llava_arch.py (tower ->
 ecg_projector -> mm_projector, features spliced at the -200 placeholder), llava/model/
 multimodal_projector/builder.py (projector layouts), llava/model/multimodal_encoder/clip_encoder.py
-(`CLIPECGTower`), ecg_coca/open_clip/model.py (heads = width // head_width 64).
+(`CLIPECGTower`, `CLIPVisionTower.feature_select`), llava/model/multimodal_encoder/builder.py
+(`build_vision_tower`), ecg_coca/open_clip/model.py (heads = width // head_width 64).
 
     result = import_gem("/ckpt/GEM", mesh=mesh)           # params on their shardings + config
     export_gem(params, config, "/out/GEM", kept=...)       # GEM's layout again
@@ -42,7 +57,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from uniecg_jax import sharding
-from uniecg_jax.convert import ecg_coca, hf_llm
+from uniecg_jax.convert import ecg_coca, hf_clip, hf_llm, sharded_writer
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models.ecg_encoder import ECGEncoderConfig, ProjectorConfig
 from uniecg_jax.models.schema import InputFormatConfig
@@ -69,6 +84,8 @@ GEM_DEFAULT_FIELDS = {
     "use_mm_proj": True, "tune_mm_mlp_adapter": False, "tokenizer_padding_side": "right",
 }
 ECG_TOWER_FILE = "ecg_coca.pt"   # the `.pt` `mm_ecg_tower` points to in an exported release
+VISION_TOWER_DIR = "clip_vision"  # the CLIPVisionModel dir `mm_vision_tower` points to
+IMAGE_TOWER_PREFIX = "model.vision_tower."
 COCA_EMBED_DIM = 512             # coca_ViT-B-32 embed_dim: the width of the tower's `proj`
 
 
@@ -96,9 +113,10 @@ def read_gem_config(gem_dir: str) -> dict:
 class GemImport:
     """What `import_gem` returns.
 
-    params: {"ecg_tower": ..., "llm": ...} on the target shardings.
+    params: {"ecg_tower": ..., "llm": ...[, "vision_tower": ...]} on the target shardings.
     model_config: the stage-1 `model` group (llm, ecg_encoder, projector, input).
-    kept: tensors routed to no model part (image tower, unused tower tensors) by name, for export.
+    kept: tensors no model part takes (ECG-CoCa's unused head; the image tower under a
+      signal-only config) by name, for export.
     gem_config: the release's config.json.
     report: one line per tensor group (what was placed, what was found and not used).
     """
@@ -197,10 +215,34 @@ def _projector_config(gem_config: dict, llm_hidden_size: int) -> ml_collections.
         mm_projector_depth=int(match.group(1))).to_dict())
 
 
+def _vision_prefix(release: _Release) -> str | None:
+    """The CLIP tower's name prefix among the release's image-tower tensors, None without one."""
+    names = release.groups.get("image_tower", [])
+    prefix = hf_clip.detect_prefix(names)
+    return prefix if prefix and prefix.startswith(IMAGE_TOWER_PREFIX) else None
+
+
+def _vision_config(release: _Release, projector: ml_collections.ConfigDict
+                   ) -> ml_collections.ConfigDict | None:
+    """`model.vision_tower` of a release that holds a CLIP tower (see the module docstring)."""
+    prefix = _vision_prefix(release)
+    if prefix is None:
+        return None
+    try:
+        vision = hf_clip.vision_config_from_hf(release.directory)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (the release holds a CLIP image tower, {prefix}*)") from None
+    if vision.hidden_size != projector.ecg_proj_dim:
+        raise CheckpointError(
+            f"{release.directory}/config.json: mm_vision_tower's hidden size {vision.hidden_size} "
+            f"is not mm_hidden_size {projector.ecg_proj_dim} (GEM's mm_projector reads both)")
+    return ml_collections.ConfigDict(vision.to_dict())
+
+
 def model_config_from_release(release: _Release, tower_state: Mapping[str, np.ndarray],
                               param_dtype: str | None = None) -> ml_collections.ConfigDict:
     """The stage-1 `model` group a release describes (GEM's input layout; `ecg_lead_order` from
-    the release when an export of ours wrote it)."""
+    the release when an export of ours wrote it; `vision_tower` when it holds a CLIP tower)."""
     llm = hf_llm.model_config_from_hf(release.directory)
     prefix = ecg_coca.detect_prefix(list(tower_state), ecg_coca.TOWER_PREFIXES, "conv1.weight")
     encoder = _encoder_config(tower_state, prefix or "", release.config)
@@ -209,24 +251,33 @@ def model_config_from_release(release: _Release, tower_state: Mapping[str, np.nd
     model = ml_collections.ConfigDict(dict(
         llm=llm, ecg_encoder=encoder, projector=projector,
         input=GEM_INPUT.replace(ecg_lead_order=lead_order).to_dict()))
+    vision = _vision_config(release, projector)
+    if vision is not None:
+        model.vision_tower = vision
     if param_dtype:
-        for group in (model.llm, model.ecg_encoder, model.projector):
-            group.param_dtype = param_dtype
+        for group in MODEL_GROUPS:
+            if group in model:
+                model[group].param_dtype = param_dtype
     UniECGConfig.from_config(model)  # every field checked now, naming the group
     return model
 
 
-# Numerics a run chooses for itself; everything else in a model group is the release's.
-RUN_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_chunk")
+# Numerics (and the tower freeze) a run chooses for itself; the rest of a group is the release's.
+RUN_KEYS = ("param_dtype", "dtype", "remat", "scan_layers", "attention_query_chunk", "frozen")
+MODEL_GROUPS = ("llm", "ecg_encoder", "projector", "vision_tower")
 
 
 def merge_model_config(base: ml_collections.ConfigDict, release: ml_collections.ConfigDict
                        ) -> ml_collections.ConfigDict:
     """`base` (a config file's `model` group) with the release's shapes, ids and input layout;
-    the run's dtypes, remat and layer scanning (`RUN_KEYS`) are kept."""
+    the run's dtypes, remat, layer scanning and freezing (`RUN_KEYS`) are kept. A base without
+    `vision_tower` (signal only) drops the release's image tower (its tensors are kept for
+    export)."""
     merged = ml_collections.ConfigDict(release.to_dict())
-    for group in ("llm", "ecg_encoder", "projector"):
-        if group in base:
+    if "vision_tower" in merged and base.get("vision_tower") is None:
+        del merged["vision_tower"]
+    for group in MODEL_GROUPS:
+        if group in base and group in merged and base[group] is not None:
             for key in RUN_KEYS:
                 if key in base[group] and key in merged[group]:
                     merged[group][key] = base[group][key]
@@ -287,12 +338,28 @@ def _import_ecg_tower(target: _Target, names: list[str]) -> None:
         f"{len(imported.skipped)} tower tensors unused by GEM's forward kept for export")
 
 
-def _keep_image_tower(target: _Target, names: list[str]) -> None:
-    # The image tower (CLIP ViT) has no Flax model yet: its tensors are kept verbatim, so that
-    # `to-gem` writes them back; a CLIP importer replaces this entry.
-    target.kept.update({name: target.release.reader.get(name) for name in names})
-    target.report.append(f"image tower: {len(names)} tensors (model.vision_tower.*) found and "
-                         "NOT used (no image input yet); kept for export")
+def _import_image_tower(target: _Target, names: list[str]) -> None:
+    vision = target.config.vision
+    prefix = _vision_prefix(target.release)
+    if vision is not None and prefix is None:
+        raise CheckpointError(f"{target.release.directory}: the model config has an image tower "
+                              f"but the release holds none ({hf_clip.GEM_PREFIX}{hf_clip.ANCHOR} "
+                              "missing)")
+    if vision is None:
+        target.kept.update({name: target.release.reader.get(name) for name in names})
+        target.report.append(f"image tower: {len(names)} tensors ({IMAGE_TOWER_PREFIX}*) found "
+                             "and NOT used (the model config has no model.vision_tower: signal "
+                             "only); kept for export")
+        return
+    target.params["vision_tower"] = hf_clip.load_clip_vision(
+        target.release.directory, vision, prefix=prefix, abstract=target.abstract["vision_tower"])
+    placed = {prefix + name for _, _, name in hf_clip.leaf_rules(vision)}
+    rest = [name for name in names if name not in placed]
+    target.kept.update({name: target.release.reader.get(name) for name in rest})
+    target.report.append(
+        f"image tower: {len(placed)} tensors placed (CLIP {vision.image_size} px / patch "
+        f"{vision.patch_size}, {vision.num_layers} layers, features of layer "
+        f"{vision.select_layer}, {vision.num_tokens} tokens); {len(rest)} kept for export")
 
 
 # Name prefix -> the importer of that tensor group (first match wins).
@@ -304,7 +371,7 @@ ROUTES: tuple[tuple[str, str], ...] = (
     ("model.vision_tower.", "image_tower"), ("model.image_newline", "image_tower"),
 )
 IMPORTERS: dict[str, Callable[[_Target, list[str]], None]] = {
-    "llm": _import_llm, "ecg_tower": _import_ecg_tower, "image_tower": _keep_image_tower}
+    "llm": _import_llm, "ecg_tower": _import_ecg_tower, "image_tower": _import_image_tower}
 
 
 def abstract_params_for(config: UniECGConfig, mesh=None) -> dict:
@@ -341,6 +408,8 @@ def import_gem(gem_dir: str, *, mesh=None, abstract_params: Any = None,
     target = _Target(release, config, abstract, tower_state, tower_source)
     groups = dict(release.groups)
     groups.setdefault("ecg_tower", [])  # a tower from the ECG-CoCa file still needs importing
+    if config.vision is not None:
+        groups.setdefault("image_tower", [])  # so that a missing tower is named
     for group, names in groups.items():
         IMPORTERS[group](target, names)
     if "llm" not in target.params:
@@ -373,9 +442,10 @@ def load_sidecar(directory: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 # ----------------------------------------------------------------------------- export
-def gem_config_fields(config: UniECGConfig, base: Mapping[str, Any], ecg_tower_path: str) -> dict:
+def gem_config_fields(config: UniECGConfig, base: Mapping[str, Any], ecg_tower_path: str,
+                      vision_tower_path: str | None = None) -> dict:
     """GEM's config.json fields for our model, over `base` (a release's own fields, else the
-    defaults of GEM's training script)."""
+    defaults of GEM's training script); with an image tower, its directory and feature selection."""
     projector = config.projector
     fields = {**GEM_DEFAULT_FIELDS, **{k: v for k, v in base.items()
                                        if k in GEM_DEFAULT_FIELDS or k.startswith("mm_")}}
@@ -389,70 +459,97 @@ def gem_config_fields(config: UniECGConfig, base: Mapping[str, Any], ecg_tower_p
         # Ours, ignored by GEM's loader: what the next import needs to read the weights right.
         ecg_lead_order=config.input.ecg_lead_order, ecg_tower_heads=config.encoder.heads,
         uniecg_prompt_format=config.input.prompt_format)
+    if config.vision is not None and vision_tower_path is not None:
+        fields.update(mm_vision_tower=vision_tower_path,
+                      mm_vision_select_layer=config.vision.select_layer,
+                      mm_vision_select_feature=config.vision.select_feature)
+        if config.vision.image_aspect_ratio == "pad" or fields["image_aspect_ratio"] == "pad":
+            fields["image_aspect_ratio"] = config.vision.image_aspect_ratio
     return fields
+
+
+def ecg_tower_tensors(params: Mapping[str, Any], config: UniECGConfig, dtype: Any
+                      ) -> list[sharded_writer.ExportTensor]:
+    """The ECG tower and GEM's projectors under GEM's names, one `HostTensor` per tensor (open_clip's
+    fused in_proj joins three leaves): each host gathers one tensor's leaves when the writer
+    reaches it (`convert.ecg_coca` rules, the one home of that layout)."""
+    rules = (ecg_coca._encoder_rules(config.encoder, TOWER_PREFIX)
+             + ecg_coca._projector_rules(config.projector, config.encoder.width, PROJECTOR_PREFIX))
+    tower = params["ecg_tower"]
+    tensors = []
+    for rule in rules:
+        try:
+            leaves = [hf_llm._get_path(tower, path) for path in rule.flax_paths]
+        except KeyError:
+            raise CheckpointError(f"params have no leaf ecg_tower/{'/'.join(rule.flax_paths[0])} "
+                                  f"(needed for {rule.torch_key})") from None
+
+        def compute(rule=rule, leaves=leaves) -> np.ndarray:
+            return rule.to_torch([sharded_writer.gather_to_host(leaf).astype(np.float32)
+                                  for leaf in leaves])
+
+        tensors.append(sharded_writer.ExportTensor(
+            rule.torch_key, sharded_writer.HostTensor(rule.torch_shape, np.float32, compute),
+            dtype=dtype))
+    return tensors
 
 
 def export_gem(params: Mapping[str, Any], model_config: Any, out_dir: str, *,
                tokenizer_dir: str | None = None, base_config: Mapping[str, Any] | None = None,
                kept: Mapping[str, np.ndarray] | None = None, dtype: Any = None,
-               max_shard_bytes: int = 5 * 1024 ** 3) -> str:
-    """Writes a GEM release: the LLM shards (`hf_llm.save_hf`), one more shard with the ECG tower,
-    projectors and `kept` tensors (image tower), the index over all of them, `config.json` with
-    GEM's fields, and the ECG-CoCa `.pt` that `mm_ecg_tower` names (GEM's loader opens it before
-    the safetensors overwrite the tower). A model with an `<ecg>` token (placeholder "token")
-    keeps its grown vocabulary; one imported from GEM (sentinel placeholder) keeps GEM's."""
+               max_shard_size: int | str = "5GB", max_shard_bytes: int | None = None,
+               progress: bool = False) -> str:
+    """Writes a GEM release (see the module docstring): one safetensors plan with the LLM, the ECG
+    tower and projectors, the CLIP tower (GEM's names) and the `kept` tensors (shards when larger
+    than `max_shard_size`, HF semantics; `max_shard_bytes` overrides), config.json with GEM's
+    fields, the ECG-CoCa `.pt` that `mm_ecg_tower` names and, with an image tower, the
+    `CLIPVisionModel` directory that `mm_vision_tower` names. Call it on every host of a pod. A
+    model with an `<ecg>` token (placeholder "token") keeps its grown vocabulary; one imported from
+    GEM (sentinel placeholder) keeps GEM's."""
     config = model_config if isinstance(model_config, UniECGConfig) else UniECGConfig.from_config(
         model_config)
-    hf_llm.save_hf(params["llm"], config.llm, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype,
-                   max_shard_bytes=max_shard_bytes)
     np_dtype = np.dtype(dtype) if dtype is not None else np.dtype(config.llm.params_dtype)
-    tower = ecg_coca.export_ecg_coca(params["ecg_tower"], config.encoder, config.projector,
-                                     prefix=TOWER_PREFIX, projector_prefix=PROJECTOR_PREFIX)
-    extra = {name: tensor.astype(np_dtype) for name, tensor in tower.items()}
-    extra.update({name: np.ascontiguousarray(tensor) for name, tensor in (kept or {}).items()})
-    _append_shard(out_dir, "model-ecg.safetensors", extra)
-
+    extra = ecg_tower_tensors(params, config, np_dtype)
+    if config.vision is not None:
+        extra += hf_clip.export_tensors(params["vision_tower"], config.vision, hf_clip.GEM_PREFIX,
+                                        np_dtype)
+    exported = {tensor.name for tensor in extra}
+    clash = sorted(exported & set(kept or {}))
+    if clash:
+        raise CheckpointError(f"{out_dir}: kept tensors the model exports itself: {clash[:8]}")
+    extra += [sharded_writer.ExportTensor(name, np.ascontiguousarray(tensor))
+              for name, tensor in (kept or {}).items()]
+    hf_llm.save_hf(params["llm"], config.llm, out_dir, tokenizer_dir=tokenizer_dir, dtype=np_dtype,
+                   max_shard_size=max_shard_size, max_shard_bytes=max_shard_bytes,
+                   progress=progress, extra_tensors=extra)
+    vision_tower_path = None
+    if config.vision is not None:
+        vision_tower_path = os.path.abspath(os.path.join(out_dir, VISION_TOWER_DIR))
+        hf_clip.save_clip_vision_hf(params["vision_tower"], config.vision, vision_tower_path,
+                                    dtype=np_dtype)
     ecg_tower_path = os.path.abspath(os.path.join(out_dir, ECG_TOWER_FILE))
-    coca = ecg_coca.export_ecg_coca(params["ecg_tower"], config.encoder, prefix="module.ecg.")
-    coca.update({"module.ecg." + name[len(TOWER_PREFIX):]: np.asarray(tensor, np.float32)
-                 for name, tensor in (kept or {}).items() if name.startswith(TOWER_PREFIX)})
+    if jax.process_index() != 0:
+        return out_dir
+    _write_ecg_coca_file(out_dir, config, ecg_tower_path)
+    with open(os.path.join(out_dir, "config.json")) as f:
+        hf_config = json.load(f)
+    hf_config.update(gem_config_fields(config, base_config or {}, ecg_tower_path,
+                                       vision_tower_path))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    return out_dir
+
+
+def _write_ecg_coca_file(out_dir: str, config: UniECGConfig, path: str) -> None:
+    """Host 0: the ECG-CoCa `.pt` GEM's `CLIPECGTower` opens (`module.ecg.*`, float32), read back
+    from the shards just written (the tower alone on the host, no collective)."""
+    reader = hf_llm.SafetensorsDir(out_dir)
+    coca = {"module.ecg." + name[len(TOWER_PREFIX):]: np.asarray(reader.get(name), np.float32)
+            for name in reader.keys() if name.startswith(TOWER_PREFIX)}
     # GEM's get_ecg_encoder (ecg_coca/training/main.py) loads this file strictly, so the head that
     # GEM's forward never reaches must be there: a model that never had one gets a neutral one.
     width = config.encoder.width
     coca.setdefault("module.ecg.ln_post.weight", np.ones(width, np.float32))
     coca.setdefault("module.ecg.ln_post.bias", np.zeros(width, np.float32))
     coca.setdefault("module.ecg.proj", np.zeros((width, COCA_EMBED_DIM), np.float32))
-    ecg_coca.save_state_dict(coca, ecg_tower_path)
-    with open(os.path.join(out_dir, "config.json")) as f:
-        hf_config = json.load(f)
-    hf_config.update(gem_config_fields(config, base_config or {}, ecg_tower_path))
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    return out_dir
-
-
-def _append_shard(out_dir: str, file: str, tensors: Mapping[str, np.ndarray]) -> None:
-    """Adds one safetensors file to the directory `save_hf` wrote and indexes it (a single
-    `model.safetensors` becomes the first of two indexed files, as `from_pretrained` prefers the
-    single file over an index)."""
-    single = os.path.join(out_dir, hf_llm.SINGLE_FILE)
-    index_path = os.path.join(out_dir, hf_llm.INDEX_FILE)
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-    else:
-        first = "model-llm.safetensors"
-        os.replace(single, os.path.join(out_dir, first))
-        with safe_open(os.path.join(out_dir, first), framework="numpy") as f:
-            names = list(f.keys())
-        index = {"metadata": {"total_size": os.path.getsize(os.path.join(out_dir, first))},
-                 "weight_map": {name: first for name in names}}
-    clash = sorted(set(tensors) & set(index["weight_map"]))
-    if clash:
-        raise CheckpointError(f"{out_dir}: tensors written twice: {clash[:8]}")
-    save_file(dict(tensors), os.path.join(out_dir, file), metadata={"format": "pt"})
-    index["weight_map"].update({name: file for name in tensors})
-    index["metadata"]["total_size"] = int(index["metadata"].get("total_size", 0)) + sum(
-        int(t.nbytes) for t in tensors.values())
-    with open(index_path, "w") as f:
-        json.dump(index, f, indent=2)
+    ecg_coca.save_state_dict(coca, path)

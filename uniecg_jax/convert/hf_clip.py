@@ -16,9 +16,12 @@ converter's hooks for "linear" (torch [out, in] -> kernel [in, out]) and "reshap
 the abstract Flax tree before any data is read; a mismatch raises `CheckpointError` naming the
 tensor, our parameter and both shapes.
 
-Export writes `vision_model.*` (the layout of the hub checkpoints and of transformers 4, which LLaVA
-runs; transformers 5 loads it too) with a `config.json` and `preprocessor_config.json` that
-`CLIPVisionModel.from_pretrained` / `CLIPImageProcessor.from_pretrained` read.
+Export (`export_tensors`) hands the tensors to `convert.sharded_writer` as block layouts of our
+(possibly multi-host sharded) leaves, so no host gathers the tower; `save_clip_vision_hf` writes
+`vision_model.*` (the layout of the hub checkpoints and of transformers 4, which LLaVA runs;
+transformers 5 loads it too) with a `config.json` and `preprocessor_config.json` that
+`CLIPVisionModel.from_pretrained` / `CLIPImageProcessor.from_pretrained` read; a GEM export
+(`convert.gem`) writes the same tensors under `GEM_PREFIX`.
 """
 from __future__ import annotations
 
@@ -29,10 +32,10 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 
-from uniecg_jax.convert.hf_llm import (SINGLE_FILE, SafetensorsDir, TensorRule, _get_path,
-                                       _set_path, hf_shape, hf_to_ours, ours_to_hf)
+from uniecg_jax.convert import sharded_writer
+from uniecg_jax.convert.hf_llm import (SafetensorsDir, TensorRule, _get_path, _set_path, hf_layout,
+                                       hf_shape, hf_to_ours, ours_to_hf)
 from uniecg_jax.data.image_preprocess import CLIP_MEAN, CLIP_STD
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.layers.params import abstract_module_params
@@ -47,6 +50,8 @@ ANCHOR = "embeddings.class_embedding"
 TOWER_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 # Buffers some checkpoints saved (transformers 4 before `persistent=False`): not parameters.
 IGNORED_SUFFIXES = ("position_ids",)
+# torch Conv2d weight [hidden, C, kh, kw] from our kernel [kh, kw, C, hidden].
+CONV2D_TO_HF = (3, 2, 0, 1)
 
 GLOBAL_RULES = (
     TensorRule("embeddings.class_embedding", ("embeddings", "class_embedding"), "reshape"),
@@ -96,7 +101,7 @@ def _to_ours(rule: TensorRule, tensor: np.ndarray, ours_shape: tuple[int, ...]) 
 
 def _to_hf(rule: TensorRule, array: np.ndarray) -> np.ndarray:
     if rule.kind == "conv2d":
-        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+        return np.ascontiguousarray(array.transpose(CONV2D_TO_HF))
     return ours_to_hf(rule, array)
 
 
@@ -229,18 +234,38 @@ def preprocessor_config_dict(config: ClipVisionConfig) -> dict:
                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True)
 
 
+def export_tensors(params: Any, config: ClipVisionConfig, prefix: str = HF_PREFIX,
+                   dtype: Any = None) -> list[sharded_writer.ExportTensor]:
+    """Every tower tensor under `prefix` as a lazy `ExportTensor` (the leaves may be sharded over
+    many hosts; the writer applies each hook per block on the device that holds it)."""
+    tensors = []
+    for path, rule, name in leaf_rules(config):
+        try:
+            array = _get_path(params, path)
+        except KeyError:
+            raise CheckpointError(f"params have no leaf {'/'.join(path)} (needed for "
+                                  f"{prefix + name})") from None
+        layout = (sharded_writer.TensorLayout(permute=CONV2D_TO_HF) if rule.kind == "conv2d"
+                  else hf_layout(rule, len(array.shape)))
+        tensors.append(sharded_writer.ExportTensor(prefix + name, array, layout, dtype))
+    return tensors
+
+
 def save_clip_vision_hf(params: Any, config: ClipVisionConfig, out_dir: str,
                         dtype: Any = np.float32) -> str:
     """Writes a directory `CLIPVisionModel.from_pretrained` loads: config.json,
-    preprocessor_config.json and model.safetensors (`vision_model.*` names)."""
-    os.makedirs(out_dir, exist_ok=True)
+    preprocessor_config.json and model.safetensors (`vision_model.*` names). Call it on every host
+    of a multi-host job (each writes the slices it holds; host 0 the JSON files)."""
     np_dtype = np.dtype(dtype)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config_dict(config, np_dtype.name), f, indent=2)
-    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
-        json.dump(preprocessor_config_dict(config), f, indent=2)
-    tensors = dict(clip_vision_state_dict(params, config, HF_PREFIX, np_dtype))
-    save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
+    if jax.process_index() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf_config_dict(config, np_dtype.name), f, indent=2)
+        with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+            json.dump(preprocessor_config_dict(config), f, indent=2)
+    sharded_writer.write_safetensors(export_tensors(params, config, HF_PREFIX, np_dtype), out_dir,
+                                     max_shard_size=None, metadata={"format": "pt"},
+                                     progress=False)
     return out_dir
 
 
@@ -254,24 +279,35 @@ def _config_json(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict, s
         return json.load(f), path
 
 
+def _llava_tower_shape(tower: str, label: str) -> dict[str, Any]:
+    """Shape fields of LLaVA's `mm_vision_tower`: a local CLIP directory (its config.json, as
+    LLaVA's `build_vision_tower` accepts any existing path) or an OpenAI ViT-L hub name."""
+    if os.path.isdir(tower):
+        shape = vision_config_from_hf(tower).to_dict()
+        return {k: shape[k] for k in ("image_size", "patch_size", "num_channels", "hidden_size",
+                                      "intermediate_size", "num_layers", "num_heads",
+                                      "layer_norm_eps")}
+    if "clip-vit-large-patch14-336" in tower:
+        return dict(VISION_PRESETS["vit_l14_336"])
+    if "clip-vit-large-patch14" in tower:
+        return dict(VISION_PRESETS["vit_l14_336"], image_size=224)
+    raise CheckpointError(f"{label}: mm_vision_tower {tower!r} is neither a local CLIP directory "
+                          "nor an OpenAI CLIP ViT-L whose shape is known; point it at the "
+                          "tower's HF directory (config.json)")
+
+
 def vision_config_from_hf(source: str | os.PathLike | Mapping[str, Any],
                           **overrides: Any) -> ClipVisionConfig:
     """`ClipVisionConfig` from an HF config.json (a directory or the parsed dict) of a
     `CLIPVisionModel` (`clip_vision_model`), a `CLIPModel` (`clip`: its `vision_config`) or a
-    LLaVA / GEM release (`mm_vision_tower` naming an OpenAI CLIP; its `mm_vision_select_layer`,
-    `mm_vision_select_feature` and `image_aspect_ratio` are taken too). `overrides` set any field.
+    LLaVA / GEM release (`mm_vision_tower`: a local CLIP directory or an OpenAI ViT-L; its
+    `mm_vision_select_layer`, `mm_vision_select_feature` and `image_aspect_ratio` are taken too).
+    `overrides` set any field.
     """
     hf, label = _config_json(source)
     fields: dict[str, Any] = {}
     if "mm_vision_tower" in hf:
-        tower = str(hf["mm_vision_tower"])
-        if "clip-vit-large-patch14-336" in tower:
-            fields.update(VISION_PRESETS["vit_l14_336"])
-        elif "clip-vit-large-patch14" in tower:
-            fields.update(VISION_PRESETS["vit_l14_336"], image_size=224)
-        else:
-            raise CheckpointError(f"{label}: mm_vision_tower {tower!r} is not an OpenAI CLIP ViT-L "
-                                  "whose shape is known; import the tower's own directory")
+        fields.update(_llava_tower_shape(str(hf["mm_vision_tower"]), label))
         fields["select_layer"] = int(hf.get("mm_vision_select_layer", -2))
         fields["select_feature"] = str(hf.get("mm_vision_select_feature", "patch"))
         aspect = str(hf.get("image_aspect_ratio", "square"))

@@ -397,10 +397,12 @@ def export_tensors(params: Any, config: LLMConfig, dtype: Any = None
 
 def save_hf(params: Any, config: LLMConfig, out_dir: str, tokenizer_dir: str | None = None,
             dtype: Any = None, max_shard_bytes: int | None = None,
-            max_shard_size: int | str = "5GB", progress: bool = False) -> str:
+            max_shard_size: int | str = "5GB", progress: bool = False,
+            extra_tensors: Iterable[sharded_writer.ExportTensor] = ()) -> str:
     """Writes an HF directory `from_pretrained` loads: config.json, generation_config.json,
     tokenizer files (copied from `tokenizer_dir`), model.safetensors (or shards + index when
     larger than `max_shard_size`, HF semantics: "5GB" = 5e9 bytes; `max_shard_bytes` overrides).
+    `extra_tensors` (a multimodal model's towers, `convert.gem`) go into the same files and index.
 
     Call it on every host of a multi-host job: each host writes the tensor slices it holds
     (`convert.sharded_writer`), host 0 the config, tokenizer and index."""
@@ -415,7 +417,7 @@ def save_hf(params: Any, config: LLMConfig, out_dir: str, tokenizer_dir: str | N
             pad_token_id=config.pad_token_id).save_pretrained(out_dir)
         copy_tokenizer_files(tokenizer_dir, out_dir)
     sharded_writer.write_safetensors(
-        export_tensors(params, config, np_dtype), out_dir, prefix="model",
+        export_tensors(params, config, np_dtype) + list(extra_tensors), out_dir, prefix="model",
         max_shard_size=max_shard_bytes if max_shard_bytes is not None else max_shard_size,
         metadata={"format": "pt"}, progress=progress)
     return out_dir

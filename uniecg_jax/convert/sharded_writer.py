@@ -8,9 +8,12 @@ then each host writes, for every addressable shard it owns (`replica_id == 0`, s
 tensor is written once), that block of the tensor at its offsets in the file (`os.pwrite`). Our
 layout is turned into HF's per block on the device that holds it (layer pick, head merge,
 transpose, dtype cast), so a host never holds more than one shard of one tensor: the whole tensor
-at most, never the model. Host 0 writes `model.safetensors.index.json` last. The output directory
-must be one POSIX filesystem every host sees (a local disk for one host; NFS / Filestore / Lustre
-on a pod).
+at most, never the model. A tensor that is no block layout of one array (open_clip's fused
+`in_proj_weight` joins three of our leaves) is a `HostTensor`: every host computes it when the
+writer reaches it (gathering its leaves with `gather_to_host`, a collective), host 0 writes it, so
+the bound is the same one tensor. Host 0 writes `model.safetensors.index.json` last. The output
+directory must be one POSIX filesystem every host sees (a local disk for one host; NFS / Filestore /
+Lustre on a pod).
 
     tensors = [ExportTensor("model.embed_tokens.weight", params["embedding"]), ...]
     write_safetensors(tensors, out_dir, max_shard_size="5GB")
@@ -59,6 +62,8 @@ class TensorLayout:
     """How our array maps onto the written tensor.
 
     layer: take index `layer` of our axis 0 (one layer of a scanned `[L, ...]` stack), or None.
+    permute: our (remaining) axes in the written order, before grouping (torch's Conv2d weight
+      [out, in, kh, kw] from a Flax kernel [kh, kw, in, out] is (3, 2, 0, 1)), or None.
     groups: for each written axis, the (remaining) axes of ours merged into it, in order; None keeps
       our axes. A block is writable when every merged axis but the first is whole in it (head_dim
       and the like are never sharded).
@@ -67,6 +72,33 @@ class TensorLayout:
     layer: int | None = None
     groups: tuple[tuple[int, ...], ...] | None = None
     transpose: bool = False
+    permute: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HostTensor:
+    """A written tensor computed on the host when the writer reaches it, for layouts that are no
+    block of one array. `compute()` runs on EVERY host in plan order (it may gather sharded leaves:
+    `gather_to_host` is a collective) and returns the whole tensor [shape]; host 0 writes it."""
+    shape: tuple[int, ...]
+    dtype: Any
+    compute: Callable[[], np.ndarray]
+
+
+def gather_to_host(array: Any) -> np.ndarray:
+    """The whole of a (possibly multi-host sharded) array on this host; a collective when it spans
+    other hosts, so every host must call it for the same arrays in the same order."""
+    if not isinstance(array, jax.Array):
+        return np.asarray(array)
+    if not array.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    # Assembled from the shards: `np.asarray(array)` would cache the host copy on the array,
+    # keeping every gathered leaf of the model alive on the host.
+    out = np.empty(array.shape, array.dtype)
+    for shard in array.addressable_shards:
+        if shard.replica_id == 0:
+            out[shard.index] = np.asarray(shard.data)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +118,8 @@ class ExportTensor:
     @property
     def shape(self) -> tuple[int, ...]:
         shape = self.source_shape
+        if self.layout.permute is not None:
+            shape = tuple(shape[axis] for axis in self.layout.permute)
         groups = self.layout.groups or tuple((axis,) for axis in range(len(shape)))
         merged = tuple(math.prod(shape[axis] for axis in group) for group in groups)
         return merged[::-1] if self.layout.transpose else merged
@@ -199,6 +233,9 @@ def _block(tensor: ExportTensor, index: tuple[slice, ...], data: Any
         if not start <= layout.layer < stop:
             return None
         pick, ranges, shape = layout.layer - start, ranges[1:], shape[1:]
+    if layout.permute is not None:
+        ranges = [ranges[axis] for axis in layout.permute]
+        shape = tuple(shape[axis] for axis in layout.permute)
     groups = layout.groups or tuple((axis,) for axis in range(len(shape)))
     merged = []
     for group in groups:
@@ -217,9 +254,13 @@ def _block(tensor: ExportTensor, index: tuple[slice, ...], data: Any
         x = jnp.asarray(data) if not isinstance(data, np.ndarray) else data
         if pick is not None:
             x = x[pick]
+        if layout.permute is not None:
+            x = x.transpose(layout.permute)
         x = x.reshape(block_shape)
         if layout.transpose:
             x = x.T
+        if isinstance(x, np.ndarray):   # already the host's (a HostTensor, a host array)
+            return np.ascontiguousarray(x.astype(tensor.np_dtype, copy=False))
         # One explicit host copy (on CPU backends np.asarray could alias the device buffer; a
         # copy keeps the bound the same on every backend and measurable by tracemalloc).
         return np.array(x.astype(tensor.np_dtype), copy=True, order="C")
@@ -229,7 +270,16 @@ def _block(tensor: ExportTensor, index: tuple[slice, ...], data: Any
 
 def _owned_shards(array: Any) -> list[tuple[tuple[slice, ...], Any]]:
     """(global index, data) of the shards this host writes: its addressable shards with replica id
-    0 (each block of a replicated or partly replicated array is written by exactly one host)."""
+    0 (each block of a replicated or partly replicated array is written by exactly one host); a
+    `HostTensor` is computed on every host (its gathers are collectives), written by host 0."""
+    if isinstance(array, HostTensor):
+        value = np.asarray(array.compute())
+        if tuple(value.shape) != tuple(array.shape):
+            raise CheckpointError(f"a computed tensor has shape {tuple(value.shape)}, its plan "
+                                  f"says {tuple(array.shape)}")
+        if jax.process_index() != 0:
+            return []
+        return [(tuple(slice(None) for _ in value.shape), value)]
     if isinstance(array, jax.Array):
         return [(shard.index, shard.data) for shard in array.addressable_shards
                 if shard.replica_id == 0]
@@ -286,15 +336,18 @@ def write_host_blocks(plans: Sequence[FilePlan], out_dir: str, progress: bool = 
             try:
                 for tensor, (begin, _) in zip(plan.tensors, plan.offsets):
                     base = len(plan.header) + begin
-                    for index, data in _owned_shards(tensor.array):
-                        block = _block(tensor, index, data)
+                    shards = _owned_shards(tensor.array)
+                    while shards:
+                        # Popped and dropped, so no block outlives its write (a host-computed
+                        # tensor would otherwise stay alive while the next one is computed).
+                        block = _block(tensor, *shards.pop())
                         if block is None:
                             continue
                         ranges, host_block = block
                         host = host_block()
                         _pwrite_block(fd, base, tensor.shape, host, ranges)
                         written += host.nbytes
-                        del host
+                        del host, host_block, block
                     bar.update(1)
             finally:
                 os.close(fd)

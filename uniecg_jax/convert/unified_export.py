@@ -39,6 +39,7 @@ from uniecg_jax.layers.params import path_name
 from uniecg_jax.models.stage2 import abstract_stage2_params, build_stage2
 from uniecg_jax.models.unet import UNetConfig, abstract_unet_params
 from uniecg_jax.models.vae import VAEConfig, abstract_vae_params
+from uniecg_jax.sharding import make_mesh
 
 FORMAT = "uniecg-unified-v1"
 CONFIG_FILE = "uniecg_config.json"
@@ -90,17 +91,22 @@ def _load(path: str) -> dict[str, np.ndarray]:
 
 
 def export_unified(ckpt: str, out_dir: str, diffusion: Any = None, dtype: Any = None,
-                   max_shard_size: int | str = "5GB") -> str:
-    """Writes the export directory (see module docstring).
+                   max_shard_size: int | str = "5GB", mesh=None) -> str:
+    """Writes the export directory (see module docstring). Run the same call on every host of a
+    pod (after `jax.distributed.initialize()`): the stage-2 params are restored fsdp-sharded over
+    every device of every host and each host writes the slices it holds, so no host ever holds
+    the whole model (host 0 writes the manifest and the index files).
 
     Args:
       ckpt: stage-2 train workdir or model dir.
       diffusion: a diffusion model dir, or `(DiffusionPipeline, diffusion config)`, or None.
       dtype: LLM tensor dtype in the HF dir (default: the param dtype).
       max_shard_size: the HF LLM's safetensors shard size (HF semantics, "5GB" = 5e9 bytes).
+      mesh: where the params are restored (default: all devices on the fsdp axis).
     """
     directory = resolve_model_dir(ckpt)
-    unified = UnifiedModel.load(directory)
+    mesh = mesh or make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    unified = UnifiedModel.load(directory, mesh=mesh)
     os.makedirs(out_dir, exist_ok=True)
     save_hf(unified.params["llm"], unified.model.config.unified.llm, os.path.join(out_dir, LLM_DIR),
             tokenizer_dir=tokenizer_path(directory), dtype=dtype, max_shard_size=max_shard_size)

@@ -22,6 +22,8 @@ QUESTIONS = (
     "Provide a feature-grounded interpretation of this ECG.",
 )
 FOLLOW_UP = ("Is the heart rate normal?",)
+# Relative RMS of II - (I + III) above which the limb leads are not one heart's projections.
+EINTHOVEN_TOLERANCE = 0.1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,10 @@ class ECGFindings:
     qrs_net_lead_i_mv: float
     qrs_net_avf_mv: float
     limb_peak_to_peak_mv: float
+    qrs_net_lead_ii_mv: float
+    # Einthoven's law II = I + III holds for recorded limb leads (to ~1% here); neurokit2's
+    # synthetic "multileads" break it (residual ~90%), so no axis can be read from them.
+    limb_leads_consistent: bool = True
 
     @property
     def regular(self) -> bool:
@@ -42,14 +48,22 @@ class ECGFindings:
 
     @property
     def axis(self) -> str:
+        """The frontal QRS axis by the lead I / aVF quadrant; in the I+ aVF- quadrant (0 to -90
+        degrees) lead II decides, as in the textbook three-lead method: positive in II means the
+        axis is above -30 degrees, a normal (physiological left) axis, not left axis deviation."""
         positive_i, positive_avf = self.qrs_net_lead_i_mv > 0, self.qrs_net_avf_mv > 0
-        if positive_i and positive_avf:
+        if positive_i and (positive_avf or self.leftward_axis_is_normal):
             return "normal"
         if positive_i:
             return "left axis deviation"
         if positive_avf:
             return "right axis deviation"
         return "extreme axis deviation"
+
+    @property
+    def leftward_axis_is_normal(self) -> bool:
+        """I+ aVF- with a positive net QRS in lead II: the axis lies between 0 and -30 degrees."""
+        return self.qrs_net_lead_ii_mv > 0
 
 
 def _net_qrs(lead: np.ndarray, peaks: np.ndarray, fs: float) -> float:
@@ -69,12 +83,18 @@ def measure_findings(record: ECGRecord, rhythm_ii: RhythmMeasurements | None = N
     # Baseline-correct by the median so net deflection is not offset by wander.
     lead_i = record.signal[LEADS.index("I")] - np.median(record.signal[LEADS.index("I")])
     lead_avf = record.signal[LEADS.index("aVF")] - np.median(record.signal[LEADS.index("aVF")])
+    lead_ii_centred = lead_ii - np.median(lead_ii)
     limb_ptp = float(np.median(np.ptp(record.signal[:6], axis=1)))
+    residual = lead_ii - record.signal[LEADS.index("I")] - record.signal[LEADS.index("III")]
+    consistent = np.sqrt(np.mean(residual ** 2)) <= EINTHOVEN_TOLERANCE * np.sqrt(
+        np.mean(lead_ii ** 2))
     return ECGFindings(beats=len(peaks), heart_rate_bpm=rhythm_ii.heart_rate_bpm,
                        mean_rr_ms=rhythm_ii.mean_rr_ms, rr_std_ms=rhythm_ii.rr_std_ms,
                        qrs_net_lead_i_mv=_net_qrs(lead_i, peaks, record.fs),
                        qrs_net_avf_mv=_net_qrs(lead_avf, peaks, record.fs),
-                       limb_peak_to_peak_mv=limb_ptp)
+                       limb_peak_to_peak_mv=limb_ptp,
+                       qrs_net_lead_ii_mv=_net_qrs(lead_ii_centred, peaks, record.fs),
+                       limb_leads_consistent=bool(consistent))
 
 
 def evidence_answer(record: ECGRecord, findings: ECGFindings) -> str:
@@ -92,10 +112,19 @@ def evidence_answer(record: ECGRecord, findings: ECGFindings) -> str:
     else:
         sentences.append("Rhythm and rate: QRS complexes cannot be identified reliably in lead II.")
     sign = lambda v: "positive" if v > 0 else "negative"  # noqa: E731
-    sentences.append(
-        f"Axis: the net QRS deflection is {sign(findings.qrs_net_lead_i_mv)} in lead I "
-        f"({findings.qrs_net_lead_i_mv:+.2f} mV) and {sign(findings.qrs_net_avf_mv)} in aVF "
-        f"({findings.qrs_net_avf_mv:+.2f} mV), so the frontal QRS axis is {findings.axis}.")
+    if findings.limb_leads_consistent:
+        lead_ii = ""
+        if findings.qrs_net_lead_i_mv > 0 >= findings.qrs_net_avf_mv:   # lead II decides (`axis`)
+            lead_ii = (f" and {sign(findings.qrs_net_lead_ii_mv)} in lead II "
+                       f"({findings.qrs_net_lead_ii_mv:+.2f} mV)")
+        sentences.append(
+            f"Axis: the net QRS deflection is {sign(findings.qrs_net_lead_i_mv)} in lead I "
+            f"({findings.qrs_net_lead_i_mv:+.2f} mV), {sign(findings.qrs_net_avf_mv)} in aVF "
+            f"({findings.qrs_net_avf_mv:+.2f} mV){lead_ii}, so the frontal QRS axis is "
+            f"{findings.axis}.")
+    else:
+        sentences.append("Axis: not assessed, the limb leads do not satisfy Einthoven's law "
+                         "(II = I + III).")
     voltage = "low" if findings.limb_peak_to_peak_mv < 0.5 else "normal"
     sentences.append(f"Voltage: median limb-lead amplitude {findings.limb_peak_to_peak_mv:.2f} mV, "
                      f"{voltage} voltage.")

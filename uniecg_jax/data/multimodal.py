@@ -5,19 +5,21 @@ stage-1 loader (`ecg` [B, 12, T] in the encoder's lead order) gains `image` [B, 
 pixels of `data.ecg_image.render_ecg_image`'s page) and `ecg_present` / `image_present` [B] (1:
 both inputs; modality dropout in `train.stage1` hides one of them per step). With distortions the
 print artefacts are seeded per example by its record key, so an example's image is the same in
-every epoch and on every host; the pixels are therefore memoised per (record key, signal bytes)
-up to `CACHE_BYTES`, and a small dataset renders each page once, not once per step.
+every epoch and on every host.
 
 The page is rendered at GEM's page-to-tower oversampling (`render_dpi`): ecg-image-kit's 200 dpi
 page (1700 px short edge) for CLIP's 336 px, proportionally fewer dots for a smaller tower (at
-least 50 dpi); the tower sees the page resized to its input size either way.
+least 50 dpi; distortions at 200 dpi cost ~40x those at 50); the tower sees the page resized to its
+input size either way.
 """
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import math
 import zlib
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
@@ -26,16 +28,15 @@ from uniecg_jax.data.image_preprocess import clip_preprocess
 from uniecg_jax.data.record import ENCODER_FS, to_canonical_lead_order
 
 
-CLIP_336_DPI = 336          # the tower size GEM renders ecg-image-kit's 200 dpi pages for
+CLIP_336_SIZE = 336         # the tower size GEM renders ecg-image-kit's 200 dpi pages for
 MIN_DPI = 50
-CACHE_BYTES = 256 << 20     # memoised pixels per loader
 
 
 def render_dpi(image_size: int) -> float:
     """Page resolution for a tower of `image_size` px: 200 dpi at 336 px (GEM), proportional
     below, at least `MIN_DPI`."""
     return float(min(DEFAULT_DPI, max(MIN_DPI, math.ceil(DEFAULT_DPI * image_size
-                                                          / CLIP_336_DPI))))
+                                                          / CLIP_336_SIZE))))
 
 
 def ecg_pixels(ecg: np.ndarray, image_size: int, aspect: str, lead_order: str = "canonical",
@@ -55,60 +56,61 @@ def example_seed(record_key, index: int, base_seed: int) -> int:
     return zlib.crc32(f"{base_seed}:{key}".encode()) & 0x7FFFFFFF
 
 
-class RenderedImageBatches:
+class RenderedImages:
     """Stage-1 batches -> the same batches with `image`, `ecg_present`, `image_present` added.
 
-    Passes the wrapped loader's `get_state` / `set_state` through, so it checkpoints (and resumes)
-    as the grain iterator does (the train loop saves the data iterator beside the state)."""
+    An example's page is a pure function of its signal and seed, and the same in every epoch, so
+    pages are memoised (up to `cache_size` of them: a printed page with distortions takes seconds
+    to render, ~30x a tiny model's step on the bundled data). `get_state` / `set_state` are the
+    wrapped grain iterator's, so a training checkpoint holds the data position as without images.
+    """
 
     def __init__(self, batches: Iterable[dict], image_size: int, aspect: str,
-                 lead_order: str = "canonical", distortions: bool = False, seed: int = 0):
-        self.batches = iter(batches)
-        self.image_size, self.aspect, self.lead_order, self.seed = image_size, aspect, \
-            lead_order, seed
-        self.distortions = PrintDistortions() if distortions else None
-        self._cache: collections.OrderedDict = collections.OrderedDict()
+                 lead_order: str = "canonical", distortions: bool = False, seed: int = 0,
+                 cache_size: int = 4096):
+        self._batches = iter(batches)
+        self._render = functools.partial(ecg_pixels, image_size=image_size, aspect=aspect,
+                                         lead_order=lead_order,
+                                         distortions=PrintDistortions() if distortions else None)
+        self._seed, self._cache_size = seed, cache_size
+        self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
 
-    def _pixels(self, ecg: np.ndarray, key, index: int) -> np.ndarray:
-        seed = example_seed(key, index, self.seed)
-        if key is None:     # without a record key the seed follows the batch position
-            return ecg_pixels(ecg, self.image_size, self.aspect, self.lead_order,
-                              self.distortions, seed)
-        ecg = np.ascontiguousarray(ecg)
-        memo = (key, ecg.shape, str(ecg.dtype), zlib.crc32(ecg.tobytes()))
-        if memo in self._cache:
-            self._cache.move_to_end(memo)
-            return self._cache[memo]
-        pixels = ecg_pixels(ecg, self.image_size, self.aspect, self.lead_order,
-                            self.distortions, seed).astype(np.float32)
-        self._cache[memo] = pixels
-        while len(self._cache) * pixels.nbytes > CACHE_BYTES:
+    def __iter__(self) -> "RenderedImages":
+        return self
+
+    def _pixels(self, ecg: np.ndarray, seed: int) -> np.ndarray:
+        key = hashlib.sha1(np.ascontiguousarray(ecg, np.float32).tobytes()
+                           + seed.to_bytes(8, "little")).digest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        pixels = self._render(ecg, seed=seed).astype(np.float32)
+        self._cache[key] = pixels
+        if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return pixels
 
-    def __iter__(self) -> Iterator[dict]:
-        return self
-
     def __next__(self) -> dict:
-        batch = next(self.batches)
+        batch = next(self._batches)
         keys = batch.get("record_key")
         ecgs = np.asarray(batch["ecg"])
-        images = np.stack([self._pixels(ecg, None if keys is None else keys[index], index)
-                           for index, ecg in enumerate(ecgs)])
+        images = np.stack([
+            self._pixels(ecg, example_seed(None if keys is None else keys[index], index,
+                                           self._seed))
+            for index, ecg in enumerate(ecgs)])
         ones = np.ones((ecgs.shape[0],), np.int32)
-        return dict(batch, image=images.astype(np.float32), ecg_present=ones,
-                    image_present=ones.copy())
+        return dict(batch, image=images, ecg_present=ones, image_present=ones.copy())
 
     def get_state(self):
-        return self.batches.get_state()
+        return self._batches.get_state()
 
     def set_state(self, state) -> None:
-        self.batches.set_state(state)
+        self._batches.set_state(state)
 
 
 def with_rendered_images(batches: Iterable[dict], image_size: int, aspect: str,
                          lead_order: str = "canonical", distortions: bool = False,
-                         seed: int = 0) -> RenderedImageBatches:
+                         seed: int = 0) -> RenderedImages:
     """Stage-1 batches -> the same batches with `image`, `ecg_present`, `image_present` added
-    (`RenderedImageBatches`)."""
-    return RenderedImageBatches(batches, image_size, aspect, lead_order, distortions, seed)
+    (`RenderedImages`)."""
+    return RenderedImages(batches, image_size, aspect, lead_order, distortions, seed)

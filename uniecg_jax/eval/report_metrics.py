@@ -8,7 +8,8 @@ Three families, each computed per record and aggregated over a test set:
   (e.g. "left atrial abnormality" = "left atrial enlargement", CRBBB = RBBB, PVC = VPB as in the
   Challenge's equivalence classes). In a text the longest statement phrase wins ("sinus
   tachycardia", not "tachycardia"); a statement under negation ("no evidence of ...", "without ...",
-  "... is absent") is not counted. Precision / recall / F1 of generated vs reference statements,
+  "... is absent") is not counted, nor is one qualified by "otherwise" ("otherwise normal ECG").
+  Precision / recall / F1 of generated vs reference statements,
   micro (pooled counts), macro (mean over statements seen in references or predictions) and
   per-record mean.
 * Numbers the text states: heart rate (bpm) and PR, QRS, QT, QTc (ms; seconds are converted).
@@ -211,6 +212,9 @@ _SCOPE_TERMINATORS = ("but", "however", "although", "though", "except", "whereas
 _PRE_NEG_RE = re.compile(r"(?<![a-z0-9])(" + "|".join(_PRE_NEGATIONS) + r")(?![a-z0-9])")
 _POST_NEG_RE = re.compile(r"^\s*(?:(?:is|are|was|were|clearly|definitely)\s+){0,2}(" +
                           "|".join(_POST_NEGATIONS) + r")(?![a-z0-9])")
+# "Sinus bradycardia, otherwise normal ECG": a statement qualified by "otherwise" is not asserted
+# (an otherwise-normal ECG is abnormal in what precedes it), nor negated.
+_QUALIFIED_RE = re.compile(r"(?<![a-z0-9])otherwise\s*$")
 _TERMINATOR_RE = re.compile(r"(?<![a-z0-9])(" + "|".join(_SCOPE_TERMINATORS) + r")(?![a-z0-9])")
 
 
@@ -249,6 +253,8 @@ def extract_statements(text: str, vocab: StatementVocabulary) -> StatementMentio
         spans = _negated_spans(clause)
         for match in vocab._pattern.finditer(clause):
             statement = match.group(1)
+            if _QUALIFIED_RE.search(clause[:match.start()]):
+                continue
             is_negated = any(start <= match.start() < end for start, end in spans)
             tail = clause[match.end():].split(",")[0]
             is_negated = is_negated or bool(_POST_NEG_RE.match(tail))

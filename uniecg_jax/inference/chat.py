@@ -39,6 +39,7 @@ from uniecg_jax.errors import CheckpointError
 from uniecg_jax.inference import decoding
 from uniecg_jax.inference.interpret import Interpreter, input_builder, resolve_model_dir
 from uniecg_jax.models.llm import Decoder
+from uniecg_jax.sharding import shardings_for
 from uniecg_jax.models.stage2 import UniECGStage2, abstract_stage2_params, build_stage2, \
     stage1_model, stage1_params
 
@@ -146,18 +147,21 @@ class UnifiedModel:
     sample: dict | None = None   # `sample_settings` of the diffusion model (chat's defaults)
 
     @classmethod
-    def load(cls, path: str, diffusion=None) -> "UnifiedModel":
+    def load(cls, path: str, diffusion=None, mesh=None) -> "UnifiedModel":
         """From a stage-2 train workdir or its exported model dir; `diffusion`: a diffusion model
         dir, a `(pipeline, config)` pair or a pipeline (optional: without it the model only
-        interprets and emits tokens). `chat` samples with the diffusion config's `sample.*`."""
+        interprets and emits tokens). `chat` samples with the diffusion config's `sample.*`.
+        `mesh`: restore every parameter onto its sharding on that mesh (the rules table), so no
+        host holds the whole model (export on a pod); default: one device."""
         directory = resolve_model_dir(path)
         config = load_model_config(directory)
         if "ecg_token_ids" not in config.model or "alignment" not in config.model:
             raise CheckpointError(f"{directory}: not a stage-2 model (no model.ecg_token_ids / "
                                   "model.alignment in config.json); train configs/stage2.py")
         model, _ = build_stage2(config.model)
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params, _ = restore_model(directory, abstract_stage2_params(model, device))
+        placement = (jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None
+                     else lambda boxed: shardings_for(boxed, mesh))
+        params, _ = restore_model(directory, abstract_stage2_params(model, placement))
         tokenizer = load_tokenizer(tokenizer_path(directory),
                                    placeholder=model.config.unified.input.placeholder)
         return cls(model, params, tokenizer, config, *load_diffusion(diffusion))

@@ -3,8 +3,8 @@
 //
 // Why: XLA:CPU runs an M=8 f32 matmul at 7-15 GB/s of weights (its GEMM kernels pack W on every
 // call and are tuned for large M), while a batch-8 decode step is ~85% such matmuls. Here each tile
-// keeps 8 rows x 32 columns of accumulators in registers and reads W exactly once, at ~20 GB/s per
-// core. Built and loaded by small_batch_matmul.py; an XLA FFI handler with the tiles shared among
+// keeps up to 8 rows x 32 columns of accumulators in registers (AVX-512; 4 rows x 16 columns with
+// AVX2's 16 registers) and reads W once from memory, at ~20 GB/s per core. Built and loaded by small_batch_matmul.py; an XLA FFI handler with the tiles shared among
 // XLA's intra-op threads.
 #include <algorithm>
 #include <atomic>
@@ -18,32 +18,58 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTile = 32;                 // columns per tile: 2 x 16-float vectors
-typedef float Vec __attribute__((vector_size(64)));   // 16 floats (one AVX-512 or two AVX2 registers)
+constexpr int64_t kTile = 32;                 // columns per tile
+typedef float Vec16 __attribute__((vector_size(64)));   // 16 floats: one AVX-512 register
+typedef float Vec8 __attribute__((vector_size(32)));    // 8 floats: one AVX2 register
 
-inline Vec Load(const float* p) { Vec v; std::memcpy(&v, p, sizeof(v)); return v; }
+template <typename V>
+inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof(v)); return v; }
+
+// Rows [0, R) of x times NV vectors of columns of a packed tile (row stride kTile, starting at `w`)
+// -> out columns [col, col + width). Every output is the same sum over k in the same order
+// whichever block shape computes it, so all builds give identical results.
+template <typename V, int R, int NV>
+void Block(const float* x, const float* w, float* out, int64_t k_dim, int64_t n_dim, int64_t col,
+           int64_t width) {
+  constexpr int kLanes = sizeof(V) / sizeof(float);
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{};
+  for (int64_t k = 0; k < k_dim; ++k, w += kTile) {
+    V wv[NV];
+    for (int j = 0; j < NV; ++j) wv[j] = Load<V>(w + j * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[r * k_dim + k];
+      for (int j = 0; j < NV; ++j) acc[r][j] += xr * wv[j];   // FMA (-ffp-contract=fast default)
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float row[NV * kLanes];
+    std::memcpy(row, &acc[r][0], sizeof(row));
+    std::memcpy(out + r * n_dim + col, row, width * sizeof(float));
+  }
+}
 
 // Rows [0, R) of x times tile `t` of the packed weights -> out columns [t*32, min(t*32+32, N)).
 template <int R>
 void Tile(const float* x, const float* tile, float* out, int64_t k_dim, int64_t n_dim, int64_t t) {
-  Vec acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Vec{};
-  const float* w = tile;
-  for (int64_t k = 0; k < k_dim; ++k, w += kTile) {
-    const Vec w0 = Load(w), w1 = Load(w + 16);
-    for (int r = 0; r < R; ++r) {
-      const float xr = x[r * k_dim + k];
-      acc[r][0] += xr * w0;   // contracted to FMA (-ffp-contract=fast, the GNU C++ default)
-      acc[r][1] += xr * w1;
+  const int64_t col = t * kTile;
+#if defined(__AVX512F__)
+  // 32 zmm registers: 8 rows x 32 columns of accumulators (16) + the two weight vectors fit.
+  Block<Vec16, R, 2>(x, tile, out, k_dim, n_dim, col, std::min<int64_t>(kTile, n_dim - col));
+#else
+  // 16 ymm registers (AVX2): 8 x 32 accumulators would take 32 and spill on every k (issue 19:
+  // 5x slower than XLA's dot). Each 16-column half of the tile is done for at most 4 rows at a time
+  // (8 accumulators + 2 weight vectors); rows 4..7 re-read the half tile from cache, not memory.
+  for (int64_t half = 0; half < 2 && col + 16 * half < n_dim; ++half) {
+    const int64_t c = col + 16 * half, width = std::min<int64_t>(16, n_dim - c);
+    Block<Vec8, (R < 4 ? R : 4), 2>(x, tile + 16 * half, out, k_dim, n_dim, c, width);
+    if constexpr (R > 4) {
+      Block<Vec8, R - 4, 2>(x + 4 * k_dim, tile + 16 * half, out + 4 * n_dim, k_dim, n_dim, c,
+                            width);
     }
   }
-  const int64_t col = t * kTile, width = std::min<int64_t>(kTile, n_dim - col);
-  for (int r = 0; r < R; ++r) {
-    float row[kTile];
-    std::memcpy(row, &acc[r][0], sizeof(Vec));
-    std::memcpy(row + 16, &acc[r][1], sizeof(Vec));
-    std::memcpy(out + r * n_dim + col, row, width * sizeof(float));
-  }
+#endif
 }
 
 using TileFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t);

@@ -6,6 +6,11 @@ MaxDiffusion convention). Inputs run in the compute `dtype`; bf16 accumulates in
 bf16 x bf16 conv is ~6x slower without `preferred_element_type=float32`). Padding, stride and the
 transposed convolution follow PyTorch's `nn.Conv1d` / `nn.ConvTranspose1d`, so imported weights give
 the same outputs.
+
+On CPU `lax.conv` (NWC) already runs at ~85-100 GFLOP/s per Zen4 core, the f32 FMA peak, as fast
+as torch's conv1d and faster than NCW, an im2col matmul or three shifted matmuls (measured at the
+VAE decoder's shapes, batch 16). Winograd F(4,3) was 1.5x faster but had 8x the rounding error
+(2e-5 vs 2.6e-6 per conv), F(2,3) the same error but no faster, so neither is used.
 """
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class RMSNorm(nn.Module):
@@ -79,8 +80,19 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {channels} channels are not divisible into "
                              f"{self.num_groups} groups")
         scale, bias = _scale_and_bias(self, channels)
-        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, -1)
-        mean = grouped.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
-        normed = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        x32 = x.astype(jnp.float32)
+        per_group = channels // self.num_groups
+        middle = tuple(range(1, x.ndim - 1))
+        count = per_group * int(np.prod([x.shape[a] for a in middle]))
+
+        def group_mean(v):
+            # Sum over positions first (a reduction over a major axis, vectorised along the
+            # channels: ~2x faster on XLA:CPU than reducing the reshaped [B, L, G, C/G] over
+            # axes (1, 3)), then over each group's channels; broadcast back to [B, 1.., C].
+            sums = v.sum(axis=middle).reshape(v.shape[0], self.num_groups, per_group)
+            means = jnp.repeat(sums.sum(-1) / count, per_group, axis=-1)
+            return means.reshape(v.shape[0], *([1] * len(middle)), channels)
+
+        centred = x32 - group_mean(x32)
+        normed = centred * jax.lax.rsqrt(group_mean(jnp.square(centred)) + self.epsilon)
         return (normed * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)

@@ -20,7 +20,7 @@ import numpy as np
 
 from uniecg_jax.config import replace_values
 from uniecg_jax.errors import ConfigError
-from uniecg_jax.convert import gem
+from uniecg_jax.convert import gem, hf_clip
 from uniecg_jax.convert.ecg_coca import import_ecg_coca
 from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
 from uniecg_jax.data.bundled import bundled_split
@@ -217,7 +217,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                 **multimodal_abstract_batch(ucfg, global_batch)}
 
     initial_params = None
-    if config.init.hf_dir or config.init.ecg_encoder_ckpt or config.init.get("gem_dir"):
+    if (config.init.hf_dir or config.init.ecg_encoder_ckpt or config.init.get("gem_dir")
+            or config.init.get("clip_dir")):
         initial_params = functools.partial(_pretrained_params, config, model, tokenizer)
 
     llm_params = ucfg.llm.num_params()
@@ -240,8 +241,10 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
 
 
 def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
-    """The LLM subtree from HF and/or the tower from ECG-CoCa, placed on `abstract_params`'
-    shardings; only the subtrees no pretrained file fills are randomly initialised.
+    """The LLM subtree from HF, the ECG tower from ECG-CoCa and/or the image tower from an HF CLIP
+    vision checkpoint (`init.clip_dir`: openai/clip-vit-large-patch14-336's layout, what LLaVA and
+    GEM start from), placed on `abstract_params`' shardings; only the subtrees no pretrained file
+    fills are randomly initialised.
 
     The HF embedding (and untied lm_head) grows to the tokenizer's vocabulary when `<ecg>` was
     added: new rows are the mean of the pretrained ones.
@@ -254,7 +257,12 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
     # The jitted init returns only the randomly initialised subtrees, so XLA drops the rest of the
     # init: an HF-initialised LLM's random weights are never computed or allocated. (The tower is
     # still drawn when ECG-CoCa fills it: the import may cover only some of its groups.)
-    random_keys = [key for key in abstract_params if not (key == "llm" and config.init.hf_dir)]
+    clip_dir = config.init.get("clip_dir")
+    if clip_dir and "vision_tower" not in abstract_params:
+        raise ConfigError(f"init.clip_dir={clip_dir}: this model has no image tower "
+                          "(model.vision_tower is unset: use an *_image or a 7B variant)")
+    pretrained = {"llm": bool(config.init.hf_dir), "vision_tower": bool(clip_dir)}
+    random_keys = [key for key in abstract_params if not pretrained.get(key)]
     params = dict(jax.jit(
         lambda rng: {key: nn.meta.unbox(model.init(rng, *_dummy_inputs(model, config))["params"][
             key]) for key in random_keys},
@@ -268,6 +276,9 @@ def _pretrained_params(config, model, tokenizer, mesh, abstract_params) -> Any:
         llm = load_hf_params(config.init.hf_dir, LLMConfig.from_config(hf_config), mesh=mesh)
         llm = grow_vocab_rows(llm, ours.vocab_size)
         params["llm"] = jax.device_put(llm, shardings["llm"])
+    if clip_dir:   # the tower's own config must match the checkpoint's: shapes are checked
+        params["vision_tower"] = hf_clip.load_clip_vision(clip_dir, model.config.vision,
+                                                          abstract=abstract_params["vision_tower"])
     if config.init.ecg_encoder_ckpt:
         imported = import_ecg_coca(config.init.ecg_encoder_ckpt, model.config.encoder,
                                    model.config.projector).params

@@ -7,6 +7,12 @@ Every reader (Challenge, PTB-XL, MIMIC-IV-ECG, grounding, `uniecg interpret`) re
   - each signal file's size must match what the header declares (channels x samples x bytes per
     sample for the declared formats): a header declaring fewer channels than the file interleaves
     would otherwise read "fine" with scrambled leads, and a truncated file would fail inside numpy.
+
+The common layout (MIMIC-IV-ECG, PTB-XL, the PhysioNet Challenges: one signal file in format 16,
+every field of every signal line written) is read here with numpy (`_read_format16`), bit-identical
+to wfdb.rdrecord's physical signal: wfdb parses each header through pandas (~2 ms a record, more
+than reading the samples), the bulk of `uniecg prep`'s cost per record (issue 18). Any other
+layout goes through wfdb.
 """
 from __future__ import annotations
 
@@ -29,6 +35,11 @@ _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nu": 
 # compressed: their size says nothing about the sample count, so they are not size-checked.
 _FORMAT_BITS = {"8": 8, "16": 16, "24": 24, "32": 32, "61": 16, "80": 8, "160": 16, "212": 12,
                 "310": 32 / 3, "311": 32 / 3}
+# A format-16 signal line's storage field (`16`, `16x1`, `+byte_offset`) and gain field
+# (`adc_gain(baseline)/units`); other spellings are left to wfdb.
+_FORMAT16 = re.compile(r"^16(?:x1)?(?:\+([0-9]+))?$")
+_GAIN_FIELD = re.compile(r"^(-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\((-?[0-9]+)\)/(\S+)$")
+_FILE_NAME = re.compile(r"^[-\w]+\.\w+$")
 # The record line's sampling-rate field: `fs[/counter_freq[(base_counter)]]`.
 _RATE_FIELD = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?:/.*)?$")
 
@@ -169,6 +180,73 @@ def _read_checked_record(base: str, header_path: str):
     return record, fs
 
 
+def _read_format16(base: str, header_path: str
+                   ) -> tuple[np.ndarray, list[str], float, list[str]] | None:
+    """`read_wfdb_signal`'s result for a single-file format-16 record whose header spells out every
+    field (see the module docstring), or None for any other layout (then wfdb reads it).
+
+    Follows wfdb 4.x: comments are `#` lines stripped of " \t#"; the physical signal is
+    (digital - baseline) / adc_gain in float64 with -32768 (format 16's missing sample) as NaN.
+    """
+    try:
+        with open(header_path, encoding="latin-1") as f:
+            text = f.read()
+    except OSError as e:
+        raise RecordError(f"{header_path}: cannot read header ({e.strerror or e})") from None
+    lines, comments = [], []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            comments.append(line.strip(" \t#"))
+        elif line:
+            lines.append(line)
+    record = lines[0].split() if lines else []
+    if (len(record) < 4 or "#" in lines[0] or "/" in record[0] or not record[1].isdigit()
+            or not record[3].isdigit() or not re.fullmatch(r"[0-9]*\.?[0-9]+", record[2])):
+        return None
+    n_sig, sig_len, fs = int(record[1]), int(record[3]), float(record[2])
+    if n_sig == 0 or len(lines) != 1 + n_sig:
+        return None
+    files, offsets, gains, baselines, units, names = set(), set(), [], [], [], []
+    for line in lines[1:]:
+        fields = line.split(None, 8)   # file fmt gain res zero init checksum block description
+        storage = _FORMAT16.match(fields[1]) if len(fields) == 9 and "#" not in line else None
+        gain = _GAIN_FIELD.match(fields[2]) if storage else None
+        if gain is None or not _FILE_NAME.match(fields[0]) or float(gain.group(1)) == 0:
+            return None
+        files.add(fields[0])
+        offsets.add(int(storage.group(1) or 0))
+        gains.append(float(gain.group(1)))
+        baselines.append(int(gain.group(2)))
+        units.append(gain.group(3))
+        names.append(fields[8])
+    if len(files) != 1 or len(offsets) != 1:
+        return None
+    (name,), (offset,) = files, offsets
+    declared = dict(file_name=[name] * n_sig, fmt=["16"] * n_sig, samps_per_frame=[1] * n_sig,
+                    byte_offset=[offset] * n_sig, n_sig=n_sig, sig_len=sig_len)
+    check_signal_files(type("Header", (), declared), base, header_path)
+    digital = np.fromfile(os.path.join(os.path.dirname(base), name), dtype="<i2",
+                          count=n_sig * sig_len, offset=offset).reshape(sig_len, n_sig)
+    physical = (digital - np.asarray(baselines, np.float64)) / np.asarray(gains, np.float64)
+    physical[digital == -32768] = np.nan
+    return _in_millivolts(physical.T.astype(np.float32), names, units, header_path), names, fs, \
+        comments
+
+
+def _in_millivolts(signal: np.ndarray, names: list[str], units: list[str], header_path: str
+                   ) -> np.ndarray:
+    """[C, T] signal in the header's units -> mV (in place); an unknown unit is an error."""
+    for channel, unit in enumerate(units):
+        factor = _UNIT_TO_MV.get((unit or "").strip().lower())
+        if factor is None:
+            raise RecordError(f"{header_path}: channel {names[channel]!r} has unit "
+                              f"{unit!r}; expected mV, uV or V")
+        if factor != 1.0:
+            signal[channel] *= factor
+    return signal
+
+
 def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], float, list[str]]:
     """Reads a WFDB record after checking it against its header (see the module docstring).
 
@@ -180,6 +258,9 @@ def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], fl
     header_path = base + ".hea"
     if not os.path.exists(header_path):
         raise RecordError(f"{header_path}: WFDB header not found")
+    fast = _read_format16(base, header_path)
+    if fast is not None:
+        return fast
     record, fs = _read_checked_record(base, header_path)
     if record.p_signal is None or record.sig_name is None:
         raise RecordError(f"{header_path}: record has no signal channels")
@@ -188,13 +269,7 @@ def read_wfdb_signal(path: str | os.PathLike) -> tuple[np.ndarray, list[str], fl
         raise RecordError(f"{header_path}: signal file truncated: {signal.shape[1]} samples of "
                           f"{record.sig_len} expected")
     units = record.units or [""] * len(record.sig_name)
-    for channel, unit in enumerate(units):
-        factor = _UNIT_TO_MV.get((unit or "").strip().lower())
-        if factor is None:
-            raise RecordError(f"{header_path}: channel {record.sig_name[channel]!r} has unit "
-                              f"{unit!r}; expected mV, uV or V")
-        if factor != 1.0:
-            signal[channel] *= factor
+    signal = _in_millivolts(signal, list(record.sig_name), units, header_path)
     return signal, list(record.sig_name), fs, list(record.comments or [])
 
 
