@@ -84,8 +84,10 @@ def get_config(arg=None):
         # posterior means keep a small VAE's posterior noise out of the generated latents; and
         # auto_scale gives unit-variance latents, so x0 is clipped at 3 sigma rather than 1.
         config.diffusion.update(dict(prediction="v", latent="mean", clip_sample=3.0))
+        # ema_decay: samples come from an average of the UNet's weights (see train/optim.py).
         config.train.update(dict(batch_size=8, steps=200, learning_rate=1e-3, warmup_steps=10,
-                                 log_every=10, checkpoint_every=100, vae_steps=200, unet_steps=200))
+                                 log_every=10, checkpoint_every=100, vae_steps=200, unet_steps=200,
+                                 ema_decay=0.999))
         # The demo-sized model follows its rhythm only with guidance (see diffusion/demo.py).
         config.sample.update(dict(steps=20, guidance=3.0))
     return config
