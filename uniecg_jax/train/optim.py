@@ -107,11 +107,12 @@ def with_params_ema(tx: optax.GradientTransformation, decay: float
                     ) -> optax.GradientTransformation:
     """`tx` plus an exponential moving average of the parameters *after* each update.
 
-    Why: diffusion models sample from averaged weights (DDPM, Stable Diffusion, DiffuSETS's
-    successors): small batches at a high learning rate leave the last iterate noisy, and the
-    average is a better denoiser. The decay warms up as `min(decay, (1 + n) / (10 + n))` after n
-    updates, so a short run's average is not dominated by the initial weights. Updates pass
-    through unchanged.
+    Why: small batches at a high learning rate leave the last iterate noisy, and the average is
+    a better denoiser; most diffusion models sample from one (DDPM, Stable Diffusion, diffusers'
+    `EMAModel`). DiffuSETS keeps none (PKUDigitalHealth/DiffuSETS 4d98537 utils/train.py saves
+    the weights of the lowest-loss epoch). The decay warms up as `min(decay, (1 + n) / (10 + n))`
+    after n updates (diffusers' default), so a short run's average is not dominated by the
+    initial weights. Updates pass through unchanged.
     """
     if not 0.0 < decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in (0, 1) (0 = off), got {decay}")
