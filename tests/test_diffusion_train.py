@@ -138,11 +138,12 @@ def test_two_phase_training_exports_and_loads(trained):
     # train.ema_decay), not its last weights; the frozen VAE is exported as it was.
     pipeline, config = load_pipeline(workdir)
     assert config.text.encoder == f"hash:{TEXT_DIM}" and config.train.ema_decay > 0
-    exported_null = pipeline.unet_params["params"]["null_condition"]
-    np.testing.assert_array_equal(exported_null, jax.device_get(
-        unet.state.opt_state.ema["unet"]["null_condition"]))
-    assert np.abs(exported_null - jax.device_get(
-        unet.state.params["unet"]["null_condition"])).max() > 1e-6
+    exported_unet = jax.tree.leaves(pipeline.unet_params["params"])
+    for got, want in zip(exported_unet, jax.tree.leaves(jax.device_get(
+            unet.state.opt_state.ema["unet"]))):
+        np.testing.assert_array_equal(got, want)
+    assert max(np.abs(got - last).max() for got, last in zip(
+        exported_unet, jax.tree.leaves(jax.device_get(unet.state.params["unet"])))) > 1e-6
     for got, want in zip(jax.tree.leaves(pipeline.vae_params["params"]),
                          jax.tree.leaves(jax.device_get(vae.state.params))):
         np.testing.assert_array_equal(got, want)
