@@ -29,6 +29,8 @@ TEXT_DIM = 16
 TINY = [f"text.encoder=hash:{TEXT_DIM}", f"text.embed_dim={TEXT_DIM}", "train.batch_size=8",
         "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=0",
         "train.vae_steps=2", "train.unet_steps=4", "train.learning_rate=2e-3",
+        # The UNet's weight average is exported, checkpointed and resumed (off in tiny itself).
+        "train.ema_decay=0.999",
         # Data parallel over the 8 devices: compiles much faster than fsdp on 2 cores (fsdp and
         # tensor sharding are checked by the one-step comparison).
         "mesh.data=-1", "mesh.fsdp=1"]
@@ -134,7 +136,7 @@ def test_two_phase_training_exports_and_loads(trained):
                          jax.tree.leaves(jax.device_get(vae.state.params))):
         np.testing.assert_array_equal(got, want)
 
-    # The export loads with one call and holds the trained UNet's weight average (tiny:
+    # The export loads with one call and holds the trained UNet's weight average (TINY sets
     # train.ema_decay), not its last weights; the frozen VAE is exported as it was.
     pipeline, config = load_pipeline(workdir)
     assert config.text.encoder == f"hash:{TEXT_DIM}" and config.train.ema_decay > 0

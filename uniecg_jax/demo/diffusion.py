@@ -42,6 +42,10 @@ SEEDS = (0, 1)
 # 1 bpm) nor the text (requests at the training rates' own reports scored the same) was the cause.
 # Continuing that model to 2400 steps: guidance 1 18.1 bpm [seeds 18.5, 17.8] = 0.69 x the
 # unconditional 26.2, guidance 3 3.9 [4.2, 3.5] = 0.15 x; more steps help, not yet to half.
+# With train.augment_roll (the tiny config's default: ECG and beat phase rotated together, so beat
+# positions can only come from the rhythm condition), 2400 steps: guidance 1 12.3 [14.2, 10.3] =
+# 0.44 x the unconditional 27.6, guidance 3 3.5 [4.4, 2.6] = 0.13 x. The same run's EMA of the
+# weights (train.ema_decay=0.999, scored beside the last weights when set) did worse: 16.3 / 4.2.
 UNET_STEPS = 2400
 
 
