@@ -6,6 +6,7 @@ import signal
 
 import jax
 import numpy as np
+import optax
 import pytest
 import wfdb
 
@@ -28,6 +29,8 @@ TEXT_DIM = 16
 TINY = [f"text.encoder=hash:{TEXT_DIM}", f"text.embed_dim={TEXT_DIM}", "train.batch_size=8",
         "train.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=0",
         "train.vae_steps=2", "train.unet_steps=4", "train.learning_rate=2e-3",
+        # The UNet's weight average is exported, checkpointed and resumed (off in tiny itself).
+        "train.ema_decay=0.999",
         # Data parallel over the 8 devices: compiles much faster than fsdp on 2 cores (fsdp and
         # tensor sharding are checked by the one-step comparison).
         "mesh.data=-1", "mesh.fsdp=1"]
@@ -133,12 +136,19 @@ def test_two_phase_training_exports_and_loads(trained):
                          jax.tree.leaves(jax.device_get(vae.state.params))):
         np.testing.assert_array_equal(got, want)
 
-    # The export loads with one call and holds the trained UNet.
+    # The export loads with one call and holds the trained UNet's weight average (TINY sets
+    # train.ema_decay), not its last weights; the frozen VAE is exported as it was.
     pipeline, config = load_pipeline(workdir)
-    assert config.text.encoder == f"hash:{TEXT_DIM}"
-    np.testing.assert_array_equal(
-        pipeline.unet_params["params"]["null_condition"],
-        jax.device_get(unet.state.params["unet"]["null_condition"]))
+    assert config.text.encoder == f"hash:{TEXT_DIM}" and config.train.ema_decay > 0
+    exported_unet = jax.tree.leaves(pipeline.unet_params["params"])
+    for got, want in zip(exported_unet, jax.tree.leaves(jax.device_get(
+            unet.state.opt_state.ema["unet"]))):
+        np.testing.assert_array_equal(got, want)
+    assert max(np.abs(got - last).max() for got, last in zip(
+        exported_unet, jax.tree.leaves(jax.device_get(unet.state.params["unet"])))) > 1e-6
+    for got, want in zip(jax.tree.leaves(pipeline.vae_params["params"]),
+                         jax.tree.leaves(jax.device_get(vae.state.params))):
+        np.testing.assert_array_equal(got, want)
     # auto_scale (tiny): the UNet phase's config, and so the export, got the trained VAE's factor.
     assert config.model.vae.auto_scale
     assert config.model.vae.scaling_factor == pytest.approx(diffusion_train.latent_scaling_factor(
@@ -173,6 +183,37 @@ def test_two_phase_resume_after_sigterm_equals_uninterrupted(trained, tmp_path, 
                          jax.tree.leaves(jax.device_get(full.phases["unet"].state.params))):
         np.testing.assert_array_equal(got, want)
 
+
+
+def test_params_ema_averages_the_weights_after_each_update():
+    import jax.numpy as jnp
+
+    from uniecg_jax.train.schema import TrainConfig
+
+    params = {"w": jnp.arange(3.0), "frozen": jnp.full((2,), 5.0)}
+    train_cfg = TrainConfig(learning_rate=0.1, warmup_steps=0, steps=10, grad_clip=0.0,
+                            freeze="frozen", ema_decay=0.9).to_dict()
+    tx, _, _ = optim.make_optimizer(train_cfg, params)
+    opt_state = tx.init(params)
+    average = dict(params)
+    for n in range(1, 6):
+        grads = {"w": jnp.asarray([1.0, -2.0, 0.5]) * n, "frozen": jnp.ones(2)}
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        rate = min(0.9, (1 + n) / (10 + n))      # the warmed-up decay
+        average = {k: rate * average[k] + (1 - rate) * params[k] for k in params}
+    state = state_lib.TrainState(step=jnp.asarray(5), params=params, opt_state=opt_state)
+    exported = optim.export_params(state)
+    np.testing.assert_allclose(exported["w"], average["w"], rtol=1e-6)
+    assert np.abs(np.asarray(exported["w"] - params["w"])).min() > 1e-3  # not the last weights
+    np.testing.assert_array_equal(exported["frozen"], np.full((2,), 5.0))
+    # Off (the default): no average is kept and the last weights are exported.
+    plain_tx, _, _ = optim.make_optimizer(dict(train_cfg, ema_decay=0.0), params)
+    plain = state_lib.TrainState(step=jnp.asarray(0), params=params,
+                                 opt_state=plain_tx.init(params))
+    assert optim.export_params(plain) is params
+    with pytest.raises(Exception, match="ema_decay"):
+        optim.make_optimizer(dict(train_cfg, ema_decay=1.0), params)
 
 
 def test_generate_cli_writes_wfdb_that_rdrecord_reads(exported, tmp_path, capsys):

@@ -97,3 +97,24 @@ def test_diffusion_examples_carry_the_measured_rhythm():
     peaks = detect_r_peaks(out["signal"][1], 102.4)
     at_peaks = out["rhythm"][np.clip(np.round(peaks).astype(int), 0, 1023), 1]
     assert np.median(at_peaks) > 0.95
+
+
+def test_roll_augmentation_keeps_each_ecg_and_its_beat_phase_aligned():
+    from uniecg_jax.diffusion.losses import roll_in_time
+
+    # Spikes at the R peaks of two records; each record's phase restarts (cos = 1) at its spikes.
+    peaks = [rhythm.regular_beats(rate, 10.0, 0.3) for rate in (60.0, 110.0)]
+    phase = np.stack([rhythm.rhythm_features(p, 10.0, 1024) for p in peaks])
+    ecg = np.zeros((2, 1024, 12), np.float32)
+    for row, p in enumerate(peaks):
+        ecg[row, np.round(p * 102.4 - 0.5).astype(int)] = 1.0
+    rolled_ecg, rolled_phase = roll_in_time((jnp.asarray(ecg), jnp.asarray(phase)),
+                                            jax.random.PRNGKey(3))
+    rolled_ecg, rolled_phase = np.asarray(rolled_ecg), np.asarray(rolled_phase)
+    for row in range(2):
+        spikes = np.flatnonzero(rolled_ecg[row, :, 0])
+        assert not np.array_equal(spikes, np.flatnonzero(ecg[row, :, 0]))   # it did move
+        assert np.all(rolled_phase[row, spikes, 1] > 0.95)                  # still aligned
+        assert np.all(rolled_ecg[row, :, 0] == rolled_ecg[row, :, 5])       # leads together
+    with pytest.raises(ValueError, match="share"):
+        roll_in_time((jnp.asarray(ecg), jnp.asarray(phase[:, :512])), jax.random.PRNGKey(0))

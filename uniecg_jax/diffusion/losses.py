@@ -35,12 +35,24 @@ def condition_from_batch(batch: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.concatenate([batch["text_embedding"].astype(jnp.float32)] + scalars, axis=-1)
 
 
-def latent_rhythm(batch: Mapping[str, jax.Array], model: ConditionalUNet) -> jax.Array | None:
-    """`batch['rhythm']` `[B, T, 2]` pooled to the latent length, for rhythm-conditioned UNets
+def latent_rhythm(rhythm: jax.Array | None, model: ConditionalUNet) -> jax.Array | None:
+    """A batch's `rhythm` `[B, T, 2]` pooled to the latent length, for rhythm-conditioned UNets
     (None otherwise, or when the batch has no rhythm: unknown)."""
-    if not model.cfg.rhythm_condition or "rhythm" not in batch:
+    if not model.cfg.rhythm_condition or rhythm is None:
         return None
-    return pool_rhythm(batch["rhythm"].astype(jnp.float32), model.cfg.latent_length)
+    return pool_rhythm(rhythm.astype(jnp.float32), model.cfg.latent_length)
+
+
+def roll_in_time(arrays: tuple[jax.Array, ...], rng: jax.Array) -> tuple[jax.Array, ...]:
+    """Rotates row b of every `[B, T, ...]` array in `arrays` by the same random offset along T
+    (the arrays share B and T): an ECG and its beat phase stay aligned."""
+    length = arrays[0].shape[1]
+    if any(a.shape[:2] != arrays[0].shape[:2] for a in arrays):
+        raise ValueError(f"roll_in_time: arrays must share [B, T], got "
+                         f"{[tuple(a.shape) for a in arrays]}")
+    shifts = jax.random.randint(rng, (arrays[0].shape[0],), 0, length)
+    roll = jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))
+    return tuple(roll(a, shifts) for a in arrays)
 
 
 def vae_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, model: VAE, cfg
@@ -68,13 +80,23 @@ def diffusion_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
     low, high = schedule_lib.training_timestep_range(
         schedule_lib.DiffusionConfig.from_config(cfg.diffusion))
     t_key, noise_key, drop_key, vae_key = jax.random.split(rng, 4)
+    rhythm = batch.get("rhythm")
     if "latent" in batch:
+        if cfg.train.augment_roll:
+            raise ValueError("train.augment_roll rotates ECGs before the VAE; it cannot be used "
+                             "with precomputed latents")
         latent = batch["latent"].astype(jnp.float32)
     else:
         if vae is None or vae_params is None:
             raise ValueError("diffusion_loss: batch has no 'latent'; pass the frozen vae and "
                              "vae_params to encode batch['ecg']")
         ecg = leads_last(batch["ecg"], vae.cfg.num_leads).astype(jnp.float32)
+        if cfg.train.augment_roll:   # own key: runs without it draw exactly as before
+            roll_key = jax.random.fold_in(rng, 1)
+            if rhythm is None:
+                (ecg,) = roll_in_time((ecg,), roll_key)
+            else:
+                ecg, rhythm = roll_in_time((ecg, rhythm), roll_key)
         shape = (ecg.shape[0], ecg.shape[1] // vae.cfg.downsampling, vae.cfg.latent_channels)
         # DiffuSETS trains on a draw from the VAE posterior; "mean" trains on its mean, which a
         # weak VAE's posterior noise would otherwise leave in every generated latent.
@@ -88,7 +110,7 @@ def diffusion_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array,
     noisy = schedule_lib.add_noise(schedule, latent, noise, timesteps)
     drop = jax.random.bernoulli(drop_key, cfg.diffusion.cfg_dropout, (batch_size,))
     output = model.apply(params, noisy, timesteps, condition_from_batch(batch), drop,
-                         latent_rhythm(batch, model))
+                         latent_rhythm(rhythm, model))
     target = schedule_lib.training_target(schedule, latent, noise, timesteps)
     loss = jnp.mean(jnp.square(output - target))
     return loss, {"loss": loss, "dropped_fraction": jnp.mean(drop.astype(jnp.float32))}

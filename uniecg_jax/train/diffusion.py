@@ -10,6 +10,7 @@ Two phases of the shared train loop (`build_task(config).phases`, trained in ord
            `diffusion.cfg_dropout`), `train.unet_steps` steps. Its params are
            `{"unet": ..., "vae": ...}` with `vae/` frozen by the optimizer (no Adam moments, exact
            zero updates), so the frozen VAE is sharded, checkpointed and restored like the rest;
+           with `train.ema_decay` the export holds the UNet's weight average (`optim.export_params`);
   W/model  the export (`uniecg_jax.diffusion.pipeline.load_pipeline(W/model)`).
 
 Rerunning the command resumes whichever phase was interrupted (a finished VAE phase restores its
@@ -54,6 +55,10 @@ def phase_config(config: ml_collections.ConfigDict, phase: str) -> ml_collection
     if phase not in ("vae", "unet"):
         raise ValueError(f"phase must be 'vae' or 'unet', got {phase!r}")
     changes = {"train.steps": int(config.train[f"{phase}_steps"])}
+    if phase == "vae":
+        # `train.ema_decay` averages the UNet (the sampler's denoiser); the VAE phase trains and
+        # hands over its last weights, as before.
+        changes["train.ema_decay"] = 0.0
     if phase == "unet":
         user = str(config.train.freeze)
         changes["train.freeze"] = FROZEN_VAE if not user else f"{FROZEN_VAE}|{user}"

@@ -258,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, task: TrainTask) -> Run
             result.state = result.state.replace(params=previous)
     model_dir = None
     if result.stopped_by_signal is None and last_task.export is not None:
-        model_dir = last_task.export(workdir, result.state.params)
+        model_dir = last_task.export(workdir, optim.export_params(result.state))
         _echo(f"[{task.name}] exported model to {model_dir}")
     return RunResult(results, model_dir, result.stopped_by_signal)
 

@@ -39,6 +39,7 @@ class TrainConfig(ConfigSchema):
     keep_checkpoints: int = 2
     async_checkpoint: bool = True
     freeze: str = ""                 # regex over param paths (a/b/kernel) kept fixed
+    ema_decay: float = 0.0           # > 0: export an EMA of the weights (optim.with_params_ema)
     compilation_cache_dir: str = ""  # persist compiled steps here: restarts skip compilation
 
 
@@ -82,6 +83,9 @@ class DiffusionTrainConfig(TrainConfig):
     """`diffusion` objective (configs/diffusion.py): two phases, each of the shared loop, whose
     `steps` are `vae_steps` and `unet_steps` (`train.steps` itself is not read)."""
     kl_weight: float = 1.0           # VAE loss: reconstruction + kl_weight x KL
+    # UNet phase: rotate each ECG and its beat phase in time by one random offset (small-data
+    # runs: beat positions then cannot be read from the record, only from the rhythm condition)
+    augment_roll: bool = False
     vae_steps: int = 50000
     unet_steps: int = 100000
 
