@@ -100,7 +100,7 @@ def test_diffusion_examples_carry_the_measured_rhythm():
 
 
 def test_roll_augmentation_keeps_each_ecg_and_its_beat_phase_aligned():
-    from uniecg_jax.diffusion.losses import roll_in_time
+    from uniecg_jax.data.augment import roll_in_time
 
     # Spikes at the R peaks of two records; each record's phase restarts (cos = 1) at its spikes.
     peaks = [rhythm.regular_beats(rate, 10.0, 0.3) for rate in (60.0, 110.0)]
@@ -118,3 +118,7 @@ def test_roll_augmentation_keeps_each_ecg_and_its_beat_phase_aligned():
         assert np.all(rolled_ecg[row, :, 0] == rolled_ecg[row, :, 5])       # leads together
     with pytest.raises(ValueError, match="share"):
         roll_in_time((jnp.asarray(ecg), jnp.asarray(phase[:, :512])), jax.random.PRNGKey(0))
+    # Stage 1's [B, leads, T] batches: the same rotation along the last axis.
+    (leads_first,) = roll_in_time((jnp.asarray(ecg.transpose(0, 2, 1)),), jax.random.PRNGKey(3),
+                                  axis=-1)
+    np.testing.assert_array_equal(np.asarray(leads_first), rolled_ecg.transpose(0, 2, 1))

@@ -17,6 +17,7 @@ from uniecg_jax.diffusion import schedule as schedule_lib
 from uniecg_jax.diffusion.rhythm import pool_rhythm
 from uniecg_jax.models.unet import ConditionalUNet
 from uniecg_jax.models.vae import VAE, vae_loss_terms
+from uniecg_jax.data.augment import roll_in_time
 
 
 def leads_last(ecg: jax.Array, num_leads: int = 12) -> jax.Array:
@@ -41,18 +42,6 @@ def latent_rhythm(rhythm: jax.Array | None, model: ConditionalUNet) -> jax.Array
     if not model.cfg.rhythm_condition or rhythm is None:
         return None
     return pool_rhythm(rhythm.astype(jnp.float32), model.cfg.latent_length)
-
-
-def roll_in_time(arrays: tuple[jax.Array, ...], rng: jax.Array) -> tuple[jax.Array, ...]:
-    """Rotates row b of every `[B, T, ...]` array in `arrays` by the same random offset along T
-    (the arrays share B and T): an ECG and its beat phase stay aligned."""
-    length = arrays[0].shape[1]
-    if any(a.shape[:2] != arrays[0].shape[:2] for a in arrays):
-        raise ValueError(f"roll_in_time: arrays must share [B, T], got "
-                         f"{[tuple(a.shape) for a in arrays]}")
-    shifts = jax.random.randint(rng, (arrays[0].shape[0],), 0, length)
-    roll = jax.vmap(lambda x, shift: jnp.roll(x, shift, axis=0))
-    return tuple(roll(a, shifts) for a in arrays)
 
 
 def vae_loss(params: Any, batch: Mapping[str, jax.Array], rng: jax.Array, model: VAE, cfg

@@ -23,6 +23,7 @@ from uniecg_jax.errors import ConfigError
 from uniecg_jax.convert import gem, hf_clip
 from uniecg_jax.convert.ecg_coca import import_ecg_coca
 from uniecg_jax.convert.hf_llm import load_hf_params, model_config_from_hf
+from uniecg_jax.data.augment import roll_in_time
 from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.data.multimodal import with_rendered_images
 from uniecg_jax.data.pipelines import records_source, stage1_loader
@@ -87,13 +88,6 @@ def stage1_data_source(config: ml_collections.ConfigDict, split: str):
     return records_source(records, conversations="build")
 
 
-def roll_ecgs(ecg: jax.Array, rng: jax.Array) -> jax.Array:
-    """Augmentation: rotates each ECG [B, leads, samples] in time by a random offset. Rate, rhythm,
-    axis and voltage (everything the grounded answers state) are unchanged by a rotation."""
-    shifts = jax.random.randint(rng, (ecg.shape[0],), 0, ecg.shape[-1])
-    return jax.vmap(lambda signal, shift: jnp.roll(signal, shift, axis=-1))(ecg, shifts)
-
-
 def drop_modalities(ecg_present: jax.Array, image_present: jax.Array, rng: jax.Array,
                     ecg_dropout: float, image_dropout: float) -> tuple[jax.Array, jax.Array]:
     """Modality dropout: [B] presence flags -> the flags the model sees this step.
@@ -123,7 +117,7 @@ def stage1_loss(model, params, batch, rng=None, augment: bool = False,
     With an image tower the batch also carries `image` [B, H, W, C] and `ecg_present` /
     `image_present` [B]; modality dropout (`drop_modalities`) applies whenever `rng` is given.
     """
-    ecg = roll_ecgs(batch["ecg"], rng) if augment else batch["ecg"]
+    ecg = roll_in_time((batch["ecg"],), rng, axis=-1)[0] if augment else batch["ecg"]
     ucfg = model.config
     pad = ucfg.llm.pad_token_id
     if ucfg.vision is None:
