@@ -487,3 +487,24 @@ def test_the_data_seed_is_shared_by_training_seeds():
 
     assert data_seed(_stage2_config(["seed=3"])) == 3
     assert data_seed(_stage2_config(["seed=3", "data.seed=0"])) == 0
+
+
+def test_the_demo_prints_request_scores_per_seed():
+    from uniecg_jax.data.record import ECGRecord
+    from uniecg_jax.demo.stage2 import _request_lines
+    from uniecg_jax.eval.llm_generate_eval import request_metrics
+
+    records = [ECGRecord(signal=np.zeros((12, 500), np.float32), fs=50.0, record_id=f"r{i}",
+                         report="sinus bradycardia", heart_rate=50.0, age=60.0, sex="F")
+               for i in range(4)]
+    per_seed = [{"requests": {phrasing: request_metrics(_StubUnified(emit), records,
+                                                        phrasing=phrasing)
+                              for phrasing in ("trained", "held_out")},
+                 "generated_rate": {"model": [], "regex": [], "requests": 0}}
+                for emit in (lambda text: True, lambda text: False)]
+    lines = _request_lines(per_seed, (0, 1))
+    assert lines[0] == "requests (values per training seed 0 / 1):"
+    trained = next(line for line in lines if line.startswith("  trained phrasings"))
+    assert "recall 1.00 / 0.00 (mean 0.50)" in trained, trained
+    assert any(line.startswith("    answered with [ECG]: ") and "general" in line for line in lines)
+    assert any(line.startswith("    heart_rate bpm MAE, stated") for line in lines)

@@ -52,7 +52,9 @@ def _spread(values, spec: str = ".2f") -> str:
     """Per-seed values as "a / b (mean m)"."""
     values = [float(v) for v in values]
     text = " / ".join(format(v, spec) for v in values)
-    return text if len(values) == 1 else f"{text} (mean {format(np.nanmean(values), spec)})"
+    finite = [v for v in values if np.isfinite(v)]
+    mean = float(np.mean(finite)) if finite else float("nan")
+    return text if len(values) == 1 else f"{text} (mean {format(mean, spec)})"
 
 
 def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = False,

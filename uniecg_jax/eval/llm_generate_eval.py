@@ -158,7 +158,7 @@ def _attribute_scores(predicted, baseline, truth, stated) -> dict:
 
 
 def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
-                    interpretation_ecgs: np.ndarray | None = None, batch_size: int = 8,
+                    interpretation_ecgs: np.ndarray | None = None, batch_size: int = 64,
                     draws: int = 1, follow_up_probability: float = 0.25) -> dict:
     """How the unified model reads requests phrased as users phrase them (data.conversations).
 
@@ -167,7 +167,8 @@ def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
     report or unknown; a follow-up after a turn about the report with `follow_up_probability`)
     and `draws` requests answered in words (`text_answered_request`: a question about the report
     or a general question); plus, when given, interpretation prompts with
-    `interpretation_ecgs` [M, 12, samples]. Decoding is greedy, as `chat` serves.
+    `interpretation_ecgs` [M, 12, samples]. Decoding is greedy, as `chat` serves, in batches of
+    `batch_size` (each new batch length compiles the decoder once: keep the batches few).
     Returns {"decision": `_decision_scores` (precision / recall of emitting [ECG] for the
     generation requests; the [ECG] share per kind: request, follow_up, report_question, general,
     interpretation), "attributes": `_attribute_scores` of the attribute head against the record's
