@@ -65,7 +65,10 @@ def get_config(arg=None):
         # Requests (data.conversations.stage2_request): the share answered in words (general
         # questions, questions about a report), of generation requests that follow a turn about
         # the report, and the chance each known attribute is stated in the request.
-        negative_fraction=0.3, follow_up_fraction=0.15, state_fraction=0.5))
+        negative_fraction=0.3, follow_up_fraction=0.15, state_fraction=0.5,
+        # The bundled split's synthetic records are drawn from data.seed + 1 (-1: config.seed),
+        # so runs of several training seeds (`seed`) can share one data set (`uniecg demo`).
+        seed=-1))
     config.init = ml_collections.ConfigDict(dict(
         stage1_ckpt=""))       # stage-1 train workdir or model checkpoint; "" = random (tests)
     # weight_decay stays 0 (the default): decoupled decay would move the frozen vocabulary rows.
@@ -74,6 +77,11 @@ def get_config(arg=None):
     config.eval = ml_collections.ConfigDict(dict(max_new_tokens=stage1.eval.max_new_tokens,
                                                  batch_size=8, generation_tokens=12))
     if variant == "demo":
+        # Measured on the demo's stage 1 (held-out records, `request_metrics`): at 150 steps the
+        # [ECG] decision is not learned (73% of trained general questions answered with [ECG],
+        # seeds 0 and 1); at 400 steps none are (seed 0), but held-out ones still are (58%). The
+        # attribute head's read-out collapses either way (its attention one-hot on ":" / "<s>",
+        # scores' std ~45 from 0.06 at init), so it predicts ~the mean rate, age and sex.
         config.model.alignment.hidden_dim = 256
         config.train.update(steps=150, learning_rate=5e-3, log_every=25, checkpoint_every=0)
     if variant in ("vicuna_7b", "qwen2_5_7b"):

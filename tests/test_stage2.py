@@ -434,3 +434,87 @@ def test_stage2_keeps_a_gem_derived_stage1_input_layout(tmp_path):
     position = int(interpret["ecg_position"][0])
     assert interpret["input_ids"][0][position] == SENTINEL_PLACEHOLDER_ID
     assert tokenizer.convert_tokens_to_ids(ECG_PLACEHOLDER) not in interpret["input_ids"][0]
+
+
+class _StubUnified:
+    """A unified model for `request_metrics`: answers a text request with [ECG] when `emit(its last
+    user text)` is true, never an interpretation; its attribute head always reads 100 bpm, 40
+    years, female."""
+
+    def __init__(self, emit):
+        from types import SimpleNamespace
+
+        self.emit = emit
+        self.model = SimpleNamespace(config=SimpleNamespace(num_ecg_tokens=2))
+
+    def respond(self, prompts, ecgs=None, *, max_new_tokens=None, with_attributes=False):
+        n = len(prompts)
+        flags = (np.zeros(n, bool) if ecgs is not None else
+                 np.array([bool(self.emit(turns[-1][1])) for turns in prompts]))
+        out = ([[] for _ in range(n)], np.zeros((n, 4), np.float32), flags)
+        attributes = {"heart_rate": np.full(n, 100.0), "age": np.full(n, 40.0),
+                      "male_logit": np.full(n, -1.0)}
+        return out + (attributes,) if with_attributes else out
+
+
+def test_request_metrics_score_the_decision_per_kind_and_attributes_stated_vs_implied():
+    from uniecg_jax.data.record import ECGRecord
+    from uniecg_jax.eval.llm_generate_eval import request_metrics
+
+    records = [ECGRecord(signal=np.zeros((12, 500), np.float32), fs=50.0, record_id=f"r{i}",
+                         report="sinus rhythm", heart_rate=float((80, 120)[i % 2]),
+                         age=float(30 + 10 * i), sex="MF"[(i // 2) % 2]) for i in range(8)]
+    ecgs = np.zeros((3, 12, 5000), np.float32)
+    always = request_metrics(_StubUnified(lambda text: True), records, phrasing="trained",
+                             draws=2, interpretation_ecgs=ecgs)
+    decision = always["decision"]
+    assert decision["generation_requests"] == 16 and decision["other_requests"] == 16 + 3
+    assert decision["recall"] == 1.0 and decision["precision"] == pytest.approx(16 / 32)
+    by_kind = decision["emitted_by_kind"]
+    assert by_kind["interpretation"] == (0.0, 3)
+    assert by_kind["general"][0] == 1.0 and by_kind["report_question"][0] == 1.0
+    assert by_kind["request"][1] + by_kind.get("follow_up", (0, 0))[1] == 16
+    assert always["answered"] == 16
+    rate = always["attributes"]["heart_rate"]
+    assert rate["stated"]["requests"] + rate["implied"]["requests"] == 16
+    assert rate["stated"]["requests"] > 0 and rate["implied"]["requests"] > 0
+    # The stub reads 100 bpm for 80 / 120 bpm records; the regular expressions read a stated rate
+    # exactly and default the others to 70 (|error| 10 or 50).
+    assert rate["stated"]["model"] == pytest.approx(20.0) and rate["stated"]["baseline"] == 0.0
+    assert rate["implied"]["model"] == pytest.approx(20.0)
+    assert 10.0 < rate["implied"]["baseline"] < 50.0
+    sex = always["attributes"]["sex"]
+    assert 0.0 < sex["stated"]["model"] < 1.0 and sex["stated"]["baseline"] == 1.0
+
+    never = request_metrics(_StubUnified(lambda text: False), records, phrasing="held_out")
+    assert never["decision"]["recall"] == 0.0 and never["decision"]["precision"] == 0.0
+    assert never["answered"] == 0
+    assert np.isnan(never["attributes"]["age"]["stated"]["model"])
+
+
+def test_the_data_seed_is_shared_by_training_seeds():
+    from uniecg_jax.train.stage2 import data_seed
+
+    assert data_seed(_stage2_config(["seed=3"])) == 3
+    assert data_seed(_stage2_config(["seed=3", "data.seed=0"])) == 0
+
+
+def test_the_demo_prints_request_scores_per_seed():
+    from uniecg_jax.data.record import ECGRecord
+    from uniecg_jax.demo.stage2 import _request_lines
+    from uniecg_jax.eval.llm_generate_eval import request_metrics
+
+    records = [ECGRecord(signal=np.zeros((12, 500), np.float32), fs=50.0, record_id=f"r{i}",
+                         report="sinus bradycardia", heart_rate=50.0, age=60.0, sex="F")
+               for i in range(4)]
+    per_seed = [{"requests": {phrasing: request_metrics(_StubUnified(emit), records,
+                                                        phrasing=phrasing)
+                              for phrasing in ("trained", "held_out")},
+                 "generated_rate": {"model": [], "regex": [], "requests": 0}}
+                for emit in (lambda text: True, lambda text: False)]
+    lines = _request_lines(per_seed, (0, 1))
+    assert lines[0] == "requests (values per training seed 0 / 1):"
+    trained = next(line for line in lines if line.startswith("  trained phrasings"))
+    assert "recall 1.00 / 0.00 (mean 0.50)" in trained, trained
+    assert any(line.startswith("    answered with [ECG]: ") and "general" in line for line in lines)
+    assert any(line.startswith("    heart_rate bpm MAE, stated") for line in lines)

@@ -218,17 +218,22 @@ TRAINED_PATIENT_FORMS = {   # keyed by what they state
 HELD_OUT_PATIENT_FORMS = {("age", "sex"): (" from a {female} aged {age}",),
                           ("age",): (", {age} years old",), ("sex",): (" of a {female}",)}
 PHRASINGS = ("trained", "held_out")
+# A generation request alone or after a turn about the report; a question about a report or a
+# general question (both answered in words).
+REQUEST_KINDS = ("request", "follow_up", "report_question", "general")
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage2Request:
     """One stage-2 conversation: `turns` end with the user's last request (the answer comes from
     the caller: the `[ECG]` tokens when `is_generation`, else `answer`); `stated` is what the
-    request text says of each attribute (None where it says nothing)."""
+    request text says of each attribute (None where it says nothing); `kind`: one of
+    `REQUEST_KINDS` (what the evaluation breaks its scores down by)."""
     turns: tuple[Turn, ...]
     is_generation: bool
     answer: str | None = None
     stated: tuple[tuple[str, float | str | None], ...] = ()
+    kind: str = "request"
 
 
 def record_attributes(record: ECGRecord) -> dict:
@@ -289,10 +294,10 @@ def generation_request(report: str, attributes: dict, rng: np.random.Generator, 
         turns = (("user", questions[rng.integers(len(questions))].format(report=report)),
                  ("assistant", REPORT_ANSWER.format(report=report)),
                  ("user", follow_ups[rng.integers(len(follow_ups))].format(attrs=phrase)))
-    else:
-        templates = _phrasing_set(phrasing, TRAINED_REQUESTS, HELD_OUT_REQUESTS)
-        turns = (("user", templates[rng.integers(len(templates))].format(report=report,
-                                                                         attrs=phrase)),)
+        return Stage2Request(turns, True, stated=tuple(stated.items()), kind="follow_up")
+    templates = _phrasing_set(phrasing, TRAINED_REQUESTS, HELD_OUT_REQUESTS)
+    turns = (("user", templates[rng.integers(len(templates))].format(report=report,
+                                                                     attrs=phrase)),)
     return Stage2Request(turns, True, stated=tuple(stated.items()))
 
 
@@ -304,10 +309,10 @@ def text_answered_request(report: str, rng: np.random.Generator, *,
         questions = _phrasing_set(phrasing, REPORT_QUESTIONS, HELD_OUT_REPORT_QUESTIONS)
         report = _clean_report(report)
         return Stage2Request((("user", questions[rng.integers(len(questions))].format(
-            report=report)),), False, REPORT_ANSWER.format(report=report))
+            report=report)),), False, REPORT_ANSWER.format(report=report), kind="report_question")
     pairs = _phrasing_set(phrasing, GENERAL_QUESTIONS, HELD_OUT_GENERAL_QUESTIONS)
     question, answer = pairs[rng.integers(len(pairs))]
-    return Stage2Request((("user", question),), False, answer)
+    return Stage2Request((("user", question),), False, answer, kind="general")
 
 
 def stage2_request(report: str, attributes: dict, rng: np.random.Generator, *,

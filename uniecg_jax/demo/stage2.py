@@ -16,7 +16,7 @@ import numpy as np
 from uniecg_jax.config import load_config
 from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.data.chat_format import GENERATION_REQUEST, INTERPRETATION_REQUEST
-from uniecg_jax.data.conversations import generation_request, record_attributes
+from uniecg_jax.data.conversations import PHRASINGS, generation_request, record_attributes
 from uniecg_jax.data.measure import heart_rate_bpm, with_measured_rhythms
 from uniecg_jax.data.record import UNKNOWN_HEART_RATE
 from uniecg_jax.data.text_encoder import get_text_encoder
@@ -27,15 +27,16 @@ from uniecg_jax.inference.chat import UnifiedModel, regex_conditions
 from uniecg_jax.inference.interpret import Interpreter
 from uniecg_jax.train import build_task
 from uniecg_jax.train.loop import train
+from uniecg_jax.train.stage2 import data_seed
 
 
-def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = False) -> list[str]:
-    """Trains stage 2 (configs/stage2.py:demo) from `stage1_dir` with the diffusion model's text
-    encoder, then through the single model: interprets a held-out ECG (checked equal to stage 1's
-    answer) and generates an ECG from a held-out report (HR error, embedding cosine vs the
-    mean-embedding baseline). Returns printable lines."""
-    pipeline, diffusion_config = load_pipeline(diffusion_dir)
-    overrides = [f"init.stage1_ckpt={stage1_dir}",
+SEEDS = (0, 1)    # training seeds (alignment / attribute heads' init, request draws, shuffling)
+
+
+def _train_seed(workdir: str, stage1_dir: str, diffusion_config, seed: int, quick: bool):
+    """Trains (or resumes) configs/stage2.py:demo with training seed `seed` on the one data draw
+    (data.seed 0) and exports it. Returns (config, train result)."""
+    overrides = [f"init.stage1_ckpt={stage1_dir}", f"seed={seed}", "data.seed=0",
                  f"text.encoder={diffusion_config.text.encoder}",
                  f"text.embed_dim={diffusion_config.text.embed_dim}"]
     if quick:
@@ -44,96 +45,162 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
     task = build_task(config)
     result = train(config, workdir, task)
     task.export(workdir, jax.device_get(result.state.params))
-    last = result.history[-1] if result.history else {}
+    return config, result
 
-    unified = UnifiedModel.load(workdir, diffusion=pipeline)
+
+def _spread(values, spec: str = ".2f") -> str:
+    """Per-seed values as "a / b (mean m)"."""
+    values = [float(v) for v in values]
+    text = " / ".join(format(v, spec) for v in values)
+    finite = [v for v in values if np.isfinite(v)]
+    mean = float(np.mean(finite)) if finite else float("nan")
+    return text if len(values) == 1 else f"{text} (mean {format(mean, spec)})"
+
+
+def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = False,
+             seeds=SEEDS) -> list[str]:
+    """Trains stage 2 (configs/stage2.py:demo) from `stage1_dir` with the diffusion model's text
+    encoder, once per training seed (`seeds[0]` in `workdir`, the others in `workdir_seedK`, one
+    data draw), then through each single model: interprets a held-out ECG (checked equal to
+    stage 1's answer), generates an ECG from a held-out report (HR error), scores the embedding
+    cosine vs the mean-embedding baseline and how it reads requests (`_request_lines`). Every
+    figure is printed per seed. Returns printable lines."""
+    pipeline, diffusion_config = load_pipeline(diffusion_dir)
+    lines = []
+    per_seed = []
+    for seed in seeds:
+        directory = workdir if seed == seeds[0] else f"{workdir}_seed{seed}"
+        config, result = _train_seed(directory, stage1_dir, diffusion_config, seed, quick)
+        last = result.history[-1] if result.history else {}
+        lines.append(f"stage 2, seed {seed} ({directory}): {result.steps_run} steps, token nll "
+                     f"{last.get('token_nll', float('nan')):.3f}, alignment cosine "
+                     f"{last.get('cosine', float('nan')):.3f}, decision accuracy "
+                     f"{last.get('decision_accuracy', float('nan')):.2f} (train batch)")
+        per_seed.append(_seed_scores(UnifiedModel.load(directory, diffusion=pipeline), config,
+                                     stage1_dir, directory, quick))
+    first = per_seed[0]
+    lines += [f"interpret {first['ecg_record']}: {first['interpretation'][:160]}",
+              "  equals stage-1 answer (greedy), per seed: "
+              + " / ".join(str(s["preserved"]) for s in per_seed)
+              + "; [ECG] emitted: " + " / ".join(str(s["interpretation_emitted"])
+                                                 for s in per_seed)]
+    if first["generated"] is not None:
+        lines += [f"generate from {first['report_record']}'s report (seed {seeds[0]}): wrote "
+                  f"{first['generated']}.hea/.png",
+                  f"  requested HR {first['rate']:.0f} bpm; the model read "
+                  + _spread([s["read_rate"] for s in per_seed], ".0f")
+                  + "; measured " + _spread([s["measured_rate"] for s in per_seed], ".0f")
+                  + " bpm"]
+    else:
+        lines.append(f"generate: the model did not emit [ECG] tokens (answered "
+                     f"{first['answer'][:80]!r})")
+    lines.append(f"  {first['reports']} held-out reports through the [ECG] tokens (answered with "
+                 f"them: {' / '.join(str(s['emitted']) for s in per_seed)}): cosine(predicted, "
+                 f"true embedding) mean {_spread([s['cosine'] for s in per_seed], '.3f')} vs the "
+                 f"mean-embedding baseline {first['baseline_cosine']:.3f} (better on "
+                 f"{' / '.join(str(s['better']) for s in per_seed)})")
+    lines += _request_lines(per_seed, seeds)
+    return lines
+
+
+def _seed_scores(unified: UnifiedModel, config, stage1_dir: str, workdir: str, quick: bool
+                 ) -> dict:
+    """Everything the demo prints for one trained seed (see `run_demo`)."""
     split = bundled_split(int(config.data.holdout_every), int(config.data.num_synthetic),
-                          int(config.seed))
+                          data_seed(config))
     held_out = with_measured_rhythms(split["test"])   # heart rate known for every record
     ecg_record = held_out[0]
     stage1_text = Interpreter.load(stage1_dir).interpret(ecg_record.to_encoder_input()[None])[0]
     interpretation = unified.chat(INTERPRETATION_REQUEST, ecg=ecg_record.to_encoder_input())
     report_record = next((r for r in held_out if r.heart_rate), held_out[-1])
     rate = float(report_record.heart_rate or UNKNOWN_HEART_RATE)
-    request = f"{GENERATION_REQUEST}{report_record.report} Heart rate {rate:.0f} bpm."
-    out_dir = os.path.join(workdir, "generated")
-    turn = unified.chat(request, out_dir=out_dir, steps=50)
-
+    turn = unified.chat(f"{GENERATION_REQUEST}{report_record.report} Heart rate {rate:.0f} bpm.",
+                        out_dir=os.path.join(workdir, "generated"), steps=50)
     # Alignment on every held-out report (one report is too noisy a score): the LLM path's
     # predicted embedding against the true one, beside the best constant guess (the mean
     # embedding of the training reports).
     encoder = get_text_encoder(str(config.text.encoder))
-    held_out_reports = [r.report for r in held_out]
-    true = encoder.encode(held_out_reports)
-    predicted, emitted = predict_embeddings(unified, held_out_reports)
+    true = encoder.encode([r.report for r in held_out])
+    predicted, emitted = predict_embeddings(unified, [r.report for r in held_out])
     train_mean = encoder.encode([r.report for r in split["train"]]).mean(0, keepdims=True)
     cosine = cosine_similarity(predicted, true)
     baseline = cosine_similarity(train_mean, true)     # [1, D] broadcasts against [N, D]
-    lines = [f"stage 2: {result.steps_run} steps, token nll {last.get('token_nll', float('nan')):.3f},"
-             f" alignment cosine {last.get('cosine', float('nan')):.3f} (train batch)",
-             f"interpret {ecg_record.record_id}: {interpretation.text[:160]}",
-             f"  equals stage-1 answer (greedy): {interpretation.text == stage1_text}; "
-             f"[ECG] emitted: {interpretation.emitted_ecg_tokens}"]
-    if not turn.emitted_ecg_tokens:
-        lines.append(f"generate: the model did not emit [ECG] tokens (answered {turn.text[:80]!r})")
-        return lines
-    measured = heart_rate_bpm(turn.generated_ecg, turn.sample_rate)
-    lines += [f"generate from {report_record.record_id}'s report: wrote {turn.files[0]}.hea/.png",
-              f"  requested HR {rate:.0f} bpm; the model read {turn.conditions['heart_rate']:.0f} "
-              f"({turn.conditions_source['heart_rate']}); measured {measured:.0f} bpm "
-              f"(|error| {abs(measured - rate):.0f})",
-              f"  {len(true)} held-out reports through the [ECG] tokens ({int(emitted.sum())} "
-              f"answered with them): cosine(predicted, true embedding) mean {cosine.mean():.3f} "
-              f"vs mean-embedding baseline {baseline.mean():.3f} (better on "
-              f"{int((cosine > baseline).sum())}/{len(true)})"]
-    lines += _request_lines(unified, held_out, train_records=split["train"], quick=quick)
+    scores = dict(ecg_record=ecg_record.record_id, interpretation=interpretation.text,
+                  preserved=interpretation.text == stage1_text,
+                  interpretation_emitted=interpretation.emitted_ecg_tokens,
+                  report_record=report_record.record_id, rate=rate, answer=turn.text,
+                  generated=turn.files[0] if turn.files else None,
+                  read_rate=float("nan"), measured_rate=float("nan"),
+                  reports=len(true), emitted=int(emitted.sum()), cosine=float(cosine.mean()),
+                  baseline_cosine=float(baseline.mean()),
+                  better=int((cosine > baseline).sum()))
+    if turn.generated_ecg is not None:
+        scores.update(read_rate=turn.conditions["heart_rate"],
+                      measured_rate=heart_rate_bpm(turn.generated_ecg, turn.sample_rate))
+    ecgs = np.stack([r.to_encoder_input() for r in held_out[:2 if quick else 6]])
+    scores["requests"] = {phrasing: request_metrics(
+        unified, held_out, phrasing=phrasing, seed=1, interpretation_ecgs=ecgs,
+        draws=1 if quick else 2) for phrasing in PHRASINGS}
+    scores["generated_rate"] = _generated_rate_errors(unified, held_out, quick)
+    return scores
+
+
+def _request_lines(per_seed: list[dict], seeds) -> list[str]:
+    """Decision precision / recall (and the [ECG] share per kind of request) and attribute errors
+    (stated vs implied, the attribute head vs regex + defaults) on trained vs held-out phrasings
+    (`eval.llm_generate_eval.request_metrics`), and the heart rate of generated ECGs, per seed."""
+    lines = [f"requests (values per training seed {' / '.join(map(str, seeds))}):"]
+    for phrasing in PHRASINGS:
+        scores = [s["requests"][phrasing] for s in per_seed]
+        decision = [s["decision"] for s in scores]
+        kinds = decision[0]["emitted_by_kind"]
+        lines += [f"  {phrasing} phrasings: [ECG] decision precision "
+                  f"{_spread([d['precision'] for d in decision])}, recall "
+                  f"{_spread([d['recall'] for d in decision])} "
+                  f"({decision[0]['generation_requests']} generation requests, "
+                  f"{decision[0]['other_requests']} others)",
+                  "    answered with [ECG]: " + "; ".join(
+                      f"{kind} ({count}) "
+                      + _spread([d["emitted_by_kind"][kind][0] for d in decision])
+                      for kind, (_, count) in kinds.items())]
+        for name, unit in (("heart_rate", "bpm MAE"), ("age", "y MAE"), ("sex", "accuracy")):
+            spec = ".2f" if name == "sex" else ".1f"
+            parts = []
+            for part in ("stated", "implied"):
+                cells = [s["attributes"][name][part] for s in scores]
+                parts.append(f"{part} ({'/'.join(str(c['requests']) for c in cells)}): model "
+                             f"{_spread([c['model'] for c in cells], spec)} vs regex "
+                             f"{_spread([c['baseline'] for c in cells], spec)}")
+            lines.append(f"    {name} {unit}, " + "; ".join(parts))
+    errors = [s["generated_rate"] for s in per_seed]
+    if all(e["model"] for e in errors):
+        model = _spread([np.nanmean(e["model"]) for e in errors], ".1f")
+        regex = _spread([np.nanmean(e["regex"]) for e in errors], ".1f")
+        lines.append(f"  generated HR vs the requested rate ({errors[0]['requests']} requests, "
+                     f"half stating it): MAE {model} bpm conditioned by the model's attributes "
+                     f"vs {regex} by regex + defaults")
     return lines
 
 
-def _request_lines(unified: UnifiedModel, held_out, train_records, quick: bool) -> list[str]:
-    """Decision precision / recall and attribute errors on trained vs held-out phrasings
-    (`eval.llm_generate_eval.request_metrics`), and the heart rate of ECGs generated from
-    requests that state or imply a rate, conditioned by the attribute head vs by the regex
-    baseline (both measured by `data.measure.heart_rate_bpm`)."""
-    ecgs = np.stack([r.to_encoder_input() for r in held_out[:2 if quick else 6]])
-    lines = []
-    for phrasing in ("trained", "held_out"):
-        scores = request_metrics(unified, held_out, phrasing=phrasing, seed=1,
-                                 interpretation_ecgs=ecgs)
-        decision, model, regex = scores["decision"], scores["attributes"], scores["baseline"]
-        stated = scores["stated_heart_rate"]
-        lines += [f"requests, {phrasing} phrasings: [ECG] decision precision "
-                  f"{decision['precision']:.2f} recall {decision['recall']:.2f} "
-                  f"({decision['generation_requests']} generation requests, "
-                  f"{decision['other_requests']} questions / interpretations)",
-                  f"  attributes read by the model on {scores['answered']} answered requests: HR "
-                  f"MAE {model['heart_rate_mae']:.1f} bpm, age MAE {model['age_mae']:.1f} y, sex "
-                  f"accuracy {model['sex_accuracy']:.2f}; regex + defaults: "
-                  f"{regex['heart_rate_mae']:.1f} / {regex['age_mae']:.1f} / "
-                  f"{regex['sex_accuracy']:.2f}; where the rate is stated ({stated['requests']}):"
-                  f" {stated['model_mae']:.1f} vs {stated['baseline_mae']:.1f} bpm"]
+def _generated_rate_errors(unified: UnifiedModel, held_out, quick: bool) -> dict:
+    """|generated HR - the record's rate| per request: held-out records with a known rate, each
+    asked for in a trained phrasing with no stated attributes (implied by the report) or the rate
+    stated; conditioned once by the model's attributes, once by regex + defaults (both measured
+    by `data.measure.heart_rate_bpm`). {"model": [...], "regex": [...], "requests": n}."""
     if unified.diffusion is None:
-        return lines
-    # Generated heart rate against the rate asked for: held-out records with a known rate, each
-    # asked for in a trained phrasing with no stated attributes (implied by the report) or the
-    # rate stated; conditioned once by the model's attributes, once by regex + defaults.
+        return {"model": [], "regex": [], "requests": 0}
     rng = np.random.default_rng(2)
     requests = [(record, generation_request(record.report, record_attributes(record), rng,
                                             state_probability=index % 2))
                 for index, record in enumerate(r for r in held_out if r.heart_rate)]
     requests = requests[:2 if quick else 6]
-    errors = {"model": [], "regex": []}
+    errors = {"model": [], "regex": [], "requests": len(requests)}
     for record, request in requests:
         text = request.turns[-1][1]
-        for source in errors:
+        for source in ("model", "regex"):
             override = regex_conditions(text) if source == "regex" else {}
             turn = unified.chat(text, steps=50, **override)
             if turn.generated_ecg is not None:
                 errors[source].append(abs(heart_rate_bpm(turn.generated_ecg, turn.sample_rate)
                                           - record.heart_rate))
-    if errors["model"]:
-        lines.append(f"generated HR vs the requested rate ({len(requests)} requests, half "
-                     f"stating it): MAE {np.nanmean(errors['model']):.1f} bpm conditioned by the "
-                     f"model's attributes vs {np.nanmean(errors['regex']):.1f} by regex + "
-                     "defaults")
-    return lines
+    return errors

@@ -112,43 +112,79 @@ def summary_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def _decision_scores(emitted_for_generation: np.ndarray, emitted_for_others: np.ndarray) -> dict:
-    true_positive = int(emitted_for_generation.sum())
-    false_positive = int(emitted_for_others.sum())
-    return {"precision": true_positive / max(true_positive + false_positive, 1),
-            "recall": true_positive / max(len(emitted_for_generation), 1),
-            "generation_requests": len(emitted_for_generation),
-            "other_requests": len(emitted_for_others)}
+ATTRIBUTES = ("heart_rate", "age", "sex")
 
 
-def _attribute_errors(predicted: Sequence[dict], truth: Sequence[dict]) -> dict:
-    """MAE of heart rate / age and sex accuracy of `predicted` against `truth` where known."""
+def _decision_scores(emitted: np.ndarray, is_generation: np.ndarray, kinds: Sequence[str]) -> dict:
+    """emitted / is_generation [N] bool, kinds [N] -> precision / recall of emitting [ECG] for the
+    generation requests, and per kind the share of requests answered with [ECG] and their count."""
+    emitted, is_generation = np.asarray(emitted, bool), np.asarray(is_generation, bool)
+    true_positive = int((emitted & is_generation).sum())
+    kinds = np.asarray(kinds)
+    return {"precision": true_positive / max(int(emitted.sum()), 1),
+            "recall": true_positive / max(int(is_generation.sum()), 1),
+            "generation_requests": int(is_generation.sum()),
+            "other_requests": int((~is_generation).sum()),
+            "emitted_by_kind": {str(kind): (float(emitted[kinds == kind].mean()),
+                                            int((kinds == kind).sum()))
+                                for kind in dict.fromkeys(kinds.tolist())}}
+
+
+def _attribute_error(predicted: Sequence[dict], truth: Sequence[dict], name: str) -> float:
+    """MAE of heart rate / age, or the accuracy of sex, of `predicted` against `truth` (nan when
+    there is no row)."""
+    if name == "sex":
+        hits = [p[name] == t[name] for p, t in zip(predicted, truth)]
+        return float(np.mean(hits)) if hits else float("nan")
+    errors = [abs(p[name] - t[name]) for p, t in zip(predicted, truth)]
+    return float(np.mean(errors)) if errors else float("nan")
+
+
+def _attribute_scores(predicted, baseline, truth, stated) -> dict:
+    """Per attribute, on the rows where the truth is known, split by whether the request states
+    it ("stated": read from the words; "implied": from the report, or the best guess): the
+    attribute head's and the regex-plus-defaults baseline's MAE (sex: accuracy) and the count."""
     out = {}
-    for name, key in (("heart_rate", "heart_rate_mae"), ("age", "age_mae")):
-        errors = [abs(p[name] - t[name]) for p, t in zip(predicted, truth) if t[name] is not None]
-        out[key] = float(np.mean(errors)) if errors else float("nan")
-    hits = [p["sex"] == t["sex"] for p, t in zip(predicted, truth) if t["sex"] is not None]
-    out["sex_accuracy"] = float(np.mean(hits)) if hits else float("nan")
+    for name in ATTRIBUTES:
+        out[name] = {}
+        for part, said in (("stated", True), ("implied", False)):
+            rows = [i for i in range(len(truth)) if truth[i][name] is not None
+                    and (stated[i][name] is not None) == said]
+            pick = lambda items: [items[i] for i in rows]  # noqa: E731
+            out[name][part] = {"model": _attribute_error(pick(predicted), pick(truth), name),
+                               "baseline": _attribute_error(pick(baseline), pick(truth), name),
+                               "requests": len(rows)}
     return out
 
 
 def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
-                    interpretation_ecgs: np.ndarray | None = None, batch_size: int = 8) -> dict:
+                    interpretation_ecgs: np.ndarray | None = None, batch_size: int = 64,
+                    draws: int = 1, follow_up_probability: float = 0.25) -> dict:
     """How the unified model reads requests phrased as users phrase them (data.conversations).
 
-    For each record: one generation request (`generation_request`, phrasing set `phrasing`:
+    For each record, `draws` generation requests (`generation_request`, phrasing set `phrasing`:
     "trained" or "held_out"; each known attribute stated half the time, else implied by the
-    report or unknown) and one request answered in words (`text_answered_request`); plus, when
-    given, interpretation prompts with `interpretation_ecgs` [M, 12, samples].
-    Returns {"decision": precision / recall of emitting [ECG] for the generation requests,
-    "attributes": heart-rate / age MAE and sex accuracy of the attribute head against the record's
-    own values (`record_attributes`) on the generation requests it answered with [ECG],
-    "baseline": the same for the regular expressions + defaults (`regex_conditions`), "stated_heart_rate": both MAEs on the requests that state the rate}."""
+    report or unknown; a follow-up after a turn about the report with `follow_up_probability`)
+    and `draws` requests answered in words (`text_answered_request`: a question about the report
+    or a general question); plus, when given, interpretation prompts with
+    `interpretation_ecgs` [M, 12, samples]. Decoding is greedy, as `chat` serves, in batches of
+    `batch_size` (each new batch length compiles the decoder once: keep the batches few).
+    Returns {"decision": `_decision_scores` (precision / recall of emitting [ECG] for the
+    generation requests; the [ECG] share per kind: request, follow_up, report_question, general,
+    interpretation), "attributes": `_attribute_scores` of the attribute head against the record's
+    own values (`record_attributes`) and of the regular expressions + defaults
+    (`regex_conditions`) on the generation requests answered with [ECG], "answered": their count}.
+    """
     rng = np.random.default_rng(seed)
-    truth = [record_attributes(record) for record in records]
-    generation = [generation_request(r.report, attributes, rng, phrasing=phrasing)
-                  for r, attributes in zip(records, truth)]
-    others = [text_answered_request(r.report, rng, phrasing=phrasing) for r in records]
+    truth, generation, others = [], [], []
+    for record in records:
+        attributes = record_attributes(record)
+        for _ in range(draws):
+            truth.append(attributes)
+            generation.append(generation_request(record.report, attributes, rng,
+                                                 phrasing=phrasing,
+                                                 follow_up_probability=follow_up_probability))
+            others.append(text_answered_request(record.report, rng, phrasing=phrasing))
     budget = unified.model.config.num_ecg_tokens + 2
     emitted, predicted = [], []
     for start in range(0, len(generation), batch_size):
@@ -162,23 +198,21 @@ def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
     other_flags = [unified.respond([list(r.turns) for r in others[s:s + batch_size]],
                                    max_new_tokens=budget)[2]
                    for s in range(0, len(others), batch_size)]
+    kinds = [r.kind for r in generation] + [r.kind for r in others]
     if interpretation_ecgs is not None and len(interpretation_ecgs):
         ecgs = np.asarray(interpretation_ecgs, np.float32)
         other_flags += [unified.respond([INTERPRETATION_REQUEST] * len(ecgs[s:s + batch_size]),
                                         ecgs[s:s + batch_size], max_new_tokens=budget)[2]
                         for s in range(0, len(ecgs), batch_size)]
+        kinds += ["interpretation"] * len(ecgs)
+    other_flags = np.concatenate(other_flags)
     baseline = [regex_conditions(" ".join(text for role, text in request.turns if role == "user"))
                 for request in generation]
     answered = [i for i in range(len(generation)) if emitted[i] and predicted[i] is not None]
-    stated = [i for i in answered if dict(generation[i].stated)["heart_rate"] is not None]
-    pick = lambda items, rows: [items[i] for i in rows]  # noqa: E731
-    return {"decision": _decision_scores(emitted, np.concatenate(other_flags)),
-            "attributes": _attribute_errors(pick(predicted, answered), pick(truth, answered)),
-            "baseline": _attribute_errors(pick(baseline, answered), pick(truth, answered)),
-            "stated_heart_rate": {
-                "model_mae": _attribute_errors(pick(predicted, stated),
-                                               pick(truth, stated))["heart_rate_mae"],
-                "baseline_mae": _attribute_errors(pick(baseline, stated),
-                                                  pick(truth, stated))["heart_rate_mae"],
-                "requests": len(stated)},
+    pick = lambda items: [items[i] for i in answered]  # noqa: E731
+    return {"decision": _decision_scores(
+                np.concatenate([emitted, other_flags]),
+                np.arange(len(emitted) + len(other_flags)) < len(emitted), kinds),
+            "attributes": _attribute_scores(pick(predicted), pick(baseline), pick(truth),
+                                            [dict(generation[i].stated) for i in answered]),
             "answered": len(answered)}

@@ -289,13 +289,20 @@ class PairedIterator:
 _EMBEDDED_SOURCES: dict = {}
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+    """The seed of the bundled data draw (split, synthetic records): `data.seed`, or `seed` when
+    that is -1 (or absent), so training seeds can vary over one data set."""
+    seed = int(config.data.get("seed", -1))
+    return int(config.seed) if seed < 0 else seed
+
+
 def stage2_data_source(config: ml_collections.ConfigDict, split: str):
     """A prep folder path, or bundled + synthetic records with reports embedded by `text.encoder`
     and heart rates measured (once per process, cached)."""
     if config.data.source != "bundled":
         return config.data.source
     key = (str(config.text.encoder), int(config.data.holdout_every),
-           int(config.data.num_synthetic), int(config.seed), split)
+           int(config.data.num_synthetic), data_seed(config), split)
     if key not in _EMBEDDED_SOURCES:
         records = with_measured_rhythms(bundled_split(key[1], key[2], key[3])[split])
         _EMBEDDED_SOURCES[key] = records_source(records, text_encoder=key[0])
@@ -344,7 +351,8 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
             return iter(loader)
 
         interpretations = stage1_loader(
-            stage1_data_source(config, "train"), tokenizer, input_format=input_format,
+            stage1_data_source(replace_values(config, {"seed": data_seed(config)}), "train"),
+            tokenizer, input_format=input_format,
             max_length=int(config.data.interpret_max_length), batch_size=local_batch,
             split="train", seed=int(config.seed) + 1, process_index=process_index,
             process_count=process_count, worker_count=int(config.data.worker_count))
