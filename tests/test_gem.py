@@ -502,14 +502,15 @@ def test_interpreter_feeds_the_encoder_in_the_models_lead_order(release, tmp_pat
     class Stop(Exception):
         pass
 
-    def record_and_stop(ecgs, *rest):
-        seen.append(ecgs)
+    def record_and_stop(batch, *rest):   # batch: the ModelInputs the encoder is fed
+        seen.append(batch)
         raise Stop
 
     interpreter._generate = record_and_stop
     with pytest.raises(Stop):
         interpreter.interpret(canonical, "w5 w6", max_new_tokens=1)
-    np.testing.assert_array_equal(seen[0][0], canonical[0][[0, 1, 2, 3, 5, 4, 6, 7, 8, 9, 10, 11]])
+    np.testing.assert_array_equal(seen[0].ecg[0],
+                                  canonical[0][[0, 1, 2, 3, 5, 4, 6, 7, 8, 9, 10, 11]])
 
 
 # ----------------------------------------------------------------------------- llava_v1 token ids
