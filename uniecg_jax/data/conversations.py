@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from uniecg_jax.data.chat_format import INTERPRETATION_REQUEST, InputBuilder, Turn
-from uniecg_jax.data.measure import RhythmMeasurements, rhythm
+from uniecg_jax.data.measure import BRADYCARDIA_BELOW_BPM, TACHYCARDIA_ABOVE_BPM, \
+    RhythmMeasurements, rhythm
 from uniecg_jax.data.record import LEADS, ECGRecord
 from uniecg_jax.errors import UniECGError
 
@@ -102,8 +103,8 @@ def evidence_answer(record: ECGRecord, findings: ECGFindings) -> str:
     sentences = []
     if findings.beats >= 2:
         rate = findings.heart_rate_bpm
-        speed = ("bradycardic" if rate < 60 else "tachycardic" if rate > 100 else
-                 "within the normal range")
+        speed = ("bradycardic" if rate < BRADYCARDIA_BELOW_BPM else "tachycardic"
+                 if rate > TACHYCARDIA_ABOVE_BPM else "within the normal range")
         sentences.append(
             f"Rhythm and rate: lead II shows {findings.beats} QRS complexes with a mean RR "
             f"interval of {findings.mean_rr_ms:.0f} ms (SD {findings.rr_std_ms:.0f} ms), "
@@ -145,8 +146,9 @@ def build_conversation(record: ECGRecord, with_follow_up: bool = False,
     turns = [("user", question), ("assistant", evidence_answer(record, findings))]
     if with_follow_up and findings.beats >= 2:
         rate = findings.heart_rate_bpm
-        verdict = ("No, it is below 60 bpm" if rate < 60 else "No, it is above 100 bpm"
-                   if rate > 100 else "Yes, it is between 60 and 100 bpm")
+        low, high = BRADYCARDIA_BELOW_BPM, TACHYCARDIA_ABOVE_BPM
+        verdict = (f"No, it is below {low} bpm" if rate < low else f"No, it is above {high} bpm"
+                   if rate > high else f"Yes, it is between {low} and {high} bpm")
         turns += [("user", FOLLOW_UP[0]), ("assistant", f"{verdict} ({rate:.0f} bpm).")]
     return turns
 

@@ -48,6 +48,11 @@ MIN_DETECTION_FS, DETECTION_FS = 250.0, 500.0
 # finds no beat and nothing is detected. Starting lower lets it learn; it adapts from there.
 XQRS_INITIAL_THRESHOLD = 0.01
 
+# The normal sinus rate range (bpm): below is bradycardia, above tachycardia. One home for the
+# synthetic reports' rhythm names and the grounded answers' rate verdicts.
+BRADYCARDIA_BELOW_BPM = 60
+TACHYCARDIA_ABOVE_BPM = 100
+
 
 def detect_r_peaks(lead: np.ndarray, fs: float, method: str = "kalidas2017") -> np.ndarray:
     """[T] one lead in mV sampled at fs Hz -> [K] R-peak positions in samples of that rate

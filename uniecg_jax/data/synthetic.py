@@ -14,14 +14,15 @@ import numpy as np
 from tqdm import tqdm
 
 from uniecg_jax.caches import cache_home
+from uniecg_jax.data.measure import BRADYCARDIA_BELOW_BPM, TACHYCARDIA_ABOVE_BPM
 from uniecg_jax.data.record import ENCODER_FS, LEADS, RECORD_SECONDS, ECGRecord, make_record
 
 
 def rhythm_label(heart_rate: float) -> str:
     """Sinus rhythm name for a rate: bradycardia < 60 bpm, tachycardia > 100 bpm."""
-    if heart_rate < 60:
+    if heart_rate < BRADYCARDIA_BELOW_BPM:
         return "sinus bradycardia"
-    if heart_rate > 100:
+    if heart_rate > TACHYCARDIA_ABOVE_BPM:
         return "sinus tachycardia"
     return "sinus rhythm"
 
