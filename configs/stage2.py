@@ -46,7 +46,10 @@ def get_config(arg=None):
     config.seed = 0
     config.distributed = False
     config.mesh = stage1.mesh
-    config.model = stage1.model
+    # Stage 2 reads ECG signals only: stage 1's image tower (`vision_tower`) is not carried, so
+    # its params, the preservation examples and `uniecg chat` stay signal-only.
+    config.model = ml_collections.ConfigDict(
+        {k: v for k, v in stage1.model.items() if k != "vision_tower"})
     config.model.num_ecg_tokens = 8
     config.model.ecg_token_ids = [-1]   # filled by the trainer from the tokenizer (list of N ids)
     # kind: mlp | transformer (GILL-style learned queries)

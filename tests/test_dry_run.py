@@ -102,3 +102,44 @@ def test_every_large_config_lowers_for_the_dry_run(config_name):
     lowered = step.lower(abstract_state, batch, rng)
     assert "main" in lowered.as_text()[:100000]
     assert sum(x.size for x in jax.tree.leaves(abstract_state.params)) == task.num_params
+
+
+def test_largest_fitting_batch_searches_powers_of_two_in_few_compiles(monkeypatch):
+    """`--per-device-batch max`: with a peak of 10 GiB + 3 GiB per example on 95 GiB, 16 fits
+    (58 GiB) and 32 does not (106 GiB); found from batch 1, 2, the extrapolated 16 and the check
+    of 32, not by compiling every power of two. A step that never fits gives 0."""
+    from uniecg_jax.cli import dry_run as cli
+
+    target = aot.resolve_target("v5p-8")
+    compiled = []
+
+    def fake_compile(config, batch, target, devices, fixed=10, slope=3):
+        compiled.append(batch)
+        peak = (fixed + slope * batch) * 2 ** 30
+        return dict(peak_estimate_bytes=peak, fits=peak <= target.hbm_bytes)
+
+    monkeypatch.setattr(cli, "_compile", fake_compile)
+    report = cli.largest_fitting_batch(None, target, None)
+    assert report["max_per_device_batch"] == 16 and compiled == [1, 2, 16, 32]
+    assert report["tried"][32] is None and report["tried"][16] == 58 * 2 ** 30
+
+    # A pessimistic extrapolation (memory that grows less than linearly) keeps doubling.
+    compiled.clear()
+    peaks = {1: 40, 2: 60, 4: 62, 8: 66, 16: 74, 32: 90, 64: 120}
+    monkeypatch.setattr(cli, "_compile", lambda c, b, t, d: (
+        compiled.append(b), dict(peak_estimate_bytes=peaks[b] * 2 ** 30,
+                                 fits=peaks[b] * 2 ** 30 <= t.hbm_bytes))[1])
+    assert cli.largest_fitting_batch(None, target, None)["max_per_device_batch"] == 32
+    assert compiled == [1, 2, 4, 8, 16, 32, 64]
+
+    monkeypatch.setattr(cli, "_compile", lambda c, b, t, d: dict(fits=False, compile_error="OOM"))
+    assert cli.largest_fitting_batch(None, target, None)["max_per_device_batch"] == 0
+
+
+def test_stage2_7b_configs_carry_no_image_tower():
+    """Stage 2 reads signals only: a stage-1 config with GEM's image tower must not hand its
+    `vision_tower` to stage 2 (whose params and preservation batches have no image; with it the
+    7B stage-2 step failed to lower: the interpretation loss asked for `ecg_present`)."""
+    for name in ("configs/stage2.py:vicuna_7b", "configs/stage2.py:qwen2_5_7b"):
+        assert "vision_tower" in load_config(name.replace("stage2", "stage1")).model
+        assert "vision_tower" not in load_config(name).model

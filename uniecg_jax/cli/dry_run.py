@@ -8,10 +8,12 @@ libtpu topology such as `v5e:2x2`) through libtpu on this host, no TPU attached 
 '.[tpu]'`); those figures are the TPU compiler's plan and say whether the step fits in HBM.
 Without it the step compiles for the local devices; `--devices N` simulates N CPU devices, whose
 compiler ignores remat: its temporaries are not a TPU plan. `--per-device-batch N` sets
-`train.batch_size` to N x data x fsdp x grad_accum_steps.
+`train.batch_size` to N x data x fsdp x grad_accum_steps; `--per-device-batch max` (with
+`--topology`) finds the largest power of two that fits the slice's HBM in ~3 compiles.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -25,8 +27,9 @@ def register(subparsers) -> None:
                         help="compile for this TPU slice through libtpu (v5e-8, v5p-64, v5e:2x2)")
     parser.add_argument("--devices", type=int, default=0,
                         help="simulate this many CPU devices (must be set before JAX starts)")
-    parser.add_argument("--per-device-batch", type=int, default=0,
-                        help="set train.batch_size to this x data x fsdp x grad_accum_steps")
+    parser.add_argument("--per-device-batch", type=_batch_arg, default=0,
+                        help="set train.batch_size to this x data x fsdp x grad_accum_steps; "
+                             "'max' (with --topology): the largest power of two that fits")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON line")
     parser.set_defaults(handler=run)
 
@@ -50,6 +53,15 @@ def _simulate_devices(count: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _batch_arg(text: str):
+    if text == "max":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'max', got {text!r}") from None
+
+
 def _set_per_device_batch(config, per_device: int, num_devices: int) -> None:
     """train.batch_size = per_device x data x fsdp x grad_accum_steps (the mesh resolved over
     `num_devices`)."""
@@ -71,15 +83,32 @@ def run(args) -> int:
 
     from uniecg_jax import aot
     from uniecg_jax.config import load_config
-    from uniecg_jax.train import build_task
-    from uniecg_jax.train.loop import dry_run
 
     config = load_config(args.config, args.config_overrides)
     target = aot.resolve_target(args.topology) if args.topology else None
     devices = aot.topology_devices(target) if target else None
-    if args.per_device_batch:
-        import jax
-        _set_per_device_batch(config, args.per_device_batch,
+    if args.per_device_batch == "max":
+        if target is None:
+            raise UniECGError("--per-device-batch max needs --topology (a TPU slice's HBM)")
+        report = largest_fitting_batch(config, target, devices)
+    else:
+        report = _compile(config, args.per_device_batch, target, devices)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    _print_report(args, report, target)
+    return 0
+
+
+def _compile(config, per_device_batch: int, target, devices) -> dict:
+    """One dry run (per-device batch 0: the config's own); with a TPU target, whether it fits."""
+    import jax
+
+    from uniecg_jax.train import build_task
+    from uniecg_jax.train.loop import dry_run
+
+    if per_device_batch:
+        _set_per_device_batch(config, per_device_batch,
                               len(devices) if devices else jax.device_count())
     try:
         report = dry_run(config, build_task(config), devices)
@@ -91,11 +120,42 @@ def run(args) -> int:
         report.update(topology=target.topology, hbm_bytes_per_device=target.hbm_bytes)
         if "peak_estimate_bytes" in report:
             report["fits"] = report["peak_estimate_bytes"] <= target.hbm_bytes
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    _print_report(args, report, target)
-    return 0
+    report["per_device_batch"] = per_device_batch or None
+    return report
+
+
+def largest_fitting_batch(config, target, devices, limit: int = 1024) -> dict:
+    """The report of the largest power-of-two per-device batch whose step fits `target`'s HBM,
+    with `tried` ({batch: peak bytes or None = refused}) and `max_per_device_batch` (0: not even
+    1 fits). Compiles batch 1 and 2, extrapolates the peak linearly (activations grow with the
+    batch; state does not) to the largest power of two under HBM, compiles that, and halves while
+    it does not fit, so a search costs ~3 compiles rather than one per candidate."""
+    tried, reports = {}, {}
+
+    def attempt(batch):
+        reports[batch] = _compile(config, batch, target, devices)
+        tried[batch] = reports[batch].get("peak_estimate_bytes") if reports[batch]["fits"] else None
+        return reports[batch]["fits"]
+
+    if not attempt(1):
+        best = 0
+    elif not attempt(2):
+        best = 1
+    else:
+        best, per_example = 2, max(tried[2] - tried[1], 1)
+        predicted = (target.hbm_bytes - (tried[1] - per_example)) // per_example
+        guess = 2
+        while guess * 2 <= min(predicted, limit):
+            guess *= 2
+        while guess > best and not attempt(guess):
+            guess //= 2
+        best = guess
+        # Confirm that the next power of two does not fit (doubling while the guess was low).
+        while best * 2 <= limit and best * 2 not in tried and attempt(best * 2):
+            best *= 2
+    report = dict(reports[best or 1])
+    report.update(max_per_device_batch=best, tried=tried)
+    return report
 
 
 def _print_report(args, report: dict, target) -> None:
@@ -132,3 +192,8 @@ def _print_report(args, report: dict, target) -> None:
             print("    (CPU compile: the temporaries are the CPU compiler's plan, which ignores "
                   "remat; they are not a TPU plan. Use --topology for TPU figures.)")
     print(f"  lower {report['lower_s']:.1f} s, compile {report['compile_s']:.1f} s")
+    if "max_per_device_batch" in report:
+        tried = ", ".join(f"{b}: {'refused' if peak is None else _gib(peak).strip()}"
+                          for b, peak in sorted(report["tried"].items()))
+        print(f"  largest per-device batch that fits: {report['max_per_device_batch']} "
+              f"(powers of two; peaks tried: {tried})")
