@@ -27,6 +27,10 @@ def test_slice_names_resolve_to_libtpu_topologies():
     assert aot.resolve_target("v4-8").topology == "v4:2x2x1"
     assert aot.resolve_target("v5e:2x2").num_devices == 4
     assert aot.resolve_target("v5p:2x2x1").num_devices == 4
+    # What libtpu is told the (absent) host is: Cloud TPU's accelerator type of the slice.
+    assert [aot.accelerator_type(aot.resolve_target(n)) for n in
+            ("v5e:2x2", "v5p:2x4x4", "v5e-16", "v4-8")] == ["v5litepod-4", "v5p-64",
+                                                             "v5litepod-16", "v4-8"]
     for bad, message in (("v5p-7", "no standard v5p slice"), ("v9-8", "expected a Cloud TPU"),
                          ("v5e:2x2x2", "2-D tori"), ("v5p", "expected a Cloud TPU")):
         with pytest.raises(UniECGError, match=message):

@@ -119,6 +119,12 @@ def topology_devices(target: TpuTarget) -> list:
     # Compile-only: no chip is opened, so a second process (a training run holding
     # /tmp/libtpu_lockfile on a TPU VM) must not make libtpu refuse to load.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not _has_local_tpu():
+        # Off a TPU VM libtpu asks the (absent) metadata server for the host's accelerator type
+        # and worker names and logs two errors that read like failures; naming them here keeps a
+        # dry run's output to the report. Compile-only devices come from the topology either way.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", accelerator_type(target))
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     try:
         description = topologies.get_topology_desc(
             platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config)
@@ -130,3 +136,16 @@ def topology_devices(target: TpuTarget) -> list:
         raise UniECGError(f"--topology {target.name}: libtpu gave {len(devices)} devices for "
                           f"{target.topology}, expected {target.num_devices}")
     return devices
+
+
+def _has_local_tpu() -> bool:
+    """TPU chips attached to this host (Cloud TPU VMs expose /dev/accel* or /dev/vfio)."""
+    return any(os.path.exists(path) for path in ("/dev/accel0", "/dev/vfio/0"))
+
+
+def accelerator_type(target: TpuTarget) -> str:
+    """Cloud TPU's accelerator type of `target` (`v5litepod-4`, `v5p-8`): chips for v5e / v6e,
+    TensorCores for v4 / v5p."""
+    generation = target.topology.split(":")[0]
+    cores = target.num_devices * _GENERATIONS[generation]["cores_per_chip"]
+    return f"{'v5litepod' if generation == 'v5e' else generation}-{cores}"
