@@ -95,8 +95,9 @@ def timed_prep(root: str, out: str, workers: int, text_encoder: str, runner: str
 def cpu_ms_per_record(root: str, small_root: str, out: str, text_encoder: str,
                       conversations: bool) -> float:
     """CPU milliseconds per record of prep in this process (one worker; imports and encoder
-    warmed on `small_root` first): the steady cost of a record, insensitive to other load."""
-    from data_prep.prep import PrepOptions, run_prep
+    warmed on `small_root` first, its embedding cache then emptied as in a fresh worker): the
+    steady cost of a record, insensitive to other load."""
+    from data_prep.prep import PrepOptions, forget_embeddings, run_prep
     from data_prep.sources import SourceOptions
 
     def options(source_root, folder):
@@ -105,6 +106,7 @@ def cpu_ms_per_record(root: str, small_root: str, out: str, text_encoder: str,
                            progress=False)
 
     run_prep(options(small_root, out + "-warm"))
+    forget_embeddings()  # the copies repeat every report: a warm cache would hide the encoder
     start = time.process_time()
     written = run_prep(options(root, out))["num_written"]
     return (time.process_time() - start) * 1000 / written
