@@ -39,7 +39,8 @@ from uniecg_jax.data.examples import FORMAT_VERSION, encode_example
 from uniecg_jax.data.prompts import report_text
 from uniecg_jax.data.record import short_record_warning
 from uniecg_jax.data.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, patient_split
-from uniecg_jax.data.text_encoder import (CachedTextEncoder, MiniLMEncoder, PrecomputedEmbeddings,
+from uniecg_jax.data.text_encoder import (CachedTextEncoder, MiniLMEncoder,
+                                          PrecomputedEmbeddings,
                                           check_text_encoder_name, get_text_encoder)
 from uniecg_jax.errors import RecordError, UniECGError
 

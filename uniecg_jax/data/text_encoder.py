@@ -68,7 +68,7 @@ class MiniLMEncoder:
 
     name = "minilm"
     dim = 384
-    PAD_MULTIPLE = 16   # also keeps every matmul at >= 16 rows, past MKL's small-row kernels
+    PAD_MULTIPLE = 16   # also keeps matmuls at >= 16 rows (MKL rounds fewer rows its own way)
     BATCH_TOKENS = 512  # tokens per forward pass (texts x padded length)
 
     def __init__(self, model_dir: str | None = None):
@@ -84,19 +84,13 @@ class MiniLMEncoder:
 
         texts = list(texts)
         embeddings = np.zeros((len(texts), self.dim), np.float32)
-        if not texts:
-            return embeddings
-        threads = torch.get_num_threads()
-        if threads not in self._batched:
-            self._batched[threads] = _rows_independent_of_batch(self._model, self.BATCH_TOKENS,
-                                                                self.PAD_MULTIPLE)
-        features = self._model.preprocess(texts)  # strip, tokenize, truncate; padded to longest
-        lengths = features["attention_mask"].sum(1).tolist()
-        groups: dict[int, list[int]] = {}
-        for index, length in enumerate(lengths):
+        features = _features(self._model, texts) if texts else {}
+        groups: dict[int, list[int]] = {}  # padded length -> text indices
+        for index, length in enumerate(features["attention_mask"].sum(1).tolist() if texts else []):
             groups.setdefault(-(-length // self.PAD_MULTIPLE) * self.PAD_MULTIPLE, []).append(index)
         for padded, indices in sorted(groups.items()):
-            per_pass = max(1, self.BATCH_TOKENS // padded) if self._batched[threads] else 1
+            per_pass = max(1, self.BATCH_TOKENS // padded) if len(indices) > 1 and \
+                self._batch_safe() else 1
             for start in range(0, len(indices), per_pass):
                 rows = indices[start:start + per_pass]
                 batch = {key: _pad_to(value[rows], padded) for key, value in features.items()
@@ -106,6 +100,22 @@ class MiniLMEncoder:
                     output = torch.nn.functional.normalize(output, p=2, dim=1)
                 embeddings[rows] = output.numpy()
         return embeddings
+
+    def _batch_safe(self) -> bool:
+        """`_rows_independent_of_batch` on the current torch thread count, checked once each."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if threads not in self._batched:
+            self._batched[threads] = _rows_independent_of_batch(self._model, self.BATCH_TOKENS,
+                                                                self.PAD_MULTIPLE)
+        return self._batched[threads]
+
+
+def _features(model, texts: list[str]) -> dict:
+    """sentence-transformers' own preprocessing of `texts` (strip, tokenize, truncate to its
+    max_seq_length), padded to the longest: `preprocess` in 5.x and later, `tokenize` before."""
+    return (getattr(model, "preprocess", None) or model.tokenize)(texts)
 
 
 def _pad_to(tokens, length: int):
@@ -133,7 +143,7 @@ def _rows_independent_of_batch(model, max_rows: int, step: int) -> bool:
             for rows in range(step, max_rows + 1, step):
                 if not torch.equal(layer(inputs[:rows]), alone[:rows]):
                     return False
-        features = model.preprocess(["sinus rhythm", "atrial fibrillation with rapid response"])
+        features = _features(model, ["sinus rhythm", "atrial fibrillation with rapid response"])
         padded = {k: _pad_to(v, step) if isinstance(v, torch.Tensor) else v
                   for k, v in features.items()}
         together = model.forward(dict(padded))["sentence_embedding"]
