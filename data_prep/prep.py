@@ -94,6 +94,7 @@ def plan_shards(items: list[WorkItem], shard_size: int,
 
 
 _WORKER_ENCODER: dict[str, object] = {}
+EMBEDDING_CACHE_BYTES = 64 << 20  # per worker process: ~43k MiniLM rows
 
 
 def _encoder(name: str):
@@ -102,16 +103,18 @@ def _encoder(name: str):
     if name not in _WORKER_ENCODER:
         encoder = get_text_encoder(name)
         if encoder is not None and not isinstance(encoder, PrecomputedEmbeddings):
-            encoder = CachedTextEncoder(encoder)
+            encoder = CachedTextEncoder(encoder, EMBEDDING_CACHE_BYTES)
         _WORKER_ENCODER[name] = encoder
     return _WORKER_ENCODER[name]
 
 
-def forget_embeddings() -> None:
-    """Empties this process's embedding caches, as in a fresh worker (benchmarks time from here)."""
+def reset_embedding_caches(max_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
+    """Empties this process's embedding caches, as in a fresh worker, and bounds them to
+    `max_bytes` (0: no text reused across shards). For benchmarks; the bytes written never change."""
     for encoder in _WORKER_ENCODER.values():
         if isinstance(encoder, CachedTextEncoder):
             encoder.clear()
+            encoder.max_bytes = int(max_bytes)
 
 
 @contextlib.contextmanager

@@ -516,7 +516,7 @@ def test_prep_encodes_each_distinct_report_once_per_worker(monkeypatch):
         np.testing.assert_array_equal(np.stack([e for _, _, e in embedded]),
                                       HashingTextEncoder(8).encode(reports))
     assert recorder.calls == [["sinus rhythm", "atrial fibrillation"], ["normal ecg"]]
-    prep.forget_embeddings()  # a fresh worker's state: the next shard encodes again
+    prep.reset_embedding_caches()  # a fresh worker's state: the next shard encodes again
     prep._embed(options, records[:1], [])
     assert recorder.calls[-1] == ["normal ecg"]
 
