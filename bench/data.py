@@ -11,8 +11,11 @@ its own patients). Each prep runs as a user runs it, `python -m data_prep` in a 
 `--small-copies` copies. "end to end" is records / wall time of the large run; "steady" is the
 marginal rate between the two runs ((N - n) / (T - t): start-up cancels), the figure a dataset of
 800k records sees; "start-up" is the seconds left over. CPU milliseconds per record of an
-in-process prep (warm) give the same comparison without the noise of other load. Targets (issue 18): steady local prep at
->= 0.5x of `wfdb.rdrecord` on the same cores with the hashing encoder, >= 0.25x with MiniLM.
+in-process prep (warm) give the same comparison without the noise of other load. The copies repeat
+every report and a prep worker embeds each distinct report once; the CPU rows "no report reused
+across shards" turn that off (the cost for reports that never repeat). Targets (issue 18): steady
+local prep at >= 0.5x of `wfdb.rdrecord` on the same cores with the hashing encoder, >= 0.25x with
+MiniLM.
 The grain pipelines then read the local hashing output for one epoch after one warm-up epoch.
 """
 from __future__ import annotations
@@ -93,10 +96,12 @@ def timed_prep(root: str, out: str, workers: int, text_encoder: str, runner: str
 
 
 def cpu_ms_per_record(root: str, small_root: str, out: str, text_encoder: str,
-                      conversations: bool) -> float:
+                      conversations: bool, reuse: bool = True) -> float:
     """CPU milliseconds per record of prep in this process (one worker; imports and encoder
-    warmed on `small_root` first): the steady cost of a record, insensitive to other load."""
-    from data_prep.prep import PrepOptions, run_prep
+    warmed on `small_root` first, its embedding cache then emptied as in a fresh worker): the
+    steady cost of a record, insensitive to other load. `reuse=False` turns the cache off: the
+    cost when no report repeats across shards (the copies here repeat every report)."""
+    from data_prep.prep import EMBEDDING_CACHE_BYTES, PrepOptions, reset_embedding_caches, run_prep
     from data_prep.sources import SourceOptions
 
     def options(source_root, folder):
@@ -105,6 +110,7 @@ def cpu_ms_per_record(root: str, small_root: str, out: str, text_encoder: str,
                            progress=False)
 
     run_prep(options(small_root, out + "-warm"))
+    reset_embedding_caches(EMBEDDING_CACHE_BYTES if reuse else 0)
     start = time.process_time()
     written = run_prep(options(root, out))["num_written"]
     return (time.process_time() - start) * 1000 / written
@@ -197,9 +203,11 @@ def main() -> None:
         _read_all(paths)
         cpu = {"wfdb.rdrecord": (time.process_time() - start) * 1000 / len(paths)}
         for encoder in args.text_encoders.split(","):
-            cpu[f"prep ({encoder})"] = cpu_ms_per_record(
-                root, small_root, os.path.join(work, "cpu-" + encoder.replace(":", "")), encoder,
-                args.conversations)
+            for reuse in (True, False):
+                tag = "" if reuse else ", no report reused across shards"
+                cpu[f"prep ({encoder}{tag})"] = cpu_ms_per_record(
+                    root, small_root, os.path.join(work, f"cpu-{encoder.replace(':', '')}{tag}"),
+                    encoder, args.conversations, reuse)
         one, many = results["wfdb.rdrecord (1 process)"], results[same_cores]
         print(f"{len(paths)} records ({train} in train; small run {args.small_copies * 50}), "
               f"batch {args.batch_size}, {os.cpu_count()} CPUs")

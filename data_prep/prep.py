@@ -39,14 +39,17 @@ from uniecg_jax.data.examples import FORMAT_VERSION, encode_example
 from uniecg_jax.data.prompts import report_text
 from uniecg_jax.data.record import short_record_warning
 from uniecg_jax.data.splits import DEFAULT_FRACTIONS, SPLITS, check_fractions, patient_split
-from uniecg_jax.data.text_encoder import (MiniLMEncoder, PrecomputedEmbeddings,
-                                          check_text_encoder_name, get_text_encoder)
+from uniecg_jax.data.text_encoder import (CachedTextEncoder, MiniLMEncoder,
+                                          PrecomputedEmbeddings, check_text_encoder_name,
+                                          get_text_encoder)
 from uniecg_jax.errors import RecordError, UniECGError
 
 SUMMARY_JSON, SKIPPED_JSONL, FINGERPRINT_JSON = "summary.json", "skipped.jsonl", "prep_options.json"
 # Version of what a shard holds beyond the example format (planning, QRS fields, skip rules): bump
 # when a change makes old shards differ from what this code would write for the same options.
-PREP_VERSION = 1
+# 2: MiniLM embeds each report as if alone, padded to 16 tokens (it was one batch per shard padded
+#    to its longest report: embeddings move in the last bits, <= 2e-7).
+PREP_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +94,27 @@ def plan_shards(items: list[WorkItem], shard_size: int,
 
 
 _WORKER_ENCODER: dict[str, object] = {}
+EMBEDDING_CACHE_BYTES = 64 << 20  # per worker process: ~43k MiniLM rows
 
 
 def _encoder(name: str):
+    """This process's text encoder `name`, loaded once; a model's embeddings are kept per distinct
+    text (`CachedTextEncoder`) for every later shard the process writes."""
     if name not in _WORKER_ENCODER:
-        _WORKER_ENCODER[name] = get_text_encoder(name)
+        encoder = get_text_encoder(name)
+        if encoder is not None and not isinstance(encoder, PrecomputedEmbeddings):
+            encoder = CachedTextEncoder(encoder, EMBEDDING_CACHE_BYTES)
+        _WORKER_ENCODER[name] = encoder
     return _WORKER_ENCODER[name]
+
+
+def reset_embedding_caches(max_bytes: int = EMBEDDING_CACHE_BYTES) -> None:
+    """Empties this process's embedding caches, as in a fresh worker, and bounds them to
+    `max_bytes` (0: no text reused across shards). For benchmarks; the bytes written never change."""
+    for encoder in _WORKER_ENCODER.values():
+        if isinstance(encoder, CachedTextEncoder):
+            encoder.clear()
+            encoder.max_bytes = int(max_bytes)
 
 
 @contextlib.contextmanager
@@ -133,14 +151,11 @@ def _embed(options: PrepOptions, records, skipped) -> list:
                 continue
             out.append((record, conversation, encoder.lookup([key])[0]))
         return out
-    # One encoder call per shard, each distinct text once: machine reports repeat ("Sinus rhythm|
-    # Normal ECG"), and the encoder is most of a record's cost with MiniLM.
+    # One encoder call per shard; the cached encoder embeds each text it has not seen once.
     texts = [report_text(r.report, r.labels, options.prompt_template) for r, _ in records]
-    distinct = list(dict.fromkeys(texts))
     with _torch_threads(1):
-        embeddings = encoder.encode(distinct) if distinct else []
-    row = {text: index for index, text in enumerate(distinct)}
-    return [(r, c, embeddings[row[text]]) for (r, c), text in zip(records, texts)]
+        embeddings = encoder.encode(texts)
+    return [(r, c, embedding) for (r, c), embedding in zip(records, embeddings)]
 
 
 def write_shard(options: PrepOptions, plan: ShardPlan) -> dict:

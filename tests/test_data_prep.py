@@ -1,6 +1,7 @@
 """data_prep: output re-reads equal to the input records, patient-disjoint splits, skip-and-log of
 every bad input, all five sources, kill-and-resume giving the same shards, the text encoders."""
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -483,7 +484,10 @@ def test_prep_measures_each_record_once_with_the_shared_rhythm_rule(tmp_path):
         assert example["conversation"] == build_conversation(record)
 
 
-def test_prep_encodes_each_distinct_report_of_a_shard_once(monkeypatch):
+def test_prep_encodes_each_distinct_report_once_per_worker(monkeypatch):
+    """A worker's shards share one cache: a report reaches the encoder the first time the worker
+    meets it, every record keeps its own row (none dropped or reordered), and the rows are the
+    encoder's own bytes."""
     from types import SimpleNamespace
 
     from data_prep import prep
@@ -499,16 +503,62 @@ def test_prep_encodes_each_distinct_report_of_a_shard_once(monkeypatch):
             return HashingTextEncoder(8).encode(texts)
 
     recorder = Recorder()
-    monkeypatch.setitem(prep._WORKER_ENCODER, "hash:8", recorder)
-    reports = ["sinus rhythm", "atrial fibrillation", "sinus rhythm", "normal ecg", "sinus rhythm"]
-    records = [(SimpleNamespace(record_id=f"r{i}", report=text, labels=()), None)
-               for i, text in enumerate(reports)]
+    monkeypatch.setattr(prep, "_WORKER_ENCODER", {})
+    monkeypatch.setattr(prep, "get_text_encoder", lambda name: recorder)
     options = PrepOptions(SourceOptions("cinc"), "unused", text_encoder="hash:8")
-    embedded = prep._embed(options, records, [])
-    assert recorder.calls == [["sinus rhythm", "atrial fibrillation", "normal ecg"]]
-    assert [r.record_id for r, _, _ in embedded] == ["r0", "r1", "r2", "r3", "r4"]
-    np.testing.assert_array_equal(np.stack([e for _, _, e in embedded]),
-                                  HashingTextEncoder(8).encode(reports))
+    shards = [["sinus rhythm", "atrial fibrillation", "sinus rhythm"],
+              ["normal ecg", "sinus rhythm", "atrial fibrillation", "normal ecg", "sinus rhythm"]]
+    for shard, reports in enumerate(shards):
+        records = [(SimpleNamespace(record_id=f"s{shard}r{i}", report=text, labels=()), None)
+                   for i, text in enumerate(reports)]
+        embedded = prep._embed(options, records, [])
+        assert [r.record_id for r, _, _ in embedded] == [r.record_id for r, _ in records]
+        np.testing.assert_array_equal(np.stack([e for _, _, e in embedded]),
+                                      HashingTextEncoder(8).encode(reports))
+    assert recorder.calls == [["sinus rhythm", "atrial fibrillation"], ["normal ecg"]]
+    prep.reset_embedding_caches()  # a fresh worker's state: the next shard encodes again
+    prep._embed(options, records[:1], [])
+    assert recorder.calls[-1] == ["normal ecg"]
+
+
+def test_cached_encoder_keeps_recent_rows_within_its_bound():
+    """Eviction never changes a row: past `max_bytes` the least recently used texts are dropped
+    and encoded again when they come back."""
+    from uniecg_jax.data.text_encoder import CachedTextEncoder
+
+    inner = HashingTextEncoder(16)
+    cached = CachedTextEncoder(inner, max_bytes=3 * 16 * 4)  # three rows
+    texts = ["a b", "c", "d e f", "a b", "g", "c", "h", "a b"]
+    for start in range(0, len(texts), 2):
+        chunk = texts[start:start + 2]
+        np.testing.assert_array_equal(cached.encode(chunk), inner.encode(chunk))
+        assert len(cached) <= 3
+    np.testing.assert_array_equal(cached.encode(texts), inner.encode(texts))
+    assert cached.encode([]).shape == (0, 16)
+
+
+def test_minilm_rows_do_not_depend_on_the_batch():
+    """A text's MiniLM row is the same bytes alone, in any batch and in any order (prep caches rows
+    across shards and workers); the batched path equals one text per forward pass."""
+    import torch
+
+    encoder = get_text_encoder("minilm")
+    texts = ["Sinus rhythm|Normal ECG", "atrial fibrillation with rapid ventricular response",
+             "sinus bradycardia", "left axis deviation. borderline ecg. " * 12, "x", "ST elevation"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as prep runs it
+    try:
+        together = encoder.encode(texts)
+        np.testing.assert_array_equal(encoder.encode(texts[::-1])[::-1], together)
+        np.testing.assert_array_equal(np.concatenate([encoder.encode([t]) for t in texts]),
+                                      together)
+        mixed = encoder.encode(["premature ventricular complexes"] + texts[:3] + ["t wave"])
+        np.testing.assert_array_equal(mixed[1:4], together[:3])
+        encoder._batched[1] = False  # one text per forward pass: the same bytes
+        np.testing.assert_array_equal(encoder.encode(texts), together)
+    finally:
+        torch.set_num_threads(before)
+    assert encoder.encode([]).shape == (0, 384)
 
 
 @pytest.mark.slow
@@ -520,6 +570,15 @@ def test_minilm_prep_writes_the_same_bytes_for_any_worker_count(tmp_path):
     _prep(tmp_path / "two", "cinc", tmp_path / "root", workers=2, shard_size=3,
           text_encoder="minilm")
     assert _outputs(tmp_path / "two") == _outputs(tmp_path / "one")
+    if importlib.util.find_spec("apache_beam") is not None:  # optional `beam` extra
+        _prep(tmp_path / "beam", "cinc", tmp_path / "root", shard_size=3, text_encoder="minilm",
+              runner="direct", beam_args=("--direct_num_workers=2",))
+        assert _outputs(tmp_path / "beam") == _outputs(tmp_path / "one")
+    # A report's row does not depend on its shard either (rows are cached across shards).
+    _prep(tmp_path / "big", "cinc", tmp_path / "root", shard_size=64, text_encoder="minilm")
+    rows = {e["record_id"]: e["text_embedding"].tobytes() for e in _all_examples(tmp_path / "one")}
+    assert len(rows) == 7 and rows == {e["record_id"]: e["text_embedding"].tobytes()
+                                       for e in _all_examples(tmp_path / "big")}
 
 
 # --- issue 15: bad input never becomes training data; good records are not lost ------------------

