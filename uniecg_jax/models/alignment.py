@@ -72,6 +72,10 @@ class AttributeConfig(ConfigSchema):
     # per-head temperature); False is the unnormalised read-out of the checkpoints written before
     # this field, whose attention saturated on one token (`AttributeHead`).
     qk_norm: bool = True
+    # Keys and values see each request token with the `context_window - 1` tokens before it: a
+    # number spans several tokens ("1", "3", "0"), and a small LLM's state at its last digit does
+    # not hold its value (the demo's stage-1 LLM: ridge probe r 0.55 from that state alone).
+    context_window: int = 3
     param_dtype: str = "float32"
     dtype: str = "float32"
 
@@ -79,15 +83,19 @@ class AttributeConfig(ConfigSchema):
     def from_config(cls, values=None, group: str | None = None, **derived) -> "AttributeConfig":
         """As `ConfigSchema.from_config`, except that a group without `qk_norm` (a checkpoint
         written before it: every config file states it, through `to_dict`) keeps the head those
-        weights were trained as (`qk_norm=False`)."""
+        weights were trained as (`qk_norm=False`, `context_window=1`)."""
         values = dict(values.to_dict() if hasattr(values, "to_dict") else values or {})
-        values.setdefault("qk_norm", False)
+        if "qk_norm" not in values:
+            values.update(qk_norm=False, context_window=1)
         return super().from_config(values, group, **derived)
 
     def __post_init__(self):
         if self.hidden_dim % self.heads:
             raise ValueError(f"model.attributes.hidden_dim={self.hidden_dim} is not divisible by "
                              f"model.attributes.heads={self.heads}")
+        if self.context_window < 1:
+            raise ValueError(f"model.attributes.context_window must be >= 1, got "
+                             f"{self.context_window}")
         if self.heart_rate_scale <= 0 or self.age_scale <= 0:
             raise ValueError("model.attributes.heart_rate_scale and age_scale must be > 0, got "
                              f"{self.heart_rate_scale} and {self.age_scale}")
@@ -197,6 +205,17 @@ ATTRIBUTE_TEMPERATURE_INIT = 10.0
 ATTRIBUTE_TEMPERATURE_MAX = 50.0
 
 
+def _windowed(context: jax.Array, mask: jax.Array, window: int) -> jax.Array:
+    """context [B, T, D], mask [B, T] -> [B, T, window * D]: each token's state beside those of
+    the `window - 1` tokens before it (zeros where those are not request tokens)."""
+    parts = [context]
+    for shift in range(1, window):
+        shifted = jnp.pad(context, ((0, 0), (shift, 0), (0, 0)))[:, :-shift]
+        kept = jnp.pad(mask, ((0, 0), (shift, 0)))[:, :-shift]
+        parts.append(jnp.where(kept[..., None], shifted, jnp.zeros_like(shifted)))
+    return jnp.concatenate(parts, axis=-1)
+
+
 def _unit(x: jax.Array) -> jax.Array:
     """x [..., Dh] scaled to unit length along the last axis (f32)."""
     x = x.astype(jnp.float32)
@@ -238,6 +257,8 @@ class AttributeHead(nn.Module):
             norm = dict(dtype=dtype, param_dtype=param_dtype)
             ecg_hidden = LayerNorm(name="query_norm", **norm)(ecg_hidden)
             context = LayerNorm(name="context_norm", **norm)(context)
+        if cfg.context_window > 1:
+            context = _windowed(context, context_mask, cfg.context_window)
         query = dense((cfg.heads, head_dim), qkv_axes, "query")(ecg_hidden)
         key = dense((cfg.heads, head_dim), qkv_axes, "key")(context)
         value = dense((cfg.heads, head_dim), qkv_axes, "value")(context)
