@@ -326,9 +326,11 @@ def test_attribute_head_reads_stated_rates_of_held_out_requests_without_collapsi
         tmp_path, monkeypatch):
     """Rates 40-150 bpm stated in the trained forms, at the tests' aggressive learning rate
     (2e-2): the head must read unseen rates (odd; trained on even) in held-out phrasings too. The
-    unnormalised read-out (`qk_norm=False`, checkpoints before it) collapsed here: attention
-    logits' spread ~30, one token, the same rate for every request (r 0.07 / nan, MAE 27 bpm =
-    predicting the mean); the normalised one reads them (r ~0.67, MAE ~17)."""
+    unnormalised read-out (`qk_norm=False, context_window=1`, checkpoints before them) fails
+    here: its attention logits' spread grows to ~30, one token takes the softmax and every request
+    gets ~the same rate (trained / held-out phrasings: r -0.11 / -0.31, MAE 30.5 / 32.0 bpm
+    against 30.1 for the mean guess); the current head reads them (r 0.62 / 0.70, MAE 22.1 /
+    19.5). ~55 s on 2 cores."""
     from uniecg_jax.data.chat_format import InputBuilder
     from uniecg_jax.models.stage2 import UniECGStage2
 
@@ -386,6 +388,25 @@ def test_checkpoints_without_qk_norm_keep_the_unnormalised_attribute_head():
     assert legacy["key/kernel"] == (16, 2, 4) and new["key/kernel"] == (48, 2, 4)
     assert set(new) - set(legacy) == {"log_temperature", "context_norm/bias", "context_norm/scale",
                                       "query_norm/bias", "query_norm/scale"}
+
+
+def test_an_overlong_request_keeps_the_attributes_it_states():
+    """Cut before its last third, a request too long for max_length keeps its opening and the
+    stated rate at its end (cut at the end, 14% of the demo's rate-stating requests lost it)."""
+    from uniecg_jax.data.chat_format import InputBuilder
+    from uniecg_jax.data.conversations import Stage2Request
+    from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    ids = add_ecg_tokens(tokenizer, 4)
+    text = ("Generate a 12-lead ECG that matches this report: sinus rhythm, left axis deviation, "
+            "first degree AV block, possible left ventricular hypertrophy at 130 bpm")
+    fields = stage2_fields(InputBuilder.for_model(tokenizer, {}),
+                           Stage2Request((("user", text),), True), ids, max_length=64)
+    start = int(fields["ecg_token_positions"][0])
+    kept = tokenizer.decode(fields["input_ids"][:start])
+    assert kept.startswith("<s>USER: Generate") and kept.endswith(" at 130 bpm ASSISTANT: "), kept
+    assert fields["input_ids"][start:start + 4].tolist() == ids
 
 
 def test_zero_attribute_loss_weights_leave_the_head_at_init(tmp_path, monkeypatch):

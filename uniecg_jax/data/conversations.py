@@ -380,8 +380,8 @@ def stage2_fields(inputs: InputBuilder, request: Stage2Request, ecg_token_ids: S
     `</s>` (generation) or by its text answer and `</s>`; the loss mask covers every assistant
     answer (earlier turns' too). A generation prompt too long for `max_length` loses the tokens
     just before its last third (the end, with the stated attributes, stays; less of it when the
-    cut is longer than the rest), so the `[ECG]` tokens always fit; a text answer is cut at the
-    end.
+    cut is longer than the rest; the opening role prefix always stays), so the `[ECG]` tokens
+    always fit; a text answer is cut at the end.
     Returns input_ids / loss_mask / attention_mask [max_length] i32, ecg_token_positions [N] i32
     (zeros for a text answer) and is_generation (bool)."""
     ids, mask = inputs.conversation(list(request.turns), with_ecg=False)
@@ -394,10 +394,12 @@ def stage2_fields(inputs: InputBuilder, request: Stage2Request, ecg_token_ids: S
             # states ("... at 130 bpm in a 70-year-old woman"), which the attribute head is
             # trained to read; cutting the end lost the stated rate in 16% of the demo's
             # rate-stating requests (max_length 128), leaving a target the text no longer held.
-            if overflow >= len(ids) - 1:
+            # "<s>USER: " and the request's first token stay (the +1 below)
+            head = len(inputs.conversation([("user", "")], with_ecg=False)[0])
+            if overflow >= len(ids) - head - 1:
                 raise UniECGError(f"max_length={max_length} cannot hold the request and "
                                   f"{len(ecg_token_ids)} [ECG] tokens")
-            keep = min(len(ids) // 3, len(ids) - 1 - overflow)
+            keep = min((len(ids) - head) // 3, len(ids) - head - 1 - overflow)
             cut = len(ids) - keep - overflow
             ids, mask = ids[:cut] + ids[cut + overflow:], mask[:cut] + mask[cut + overflow:]
     else:
