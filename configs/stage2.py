@@ -82,9 +82,13 @@ def get_config(arg=None):
     if variant == "demo":
         # Measured on the demo's stage 1 (held-out records, `request_metrics`): at 150 steps the
         # [ECG] decision is not learned (73% of trained general questions answered with [ECG],
-        # seeds 0 and 1); at 400 steps none are (seed 0), but held-out ones still are (58%). The
-        # attribute head's read-out collapses either way (its attention one-hot on ":" / "<s>",
-        # scores' std ~45 from 0.06 at init), so it predicts ~the mean rate, age and sex.
+        # seeds 0 and 1); at 400 steps none are (seed 0), but held-out ones still are (58%; 42%
+        # on another stage-1 run, 0% with the wider set of trained general questions). The
+        # unnormalised attribute read-out collapsed (attention one-hot on ":" / "<s>", logits'
+        # std ~25-45); the normalised one keeps them ~3 (max weight ~0.45), but at 400 steps it
+        # still reads stated rates poorly (MAE ~13 bpm against 0.3 for the regex): the report
+        # implies half of them, and the small LLM's states barely hold a number (a ridge probe
+        # on the last digit's state: r 0.55).
         config.model.alignment.hidden_dim = 256
         config.train.update(steps=150, learning_rate=5e-3, log_every=25, checkpoint_every=0)
     if variant in ("vicuna_7b", "qwen2_5_7b"):

@@ -270,17 +270,19 @@ def test_the_model_decides_generation_requests_from_questions_and_interpretation
     assert not emitted.any()
 
 
-def _toy_attribute_run(tmp_path, monkeypatch, extra):
-    """Stage 2 on a toy set: one report, every request stating its record's rate (50 or 130 bpm;
-    age and sex vary independently of it), from a random tiny stage-1 model."""
+def _toy_attribute_run(tmp_path, monkeypatch, extra, records=None):
+    """Stage 2 on a toy set (default: one report, every request stating its record's rate, 50 or
+    130 bpm; age and sex vary independently of it), from a random tiny stage-1 model."""
     import uniecg_jax.train.stage2 as stage2_trainer
     from uniecg_jax.data.pipelines import records_source
     from uniecg_jax.data.record import ECGRecord
     from uniecg_jax.data.text_encoder import HashingTextEncoder
 
-    records = [ECGRecord(signal=np.zeros((12, 5000), np.float32), fs=500.0, record_id=f"toy{i}",
-                         report="sinus rhythm", heart_rate=float((50, 130)[i % 2]),
-                         age=float(30 + 7 * (i // 4)), sex="MF"[(i // 2) % 2]) for i in range(32)]
+    if records is None:
+        records = [ECGRecord(signal=np.zeros((12, 5000), np.float32), fs=500.0,
+                             record_id=f"toy{i}", report="sinus rhythm",
+                             heart_rate=float((50, 130)[i % 2]), age=float(30 + 7 * (i // 4)),
+                             sex="MF"[(i // 2) % 2]) for i in range(32)]
     source = records_source(records, text_encoder=HashingTextEncoder(TEXT_DIM))
     monkeypatch.setattr(stage2_trainer, "stage2_data_source", lambda config, split: source)
     config = load_config("configs/stage2.py:tiny", [
@@ -306,6 +308,105 @@ def test_attribute_head_reads_the_stated_rate(tmp_path, monkeypatch):
     predicted = attributes["heart_rate"]
     assert np.corrcoef(rates, predicted)[0, 1] > 0.8, predicted
     assert predicted[1::2].mean() - predicted[::2].mean() > 40, predicted
+
+
+def _rate_records(rates, seed):
+    """Toy records stating `rates`; report, age and sex drawn independently of the rate."""
+    from uniecg_jax.data.record import ECGRecord
+
+    rng = np.random.default_rng(seed)
+    reports = ("sinus rhythm", "normal ECG", "left axis deviation", "first degree AV block")
+    return [ECGRecord(signal=np.zeros((12, 5000), np.float32), fs=500.0, record_id=f"r{seed}_{i}",
+                      report=reports[rng.integers(len(reports))], heart_rate=float(rate),
+                      age=float(rng.integers(20, 90)), sex="MF"[rng.integers(2)])
+            for i, rate in enumerate(rates)]
+
+
+def test_attribute_head_reads_stated_rates_of_held_out_requests_without_collapsing(
+        tmp_path, monkeypatch):
+    """Rates 40-150 bpm stated in the trained forms, at the tests' aggressive learning rate
+    (2e-2): the head must read unseen rates (odd; trained on even) in held-out phrasings too. The
+    unnormalised read-out (`qk_norm=False, context_window=1`, checkpoints before them) fails
+    here: its attention logits' spread grows to ~30, one token takes the softmax and every request
+    gets ~the same rate (trained / held-out phrasings: r -0.11 / -0.31, MAE 30.5 / 32.0 bpm
+    against 30.1 for the mean guess); the current head reads them (r 0.62 / 0.70, MAE 22.1 /
+    19.5). ~55 s on 2 cores."""
+    from uniecg_jax.data.chat_format import InputBuilder
+    from uniecg_jax.models.stage2 import UniECGStage2
+
+    rng = np.random.default_rng(0)
+    train_records = _rate_records(rng.choice(np.arange(40, 152, 2), 96), 1)
+    task, params = _toy_attribute_run(tmp_path, monkeypatch, [
+        "train.steps=160", "train.learning_rate=2e-2", "train.warmup_steps=10",
+        "train.log_every=80", "data.max_length=96"], records=train_records)
+    model, config = build_stage2(task.config.model)
+    assert config.attributes.qk_norm
+    inputs = InputBuilder.for_model(task.tokenizer, {})
+    held_out = _rate_records(rng.choice(np.arange(41, 151, 2), 32), 2)
+    for phrasing in ("trained", "held_out"):
+        request_rng = np.random.default_rng(5)
+        rows = [stage2_fields(inputs, generation_request(
+            r.report, {"heart_rate": r.heart_rate, "age": r.age, "sex": r.sex}, request_rng,
+            phrasing=phrasing, state_probability=1.0), config.ecg_token_ids, 96)
+            for r in held_out]
+        _, _, valid, attributes = model.apply(
+            {"params": params}, jnp.asarray(np.stack([f["input_ids"] for f in rows])),
+            jnp.asarray(np.stack([f["attention_mask"] for f in rows])),
+            method=UniECGStage2.generate_outputs)
+        assert np.asarray(valid).all()
+        rates = np.array([r.heart_rate for r in held_out])
+        predicted = np.asarray(attributes["heart_rate"])
+        error, mean_guess = np.abs(predicted - rates).mean(), np.abs(rates - rates.mean()).mean()
+        assert np.corrcoef(rates, predicted)[0, 1] > 0.45, (phrasing, predicted)
+        assert error < 0.8 * mean_guess, (phrasing, error, mean_guess)
+
+
+def test_checkpoints_without_qk_norm_keep_the_unnormalised_attribute_head():
+    """A checkpoint's config written before `model.attributes.qk_norm` builds the head its weights
+    were trained as (same parameter names and shapes); new configs state the normalised,
+    windowed one."""
+    from uniecg_jax.layers.params import path_name
+    from uniecg_jax.models.alignment import AttributeConfig, AttributeHead
+
+    old = {k: v for k, v in AttributeConfig().to_dict().items()
+           if k not in ("qk_norm", "context_window")}
+    legacy_config = AttributeConfig.from_config(dict(old, hidden_dim=8, heads=2))
+    assert (legacy_config.qk_norm, legacy_config.context_window) == (False, 1)
+    new_config = AttributeConfig.from_config(AttributeConfig(hidden_dim=8, heads=2).to_dict())
+    assert (new_config.qk_norm, new_config.context_window) == (True, 3)
+    assert _stage2_config().model.attributes.qk_norm is True
+    args = (jnp.ones((1, 2, 16)), jnp.ones((1, 2), bool), jnp.ones((1, 5, 16)),
+            jnp.ones((1, 5), bool))
+
+    def shapes(config):
+        params = nn.meta.unbox(AttributeHead(config).init(jax.random.PRNGKey(0), *args))
+        return {path_name(path): leaf.shape
+                for path, leaf in jax.tree_util.tree_flatten_with_path(params["params"])[0]}
+    legacy, new = shapes(legacy_config), shapes(new_config)
+    assert sorted(legacy) == sorted(f"{m}/{p}" for m in ("input", "key", "output", "query", "value")
+                                    for p in ("bias", "kernel"))
+    assert legacy["key/kernel"] == (16, 2, 4) and new["key/kernel"] == (48, 2, 4)
+    assert set(new) - set(legacy) == {"log_temperature", "context_norm/bias", "context_norm/scale",
+                                      "query_norm/bias", "query_norm/scale"}
+
+
+def test_an_overlong_request_keeps_the_attributes_it_states():
+    """Cut before its last third, a request too long for max_length keeps its opening and the
+    stated rate at its end (cut at the end, 14% of the demo's rate-stating requests lost it)."""
+    from uniecg_jax.data.chat_format import InputBuilder
+    from uniecg_jax.data.conversations import Stage2Request
+    from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tokenizer
+
+    tokenizer = load_tokenizer(None)
+    ids = add_ecg_tokens(tokenizer, 4)
+    text = ("Generate a 12-lead ECG that matches this report: sinus rhythm, left axis deviation, "
+            "first degree AV block, possible left ventricular hypertrophy at 130 bpm")
+    fields = stage2_fields(InputBuilder.for_model(tokenizer, {}),
+                           Stage2Request((("user", text),), True), ids, max_length=64)
+    start = int(fields["ecg_token_positions"][0])
+    kept = tokenizer.decode(fields["input_ids"][:start])
+    assert kept.startswith("<s>USER: Generate") and kept.endswith(" at 130 bpm ASSISTANT: "), kept
+    assert fields["input_ids"][start:start + 4].tolist() == ids
 
 
 def test_zero_attribute_loss_weights_leave_the_head_at_init(tmp_path, monkeypatch):

@@ -187,6 +187,9 @@ REPORT_QUESTIONS = (   # about a report, answered in words (trained)
     "What does this ECG report mean: {report}?",
     "Explain these ECG findings to a student: {report}",
     "Is this report worrying? {report}",
+    "Should I be concerned about this finding: {report}?",
+    "Summarise in plain words: {report}",
+    "Which features on an ECG define {report}?",
 )
 HELD_OUT_REPORT_QUESTIONS = ("My ECG report says: {report}. What should I make of it?",)
 REPORT_ANSWER = "The report describes {report}; rhythm and rate come from the RR intervals."
@@ -200,6 +203,35 @@ GENERAL_QUESTIONS = (  # (question, answer), trained
     ("How long is a normal QRS complex?", "A normal QRS complex lasts less than 120 ms."),
     ("Which leads look at the inferior wall of the heart?", "Leads II, III and aVF."),
     ("What does the T wave represent?", "The T wave represents ventricular repolarisation."),
+    # Varied wording and topics (greetings, the assistant itself, ECG facts, questions that name a
+    # finding or a rate without asking for an ECG): with only the six above, the [ECG] decision
+    # (a linear read of the frozen LLM's state) learned those six strings, and 58% of held-out
+    # general questions still got [ECG] after 400 demo steps.
+    ("Good morning!", "Good morning. Attach a 12-lead ECG and I will interpret it, or describe "
+     "the ECG you would like me to generate."),
+    ("What can you do?", "I interpret 12-lead ECGs you attach and generate ECGs from a "
+     "description."),
+    ("Thank you.", "You are welcome."),
+    ("Goodbye.", "Goodbye."),
+    ("What is the P wave?", "The P wave represents atrial depolarisation."),
+    ("What causes atrial fibrillation?", "Common causes are hypertension, heart failure, valve "
+     "disease, ageing and an overactive thyroid."),
+    ("How is the heart rate calculated from an ECG?", "Divide 60 by the RR interval in seconds, "
+     "or 300 by the number of large squares between two R waves at 25 mm/s."),
+    ("What is sinus tachycardia?", "Sinus rhythm faster than 100 beats per minute."),
+    ("Is a heart rate of 55 bpm normal?", "At rest, 55 bpm is a mild sinus bradycardia, common "
+     "and harmless in fit people."),
+    ("What does ST elevation mean?", "ST elevation can mean acute myocardial infarction, "
+     "pericarditis or early repolarisation."),
+    ("How many leads does a standard ECG have?", "Twelve: six limb leads and six chest leads."),
+    ("What paper speed is standard for an ECG?", "25 mm per second."),
+    ("Can you explain what a bundle branch block is?", "A delay or block in one bundle branch, "
+     "which widens the QRS complex to 120 ms or more."),
+    ("What is the normal QRS axis?", "Between -30 and +90 degrees."),
+    ("How do I prepare a patient for an ECG?", "Lay them supine, clean the skin and place the ten "
+     "electrodes: four on the limbs, six on the chest."),
+    ("What is the weather like today?", "I cannot check the weather; I interpret and generate "
+     "ECGs."),
 )
 HELD_OUT_GENERAL_QUESTIONS = (
     ("What is the QT interval?", "The QT interval spans ventricular depolarisation and "
@@ -346,8 +378,10 @@ def stage2_fields(inputs: InputBuilder, request: Stage2Request, ecg_token_ids: S
                   max_length: int) -> dict:
     """Training fields of one stage-2 conversation: the request answered by the `[ECG]` tokens and
     `</s>` (generation) or by its text answer and `</s>`; the loss mask covers every assistant
-    answer (earlier turns' too). A generation prompt too long for `max_length` loses tokens at the
-    end of its last user text, so the `[ECG]` tokens always fit; a text answer is cut at the end.
+    answer (earlier turns' too). A generation prompt too long for `max_length` loses the tokens
+    just before its last third (the end, with the stated attributes, stays; less of it when the
+    cut is longer than the rest; the opening role prefix always stays), so the `[ECG]` tokens
+    always fit; a text answer is cut at the end.
     Returns input_ids / loss_mask / attention_mask [max_length] i32, ecg_token_positions [N] i32
     (zeros for a text answer) and is_generation (bool)."""
     ids, mask = inputs.conversation(list(request.turns), with_ecg=False)
@@ -356,10 +390,18 @@ def stage2_fields(inputs: InputBuilder, request: Stage2Request, ecg_token_ids: S
         answer = list(ecg_token_ids) + [inputs.tokenizer.eos_token_id]
         overflow = len(ids) + len(tail) + len(answer) - max_length
         if overflow > 0:
-            if overflow >= len(ids) - 1:
+            # Cut before the last third, not at the end: a request ends with the attributes it
+            # states ("... at 130 bpm in a 70-year-old woman"), which the attribute head is
+            # trained to read; cutting the end lost the stated rate in 16% of the demo's
+            # rate-stating requests (max_length 128), leaving a target the text no longer held.
+            # "<s>USER: " and the request's first token stay (the +1 below)
+            head = len(inputs.conversation([("user", "")], with_ecg=False)[0])
+            if overflow >= len(ids) - head - 1:
                 raise UniECGError(f"max_length={max_length} cannot hold the request and "
                                   f"{len(ecg_token_ids)} [ECG] tokens")
-            ids, mask = ids[:len(ids) - overflow], mask[:len(mask) - overflow]
+            keep = min((len(ids) - head) // 3, len(ids) - head - 1 - overflow)
+            cut = len(ids) - keep - overflow
+            ids, mask = ids[:cut] + ids[cut + overflow:], mask[:cut] + mask[cut + overflow:]
     else:
         answer = inputs.tokenizer.encode(request.answer.strip(), add_special_tokens=False) + [
             inputs.tokenizer.eos_token_id]

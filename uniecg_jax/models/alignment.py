@@ -68,13 +68,34 @@ class AttributeConfig(ConfigSchema):
     heart_rate_scale: float = 25.0
     age_center: float = 60.0
     age_scale: float = 20.0
+    # Normalised read-out (LayerNorm on both inputs, unit-length queries and keys, a learned
+    # per-head temperature); False is the unnormalised read-out of the checkpoints written before
+    # this field, whose attention saturated on one token (`AttributeHead`).
+    qk_norm: bool = True
+    # Keys and values see each request token with the `context_window - 1` tokens before it: a
+    # number spans several tokens ("1", "3", "0"), and a small LLM's state at its last digit does
+    # not hold its value (the demo's stage-1 LLM: ridge probe r 0.55 from that state alone).
+    context_window: int = 3
     param_dtype: str = "float32"
     dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, values=None, group: str | None = None, **derived) -> "AttributeConfig":
+        """As `ConfigSchema.from_config`, except that a group without `qk_norm` (a checkpoint
+        written before it: every config file states it, through `to_dict`) keeps the head those
+        weights were trained as (`qk_norm=False`, `context_window=1`)."""
+        values = dict(values.to_dict() if hasattr(values, "to_dict") else values or {})
+        if "qk_norm" not in values:
+            values.update(qk_norm=False, context_window=1)
+        return super().from_config(values, group, **derived)
 
     def __post_init__(self):
         if self.hidden_dim % self.heads:
             raise ValueError(f"model.attributes.hidden_dim={self.hidden_dim} is not divisible by "
                              f"model.attributes.heads={self.heads}")
+        if self.context_window < 1:
+            raise ValueError(f"model.attributes.context_window must be >= 1, got "
+                             f"{self.context_window}")
         if self.heart_rate_scale <= 0 or self.age_scale <= 0:
             raise ValueError("model.attributes.heart_rate_scale and age_scale must be > 0, got "
                              f"{self.heart_rate_scale} and {self.age_scale}")
@@ -177,6 +198,30 @@ class AlignmentHead(nn.Module):
         return matmul(pooled, kernel, (1,), (0,), dtype, jnp.float32) + bias.astype(jnp.float32)
 
 
+# Initial and largest temperature of the normalised read-out: the attention logits are
+# temperature x cos(query, key), so they start within +-10 (soft over a ~50-token request) and can
+# sharpen, but never to the one-hot softmax whose gradient vanishes.
+ATTRIBUTE_TEMPERATURE_INIT = 10.0
+ATTRIBUTE_TEMPERATURE_MAX = 50.0
+
+
+def _windowed(context: jax.Array, mask: jax.Array, window: int) -> jax.Array:
+    """context [B, T, D], mask [B, T] -> [B, T, window * D]: each token's state beside those of
+    the `window - 1` tokens before it (zeros where those are not request tokens)."""
+    parts = [context]
+    for shift in range(1, window):
+        shifted = jnp.pad(context, ((0, 0), (shift, 0), (0, 0)))[:, :-shift]
+        kept = jnp.pad(mask, ((0, 0), (shift, 0)))[:, :-shift]
+        parts.append(jnp.where(kept[..., None], shifted, jnp.zeros_like(shifted)))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    """x [..., Dh] scaled to unit length along the last axis (f32)."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)
+
+
 class AttributeHead(nn.Module):
     """Heart rate, age and sex read by the `[ECG]` hidden states from the request.
 
@@ -187,6 +232,14 @@ class AttributeHead(nn.Module):
     `[ECG]` embedding itself), and an MLP on them stayed at the mean rate after 80 steps although
     a ridge probe could read the rate from them (held-out correlation 0.88): the numbers are
     spelled out in the request's own states, which the queries learn to find.
+
+    With `qk_norm` (the default) both inputs are LayerNormed, queries and keys are scaled to unit
+    length per head and the logits are a learned per-head temperature (`log_temperature`, capped
+    at ATTRIBUTE_TEMPERATURE_MAX) x their cosine. Without it (checkpoints written before) the
+    logits are q.k / sqrt(Dh) of unnormalised projections: Adam grows both kernels together, the
+    logits' spread went from ~0.06 at init to ~45 in the demo, the softmax turned one-hot on one
+    token (":" or "<s>") whose state is the same in every request, its gradient vanished, and the
+    head predicted the mean rate whatever the request said.
 
     ecg_hidden [B, N, D], valid [B, N], context [B, T, D], context_mask [B, T] (True = a request
     token) -> {"heart_rate": [B] bpm, "age": [B] years, "male_logit": [B]} (f32)."""
@@ -200,9 +253,23 @@ class AttributeHead(nn.Module):
         head_dim = cfg.hidden_dim // cfg.heads
         dense = functools.partial(_dense, cfg)
         qkv_axes = ("embed", "q_heads", "head_dim")
+        if cfg.qk_norm:
+            norm = dict(dtype=dtype, param_dtype=param_dtype)
+            ecg_hidden = LayerNorm(name="query_norm", **norm)(ecg_hidden)
+            context = LayerNorm(name="context_norm", **norm)(context)
+        if cfg.context_window > 1:
+            context = _windowed(context, context_mask, cfg.context_window)
         query = dense((cfg.heads, head_dim), qkv_axes, "query")(ecg_hidden)
         key = dense((cfg.heads, head_dim), qkv_axes, "key")(context)
         value = dense((cfg.heads, head_dim), qkv_axes, "value")(context)
+        if cfg.qk_norm:
+            log_temperature = self.param("log_temperature", nn.with_logical_partitioning(
+                nn.initializers.constant(jnp.log(ATTRIBUTE_TEMPERATURE_INIT)), ("q_heads",)),
+                (cfg.heads,), jnp.float32)
+            temperature = jnp.exp(jnp.minimum(log_temperature, jnp.log(ATTRIBUTE_TEMPERATURE_MAX)))
+            # bidirectional_attention divides the logits by sqrt(Dh): fold it back in.
+            query = _unit(query) * (temperature[:, None] * head_dim ** 0.5)
+            key = _unit(key)
         read = bidirectional_attention(query, key, value, dtype, context_mask)   # [B, N, H, Dh]
         read = jnp.where(valid[:, :, None, None], read, jnp.zeros_like(read))
         hidden = nn.gelu(dense(cfg.hidden_dim, (None, "q_heads", "head_dim", "mlp"), "input",
