@@ -217,7 +217,8 @@ def _windowed(context: jax.Array, mask: jax.Array, window: int) -> jax.Array:
 
 
 def _unit(x: jax.Array) -> jax.Array:
-    """x [..., Dh] scaled to unit length along the last axis (f32)."""
+    """x [..., Dh] scaled to unit length along the last axis (f32). Not `ecg_clip.normalize`: its
+    norm has a NaN gradient at an all-zero vector (a padded request token's key), this one not."""
     x = x.astype(jnp.float32)
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)
 
