@@ -12,7 +12,7 @@ In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 
   4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
      in f32 and with bf16 weights on both sides; each side's best of --decode-repeats runs, the two
      sides timed in turn (run-to-run spread on a shared 2-core host is ~10%). Where the CPU decode
-     kernels are eligible (kernels.small_batch_matmul: f32, batch 2-8; kernels.decode_attention:
+     kernels are eligible (kernels.small_batch_matmul: f32, batch 1-8; kernels.decode_attention:
      f32) our loop is timed with every combination of them and of XLA's own dot and attention,
      each on its own line, and "ours" is the combination `generate`'s calibrations chose on this
      CPU (printed with its model and AVX2 / AVX-512 / AMX flags: the kernels' speed depends on
@@ -127,17 +127,15 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
         out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=(),
                                 small_batch_kernel=matmul, attention_kernel=attention)
         out.tokens.block_until_ready()
-    # What generate(small_batch_kernel=None, attention_kernel=None) decides (measured at first
-    # use, then cached), for each kernel that can run here.
+    # What generate(small_batch_kernel=None, attention_kernel=None) decides (each kernel measured
+    # at first use, then cached), and which kernels can run here at all.
+    chosen = dict(zip(("matmul", "attention"),
+                      decoding.decode_kernels(model, params, jnp.asarray(ids))))
     choice = {}
     if small_batch_matmul.eligible(cfg.compute_dtype, cfg.params_dtype, batch, params):
-        choice["matmul"] = small_batch_matmul.usable(
-            cfg.compute_dtype, cfg.params_dtype, batch, params,
-            shapes=small_batch_matmul.dense_matmul_shapes(model, params, jnp.asarray(ids[:, -1:])))
-    groups = cfg.num_heads // cfg.num_kv_heads
+        choice["matmul"] = chosen["matmul"]
     if decode_attention.eligible(cfg.compute_dtype, cfg.resolved_head_dim, params):
-        choice["attention"] = decode_attention.usable(cfg.compute_dtype, batch, cfg.num_kv_heads,
-                                                      groups, cfg.resolved_head_dim, params)
+        choice["attention"] = chosen["attention"]
     runs = {}
     for matmul in ((False, True) if "matmul" in choice else (False,)):
         for attention in ((False, True) if "attention" in choice else (False,)):
@@ -160,8 +158,7 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
                               do_sample=False, pad_token_id=0)
     best = interleaved_best({**runs, "hf": hf}, repeats)
     rates = {name: batch * new_tokens / seconds for name, seconds in best.items()}
-    chosen = "+".join(k for k in ("matmul", "attention") if choice.get(k))
-    rates["ours"] = rates[chosen or "xla"]
+    rates["ours"] = rates["+".join(k for k, on in chosen.items() if on) or "xla"]
     return rates, choice
 
 

@@ -124,7 +124,7 @@ def test_injection_reaches_every_dense_of_a_decoder_except_scanned_ones(kernel):
 def test_eligible_only_for_single_device_f32_small_batches(kernel):
     f32, bf16 = jnp.float32, jnp.bfloat16
     assert small_batch_matmul.eligible(f32, f32, 8, [jnp.ones(4)])
-    assert not small_batch_matmul.eligible(f32, f32, 1, [])          # XLA's gemv is as fast
+    assert small_batch_matmul.eligible(f32, f32, 1, [])     # one row too: the calibration decides
     assert not small_batch_matmul.eligible(f32, f32, 9, [])
     assert not small_batch_matmul.eligible(bf16, f32, 4, [])
     assert not small_batch_matmul.eligible(f32, bf16, 4, [])
@@ -253,7 +253,7 @@ def test_forcing_skips_calibration_and_ineligible_cases_never_calibrate(calibrat
     monkeypatch.setenv("UNIECG_SMALL_BATCH_KERNEL", "1")
     assert small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=shapes)
     monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL")
-    for dtype, rows in ((jnp.float32, 1), (jnp.float32, 9), (jnp.bfloat16, 4)):
+    for dtype, rows in ((jnp.float32, 0), (jnp.float32, 9), (jnp.bfloat16, 4)):
         assert not small_batch_matmul.usable(dtype, jnp.float32, rows, [], shapes=shapes)
     assert not small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=())
     assert calibration.measured == 0 and not traced

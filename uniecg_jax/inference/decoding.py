@@ -192,6 +192,33 @@ def generate_fn(model: Decoder, max_new_tokens: int, sampling: Sampling = Sampli
     return _JITTED[key]
 
 
+def decode_kernels(model: Decoder, params: Any, input_ids: jax.Array,
+                   small_batch_kernel: bool | None = None, attention_kernel: bool | None = None
+                   ) -> tuple[bool, bool]:
+    """(small_batch_kernel, attention_kernel) for decoding `input_ids` [B, T] with `model`: each
+    None resolved as `generate` documents (eligible here and calibrated faster than XLA), each
+    True checked to load (RuntimeError otherwise)."""
+    cfg = model.config
+    for asked, kernel in ((small_batch_kernel, small_batch_matmul), (attention_kernel,
+                                                                     decode_attention)):
+        if asked and not kernel.load():     # asked for by name: it must be there
+            raise RuntimeError(f"generate: {kernel.__name__} was asked for but cannot be built here "
+                               "(no C++ compiler, or its UNIECG_* variable is 0)")
+    rows = input_ids.shape[0]
+    if attention_kernel is None:
+        attention_kernel = decode_attention.usable(
+            cfg.compute_dtype, rows, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
+            cfg.resolved_head_dim, params)
+    if small_batch_kernel is None:
+        # One row: only beside the attention kernel. Beside XLA's attention the matmul kernel ran a
+        # batch-1 decode up to 1.7x slower than XLA alone (small preset, 2-core Xeon, bench/llm.py),
+        # beside the attention kernel 1.1-1.2x faster than the attention kernel alone.
+        small_batch_kernel = (rows > 1 or attention_kernel) and small_batch_matmul.usable(
+            cfg.compute_dtype, cfg.params_dtype, rows, params,
+            shapes=lambda: small_batch_matmul.dense_matmul_shapes(model, params, input_ids[:, -1:]))
+    return bool(small_batch_kernel), bool(attention_kernel)
+
+
 def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
              max_new_tokens: int = 32, stop_token_ids: Sequence[int] | None = None,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None,
@@ -207,7 +234,7 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
       sampling: greedy by default.
       extra_embeddings [B, N, D] / extra_positions [B, N]: spliced into the prompt at prefill.
       small_batch_kernel: decode steps run the model's matmuls through
-        `kernels.small_batch_matmul` (2..8 rows in f32 on CPU). None (default): wherever
+        `kernels.small_batch_matmul` (1..8 rows in f32 on CPU). None (default): wherever
         `small_batch_matmul.usable` says it applies and was measured faster than XLA's dot on this
         CPU for this model's shapes (a ~1 s calibration at first use, then cached); False: never.
       attention_kernel: decode steps attend over the KV cache with `kernels.decode_attention`
@@ -230,14 +257,8 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
     if not sampling.greedy and rng is None:
         raise ValueError("generate: sampling needs an rng key")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    if small_batch_kernel is None:
-        small_batch_kernel = small_batch_matmul.usable(
-            cfg.compute_dtype, cfg.params_dtype, input_ids.shape[0], params,
-            shapes=lambda: small_batch_matmul.dense_matmul_shapes(model, params, input_ids[:, -1:]))
-    if attention_kernel is None:
-        attention_kernel = decode_attention.usable(
-            cfg.compute_dtype, input_ids.shape[0], cfg.num_kv_heads,
-            cfg.num_heads // cfg.num_kv_heads, cfg.resolved_head_dim, params)
+    small_batch_kernel, attention_kernel = decode_kernels(model, params, input_ids,
+                                                          small_batch_kernel, attention_kernel)
     fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel, return_hidden,
                      attention_kernel)
     extra_positions = None if extra_positions is None else jnp.asarray(extra_positions, jnp.int32)

@@ -15,6 +15,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -140,7 +141,10 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
   const int64_t helpers = bytes < (1 << 18) ? 0 : std::max<int64_t>(1, pool.num_threads()) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
   work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->pairs) {
+  // Wait for the helpers' last chunks; yield the core now and then, since a helper descheduled
+  // by another busy thread (e.g. PyTorch's spinning OpenMP workers) needs it to finish.
+  for (int64_t spins = 1; work->done.load(std::memory_order_acquire) < work->pairs; ++spins) {
+    if (spins % 256 == 0) std::this_thread::yield();
   }
   return ffi::Error::Success();
 }

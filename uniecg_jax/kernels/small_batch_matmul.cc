@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -142,7 +143,10 @@ ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   work->chunk = std::max<int64_t>(1, tiles / (4 * (helpers + 1)));
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
   work->Run();
-  while (work->done.load(std::memory_order_acquire) < tiles) {
+  // Wait for the helpers' last chunks; yield the core now and then, since a helper descheduled
+  // by another busy thread (e.g. PyTorch's spinning OpenMP workers) needs it to finish.
+  for (int64_t spins = 1; work->done.load(std::memory_order_acquire) < tiles; ++spins) {
+    if (spins % 256 == 0) std::this_thread::yield();
   }
   return ffi::Error::Success();
 }

@@ -1,4 +1,4 @@
-"""Small-batch f32 matmul on CPU (M = 2..8 rows) for KV-cache decoding, as an XLA FFI custom call.
+"""Small-batch f32 matmul on CPU (M = 1..8 rows) for KV-cache decoding, as an XLA FFI custom call.
 
     if small_batch_matmul.load():                     # compiles once per machine, then cached
         packed = small_batch_matmul.pack(kernel)      # [K, N] -> [ceil(N/32), K, 32], once
@@ -8,7 +8,7 @@ Why: a batch-8 f32 decode step is ~85% [8, K] x [K, N] matmuls, which XLA:CPU ru
 of weights (its GEMM kernels re-pack the weights on every call and are tuned for large M); the
 kernel in small_batch_matmul.cc reads pre-packed column tiles once at ~20 GB/s per core, 1.3-3x
 faster per matmul on a 2-core AVX-512 host. `decoding.generate` packs the decoder's kernels once per
-call and uses it for f32 models on one CPU device with 2..8 rows where `usable` says it wins, by
+call and uses it for f32 models on one CPU device with 1..8 rows where `usable` says it wins, by
 injecting it into every `DenseGeneral` of the decode step from outside (`packed_dense_kernels`,
 `packed_kernels_injected`): the layers themselves know nothing of this kernel.
 
@@ -90,10 +90,11 @@ def _forced() -> bool | None:
 
 def eligible(compute_dtype, param_dtype, rows: int, arrays=()) -> bool:
     """Whether the kernel can run for decoding `rows` rows of a model whose params are `arrays`:
-    the default backend is CPU, compute and params are f32, 2 <= rows <= 8 (one row is a
-    matrix-vector product, which XLA already streams at memory speed), every array lives on one
-    device (the custom call has no sharding rule), and the kernel loads."""
-    if jax.default_backend() != "cpu" or not 2 <= rows <= MAX_ROWS:
+    the default backend is CPU, compute and params are f32, 1 <= rows <= 8 (one row too: with the
+    next tile prefetched the kernel streams a decode step's weights faster than XLA's matrix-vector
+    product on a 2-core Xeon, 5.9-6.3 vs 7.1 ms; the calibration decides per CPU), every array
+    lives on one device (the custom call has no sharding rule), and the kernel loads."""
+    if jax.default_backend() != "cpu" or not 1 <= rows <= MAX_ROWS:
         return False
     if jnp.dtype(compute_dtype) != jnp.float32 or jnp.dtype(param_dtype) != jnp.float32:
         return False
@@ -289,7 +290,7 @@ def _num_contracted(layer: DenseGeneral, kernel: jax.Array) -> int:
 @contextlib.contextmanager
 def packed_kernels_injected(packed: PackedKernels | None):
     """Within this context (while tracing a model call), every `DenseGeneral` whose kernel is in
-    `packed` computes `x . kernel` with `matmul` on its packed kernel when it has 2..MAX_ROWS rows
+    `packed` computes `x . kernel` with `matmul` on its packed kernel when it has 1..MAX_ROWS rows
     in f32; every other matmul keeps XLA's dot. `packed=None`: no injection."""
     if packed is None:
         yield
@@ -303,7 +304,7 @@ def packed_kernels_injected(packed: PackedKernels | None):
             batch_shape = x.shape[:x.ndim - num_contracted]
             features = kernel.shape[num_contracted:]
             rows = math.prod(batch_shape)
-            if 2 <= rows <= MAX_ROWS and jnp.dtype(layer.dtype) == jnp.float32:
+            if 1 <= rows <= MAX_ROWS and jnp.dtype(layer.dtype) == jnp.float32:
                 depth = math.prod(kernel.shape[:num_contracted])
                 y = matmul(x.reshape(rows, depth), packed[layer.path], math.prod(features))
                 return y.reshape(batch_shape + features).astype(layer.out_dtype or layer.dtype)
