@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import pathlib
-import time
 
 import flax.linen as nn
 import jax
@@ -135,21 +133,10 @@ def _measure(rows: int, heads: int, groups: int, head_dim: int, layers: int = 8
                 allowed = attention_weights_mask(written - 1, 1, key_mask)
                 outs.append(grouped_attention(layer_query, key, value, allowed, jnp.float32))
         return outs
-    sides = {side: jax.jit(functools.partial(step, side == "kernel")) for side in ("kernel", "xla")}
-    for fn in sides.values():                  # compile and warm up
-        jax.block_until_ready(fn(query, caches))
-    best = {"kernel": math.inf, "xla": math.inf}
-    start = time.perf_counter()
-    for repeat in range(CALIBRATION_REPEATS):
-        if repeat >= 3 and time.perf_counter() - start > CALIBRATION_BUDGET_S:
-            break
-        for side in (("kernel", "xla") if repeat % 2 == 0 else ("xla", "kernel")):
-            begin = time.perf_counter()
-            jax.block_until_ready(sides[side](query, caches))
-            if CALIBRATION_DELAY_S[side]:
-                time.sleep(CALIBRATION_DELAY_S[side])
-            best[side] = min(best[side], time.perf_counter() - begin)
-    return best
+    kernel_step, xla_step = (jax.jit(functools.partial(step, side)) for side in (True, False))
+    return native.time_sides({"kernel": lambda: kernel_step(query, caches),
+                              "xla": lambda: xla_step(query, caches)},
+                             CALIBRATION_REPEATS, CALIBRATION_BUDGET_S, 3, CALIBRATION_DELAY_S)
 
 
 @contextlib.contextmanager

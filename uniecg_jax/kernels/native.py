@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import platform
@@ -23,6 +24,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from typing import Callable
 
 import jax
@@ -187,3 +189,26 @@ def cached_decision(name: str, key: str, fields: dict,
             _log.warning("%s: could not cache the calibration (%s)", name, error)
     _decisions[memo] = decision
     return decision
+
+
+def time_sides(sides: dict[str, Callable[[], object]], repeats: int, budget_s: float,
+               min_repeats: int = 2, delays: dict[str, float] | None = None) -> dict[str, float]:
+    """Best seconds of each blocking call in `sides` ("kernel", "xla"), after one untimed call
+    each (compiling), the sides alternating call by call (a noisy spell of a shared host slows
+    both, not one); up to `repeats` rounds, stopping after `min_repeats` once `budget_s` has gone.
+    `delays` (a test hook): seconds added inside each timed call of a side, to make it slower."""
+    for fn in sides.values():
+        jax.block_until_ready(fn())
+    names = list(sides)
+    best = {name: math.inf for name in names}
+    start = time.perf_counter()
+    for repeat in range(repeats):
+        if repeat >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+        for name in (names if repeat % 2 == 0 else names[::-1]):
+            begin = time.perf_counter()
+            jax.block_until_ready(sides[name]())
+            if delays and delays.get(name):
+                time.sleep(delays[name])
+            best[name] = min(best[name], time.perf_counter() - begin)
+    return best

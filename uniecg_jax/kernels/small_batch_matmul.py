@@ -30,7 +30,6 @@ import functools
 import math
 import os
 import pathlib
-import time
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -198,23 +197,10 @@ def _measure(rows: int, shapes: Sequence[tuple[int, int]]) -> dict[str, float]:
             outs.append(jax.lax.fori_loop(0, count // copies, body,
                                           jnp.zeros((count, rows, width), jnp.float32)))
         return outs
-    sides = {"kernel": (jax.jit(functools.partial(step, True)), xs, packs),
-             "xla": (jax.jit(functools.partial(step, False)), xs, weights)}
-    for fn, *args in sides.values():             # compile and warm up
-        jax.block_until_ready(fn(*args))
-    best = {"kernel": math.inf, "xla": math.inf}
-    start = time.perf_counter()
-    for repeat in range(CALIBRATION_REPEATS):
-        if repeat >= 2 and time.perf_counter() - start > CALIBRATION_BUDGET_S:
-            break
-        for side in (("kernel", "xla") if repeat % 2 == 0 else ("xla", "kernel")):
-            fn, *args = sides[side]
-            begin = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            if CALIBRATION_DELAY_S[side]:
-                time.sleep(CALIBRATION_DELAY_S[side])
-            best[side] = min(best[side], time.perf_counter() - begin)
-    return best
+    kernel_step, xla_step = (jax.jit(functools.partial(step, side)) for side in (True, False))
+    return native.time_sides({"kernel": lambda: kernel_step(xs, packs),
+                              "xla": lambda: xla_step(xs, weights)},
+                             CALIBRATION_REPEATS, CALIBRATION_BUDGET_S, 2, CALIBRATION_DELAY_S)
 
 
 # --- Injection into DenseGeneral (decoding) ---------------------------------------------------------
