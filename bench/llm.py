@@ -11,11 +11,12 @@ In one run on one config (`presets.llm("small")`, ~58M params, seq 512, batch 8 
   3. model-FLOPs utilisation (6N + 12 L H Dh T per token) against the matmul peak of (1);
   4. decode tokens/s at batch 1 and 8 for 128 new tokens: our jitted KV-cache loop vs generate(),
      in f32 and with bf16 weights on both sides; each side's best of --decode-repeats runs, the two
-     sides timed in turn (run-to-run spread on a shared 2-core host is ~10%). Where
-     kernels.small_batch_matmul is eligible (f32, batch 2-8 on CPU) our loop is timed both with the
-     kernel and with XLA's dot, each on its own line, and "ours" is the one `generate`'s calibration
-     chose on this CPU (printed with its model and AVX2 / AVX-512 / AMX flags: the kernel's speed
-     depends on them, issue 19); f32 batch 8 always has its XLA's-dot line.
+     sides timed in turn (run-to-run spread on a shared 2-core host is ~10%). Where the CPU decode
+     kernels are eligible (kernels.small_batch_matmul: f32, batch 1-8; kernels.decode_attention:
+     f32) our loop is timed with every combination of them and of XLA's own dot and attention,
+     each on its own line, and "ours" is the combination `generate`'s calibrations chose on this
+     CPU (printed with its model and AVX2 / AVX-512 / AMX flags: the kernels' speed depends on
+     them, issue 19); the "XLA's dot and attention" line is always there.
 An AVX2-only host's code paths on a newer CPU (issue 19: the kernel's tuning depends on the ISA):
     XLA_FLAGS=--xla_cpu_max_isa=AVX2 ATEN_CPU_CAPABILITY=avx2 UNIECG_KERNEL_MARCH=x86-64-v3 \
         python bench/llm.py
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
@@ -35,7 +37,7 @@ import numpy as np
 import optax
 
 from uniecg_jax.inference import decoding
-from uniecg_jax.kernels import small_batch_matmul
+from uniecg_jax.kernels import decode_attention, small_batch_matmul
 from uniecg_jax.models import presets
 from uniecg_jax.models.llm import Decoder, LLMConfig
 from uniecg_jax.train.lm import next_token_loss
@@ -99,13 +101,15 @@ def torch_train_step(config: LLMConfig, batch: int, seq: int, bf16: bool):
 
 def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: int,
                         bf16: bool = False, repeats: int = 3
-                        ) -> tuple[dict[str, float], bool | None]:
-    """New tokens per second, greedy, same random weights, for "ours", "hf" (generate()) and, where
-    kernels.small_batch_matmul is eligible, "ours_kernel" / "ours_xla_dot" (our loop with the kernel
-    / with XLA's dot; "ours" is then the one the calibration chose); f32, or bf16 weights and
-    activations on both sides (ours: param_dtype = dtype = bfloat16, f32 accumulation; PyTorch: the
-    model cast with `.to(torch.bfloat16)`). Each one's best of `repeats` runs, timed in turn.
-    Returns (rates, the calibration's choice: True kernel, False XLA's dot, None not eligible)."""
+                        ) -> tuple[dict[str, float], dict[str, bool]]:
+    """New tokens per second, greedy, same random weights, for "hf" (generate()) and our loop with
+    every combination of the CPU decode kernels that is eligible here: "xla" (XLA's dot and
+    attention), "matmul" (kernels.small_batch_matmul), "attention" (kernels.decode_attention),
+    "matmul+attention"; "ours" is the combination the calibrations chose (what generate does by
+    default). f32, or bf16 weights and activations on both sides (ours: param_dtype = dtype =
+    bfloat16, f32 accumulation; PyTorch: the model cast with `.to(torch.bfloat16)`). Each one's
+    best of `repeats` runs, timed in turn.
+    Returns (rates, {kernel: the calibration's choice} for the eligible kernels)."""
     import torch
     import transformers
     from uniecg_jax.convert.hf_llm import hf_config_from_model, hf_state_dict
@@ -117,22 +121,26 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
     if bf16:
         model = Decoder(dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
         params_f32, params = params, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    cfg = model.config
 
-    def ours(small_batch_kernel=None):
+    def ours(matmul: bool, attention: bool):
         out = decoding.generate(model, params, ids, max_new_tokens=new_tokens, stop_token_ids=(),
-                                small_batch_kernel=small_batch_kernel)
+                                small_batch_kernel=matmul, attention_kernel=attention)
         out.tokens.block_until_ready()
-    choice = None
-    if small_batch_matmul.eligible(model.config.compute_dtype, model.config.params_dtype, batch,
-                                   params):
-        # What generate(small_batch_kernel=None) decides (measured at first use, then cached).
-        choice = small_batch_matmul.usable(
-            model.config.compute_dtype, model.config.params_dtype, batch, params,
-            shapes=small_batch_matmul.dense_matmul_shapes(model, params, jnp.asarray(ids[:, -1:])))
-        runs = {"ours_kernel": lambda: ours(small_batch_kernel=True),
-                "ours_xla_dot": lambda: ours(small_batch_kernel=False)}
-    else:
-        runs = {"ours": ours}
+    # What generate(small_batch_kernel=None, attention_kernel=None) decides (each kernel measured
+    # at first use, then cached), and which kernels can run here at all.
+    chosen = dict(zip(("matmul", "attention"),
+                      decoding.decode_kernels(model, params, jnp.asarray(ids))))
+    choice = {}
+    if small_batch_matmul.eligible(cfg.compute_dtype, cfg.params_dtype, batch, params):
+        choice["matmul"] = chosen["matmul"]
+    if decode_attention.eligible(cfg.compute_dtype, cfg.resolved_head_dim, params):
+        choice["attention"] = chosen["attention"]
+    runs = {}
+    for matmul in ((False, True) if "matmul" in choice else (False,)):
+        for attention in ((False, True) if "attention" in choice else (False,)):
+            name = "+".join(k for k, on in (("matmul", matmul), ("attention", attention)) if on)
+            runs[name or "xla"] = functools.partial(ours, matmul, attention)
 
     hf_model = transformers.LlamaForCausalLM(hf_config_from_model(config)).float().eval()
     with torch.no_grad():
@@ -150,8 +158,7 @@ def decode_tokens_per_s(config: LLMConfig, batch: int, prompt: int, new_tokens: 
                               do_sample=False, pad_token_id=0)
     best = interleaved_best({**runs, "hf": hf}, repeats)
     rates = {name: batch * new_tokens / seconds for name, seconds in best.items()}
-    if choice is not None:
-        rates["ours"] = rates["ours_kernel" if choice else "ours_xla_dot"]
+    rates["ours"] = rates["+".join(k for k, on in chosen.items() if on) or "xla"]
     return rates, choice
 
 
@@ -220,20 +227,21 @@ def main() -> None:
         print(f"train {name:4s}: ours {ours:8.0f} tok/s   PyTorch {ref_text}   "
               f"MFU {100 * mfu:4.1f}% of the {peak_key} peak")
 
+    labels = {"xla": "XLA's dot and attention", "matmul": "small_batch_matmul kernel",
+              "attention": "decode_attention kernel",
+              "matmul+attention": "small_batch_matmul + decode_attention kernels"}
     for dtype_name in dtypes:
         for batch in (1, 8):
             rates, choice = decode_tokens_per_s(config, batch, args.prompt, args.new_tokens,
                                                 bf16=dtype_name == "bf16",
                                                 repeats=args.decode_repeats)
             hf = rates["hf"]
-            if dtype_name == "f32" and batch > 1 and "ours_xla_dot" not in rates:
-                rates["ours_xla_dot"] = rates["ours"]   # the kernel is not eligible: ours is XLA's
-            chose = ("" if choice is None else "   [calibration chose "
-                     f"{'the small_batch_matmul kernel' if choice else 'XLA dot'}]")
+            chose = ("" if not choice else "   [calibration chose: " + ", ".join(
+                f"{kernel} {'kernel' if on else 'XLA'}" for kernel, on in choice.items()) + "]")
             lines = [(f"decode {dtype_name:4s} batch {batch}", rates["ours"], chose)]
-            lines += [(f"decode {dtype_name:4s} batch {batch}, {label}", rates[name], "")
-                      for name, label in (("ours_kernel", "small_batch_matmul kernel"),
-                                          ("ours_xla_dot", "XLA dot")) if name in rates]
+            if len(rates) > 3:    # more than ours, hf and one combination: each on its own line
+                lines += [(f"decode {dtype_name:4s} batch {batch}, {label}", rates[name], "")
+                          for name, label in labels.items() if name in rates]
             for label, ours, note in lines:
                 print(f"{label}: ours {ours:8.0f} tok/s   generate() {hf:8.0f} tok/s   ratio "
                       f"{ours / hf:5.2f}x   ({args.new_tokens} new tokens, prompt {args.prompt})"

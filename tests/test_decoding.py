@@ -9,7 +9,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from uniecg_jax.inference import decoding  # noqa: E402
 from uniecg_jax.convert import hf_llm, hf_testing  # noqa: E402
-from uniecg_jax.kernels import small_batch_matmul  # noqa: E402
+from uniecg_jax.kernels import decode_attention, native, small_batch_matmul  # noqa: E402
 from uniecg_jax.models.llm import Decoder, LLMConfig  # noqa: E402
 
 PROMPTS = [[5, 17, 42, 8, 9, 60, 33], [11, 12], [70, 71, 72, 73]]
@@ -43,6 +43,28 @@ def test_greedy_matches_hf_generate_on_padded_batch(tiny, small_batch_kernel):
     np.testing.assert_array_equal(np.asarray(alone.tokens[0]), ref_new[1])
 
 
+@pytest.mark.parametrize("small_batch_kernel", [True, False])
+def test_greedy_with_the_attention_kernel_matches_hf_generate(tmp_path, small_batch_kernel):
+    """kernels.decode_attention (head size 16, grouped queries, left padding) decodes the same
+    greedy tokens as transformers, alone and beside kernels.small_batch_matmul."""
+    if not decode_attention.load() or (small_batch_kernel and not small_batch_matmul.load()):
+        pytest.skip("the CPU decode kernels are not built here (no C++ compiler)")
+    hf_model = hf_testing.tiny_hf_model("llama", tmp_path, head_dim=16, eos_token_id=95)
+    config = LLMConfig.from_config(hf_llm.model_config_from_hf(str(tmp_path)))
+    assert config.num_heads > config.num_kv_heads and config.resolved_head_dim == 16
+    model = Decoder(config)
+    params = jax.device_put(hf_llm.load_hf_params(str(tmp_path), config), jax.devices()[0])
+    ids, mask = decoding.left_pad(PROMPTS, pad_token_id=0)
+    fn = decoding.generate_fn(model, 12, small_batch_kernel=small_batch_kernel,
+                              attention_kernel=True)
+    lowered = fn.lower(params, jnp.asarray(ids), jnp.asarray(mask), None, None,
+                       jax.random.PRNGKey(0)).as_text()
+    assert decode_attention.TARGET in lowered          # the kernel really runs
+    out = decoding.generate(model, params, ids, mask, max_new_tokens=12, stop_token_ids=(),
+                            small_batch_kernel=small_batch_kernel, attention_kernel=True)
+    np.testing.assert_array_equal(np.asarray(out.tokens), hf_greedy(hf_model, ids, mask, 12))
+
+
 def hf_greedy(hf_model, ids, mask, max_new):
     """transformers generate(do_sample=False) for the left-padded batch: new tokens [B, max_new]."""
     with torch.no_grad():
@@ -63,7 +85,7 @@ def test_calibrated_choice_decodes_the_same_greedy_tokens(tiny, monkeypatch, tmp
     params = jax.device_put(params, jax.devices()[0])    # loaded replicated over the 8 test devices
     monkeypatch.setenv("UNIECG_KERNEL_CACHE", str(tmp_path))
     monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL", raising=False)
-    monkeypatch.setattr(small_batch_matmul, "_decisions", {})
+    monkeypatch.setattr(native, "_decisions", {})
     monkeypatch.setattr(small_batch_matmul, "CALIBRATION_DELAY_S",
                         {"kernel": 0.0, "xla": 0.0, slow_side: 0.05})
     chosen = []

@@ -8,14 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uniecg_jax.kernels import small_batch_matmul
+from uniecg_jax.kernels import native, small_batch_matmul
 from uniecg_jax.layers.linear import DenseGeneral
 from uniecg_jax.models.llm import Decoder, LLMConfig
 
 
 @pytest.fixture(scope="module")
 def kernel():
-    if small_batch_matmul._compiler() is None:
+    if native.compiler() is None:
         pytest.skip("no C++ compiler on PATH: the kernel is not built and XLA's dot is used")
     assert small_batch_matmul.load(), "a C++ compiler is present but the kernel failed to build"
 
@@ -124,7 +124,7 @@ def test_injection_reaches_every_dense_of_a_decoder_except_scanned_ones(kernel):
 def test_eligible_only_for_single_device_f32_small_batches(kernel):
     f32, bf16 = jnp.float32, jnp.bfloat16
     assert small_batch_matmul.eligible(f32, f32, 8, [jnp.ones(4)])
-    assert not small_batch_matmul.eligible(f32, f32, 1, [])          # XLA's gemv is as fast
+    assert small_batch_matmul.eligible(f32, f32, 1, [])     # one row too: the calibration decides
     assert not small_batch_matmul.eligible(f32, f32, 9, [])
     assert not small_batch_matmul.eligible(bf16, f32, 4, [])
     assert not small_batch_matmul.eligible(f32, bf16, 4, [])
@@ -155,7 +155,7 @@ def calibration(kernel, monkeypatch, tmp_path):
     calibration measurements so far. `slow(side)` makes "kernel" or "xla" 50 ms slower a call."""
     monkeypatch.setenv("UNIECG_KERNEL_CACHE", str(tmp_path))
     monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL", raising=False)
-    monkeypatch.setattr(small_batch_matmul, "_decisions", {})
+    monkeypatch.setattr(native, "_decisions", {})
     delays = {"kernel": 0.0, "xla": 0.0}
     monkeypatch.setattr(small_batch_matmul, "CALIBRATION_DELAY_S", delays)
     measure = small_batch_matmul._measure
@@ -192,7 +192,7 @@ def test_calibration_picks_the_faster_side_and_caches_it(calibration, slow_side,
     # slower now changes nothing until the key changes.
     calibration.slow("xla" if slow_side == "kernel" else "kernel")
     assert small_batch_matmul.calibrate(4, SHAPES) is use_kernel
-    small_batch_matmul._decisions.clear()
+    native._decisions.clear()
     assert small_batch_matmul.calibrate(4, list(reversed(SHAPES))) is use_kernel   # same family
     assert calibration.measured == 1
     # usable consults the decision.
@@ -211,10 +211,11 @@ def test_calibration_key_follows_cpu_source_jax_and_shapes(calibration, monkeypa
     assert small_batch_matmul.calibration_key(4, SHAPES + [(64, 96)]) != key   # counts matter
     calibration.slow("xla")
     assert small_batch_matmul.calibrate(4, SHAPES)
-    for name, value in (("_source_hash", "0" * 64), ("cpu_model", "AMD EPYC 7B13"),
-                        ("_cpu_signature", "flags : fpu avx2")):
+    for module, name, value in ((small_batch_matmul, "_source_hash", "0" * 64),
+                                (native, "cpu_model", "AMD EPYC 7B13"),
+                                (native, "cpu_signature", "flags : fpu avx2")):
         with monkeypatch.context() as patched:
-            patched.setattr(small_batch_matmul, name, lambda value=value: value)
+            patched.setattr(module, name, lambda value=value: value)
             assert small_batch_matmul.calibration_key(4, SHAPES) != key
             measured = calibration.measured
             calibration.slow("kernel")       # the new CPU / source measures the kernel slower
@@ -252,7 +253,7 @@ def test_forcing_skips_calibration_and_ineligible_cases_never_calibrate(calibrat
     monkeypatch.setenv("UNIECG_SMALL_BATCH_KERNEL", "1")
     assert small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=shapes)
     monkeypatch.delenv("UNIECG_SMALL_BATCH_KERNEL")
-    for dtype, rows in ((jnp.float32, 1), (jnp.float32, 9), (jnp.bfloat16, 4)):
+    for dtype, rows in ((jnp.float32, 0), (jnp.float32, 9), (jnp.bfloat16, 4)):
         assert not small_batch_matmul.usable(dtype, jnp.float32, rows, [], shapes=shapes)
     assert not small_batch_matmul.usable(jnp.float32, jnp.float32, 4, [], shapes=())
     assert calibration.measured == 0 and not traced
@@ -276,12 +277,12 @@ def test_dense_matmul_shapes_are_the_packed_kernels(kernel):
 
 
 def test_cpu_description_reads_proc_cpuinfo(monkeypatch):
-    monkeypatch.setattr(small_batch_matmul, "_cpuinfo_field", lambda *names: {
+    monkeypatch.setattr(native, "_cpuinfo_field", lambda *names: {
         "model name": "model name\t: AMD EPYC 7B13",
         "flags": "flags\t\t: fpu sse avx avx2 fma"}.get(names[0]))
     assert small_batch_matmul.cpu_model() == "AMD EPYC 7B13"
     assert small_batch_matmul.cpu_isa() == ["AVX2"]
-    monkeypatch.setattr(small_batch_matmul, "_cpuinfo_field", lambda *names: {
+    monkeypatch.setattr(native, "_cpuinfo_field", lambda *names: {
         "flags": "flags : avx2 avx512f avx512bw amx_tile amx_bf16"}.get(names[0]))
     assert small_batch_matmul.cpu_isa() == ["AVX2", "AVX-512", "AMX"]
 

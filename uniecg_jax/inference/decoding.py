@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniecg_jax.kernels import small_batch_matmul
+from uniecg_jax.kernels import decode_attention, small_batch_matmul
 from uniecg_jax.models.llm import Decoder, init_cache
 
 
@@ -105,7 +105,7 @@ def sample_tokens(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.
 
 def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
                    stop_token_ids: tuple[int, ...], pad_token_id: int, small_batch_kernel: bool,
-                   return_hidden: bool, params: Any,
+                   return_hidden: bool, attention_kernel: bool, params: Any,
                    input_ids: jax.Array, attention_mask: jax.Array,
                    extra_embeddings: jax.Array | None, extra_positions: jax.Array | None,
                    rng: jax.Array) -> GenerateOutput:
@@ -134,7 +134,8 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
     def feed(step, tokens, cache, hidden):
         """Runs token `step - 1` through the model (its hidden state kept when asked)."""
         previous = jax.lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)      # [B, 1]
-        with small_batch_matmul.packed_kernels_injected(packed):
+        with small_batch_matmul.packed_kernels_injected(packed), \
+                decode_attention.injected(attention_kernel):
             logits, *fed_hidden, cache = model.apply(
                 {"params": params}, previous, attention_mask=jnp.ones_like(previous), cache=cache,
                 return_hidden=return_hidden)
@@ -173,19 +174,49 @@ _JITTED: dict = {}
 
 def generate_fn(model: Decoder, max_new_tokens: int, sampling: Sampling = Sampling(),
                 stop_token_ids: Sequence[int] = (), pad_token_id: int = 0,
-                small_batch_kernel: bool = False, return_hidden: bool = False):
+                small_batch_kernel: bool = False, return_hidden: bool = False,
+                attention_kernel: bool = False):
     """The jitted `(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng) ->
     GenerateOutput` for these static settings (cached), for callers that manage shardings.
     `small_batch_kernel`: decode steps use `kernels.small_batch_matmul` (see `generate`).
-    `return_hidden`: the output also holds the final hidden states (see `GenerateOutput`)."""
+    `return_hidden`: the output also holds the final hidden states (see `GenerateOutput`).
+    `attention_kernel`: decode steps attend with `kernels.decode_attention` (see `generate`)."""
     key = (model.config, int(max_new_tokens), sampling, tuple(int(t) for t in stop_token_ids),
-           int(pad_token_id), bool(small_batch_kernel), bool(return_hidden))
+           int(pad_token_id), bool(small_batch_kernel), bool(return_hidden), bool(attention_kernel))
     if key not in _JITTED:
         def fn(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng):
-            return _generate_impl(model, key[1], sampling, key[3], key[4], key[5], key[6], params,
-                                  input_ids, attention_mask, extra_embeddings, extra_positions, rng)
+            return _generate_impl(model, key[1], sampling, key[3], key[4], key[5], key[6], key[7],
+                                  params, input_ids, attention_mask, extra_embeddings,
+                                  extra_positions, rng)
         _JITTED[key] = jax.jit(fn)
     return _JITTED[key]
+
+
+def decode_kernels(model: Decoder, params: Any, input_ids: jax.Array,
+                   small_batch_kernel: bool | None = None, attention_kernel: bool | None = None
+                   ) -> tuple[bool, bool]:
+    """(small_batch_kernel, attention_kernel) for decoding `input_ids` [B, T] with `model`: each
+    None resolved as `generate` documents (eligible here and calibrated faster than XLA), each
+    True checked to load (RuntimeError otherwise)."""
+    cfg = model.config
+    for asked, kernel in ((small_batch_kernel, small_batch_matmul), (attention_kernel,
+                                                                     decode_attention)):
+        if asked and not kernel.load():     # asked for by name: it must be there
+            raise RuntimeError(f"generate: {kernel.__name__} was asked for but cannot be built here "
+                               "(no C++ compiler, or its UNIECG_* variable is 0)")
+    rows = input_ids.shape[0]
+    if attention_kernel is None:
+        attention_kernel = decode_attention.usable(
+            cfg.compute_dtype, rows, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads,
+            cfg.resolved_head_dim, params)
+    if small_batch_kernel is None:
+        # One row: only beside the attention kernel. Beside XLA's attention the matmul kernel ran a
+        # batch-1 decode up to 1.7x slower than XLA alone (small preset, 2-core Xeon, bench/llm.py),
+        # beside the attention kernel 1.1-1.2x faster than the attention kernel alone.
+        small_batch_kernel = (rows > 1 or attention_kernel) and small_batch_matmul.usable(
+            cfg.compute_dtype, cfg.params_dtype, rows, params,
+            shapes=lambda: small_batch_matmul.dense_matmul_shapes(model, params, input_ids[:, -1:]))
+    return bool(small_batch_kernel), bool(attention_kernel)
 
 
 def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
@@ -193,8 +224,8 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
              sampling: Sampling = Sampling(), rng: jax.Array | None = None,
              extra_embeddings=None, extra_positions=None,
              pad_token_id: int | None = None,
-             small_batch_kernel: bool | None = None, return_hidden: bool = False
-             ) -> GenerateOutput:
+             small_batch_kernel: bool | None = None, return_hidden: bool = False,
+             attention_kernel: bool | None = None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row for LEFT-padded prompts.
 
     Args:
@@ -203,9 +234,12 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
       sampling: greedy by default.
       extra_embeddings [B, N, D] / extra_positions [B, N]: spliced into the prompt at prefill.
       small_batch_kernel: decode steps run the model's matmuls through
-        `kernels.small_batch_matmul` (2..8 rows in f32 on CPU). None (default): wherever
+        `kernels.small_batch_matmul` (1..8 rows in f32 on CPU). None (default): wherever
         `small_batch_matmul.usable` says it applies and was measured faster than XLA's dot on this
         CPU for this model's shapes (a ~1 s calibration at first use, then cached); False: never.
+      attention_kernel: decode steps attend over the KV cache with `kernels.decode_attention`
+        (f32 on CPU). None (default): where `decode_attention.usable` says it applies and was
+        measured faster than XLA's attention on this CPU for these shapes (cached); False: never.
       return_hidden: also return the final hidden states of prompt and generated tokens
         ([B, T + max_new_tokens, D]; one extra decode step feeds the last token).
     Returns: GenerateOutput(tokens [B, max_new_tokens], lengths [B], hidden or None).
@@ -223,11 +257,10 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
     if not sampling.greedy and rng is None:
         raise ValueError("generate: sampling needs an rng key")
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    if small_batch_kernel is None:
-        small_batch_kernel = small_batch_matmul.usable(
-            cfg.compute_dtype, cfg.params_dtype, input_ids.shape[0], params,
-            shapes=lambda: small_batch_matmul.dense_matmul_shapes(model, params, input_ids[:, -1:]))
-    fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel, return_hidden)
+    small_batch_kernel, attention_kernel = decode_kernels(model, params, input_ids,
+                                                          small_batch_kernel, attention_kernel)
+    fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel, return_hidden,
+                     attention_kernel)
     extra_positions = None if extra_positions is None else jnp.asarray(extra_positions, jnp.int32)
     return fn(params, input_ids, jnp.asarray(attention_mask, jnp.int32), extra_embeddings,
               extra_positions, rng)

@@ -283,8 +283,13 @@ class Interpreter:
         params, place = self._placement(len(batch))
         slot_embeddings = self.encode(batch, params, place)
         llm_cfg = self.model.config.llm
-        generate = decoding.generate_fn(Decoder(llm_cfg), max_new, sampling, stops,
-                                        llm_cfg.pad_token_id)
+        decoder = Decoder(llm_cfg)
+        # The CPU decode kernels where generate() would use them (one device, f32, measured faster).
+        small_batch_kernel, attention_kernel = decoding.decode_kernels(decoder, params["llm"],
+                                                                       np.asarray(ids))
+        generate = decoding.generate_fn(decoder, max_new, sampling, stops, llm_cfg.pad_token_id,
+                                        small_batch_kernel=small_batch_kernel,
+                                        attention_kernel=attention_kernel)
         return generate(params["llm"], place(ids), place(mask), slot_embeddings, place(slots),
                         jax.random.PRNGKey(seed))
 

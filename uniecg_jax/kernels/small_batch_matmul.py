@@ -1,4 +1,4 @@
-"""Small-batch f32 matmul on CPU (M = 2..8 rows) for KV-cache decoding, as an XLA FFI custom call.
+"""Small-batch f32 matmul on CPU (M = 1..8 rows) for KV-cache decoding, as an XLA FFI custom call.
 
     if small_batch_matmul.load():                     # compiles once per machine, then cached
         packed = small_batch_matmul.pack(kernel)      # [K, N] -> [ceil(N/32), K, 32], once
@@ -8,7 +8,7 @@ Why: a batch-8 f32 decode step is ~85% [8, K] x [K, N] matmuls, which XLA:CPU ru
 of weights (its GEMM kernels re-pack the weights on every call and are tuned for large M); the
 kernel in small_batch_matmul.cc reads pre-packed column tiles once at ~20 GB/s per core, 1.3-3x
 faster per matmul on a 2-core AVX-512 host. `decoding.generate` packs the decoder's kernels once per
-call and uses it for f32 models on one CPU device with 2..8 rows where `usable` says it wins, by
+call and uses it for f32 models on one CPU device with 1..8 rows where `usable` says it wins, by
 injecting it into every `DenseGeneral` of the decode step from outside (`packed_dense_kernels`,
 `packed_kernels_injected`): the layers themselves know nothing of this kernel.
 
@@ -26,20 +26,10 @@ UNIECG_SMALL_BATCH_KERNEL=0, `load()` is False and callers keep XLA's own dot.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import hashlib
-import json
-import logging
 import math
 import os
 import pathlib
-import re
-import platform
-import shutil
-import subprocess
-import tempfile
-import time
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -47,120 +37,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uniecg_jax.caches import cache_home
+from uniecg_jax.kernels import native
 from uniecg_jax.layers.linear import DenseGeneral
 
 TILE = 32                     # columns per packed tile (small_batch_matmul.cc: kTile)
 MAX_ROWS = 8
 TARGET = "uniecg_small_batch_matmul"
 _SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-_log = logging.getLogger(__name__)
-_library = None      # the loaded shared library, kept for the life of the process
-
-
-def _cpuinfo_field(*names: str) -> str | None:
-    """The first /proc/cpuinfo line starting with one of `names`, whole; None without one."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(names):
-                return line
-    except OSError:
-        pass
-    return None
-
-
-def _cpu_signature() -> str:
-    """The CPU's ISA flags line (what `-march=native` compiles for)."""
-    return _cpuinfo_field("flags", "Features") or platform.processor() or platform.machine()
-
-
-def cpu_model() -> str:
-    """The CPU's model name, e.g. "AMD EPYC 7B13" (platform.processor() where /proc has none)."""
-    line = _cpuinfo_field("model name", "Model", "Hardware")
-    return (line.split(":", 1)[1].strip() if line and ":" in line
-            else platform.processor() or platform.machine())
-
-
-def cpu_isa() -> list[str]:
-    """The matmul-relevant ISA extensions the CPU reports: of AVX2, AVX-512 (avx512f), AMX."""
-    flags = set(_cpu_signature().split())
-    return [name for name, flag in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile"))
-            if flag in flags]
-
-
-def isa_caps() -> dict[str, str]:
-    """The ISA limits set for this process, by tool: XLA's `--xla_cpu_max_isa`, PyTorch's
-    `ATEN_CPU_CAPABILITY` and the kernel's `UNIECG_KERNEL_MARCH` (default `native`). Setting all
-    three (e.g. AVX2 / avx2 / x86-64-v3) measures an AVX2-only host's code paths on a newer CPU."""
-    xla = re.search(r"--xla_cpu_max_isa=(\S+)", os.environ.get("XLA_FLAGS", ""))
-    caps = {"xla": xla.group(1) if xla else "", "torch": os.environ.get("ATEN_CPU_CAPABILITY", ""),
-            "kernel": kernel_march()}
-    return {tool: cap for tool, cap in caps.items() if cap and cap != "native"}
-
-
-def kernel_march() -> str:
-    """The `-march=` the kernel is compiled for: $UNIECG_KERNEL_MARCH, else `native`."""
-    return os.environ.get("UNIECG_KERNEL_MARCH", "").strip() or "native"
-
-
-def _cache_dir() -> pathlib.Path:
-    """$UNIECG_KERNEL_CACHE, else `kernels/` under the one cache home (`caches.cache_home()`)."""
-    return pathlib.Path(os.environ.get("UNIECG_KERNEL_CACHE", cache_home() / "kernels"))
+# The host's description lives in native.py (shared with decode_attention); re-exported for callers.
+cpu_model, cpu_isa, isa_caps, kernel_march = (native.cpu_model, native.cpu_isa, native.isa_caps,
+                                              native.kernel_march)
 
 
 def _source_hash() -> str:
-    return hashlib.sha256(_SOURCE.read_bytes()).hexdigest()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(cxx: str) -> pathlib.Path:
-    """Compiles the kernel (once per source / jaxlib / CPU) and returns the shared library path."""
-    flags = ["-O3", f"-march={kernel_march()}", "-std=c++17", "-shared", "-fPIC", "-w",
-             f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), jax.__version__.encode(),
-                                     " ".join([cxx] + flags).encode(),
-                                     _cpu_signature().encode()])).hexdigest()[:16]
-    cache = _cache_dir()
-    library = cache / f"small_batch_matmul-{key}.so"
-    if not library.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            built = pathlib.Path(tmp) / library.name
-            subprocess.run([cxx, *flags, str(_SOURCE), "-o", str(built)], check=True,
-                           capture_output=True, text=True)
-            os.replace(built, library)     # atomic: concurrent builders never see a partial file
-    return library
+    return native.source_hash(_SOURCE)
 
 
 @functools.lru_cache(maxsize=None)
 def load() -> bool:
     """True once the kernel is compiled and registered as an XLA CPU FFI target; False (with one
     warning) where it cannot be, or when UNIECG_SMALL_BATCH_KERNEL=0."""
-    global _library
     if _forced() is False:
         return False
-    if _library is not None:      # registered already (an XLA target cannot be registered twice)
-        return True
-    cxx = _compiler()
-    if cxx is None:
-        _log.warning("small_batch_matmul: no C++ compiler found; decoding uses XLA's dot")
-        return False
-    try:
-        _library = library = ctypes.cdll.LoadLibrary(str(_build(cxx)))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        _log.warning("small_batch_matmul: could not build %s (%s); decoding uses XLA's dot",
-                     _SOURCE, str(detail).strip()[-500:])
-        return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.UniecgSmallBatchMatmul),
-                                platform="cpu")
-    return True
+    return native.load_library(_SOURCE, {"UniecgSmallBatchMatmul": TARGET})
 
 
 def pack(kernel: jax.Array) -> jax.Array:
@@ -190,10 +89,11 @@ def _forced() -> bool | None:
 
 def eligible(compute_dtype, param_dtype, rows: int, arrays=()) -> bool:
     """Whether the kernel can run for decoding `rows` rows of a model whose params are `arrays`:
-    the default backend is CPU, compute and params are f32, 2 <= rows <= 8 (one row is a
-    matrix-vector product, which XLA already streams at memory speed), every array lives on one
-    device (the custom call has no sharding rule), and the kernel loads."""
-    if jax.default_backend() != "cpu" or not 2 <= rows <= MAX_ROWS:
+    the default backend is CPU, compute and params are f32, 1 <= rows <= 8 (one row too: with the
+    next tile prefetched the kernel streams a decode step's weights faster than XLA's matrix-vector
+    product on a 2-core Xeon, 5.9-6.3 vs 7.1 ms; the calibration decides per CPU), every array
+    lives on one device (the custom call has no sharding rule), and the kernel loads."""
+    if jax.default_backend() != "cpu" or not 1 <= rows <= MAX_ROWS:
         return False
     if jnp.dtype(compute_dtype) != jnp.float32 or jnp.dtype(param_dtype) != jnp.float32:
         return False
@@ -229,9 +129,6 @@ CALIBRATION_DELAY_S = {"kernel": 0.0, "xla": 0.0}
 CALIBRATION_REPEATS = 7        # timed calls per side at most (best taken) ...
 CALIBRATION_BUDGET_S = 1.0     # ... stopping after 2 once this much time has gone
 _COPY_BYTES = 16 << 20         # per shape, distinct weight copies up to this many bytes (_measure)
-# The kernel must beat XLA's dot by 5%: a tie within a noisy host's spread keeps the compiler's dot.
-KERNEL_MARGIN = 0.95
-_decisions: dict[str, bool] = {}   # calibration_key -> use the kernel; the on-disk cache's memo
 
 
 def _shape_family(rows: int, shapes: Sequence[tuple[int, int]]) -> dict:
@@ -243,54 +140,25 @@ def _shape_family(rows: int, shapes: Sequence[tuple[int, int]]) -> dict:
 
 
 def calibration_key(rows: int, shapes: Sequence[tuple[int, int]]) -> str:
-    """Hex key of one decision: CPU model, ISA flags, core count, jax version, kernel source hash
-    and the shape family (rows; each Dense [K, N] with its count)."""
-    what = {"cpu": cpu_model(), "flags": _cpu_signature(), "cores": len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "jax": jax.__version__, "source": _source_hash(), "isa_caps": isa_caps(),
-            **_shape_family(rows, shapes)}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    """Hex key of one decision (`native.decision_key`: CPU model, ISA flags and caps, core count,
+    jax version) for this kernel's source and shape family (rows; each Dense [K, N] with its
+    count)."""
+    return native.decision_key({"source": _source_hash(), **_shape_family(rows, shapes)})
 
 
 def calibrate(rows: int, shapes: Sequence[tuple[int, int]]) -> bool:
     """True when the kernel ran `rows` x every Dense [K, N] in `shapes` faster than XLA's dot here
-    (by `KERNEL_MARGIN`).
+    (by `native.KERNEL_MARGIN`).
 
     Measured (`_measure`: 1-3 s, mostly compiling) once per `calibration_key`, then read from
-    `small_batch_matmul-choice-<key>.json` in the kernel cache (a new CPU, jax version or kernel
-    source is a new key, so a new measurement; deleting the file measures again). False where the
-    kernel does not `load()`.
+    `small_batch_matmul-choice-<key>.json` in the kernel cache (`native.cached_decision`: a new CPU,
+    jax version or kernel source is a new key, so a new measurement). False where the kernel does
+    not `load()`.
     """
     if not load():
         return False
-    key = calibration_key(rows, shapes)
-    if key in _decisions:
-        return _decisions[key]
-    path = _cache_dir() / f"small_batch_matmul-choice-{key}.json"
-    try:
-        decision = json.loads(path.read_text())["use_kernel"]
-        if not isinstance(decision, bool):
-            raise TypeError(decision)
-    except (OSError, ValueError, KeyError, TypeError):
-        seconds = _measure(rows, shapes)
-        decision = bool(seconds["kernel"] < KERNEL_MARGIN * seconds["xla"])
-        record = {"use_kernel": decision, "kernel_s": seconds["kernel"], "xla_s": seconds["xla"],
-                  "cpu": cpu_model(), "isa": cpu_isa(), "isa_caps": isa_caps(),
-                  "jax": jax.__version__,
-                  **_shape_family(rows, shapes)}
-        _log.info("small_batch_matmul: %s on %s for %s (kernel %.3g s, XLA's dot %.3g s a step)",
-                  "kernel" if decision else "XLA's dot", record["cpu"], _shape_family(rows, shapes),
-                  seconds["kernel"], seconds["xla"])
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False,
-                                             suffix=".tmp") as tmp:
-                json.dump(record, tmp, indent=1)
-            os.replace(tmp.name, path)   # atomic: a concurrent reader never sees a partial file
-        except OSError as error:
-            _log.warning("small_batch_matmul: could not cache the calibration (%s)", error)
-    _decisions[key] = decision
-    return decision
+    return native.cached_decision("small_batch_matmul", calibration_key(rows, shapes),
+                                  _shape_family(rows, shapes), lambda: _measure(rows, shapes))
 
 
 def _measure(rows: int, shapes: Sequence[tuple[int, int]]) -> dict[str, float]:
@@ -329,23 +197,10 @@ def _measure(rows: int, shapes: Sequence[tuple[int, int]]) -> dict[str, float]:
             outs.append(jax.lax.fori_loop(0, count // copies, body,
                                           jnp.zeros((count, rows, width), jnp.float32)))
         return outs
-    sides = {"kernel": (jax.jit(functools.partial(step, True)), xs, packs),
-             "xla": (jax.jit(functools.partial(step, False)), xs, weights)}
-    for fn, *args in sides.values():             # compile and warm up
-        jax.block_until_ready(fn(*args))
-    best = {"kernel": math.inf, "xla": math.inf}
-    start = time.perf_counter()
-    for repeat in range(CALIBRATION_REPEATS):
-        if repeat >= 2 and time.perf_counter() - start > CALIBRATION_BUDGET_S:
-            break
-        for side in (("kernel", "xla") if repeat % 2 == 0 else ("xla", "kernel")):
-            fn, *args = sides[side]
-            begin = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            if CALIBRATION_DELAY_S[side]:
-                time.sleep(CALIBRATION_DELAY_S[side])
-            best[side] = min(best[side], time.perf_counter() - begin)
-    return best
+    kernel_step, xla_step = (jax.jit(functools.partial(step, side)) for side in (True, False))
+    return native.time_sides({"kernel": lambda: kernel_step(xs, packs),
+                              "xla": lambda: xla_step(xs, weights)},
+                             CALIBRATION_REPEATS, CALIBRATION_BUDGET_S, 2, CALIBRATION_DELAY_S)
 
 
 # --- Injection into DenseGeneral (decoding) ---------------------------------------------------------
@@ -421,7 +276,7 @@ def _num_contracted(layer: DenseGeneral, kernel: jax.Array) -> int:
 @contextlib.contextmanager
 def packed_kernels_injected(packed: PackedKernels | None):
     """Within this context (while tracing a model call), every `DenseGeneral` whose kernel is in
-    `packed` computes `x . kernel` with `matmul` on its packed kernel when it has 2..MAX_ROWS rows
+    `packed` computes `x . kernel` with `matmul` on its packed kernel when it has 1..MAX_ROWS rows
     in f32; every other matmul keeps XLA's dot. `packed=None`: no injection."""
     if packed is None:
         yield
@@ -435,7 +290,7 @@ def packed_kernels_injected(packed: PackedKernels | None):
             batch_shape = x.shape[:x.ndim - num_contracted]
             features = kernel.shape[num_contracted:]
             rows = math.prod(batch_shape)
-            if 2 <= rows <= MAX_ROWS and jnp.dtype(layer.dtype) == jnp.float32:
+            if 1 <= rows <= MAX_ROWS and jnp.dtype(layer.dtype) == jnp.float32:
                 depth = math.prod(kernel.shape[:num_contracted])
                 y = matmul(x.reshape(rows, depth), packed[layer.path], math.prod(features))
                 return y.reshape(batch_shape + features).astype(layer.out_dtype or layer.dtype)

@@ -197,6 +197,8 @@ class Attention(nn.Module):
                 and isinstance(query_offset, int) and query_offset == 0):
             context = causal_attention_in_chunks(grouped_query, key, value, key_mask,
                                                  self.query_chunk, self.dtype)
+        elif layer_cache is not None:
+            context = self.attend_cache(grouped_query, key, value, key_mask, query_offset)
         else:
             allowed = attention_weights_mask(query_offset, length, key_mask)
             context = grouped_attention(grouped_query, key, value, allowed, self.dtype)
@@ -207,4 +209,16 @@ class Attention(nn.Module):
         out = DenseGeneral(x.shape[-1], ("q_heads", "head_dim", "embed"), axis=(-2, -1),
                            use_bias=self.out_bias, name="out", **dense)(context)
         return out, new_cache
+
+    def attend_cache(self, grouped_query: jax.Array, key: jax.Array, value: jax.Array,
+                     key_mask: jax.Array, query_offset: jax.Array | int) -> jax.Array:
+        """`grouped_attention` of queries [B, K, G, T, Dh] written from cache slot `query_offset`
+        on over the cache's key/value [B, K, S, Dh] -> context [B, K, G, T, Dh].
+
+        A method of its own so that a caller can swap the implementation from outside
+        (`flax.linen.intercept_methods`) without this layer knowing: decoding on CPU injects
+        `kernels.decode_attention` here (`decode_attention.injected`).
+        """
+        allowed = attention_weights_mask(query_offset, grouped_query.shape[3], key_mask)
+        return grouped_attention(grouped_query, key, value, allowed, self.dtype)
 
