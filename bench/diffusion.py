@@ -47,6 +47,7 @@ from uniecg_jax.diffusion.rhythm import requested_rhythm
 from uniecg_jax.diffusion.schedule import NoiseSchedule
 from uniecg_jax.models.vae import VAE
 from uniecg_jax.train import diffusion as diffusion_train
+from uniecg_jax.train import loop
 
 TEXT_DIM = 384
 
@@ -243,6 +244,15 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, roun
     out = {"load": host_load()}
     for name, (wall, cpu) in best.items():
         out[name + "_s"], out[name + "_cpu_s"] = wall, cpu
+    # How far from this host's f32 peak each decoder runs: FLOPs of one decode (XLA's cost analysis;
+    # torch's FlopCounterMode: DiffuSETS convolves the upsampled signal, 1.5x the MACs of our
+    # polyphase form there) over its best time, and the fastest our decode could be at the peak.
+    from torch.utils.flop_counter import FlopCounterMode
+    out["decode_ours_flops"] = decode_call.lower(vae_vars, j_latent).compile().cost_analysis()["flops"]
+    with FlopCounterMode(display=False) as counter:
+        torch_decode()
+    out["decode_torch_flops"] = counter.get_total_flops()
+    out["f32_peak_flops"] = loop.measure_cpu_peak_flops(size=2048, dtype="f32")
 
     def ours(sampler, steps):
         return lambda: pipeline.generate(text, "F", 60.0, 75.0, sampler=sampler, steps=steps)
@@ -340,6 +350,14 @@ def main() -> None:
                       f"{ours * 1e3:8.1f} ms, torch {theirs * 1e3:8.1f} ms -> {theirs / ours:.2f}x "
                       f"wall | CPU {ours_cpu * 1e3:.0f} vs {theirs_cpu * 1e3:.0f} ms -> "
                       f"{theirs_cpu / ours_cpu:.2f}x", flush=True)
+            peak, bound_s = r["f32_peak_flops"], r["decode_ours_flops"] / r["f32_peak_flops"]
+            print(f"  decode FLOPs: ours {r['decode_ours_flops'] / 1e9:.1f} G at "
+                  f"{r['decode_ours_flops'] / r['decode_ours_s'] / 1e9:.0f} GFLOP/s, torch "
+                  f"{r['decode_torch_flops'] / 1e9:.1f} G at "
+                  f"{r['decode_torch_flops'] / r['decode_torch_s'] / 1e9:.0f} GFLOP/s; this host's "
+                  f"f32 matmul peak {peak / 1e9:.0f} GFLOP/s: our decode at the peak would take "
+                  f"{bound_s * 1e3:.0f} ms = {r['decode_torch_s'] / bound_s:.2f}x torch, the most "
+                  "f32 can give", flush=True)
             tag = " (extrapolated)" if r["ddpm1000_ours_extrapolated"] else ""
             print(f"  text -> ECG: torch DDPM-1000 {r['ddpm1000_torch_s']:.1f} s (extrapolated from "
                   f"{args.torch_steps} steps) | ours DDPM-1000 {r['ddpm1000_ours_s']:.1f} s{tag} -> "
