@@ -89,8 +89,19 @@ def get_config(arg=None):
         # still reads stated rates poorly (MAE ~13 bpm against 0.3 for the regex): the report
         # implies half of them, and the small LLM's states barely hold a number (a ridge probe
         # on the last digit's state: r 0.55).
+        # Now (the head also reads the request's token embeddings, one token ahead; the decision
+        # BCE weighs both classes alike; 40% word answers; 400 steps of batch 16), seeds 0 / 1,
+        # held-out records, trained / held-out phrasings: stated-rate MAE 9.6 / 12.6 and
+        # 7.5 / 11.3 bpm (regex 0.26 and 9.5, best constant 19.9 and 15.2); questions about a
+        # report answered with [ECG] 41 / 45% and 79 / 72% (general: <= 12%, 0%); decision
+        # precision 0.81 / 0.75 and 0.62 / 0.66, recall 0.90 / 0.79 and 0.79 / 0.83;
+        # interpretation unchanged (6 / 6 each). The one held-out report question ("... What
+        # should I make of it?") is not separable by a linear read of the LLM's last state
+        # (a logistic probe trained on 6 or 16 report-question phrasings: 100% [ECG]).
         config.model.alignment.hidden_dim = 256
-        config.train.update(steps=150, learning_rate=5e-3, log_every=25, checkpoint_every=0)
+        config.data.negative_fraction = 0.4
+        config.train.update(steps=400, batch_size=16, learning_rate=5e-3, log_every=50,
+                            checkpoint_every=0)
     if variant in ("vicuna_7b", "qwen2_5_7b"):
         config.model.alignment.update(kind="transformer", hidden_dim=1024, layers=2, heads=8,
                                       num_queries=8, dtype="bfloat16")

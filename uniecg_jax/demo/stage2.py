@@ -147,7 +147,8 @@ def _seed_scores(unified: UnifiedModel, config, stage1_dir: str, workdir: str, q
 
 def _request_lines(per_seed: list[dict], seeds) -> list[str]:
     """Decision precision / recall (and the [ECG] share per kind of request) and attribute errors
-    (stated vs implied, the attribute head vs regex + defaults) on trained vs held-out phrasings
+    (stated vs implied, the attribute head vs regex + defaults and vs the best constant guess in
+    hindsight) on trained vs held-out phrasings
     (`eval.llm_generate_eval.request_metrics`), and the heart rate of generated ECGs, per seed."""
     lines = [f"requests (values per training seed {' / '.join(map(str, seeds))}):"]
     for phrasing in PHRASINGS:
@@ -170,7 +171,8 @@ def _request_lines(per_seed: list[dict], seeds) -> list[str]:
                 cells = [s["attributes"][name][part] for s in scores]
                 parts.append(f"{part} ({'/'.join(str(c['requests']) for c in cells)}): model "
                              f"{_spread([c['model'] for c in cells], spec)} vs regex "
-                             f"{_spread([c['baseline'] for c in cells], spec)}")
+                             f"{_spread([c['baseline'] for c in cells], spec)}, best constant "
+                             f"{_spread([c['constant'] for c in cells], spec)}")
             lines.append(f"    {name} {unit}, " + "; ".join(parts))
     errors = [s["generated_rate"] for s in per_seed]
     if all(e["model"] for e in errors):

@@ -140,10 +140,22 @@ def _attribute_error(predicted: Sequence[dict], truth: Sequence[dict], name: str
     return float(np.mean(errors)) if errors else float("nan")
 
 
+def _best_constant(truth: Sequence[dict], name: str) -> float:
+    """The error of the best constant guess in hindsight on these rows (MAE around their median;
+    sex: the majority's share): what a head that ignores the request reaches at best."""
+    values = [t[name] for t in truth]
+    if not values:
+        return float("nan")
+    if name == "sex":
+        return max(values.count(v) for v in set(values)) / len(values)
+    return float(np.mean(np.abs(np.asarray(values) - np.median(values))))
+
+
 def _attribute_scores(predicted, baseline, truth, stated) -> dict:
     """Per attribute, on the rows where the truth is known, split by whether the request states
     it ("stated": read from the words; "implied": from the report, or the best guess): the
-    attribute head's and the regex-plus-defaults baseline's MAE (sex: accuracy) and the count."""
+    attribute head's and the regex-plus-defaults baseline's MAE (sex: accuracy), the best
+    constant's (`_best_constant`) and the count."""
     out = {}
     for name in ATTRIBUTES:
         out[name] = {}
@@ -153,6 +165,7 @@ def _attribute_scores(predicted, baseline, truth, stated) -> dict:
             pick = lambda items: [items[i] for i in rows]  # noqa: E731
             out[name][part] = {"model": _attribute_error(pick(predicted), pick(truth), name),
                                "baseline": _attribute_error(pick(baseline), pick(truth), name),
+                               "constant": _best_constant(pick(truth), name),
                                "requests": len(rows)}
     return out
 

@@ -125,7 +125,8 @@ class UniECGStage2(nn.Module):
         is_ecg = jnp.isin(input_ids, jnp.asarray(self.config.ecg_token_ids, jnp.int32))
         before_ecg = jnp.cumsum(is_ecg, axis=1) == 0
         request = before_ecg & (input_ids != self.config.unified.llm.pad_token_id)
-        return self.attributes(ecg_hidden, valid, hidden, request)
+        embeddings = self.llm.embed(input_ids) if self.config.attributes.read_embeddings else None
+        return self.attributes(ecg_hidden, valid, hidden, request, embeddings)
 
     def generate_outputs(self, input_ids: jax.Array, attention_mask: jax.Array | None = None
                          ) -> tuple[jax.Array, jax.Array, jax.Array, dict | None]:

@@ -182,7 +182,10 @@ def decision_loss(logits: jax.Array, target_mask: jax.Array, generation: jax.Arr
     token (a word answer's first token is 1 of ~20), so it is learned far more slowly.
 
     logits [B, T, V]; target_mask [B, T] (1 where position t's next token is an answer token);
-    generation [B] bool. Returns (mean BCE, accuracy of p > 0.5), over rows with an answer."""
+    generation [B] bool. Returns (BCE, accuracy of p > 0.5) over rows with an answer; the BCE
+    is the mean of the two classes' means (each class present in the batch weighs the same): with
+    a plain row mean the ~70% generation rows outweighed the word answers, and the demo model
+    answered 68-93% of questions about a report with [ECG]."""
     mask = target_mask.astype(jnp.int32)
     starts = mask * (1 - jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1])
     index = jnp.arange(mask.shape[1])
@@ -194,7 +197,10 @@ def decision_loss(logits: jax.Array, target_mask: jax.Array, generation: jax.Arr
     log_not_p = jnp.log(-jnp.expm1(jnp.minimum(log_p, -1e-6)))
     bce = -jnp.where(generation, log_p, log_not_p)
     correct = ((log_p > jnp.log(0.5)) == generation).astype(jnp.float32)
-    return _row_mean(bce, rows), _row_mean(correct, rows)
+    classes = [rows & generation, rows & ~generation]
+    present = sum(jnp.any(c).astype(jnp.float32) for c in classes)
+    balanced = sum(_row_mean(bce, c) for c in classes) / jnp.maximum(present, 1.0)
+    return balanced, _row_mean(correct, rows)
 
 
 def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: jax.Array,
