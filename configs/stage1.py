@@ -74,6 +74,7 @@ def get_config(arg=None):
     config.data = ml_collections.ConfigDict(dict(
         source="bundled",        # "bundled" (bundled records + synthetic) or a `uniecg prep` folder
         num_synthetic=48,        # synthetic ECGs with known heart rate added to "bundled"
+        synthetic_stretches=0,   # bundled: time-stretched copies of each synthetic train record
         holdout_every=5,         # bundled: 1/5 of patients held out for eval (data.splits)
         tokenizer="",            # HF tokenizer dir; "" = init.hf_dir's, else the tiny tokenizer
         max_length=256,          # text tokens incl. the one <ecg> placeholder
