@@ -74,6 +74,7 @@ def get_config(arg=None):
     config.data = ml_collections.ConfigDict(dict(
         source="bundled",        # "bundled" (bundled records + synthetic) or a `uniecg prep` folder
         num_synthetic=48,        # synthetic ECGs with known heart rate added to "bundled"
+        synthetic_stretches=0,   # bundled: time-stretched copies of each synthetic train record
         holdout_every=5,         # bundled: 1/5 of patients held out for eval (data.splits)
         tokenizer="",            # HF tokenizer dir; "" = init.hf_dir's, else the tiny tokenizer
         max_length=256,          # text tokens incl. the one <ecg> placeholder
@@ -106,6 +107,13 @@ def get_config(arg=None):
             # keep one (`train.stage1.drop_modalities`).
             config.train.update(ecg_dropout=1 / 3, image_dropout=1 / 3)
             config.data.image_distortions = True
+            # Against answers memorised by record (at 400 steps every record got 111-115 bpm):
+            # each synthetic train record also at 6 other rates (`data.synthetic.stretched_copies`)
+            # and a lower learning rate for longer. On the signal-only demo this recipe took HR MAE
+            # from 30.1 to 7.8 bpm (baseline 21.5), micro F1 from 0.30 to 0.59; at 3e-3 the loss
+            # stayed at ~0.1-0.15 and every held-out record got one rate.
+            config.data.synthetic_stretches = 6
+            config.train.update(steps=2000, learning_rate=1e-3)
     if base not in ("tiny", "demo"):
         for group in (config.model.llm, config.model.ecg_encoder, config.model.projector,
                       config.model.get("vision_tower")):

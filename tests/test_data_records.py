@@ -223,6 +223,43 @@ def test_synthetic_labels_are_the_statements_its_report_asserts(rate):
         {vocab.lookup(label) for label in labels}
 
 
+def test_time_stretch_continues_the_beat_train_across_its_joins():
+    """A pulse every 400 samples played 1.6x faster: a pulse every 250 samples over the whole
+    output, joins included (a wrap-around would put one 100-160 samples after the last)."""
+    train = np.zeros((1, 5000), np.float32)
+    peaks = np.arange(150, 5000, 400)
+    train[0, peaks] = 1.0
+    stretched = synthetic.time_stretch(train, 500.0, 1.6, peaks.astype(float))
+    assert stretched.shape == (1, 5000)
+    found = np.flatnonzero((stretched[0] > 0.3) & (stretched[0] >= np.roll(stretched[0], 1))
+                           & (stretched[0] >= np.roll(stretched[0], -1)))
+    assert len(found) >= 19 and set(np.diff(found)) <= {249, 250, 251}
+
+
+@pytest.mark.parametrize("target", [52.0, 118.0])
+def test_stretched_synthetic_ecg_says_the_rate_its_signal_has(simulated, target):
+    """A 75 bpm ECG stretched to a new rate: the rate measured on it (`measure.ecg_rhythm`) and an
+    independent detector (wfdb XQRS) agree with the target, and its report, labels and grounded
+    answer state the measured rate and the rhythm name that rate has."""
+    from uniecg_jax.data.conversations import build_conversation
+
+    source = simulated[1]
+    copy = synthetic.stretched_to_rate(source, target, "synthetic_x_s0")
+    measured = measure.heart_rate_bpm(copy.signal, copy.fs)
+    assert abs(measured - target) < 0.04 * target
+    assert abs(measure.heart_rate_bpm(copy.signal, copy.fs, method="xqrs") - measured) < 3
+    assert copy.heart_rate == round(measured, 1) and copy.signal.shape == source.signal.shape
+    assert copy.report == synthetic.synthetic_report(measured)
+    assert copy.labels == synthetic.synthetic_labels(measured)
+    assert copy.labels[0] == ("sinus bradycardia" if target < 60 else "sinus tachycardia")
+    answer = build_conversation(copy)[1][1]
+    assert f"at {measured:.0f} bpm" in answer and report_metrics.extract_measurements(
+        answer)["heart_rate"] == pytest.approx(measured, abs=1)
+    copies = synthetic.stretched_copies([source, dataclasses.replace(source, record_id="E1")],
+                                        3, seed=0)
+    assert [c.record_id for c in copies] == [f"{source.record_id}_s{k}" for k in range(3)]
+
+
 def test_cached_synthetic_generates_once_and_recovers_from_a_corrupt_file(tmp_path):
     cache = str(tmp_path / "cache")
     first = synthetic.cached_synthetic(2, seed=3, heart_rates=[60.0, 90.0], cache_dir=cache)

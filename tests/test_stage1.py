@@ -80,6 +80,18 @@ def test_placeholder_expansion_equals_manual_concatenation():
     np.testing.assert_array_equal(expanded[0, 3 + num_ecg:], ids[0, 4:])
 
 
+def test_synthetic_stretches_add_to_the_train_split_only():
+    """`data.synthetic_stretches` copies each synthetic train record that many times; the held-out
+    split (what `uniecg eval interpret` scores) is the same with and without them."""
+    from uniecg_jax.train.stage1 import stage1_data_source
+
+    plain, stretched = (_config(["data.num_synthetic=8", f"data.synthetic_stretches={k}"])
+                        for k in (0, 2))
+    assert len(stage1_data_source(stretched, "train")) == \
+        len(stage1_data_source(plain, "train")) + 2 * 6    # 6 of the 8 synthetic ECGs train
+    assert len(stage1_data_source(stretched, "test")) == len(stage1_data_source(plain, "test"))
+
+
 def test_loss_counts_only_assistant_tokens(task_and_batch):
     _, task, batch = task_and_batch
     params = _init(task)

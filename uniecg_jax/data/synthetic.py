@@ -14,8 +14,13 @@ import numpy as np
 from tqdm import tqdm
 
 from uniecg_jax.caches import cache_home
-from uniecg_jax.data.measure import BRADYCARDIA_BELOW_BPM, TACHYCARDIA_ABOVE_BPM
-from uniecg_jax.data.record import ENCODER_FS, LEADS, RECORD_SECONDS, ECGRecord, make_record
+from uniecg_jax.data.measure import BRADYCARDIA_BELOW_BPM, TACHYCARDIA_ABOVE_BPM, ecg_rhythm
+from uniecg_jax.data.record import ENCODER_FS, LEADS, RECORD_SECONDS, ECGRecord, make_record, \
+    pad_or_crop, resample
+
+# The synthetic heart rates (bpm): uniform over this range, so that "always say the mean rate" does
+# not pay; brady- and tachycardia both occur.
+SYNTHETIC_RATES_BPM = (45.0, 125.0)
 
 
 def rhythm_label(heart_rate: float) -> str:
@@ -63,12 +68,12 @@ def generate_one(heart_rate: float, *, seed: int, record_id: str, fs: float = EN
 
 def generate(n: int, heart_rates: Sequence[float] | None = None, seed: int = 0,
              fs: float = ENCODER_FS, progress: bool = True) -> list[ECGRecord]:
-    """`n` synthetic 10 s records. heart_rates: one per record (default: uniform 45-125 bpm drawn
-    from `seed`). Age and sex are drawn from `seed` too. Record ids are `synthetic_{seed}_{i}`.
+    """`n` synthetic 10 s records. heart_rates: one per record (default: uniform over
+    `SYNTHETIC_RATES_BPM` drawn from `seed`). Age and sex are drawn from `seed` too. Record ids are `synthetic_{seed}_{i}`.
     progress: a tqdm bar on stderr while synthesising (more than one record)."""
     rng = np.random.default_rng(seed)
     if heart_rates is None:
-        heart_rates = rng.uniform(45, 125, size=n).round(1)
+        heart_rates = rng.uniform(*SYNTHETIC_RATES_BPM, size=n).round(1)
     if len(heart_rates) != n:
         raise ValueError(f"heart_rates has {len(heart_rates)} values for n={n} records")
     ages = rng.integers(20, 90, size=n)
@@ -114,3 +119,57 @@ def cached_synthetic(count: int, seed: int, heart_rates: Sequence[float] | None 
         pickle.dump(records, f)
     os.replace(path + ".tmp", path)
     return records
+
+
+def time_stretch(signal: np.ndarray, fs: float, factor: float, r_peaks: np.ndarray) -> np.ndarray:
+    """[C, T] signal played `factor` times faster (factor 1.5: 60 -> 90 bpm) -> [C, T], still at
+    `fs`. Faster needs more than T samples of source: the beats between the first and the last R
+    peak (`r_peaks`, samples) are repeated after the last one, so the joins fall on R peaks, where
+    the beat sequence continues as it would, instead of on a cut through a beat (a wrap-around)."""
+    length = signal.shape[-1]
+    first, last = int(r_peaks[0]), int(r_peaks[-1])
+    needed = int(np.ceil(length * factor)) + 1
+    repeats = max(0, int(np.ceil((needed - last) / max(last - first, 1))))
+    extended = np.concatenate([signal[:, :last]] + [signal[:, first:last]] * repeats
+                              + [signal[:, last:]] * (repeats == 0), axis=-1)
+    # Played faster = sampled at fs / factor and read back at fs (the package's one resampler).
+    return pad_or_crop(resample(extended, fs, fs / factor), length)
+
+
+def stretched_to_rate(record: ECGRecord, rate_bpm: float, record_id: str) -> ECGRecord | None:
+    """A synthetic `record` time-stretched (`time_stretch`) to about `rate_bpm`, its heart rate,
+    report and labels regenerated from the rate measured on the stretched signal (`measure.ecg_rhythm`,
+    the one measurement), so the text states what the signal shows. None when fewer than two beats
+    are found in the source or the result."""
+    source = ecg_rhythm(record.signal, record.fs)
+    if len(source.r_peaks) < 2:
+        return None
+    # Factors in steps of 1/100 keep the polyphase ratio small (100 / k).
+    factor = round(rate_bpm / source.heart_rate_bpm, 2)
+    signal = time_stretch(record.signal, record.fs, factor, source.r_peaks)
+    measured = ecg_rhythm(signal, record.fs).heart_rate_bpm
+    if not np.isfinite(measured):
+        return None
+    rate = round(float(measured), 1)
+    return dataclasses.replace(record, signal=signal, record_id=record_id, patient_id=record_id,
+                               source_path=f"<synthetic {record_id}>", heart_rate=rate,
+                               report=synthetic_report(rate), labels=synthetic_labels(rate),
+                               r_peaks=None)
+
+
+def stretched_copies(records: Sequence[ECGRecord], copies: int, seed: int) -> list[ECGRecord]:
+    """`copies` time-stretched versions of each synthetic record (`stretched_to_rate`) at rates
+    drawn uniformly over `SYNTHETIC_RATES_BPM` from `seed`; ids `{record_id}_s{k}`. Other records
+    are skipped: a real record's diagnoses (intervals, ectopy) need not survive a stretch. Training
+    data only: a stretch adds (signal, rate) pairs whose answers differ, against memorising them."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for record in records:
+        if not record.record_id.startswith("synthetic_"):
+            continue
+        rates = rng.uniform(*SYNTHETIC_RATES_BPM, size=copies)
+        for k, rate in enumerate(rates):
+            copy = stretched_to_rate(record, float(rate), f"{record.record_id}_s{k}")
+            if copy is not None:
+                out.append(copy)
+    return out

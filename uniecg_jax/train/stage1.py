@@ -27,6 +27,7 @@ from uniecg_jax.data.augment import roll_in_time
 from uniecg_jax.data.bundled import bundled_split
 from uniecg_jax.data.multimodal import with_rendered_images
 from uniecg_jax.data.pipelines import records_source, stage1_loader
+from uniecg_jax.data.synthetic import stretched_copies
 from uniecg_jax.data.tokenizer import load_tokenizer
 from uniecg_jax.models.stage1 import UniECGConfig, build_unified, expand_at_placeholder, \
     expand_inputs, expand_multimodal_inputs, next_real_targets
@@ -80,11 +81,16 @@ def finalize_model_config(config: ml_collections.ConfigDict, tokenizer
 
 
 def stage1_data_source(config: ml_collections.ConfigDict, split: str):
-    """What `stage1_loader` reads: a prep folder path, or an in-memory source of bundled data."""
+    """What `stage1_loader` reads: a prep folder path, or an in-memory source of bundled data
+    (the train split with `data.synthetic_stretches` time-stretched copies of each synthetic
+    record, `data.synthetic.stretched_copies`)."""
     if config.data.source != "bundled":
         return config.data.source
     records = bundled_split(int(config.data.holdout_every), int(config.data.num_synthetic),
                             int(config.seed))[split]
+    stretches = int(config.data.get("synthetic_stretches", 0))
+    if split == "train" and stretches:
+        records = records + stretched_copies(records, stretches, int(config.seed))
     return records_source(records, conversations="build")
 
 
