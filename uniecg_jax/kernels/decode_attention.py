@@ -79,11 +79,8 @@ def attend(grouped_query: jax.Array, key: jax.Array, value: jax.Array, key_mask:
 def eligible(dtype, head_dim: int, arrays=()) -> bool:
     """Whether the kernel can run: CPU backend, f32 compute, head size a multiple of 16, every
     array on one device (the custom call has no sharding rule), and the kernel loads."""
-    if jax.default_backend() != "cpu" or jnp.dtype(dtype) != jnp.float32 or head_dim % 16:
+    if jnp.dtype(dtype) != jnp.float32 or head_dim % 16 or not native.runs_on_cpu(arrays):
         return False
-    for leaf in jax.tree.leaves(arrays):
-        if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
-            return False
     return load()
 
 

@@ -13,6 +13,7 @@ source, jax version, flags and CPU; decisions are JSON files beside the librarie
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import json
 import logging
@@ -35,15 +36,18 @@ _log = logging.getLogger(__name__)
 _libraries: dict[pathlib.Path, ctypes.CDLL | None] = {}   # per source, for the process's life
 
 
+@functools.lru_cache(maxsize=None)
+def _cpuinfo_lines() -> tuple[str, ...]:
+    """/proc/cpuinfo's lines, read once per process (every `generate` call builds decision keys)."""
+    try:
+        return tuple(pathlib.Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return ()
+
+
 def _cpuinfo_field(*names: str) -> str | None:
     """The first /proc/cpuinfo line starting with one of `names`, whole; None without one."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(names):
-                return line
-    except OSError:
-        pass
-    return None
+    return next((line for line in _cpuinfo_lines() if line.startswith(names)), None)
 
 
 def cpu_signature() -> str:
@@ -89,8 +93,19 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("UNIECG_KERNEL_CACHE", cache_home() / "kernels"))
 
 
+@functools.lru_cache(maxsize=None)
 def source_hash(source: pathlib.Path) -> str:
+    """sha256 of a kernel's source, read once per process."""
     return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def runs_on_cpu(arrays=()) -> bool:
+    """Whether a CPU custom call can take `arrays`: the default backend is CPU and every array
+    lives on one device (the kernels' custom calls have no sharding rule)."""
+    if jax.default_backend() != "cpu":
+        return False
+    return all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(arrays)
+               if isinstance(leaf, jax.Array))
 
 
 def compiler() -> str | None:

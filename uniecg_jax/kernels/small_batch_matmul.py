@@ -93,13 +93,10 @@ def eligible(compute_dtype, param_dtype, rows: int, arrays=()) -> bool:
     next tile prefetched the kernel streams a decode step's weights faster than XLA's matrix-vector
     product on a 2-core Xeon, 5.9-6.3 vs 7.1 ms; the calibration decides per CPU), every array
     lives on one device (the custom call has no sharding rule), and the kernel loads."""
-    if jax.default_backend() != "cpu" or not 1 <= rows <= MAX_ROWS:
+    if not 1 <= rows <= MAX_ROWS or not native.runs_on_cpu(arrays):
         return False
     if jnp.dtype(compute_dtype) != jnp.float32 or jnp.dtype(param_dtype) != jnp.float32:
         return False
-    for leaf in jax.tree.leaves(arrays):
-        if isinstance(leaf, jax.Array) and len(leaf.sharding.device_set) > 1:
-            return False
     return load()
 
 
