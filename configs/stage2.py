@@ -8,7 +8,7 @@
   uniecg chat --ckpt /tmp/stage2 --diffusion /tmp/diffusion \\
       --prompt "Show me sinus tachycardia at 130 bpm in a 70-year-old woman"
 
-Only the N new embedding / lm_head rows and the alignment and attribute heads train: `train.freeze` freezes the ECG
+Only the N new embedding / lm_head rows and the alignment, attribute and decision heads train: `train.freeze` freezes the ECG
 tower and every LLM tensor but `embedding` / `lm_head`, and the stage-2 loss masks the gradient of
 the old rows of those two, so the stage-1 model is unchanged bit for bit (interpretation preserved).
 The model shapes come from the stage-1 checkpoint's config when `init.stage1_ckpt` is set.
@@ -20,7 +20,7 @@ import os
 
 import ml_collections
 
-from uniecg_jax.models.alignment import AlignmentConfig, AttributeConfig
+from uniecg_jax.models.alignment import AlignmentConfig, AttributeConfig, DecisionConfig
 from uniecg_jax.train.schema import Stage2TrainConfig, train_group
 
 VARIANTS = ("tiny", "demo", "vicuna_7b", "qwen2_5_7b")
@@ -61,6 +61,11 @@ def get_config(arg=None):
     # Heart rate / age / sex read from the [ECG] hidden states (the diffusion model's scalar
     # conditions); their loss weights are train.heart_rate_weight / age_weight / sex_weight.
     config.model.attributes = ml_collections.ConfigDict(AttributeConfig().to_dict())
+    # The [ECG] decision read from the whole request (learned queries over every request token's
+    # state and input embedding, `models.alignment.DecisionHead`), not from the LLM's last state
+    # alone; trained by the decision BCE (train.decision_weight). Unset (a checkpoint written
+    # before it): the [ECG0] row's own logit decides.
+    config.model.decision = ml_collections.ConfigDict(DecisionConfig().to_dict())
     config.data = ml_collections.ConfigDict(dict(
         source="bundled",      # "bundled" (bundled + synthetic reports) or a `uniecg prep` folder
         num_synthetic=48, holdout_every=5, tokenizer="", max_length=128, worker_count=0,

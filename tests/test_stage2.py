@@ -738,3 +738,86 @@ def test_the_decision_loss_weighs_both_answers_alike():
     only_generation, _ = decision_loss(jnp.asarray(logits), jnp.asarray(target_mask),
                                        jnp.asarray(np.ones(8, bool)), first_ecg)
     np.testing.assert_allclose(float(only_generation), -np.log(0.75), rtol=1e-5)
+
+
+def _decision_model(with_decision=True):
+    """The tiny stage-2 model (without `model.decision`, as a config written before it, unless
+    `with_decision`) and params whose read-out weights are all moved off init."""
+    from uniecg_jax.train.stage2 import finalize_stage2_config
+
+    model_config = finalize_stage2_config(_stage2_config())[0].model.to_dict()
+    if not with_decision:
+        del model_config["decision"]
+    model, s2cfg = build_stage2(model_config)
+    params = jax.device_get(nn.meta.unbox(init_stage2_params(model, jax.random.PRNGKey(0))))
+    if "decision" in params:
+        leaves, tree = jax.tree.flatten(params["decision"])
+        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+        params["decision"] = jax.tree.unflatten(tree, [
+            leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+    return model, s2cfg, params
+
+
+def test_the_decision_read_out_reads_every_request_token_and_only_those():
+    """p([ECG0]) at the first answer token moves when a request token before the last changes
+    (its final state, or only its id: the read-out also sees input embeddings), although the last
+    token's state is the same (all the [ECG0] row could read); it does not move when a token
+    outside the request changes; and it is sigmoid(read-out logit), the word logits untouched."""
+    from uniecg_jax.models.stage2 import UniECGStage2
+
+    model, s2cfg, params = _decision_model()
+    vocab, width = s2cfg.unified.llm.vocab_size, s2cfg.unified.llm.hidden_size
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(1, 8, width)).astype(np.float32)
+    ids = rng.integers(5, 40, size=(1, 8)).astype(np.int32)
+    request = np.arange(8)[None] < 6                    # tokens 6, 7: not the request
+    logits = rng.normal(size=(1, vocab)).astype(np.float32)
+    first_ecg = s2cfg.ecg_token_ids[0]
+
+    def decided(states, tokens):
+        return np.asarray(model.apply({"params": params}, jnp.asarray(logits), jnp.asarray(states),
+                                      jnp.asarray(tokens), jnp.asarray(request),
+                                      method=UniECGStage2.decide_first_token))[0]
+
+    words = np.arange(vocab) != first_ecg
+
+    def p_ecg(states=hidden, tokens=ids):
+        """The read-out's logit: log p([ECG0]) - log p(not [ECG0])."""
+        out = decided(states, tokens)
+        return float(out[first_ecg] - jax.nn.logsumexp(out[words]))
+
+    base = p_ecg()
+    early_state, early_token, outside = hidden.copy(), ids.copy(), hidden.copy()
+    early_state[0, 2] = rng.normal(size=width)
+    early_token[0, 2] = 41
+    outside[0, 7] = rng.normal(size=width)
+    assert abs(p_ecg(early_state) - base) > 1e-4
+    assert abs(p_ecg(tokens=early_token) - base) > 1e-4
+    assert p_ecg(outside) == pytest.approx(base, abs=1e-5)
+    out = decided(hidden, ids)
+    np.testing.assert_allclose(out[words] - out[words][0], logits[0, words] - logits[0, words][0],
+                               atol=1e-5)
+    p = float(jax.nn.softmax(out)[first_ecg])
+    assert p == pytest.approx(float(jax.nn.sigmoid(base)), rel=1e-4)
+
+
+def test_old_stage2_configs_build_without_the_decision_read_out():
+    """A config without `model.decision` (every checkpoint written before it) builds no read-out:
+    no params, no decoding hook, and its first-token logits are the LLM's own."""
+    from uniecg_jax.inference.chat import decision_hook
+    from uniecg_jax.models.stage2 import UniECGStage2
+
+    assert _stage2_config().model.decision.num_queries >= 1
+    model, s2cfg, params = _decision_model(with_decision=False)
+    assert s2cfg.decision is None and "decision" not in params and decision_hook(model) is None
+    ids = jnp.asarray(np.arange(5, 15, dtype=np.int32)[None])
+    plain = model.apply({"params": params}, ids, method=UniECGStage2.generate_outputs)[0]
+    positioned = model.apply({"params": params}, ids, None, jnp.asarray([4]),
+                             method=UniECGStage2.generate_outputs)[0]
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(positioned))
+    new_model, _, new_params = _decision_model()
+    assert decision_hook(new_model) is not None and "decision" in new_params
+    decided = new_model.apply({"params": new_params}, ids, None, jnp.asarray([4]),
+                              method=UniECGStage2.generate_outputs)[0]
+    assert not np.allclose(np.asarray(decided[0, 4]), np.asarray(plain[0, 4]))
+    np.testing.assert_array_equal(np.asarray(decided[0, 5:]), np.asarray(plain[0, 5:]))
