@@ -762,7 +762,7 @@ def test_the_decision_read_out_reads_every_request_token_and_only_those():
     """p([ECG0]) at the first answer token moves when a request token before the last changes
     (its final state, or only its id: the read-out also sees input embeddings), although the last
     token's state is the same (all the [ECG0] row could read); it does not move when a token
-    outside the request changes; and it is sigmoid(read-out logit), the word logits untouched."""
+    outside the request changes; the word logits are untouched."""
     from uniecg_jax.models.stage2 import UniECGStage2
 
     model, s2cfg, params = _decision_model()
@@ -782,7 +782,7 @@ def test_the_decision_read_out_reads_every_request_token_and_only_those():
     words = np.arange(vocab) != first_ecg
 
     def p_ecg(states=hidden, tokens=ids):
-        """The read-out's logit: log p([ECG0]) - log p(not [ECG0])."""
+        """The decision's log-odds: log p([ECG0]) - log p(not [ECG0])."""
         out = decided(states, tokens)
         return float(out[first_ecg] - jax.nn.logsumexp(out[words]))
 
@@ -795,10 +795,9 @@ def test_the_decision_read_out_reads_every_request_token_and_only_those():
     assert abs(p_ecg(tokens=early_token) - base) > 1e-4
     assert p_ecg(outside) == pytest.approx(base, abs=1e-5)
     out = decided(hidden, ids)
-    np.testing.assert_allclose(out[words] - out[words][0], logits[0, words] - logits[0, words][0],
-                               atol=1e-5)
-    p = float(jax.nn.softmax(out)[first_ecg])
-    assert p == pytest.approx(float(jax.nn.sigmoid(base)), rel=1e-4)
+    np.testing.assert_allclose(out[words], logits[0, words], atol=1e-6)
+    llm_log_odds = float(logits[0, first_ecg] - jax.nn.logsumexp(logits[0, words]))
+    assert abs(base - llm_log_odds) > 1e-3      # the read-out's logit moved the decision
 
 
 def test_old_stage2_configs_build_without_the_decision_read_out():
@@ -821,3 +820,22 @@ def test_old_stage2_configs_build_without_the_decision_read_out():
                               method=UniECGStage2.generate_outputs)[0]
     assert not np.allclose(np.asarray(decided[0, 4]), np.asarray(plain[0, 4]))
     np.testing.assert_array_equal(np.asarray(decided[0, 5:]), np.asarray(plain[0, 5:]))
+
+
+def test_a_trained_read_out_answers_a_held_out_report_question_in_words(tmp_path, monkeypatch):
+    """Trained on requests and questions about a report (trained phrasings), the served decision
+    (`UnifiedModel.respond`, the read-out in decoding's first-token hook) answers the held-out
+    report question without [ECG] and held-out generation requests with them."""
+    from uniecg_jax.data.conversations import HELD_OUT_REPORT_QUESTIONS, HELD_OUT_REQUESTS
+
+    task, params = _toy_attribute_run(tmp_path, monkeypatch, [
+        "train.steps=60", "data.negative_fraction=0.5", "data.state_fraction=0.5"])
+    task.export(str(tmp_path), params)
+    unified = UnifiedModel.load(str(tmp_path))
+    report = "sinus rhythm"
+    requests = [template.format(report=report, attrs="") for template in HELD_OUT_REQUESTS]
+    _, _, emitted = unified.respond(requests, max_new_tokens=6)
+    assert emitted.all(), requests
+    questions = [HELD_OUT_REPORT_QUESTIONS[0].format(report=report), "Thanks, that was helpful."]
+    _, _, emitted = unified.respond(questions, max_new_tokens=6)
+    assert not emitted.any(), questions
