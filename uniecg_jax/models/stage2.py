@@ -142,8 +142,8 @@ class UniECGStage2(nn.Module):
                            request_mask: jax.Array) -> jax.Array:
         """The logits of a request's first answer token with the decision read-out's verdict:
         logits [B, V] (at the last request position), hidden / input_ids [B, T(, D)], request_mask
-        [B, T] (True = a request token) -> [B, V] f32 with the `DecisionHead` logit added to the
-        `[ECG0]` log-odds (`with_decision`). Unchanged without a read-out (`model.decision` unset)."""
+        [B, T] (True = a request token) -> [B, V] f32 with p([ECG0]) = sigmoid(`DecisionHead`
+        logit) (`with_decision`). Unchanged without a read-out (`model.decision` unset)."""
         if self.config.decision is None:
             return logits
         embeddings = self.llm.embed(input_ids) if self.config.decision.read_embeddings else None
@@ -186,14 +186,12 @@ class UniECGStage2(nn.Module):
 
 
 def with_decision(logits: jax.Array, decision: jax.Array, token_id: int) -> jax.Array:
-    """logits [B, V] with `decision` [B] added to row b's `token_id` logit: the log-odds of
-    answering with it grow by `decision` (p = sigmoid(LLM log-odds + decision)), the other tokens
-    keep their ratios (the words an answer in words starts with are the LLM's own). Added, not
-    set: a fresh read-out (output ~0) starts from the decision the `[ECG0]` row had learned, which
-    a read-out that replaced it had to relearn (24 steps on the tiny test LLM left a trained
-    question-style request answered in words). f32."""
+    """logits [B, V] with row b's `token_id` logit set so that softmax gives it probability
+    sigmoid(decision[b]) ([B]) and the other tokens keep their ratios (the words an answer in
+    words would start with are the LLM's own). f32."""
     logits = logits.astype(jnp.float32)
-    return logits.at[:, token_id].add(decision.astype(jnp.float32))
+    others = jax.nn.logsumexp(logits.at[:, token_id].set(-jnp.inf), axis=-1)
+    return logits.at[:, token_id].set(others + decision.astype(jnp.float32))
 
 
 def build_stage2(model_config: Any) -> tuple[UniECGStage2, Stage2Config]:
