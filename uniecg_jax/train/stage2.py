@@ -196,7 +196,7 @@ def decision_loss(logits: jax.Array, target_mask: jax.Array, generation: jax.Arr
     is the mean of the two classes' means (each class present in the batch weighs the same): with
     a plain row mean the ~70% generation rows outweighed the word answers, and the demo model
     answered 68-93% of questions about a report with [ECG]. With a decision read-out
-    (`model.decision`) the logits at that position already hold its logit
+    (`model.decision`) the logits at that position are already its verdict
     (`UniECGStage2.decide_first_token`), so this BCE trains the read-out."""
     decision = decision_positions(target_mask)
     rows = decision >= 0
