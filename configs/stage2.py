@@ -104,11 +104,11 @@ def get_config(arg=None):
         # should I make of it?") is not separable by a linear read of the LLM's last state
         # (a logistic probe trained on 6 or 16 report-question phrasings: 100% [ECG]).
         # With the decision read-out (`model.decision`: learned queries over every request
-        # token), 200 steps (train.steps=200, 2 shared cores), one stage-1 demo run, seed 0
-        # (without it, seeds 0 / 1, same recipe): decision precision / recall trained 1.00 / 1.00
-        # (0.75 / 0.92, 0.74 / 0.88), held-out 1.00 / 0.92 (0.63 / 0.81, 0.51 / 0.73); report
-        # questions answered with [ECG] 0% trained and held-out (59 / 59%, 79 / 79%); general 0%
-        # (8 / 8%, 0 / 58%); interpretation token-identical (6 / 6).
+        # token), 200 steps (train.steps=200, 2 shared cores), one stage-1 demo run, seeds 0 / 1
+        # (without it, same recipe): decision precision / recall trained 1.00 / 1.00 both
+        # (0.75 / 0.92, 0.74 / 0.88), held-out 1.00 / 0.92 and 0.68 / 0.85 (0.63 / 0.81,
+        # 0.51 / 0.73); report questions answered with [ECG] trained 0 / 0% (59 / 59%), held-out
+        # 0 / 66% (79 / 79%); general 0% (8 / 8%, 0 / 58%); interpretation token-identical (6 / 6).
         config.model.alignment.hidden_dim = 256
         config.data.negative_fraction = 0.4
         config.train.update(steps=400, batch_size=16, learning_rate=5e-3, log_every=50,
