@@ -51,7 +51,9 @@ def trained(tmp_path_factory):
     stage1_dir = str(root / "stage1")
     stage1_task.export(stage1_dir, params)
 
-    config = _stage2_config([f"init.stage1_ckpt={stage1_dir}"])
+    # 40 steps: the decision read-out (`model.decision`) starts from scratch; at 24 one trained
+    # question-style request ("Can you generate an ECG showing ...?") was still answered in words.
+    config = _stage2_config([f"init.stage1_ckpt={stage1_dir}", "train.steps=40"])
     task = build_task(config)
     config = task.config
     result = train(config, str(root / "stage2"), task)
@@ -251,7 +253,7 @@ def test_stage2_training_requests_are_the_served_prompts(trained):
 def test_the_model_decides_generation_requests_from_questions_and_interpretations(trained):
     """After training, [ECG] for requests in several trained phrasings (stated attributes in
     varied forms) and none for an interpretation with an ECG. (General questions answered in
-    words are trained too, but 24 steps on a random tiny LLM do not yet separate them: the demo
+    words are trained too, but 40 steps on a random tiny LLM do not yet separate them: the demo
     measures that decision, trained vs held-out phrasings.)"""
     from uniecg_jax.data.bundled import bundled_split
 
@@ -738,3 +740,116 @@ def test_the_decision_loss_weighs_both_answers_alike():
     only_generation, _ = decision_loss(jnp.asarray(logits), jnp.asarray(target_mask),
                                        jnp.asarray(np.ones(8, bool)), first_ecg)
     np.testing.assert_allclose(float(only_generation), -np.log(0.75), rtol=1e-5)
+
+
+def _decision_model(with_decision=True):
+    """The tiny stage-2 model (without `model.decision`, as a config written before it, unless
+    `with_decision`) and params whose read-out weights are all moved off init."""
+    from uniecg_jax.train.stage2 import finalize_stage2_config
+
+    model_config = finalize_stage2_config(_stage2_config())[0].model.to_dict()
+    if not with_decision:
+        del model_config["decision"]
+    model, s2cfg = build_stage2(model_config)
+    params = jax.device_get(nn.meta.unbox(init_stage2_params(model, jax.random.PRNGKey(0))))
+    if "decision" in params:
+        leaves, tree = jax.tree.flatten(params["decision"])
+        keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+        params["decision"] = jax.tree.unflatten(tree, [
+            leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+    return model, s2cfg, params
+
+
+def test_the_decision_read_out_reads_every_request_token_and_only_those():
+    """p([ECG0]) at the first answer token moves when a request token before the last changes
+    (its final state, or only its id: the read-out also sees input embeddings), although the last
+    token's state is the same (all the [ECG0] row could read); it does not move when a token
+    outside the request changes; the word logits are untouched and the LLM's own [ECG0] logit is
+    replaced."""
+    from uniecg_jax.models.stage2 import UniECGStage2
+
+    model, s2cfg, params = _decision_model()
+    vocab, width = s2cfg.unified.llm.vocab_size, s2cfg.unified.llm.hidden_size
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(1, 8, width)).astype(np.float32)
+    ids = rng.integers(5, 40, size=(1, 8)).astype(np.int32)
+    request = np.arange(8)[None] < 6                    # tokens 6, 7: not the request
+    logits = rng.normal(size=(1, vocab)).astype(np.float32)
+    first_ecg = s2cfg.ecg_token_ids[0]
+
+    def decided(states, tokens):
+        return np.asarray(model.apply({"params": params}, jnp.asarray(logits), jnp.asarray(states),
+                                      jnp.asarray(tokens), jnp.asarray(request),
+                                      method=UniECGStage2.decide_first_token))[0]
+
+    words = np.arange(vocab) != first_ecg
+
+    def p_ecg(states=hidden, tokens=ids):
+        """The decision's log-odds: log p([ECG0]) - log p(not [ECG0])."""
+        out = decided(states, tokens)
+        return float(out[first_ecg] - jax.nn.logsumexp(out[words]))
+
+    base = p_ecg()
+    early_state, early_token, outside = hidden.copy(), ids.copy(), hidden.copy()
+    early_state[0, 2] = rng.normal(size=width)
+    early_token[0, 2] = 41
+    outside[0, 7] = rng.normal(size=width)
+    assert abs(p_ecg(early_state) - base) > 1e-4
+    assert abs(p_ecg(tokens=early_token) - base) > 1e-4
+    assert p_ecg(outside) == pytest.approx(base, abs=1e-5)
+    out = decided(hidden, ids)
+    np.testing.assert_array_equal(out[words], logits[0, words])
+    # The decision is the read-out's alone: the LLM's own [ECG0] logit does not enter it.
+    other_llm = logits.copy()
+    other_llm[0, first_ecg] += 5.0
+    assert float(jax.nn.softmax(decided(hidden, ids))[first_ecg]) == pytest.approx(
+        float(jax.nn.softmax(np.asarray(model.apply(
+            {"params": params}, jnp.asarray(other_llm), jnp.asarray(hidden), jnp.asarray(ids),
+            jnp.asarray(request), method=UniECGStage2.decide_first_token))[0])[first_ecg]),
+        rel=1e-5)
+
+
+def test_old_stage2_configs_build_without_the_decision_read_out():
+    """A config without `model.decision` (every checkpoint written before it) builds no read-out:
+    no params, no decoding hook, and its first-token logits are the LLM's own."""
+    from uniecg_jax.inference.chat import decision_hook
+    from uniecg_jax.models.stage2 import UniECGStage2
+
+    assert _stage2_config().model.decision.num_queries >= 1
+    model, s2cfg, params = _decision_model(with_decision=False)
+    assert s2cfg.decision is None and "decision" not in params and decision_hook(model) is None
+    ids = jnp.asarray(np.arange(5, 15, dtype=np.int32)[None])
+    plain = model.apply({"params": params}, ids, method=UniECGStage2.generate_outputs)[0]
+    positioned = model.apply({"params": params}, ids, None, jnp.asarray([4]),
+                             method=UniECGStage2.generate_outputs)[0]
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(positioned))
+    new_model, _, new_params = _decision_model()
+    assert decision_hook(new_model) is not None and "decision" in new_params
+    decided = new_model.apply({"params": new_params}, ids, None, jnp.asarray([4]),
+                              method=UniECGStage2.generate_outputs)[0]
+    assert not np.allclose(np.asarray(decided[0, 4]), np.asarray(plain[0, 4]))
+    np.testing.assert_array_equal(np.asarray(decided[0, 5:]), np.asarray(plain[0, 5:]))
+
+
+@pytest.mark.xfail(reason="60 toy steps on a random 1-layer LLM and one report: the held-out "
+                          "generation requests get [ECG], but one of the two held-out questions "
+                          "did too (the demo-sized model answers the held-out report question "
+                          "in words: README); open, a longer or richer toy run is untried",
+                   strict=False)
+def test_a_trained_read_out_answers_a_held_out_report_question_in_words(tmp_path, monkeypatch):
+    """Trained on requests and questions about a report (trained phrasings), the served decision
+    (`UnifiedModel.respond`, the read-out in decoding's first-token hook) answers the held-out
+    report question without [ECG] and held-out generation requests with them."""
+    from uniecg_jax.data.conversations import HELD_OUT_REPORT_QUESTIONS, HELD_OUT_REQUESTS
+
+    task, params = _toy_attribute_run(tmp_path, monkeypatch, [
+        "train.steps=60", "data.negative_fraction=0.5", "data.state_fraction=0.5"])
+    task.export(str(tmp_path), params)
+    unified = UnifiedModel.load(str(tmp_path))
+    report = "sinus rhythm"
+    requests = [template.format(report=report, attrs="") for template in HELD_OUT_REQUESTS]
+    _, _, emitted = unified.respond(requests, max_new_tokens=6)
+    assert emitted.all(), requests
+    questions = [HELD_OUT_REPORT_QUESTIONS[0].format(report=report), "Thanks, that was helpful."]
+    _, _, emitted = unified.respond(questions, max_new_tokens=6)
+    assert not emitted.any(), questions

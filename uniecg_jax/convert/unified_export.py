@@ -8,6 +8,8 @@ Layout of the export directory:
                                 safetensors and the tokenizer WITH the [ECG] tokens (rows included)
     ecg_tower.safetensors       ECG encoder + ecg_projector + mm_projector ("encoder.blocks_0...")
     alignment.safetensors       the alignment head
+    attributes.safetensors,     the attribute head and the decision read-out (models with them)
+    decision.safetensors
     diffusion_vae.safetensors,  the diffusion model (when exported with one)
     diffusion_unet.safetensors
     uniecg_config.json          {"format", "stage2_config": <full config>, "ecg_token_ids",
@@ -44,8 +46,9 @@ from uniecg_jax.sharding import make_mesh
 FORMAT = "uniecg-unified-v1"
 CONFIG_FILE = "uniecg_config.json"
 LLM_DIR = "llm"
+# attributes / decision: only models with that head (`model.attributes` / `model.decision`).
 COMPONENTS = {"ecg_tower": "ecg_tower.safetensors", "alignment": "alignment.safetensors",
-              "attributes": "attributes.safetensors"}   # attributes: only models with the head
+              "attributes": "attributes.safetensors", "decision": "decision.safetensors"}
 DIFFUSION_COMPONENTS = {"vae": "diffusion_vae.safetensors", "unet": "diffusion_unet.safetensors"}
 
 

@@ -6,8 +6,9 @@
     turn.text, turn.generated_ecg, turn.files       # [ECG] emitted -> ECG [12, T] + WFDB/PNG stems
     turn = model.chat("Interpret this ECG.", ecg=record.to_encoder_input())   # a report
 
-The task is never chosen by a rule: the LLM decodes (greedy by default) keeping the final hidden
-states of the tokens it feeds (`decoding.generate(..., return_hidden=True)`); if it emitted the
+The task is never chosen by a rule: the LLM decodes (greedy by default; with a decision read-out,
+`model.decision`, the first token of a text-only request is drawn with p([ECG0]) from the read-out
+over the whole request, `decision_hook`) keeping the final hidden states of the tokens it feeds (`decoding.generate(..., return_hidden=True)`); if it emitted the
 `[ECG]` tokens, their hidden states go through the alignment head to the condition vector and
 through the attribute head to sex / age / heart rate (no second forward pass): the model read the
 numbers the request states or implies, and they feed the diffusion model directly. Explicit
@@ -219,9 +220,13 @@ class UnifiedModel:
         if ecgs is None and images is None:
             ids, mask = decoding.left_pad([self.text_prompt_ids(p) for p in prompts],
                                           llm_cfg.pad_token_id)
+            # With a decision read-out it decides the first token of a text-only request; a
+            # request with an ECG is decided as in stage 1 (interpretation stays token-identical).
+            hook = decision_hook(self.model)
             out = decoding.generate(Decoder(llm_cfg), self.params["llm"], ids, mask,
                                     max_new_tokens=max_new, sampling=sampling, rng=rng,
-                                    return_hidden=True)
+                                    return_hidden=True,
+                                    first_token=None if hook is None else (hook, self.params))
         else:
             interpreter = self.interpreter()
             batch = interpreter.model_inputs(ecgs, images)
@@ -311,6 +316,22 @@ def alignment_fn(model: UniECGStage2):
 
 
 _ATTRIBUTES: dict = {}
+_DECISION: dict = {}
+
+
+def decision_hook(model: UniECGStage2):
+    """`(params, prompt hidden [B, T, D], ids [B, T], mask [B, T], logits [B, V]) -> [B, V]`: the
+    first answer token's logits with the decision read-out's verdict
+    (`UniECGStage2.decide_first_token` over the prompt's real tokens), for `decoding.generate`'s
+    `first_token`; None for a model without a read-out (`model.decision` unset). One function
+    per model config, so the decoder compiles once."""
+    if model.config.decision is None:
+        return None
+    if model.config not in _DECISION:
+        _DECISION[model.config] = lambda params, hidden, ids, mask, logits: model.apply(
+            {"params": params}, logits, hidden, ids, mask > 0,
+            method=UniECGStage2.decide_first_token)
+    return _DECISION[model.config]
 
 
 def attribute_fn(model: UniECGStage2):

@@ -14,7 +14,9 @@ The whole thing — prefill, then a `lax.while_loop` that samples, appends, upda
 when every row has emitted a stop token or `max_new_tokens` are out — is one jitted function per
 (model config, max_new_tokens, sampling, stop ids); prompt shapes retrace as usual.
 `extra_embeddings [B, N, D]` / `extra_positions [B, N]` (indices into the padded prompt, -1 unused)
-are spliced into the prompt embeddings at prefill (ECG tokens in stage 1).
+are spliced into the prompt embeddings at prefill (ECG tokens in stage 1). `first_token` =
+(hook, hook_params) rewrites the first token's logits from the prompt's hidden states inside the
+same jit (stage 2's decision read-out: `inference.chat.decision_hook`).
 """
 from __future__ import annotations
 
@@ -105,10 +107,10 @@ def sample_tokens(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.
 
 def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
                    stop_token_ids: tuple[int, ...], pad_token_id: int, small_batch_kernel: bool,
-                   return_hidden: bool, attention_kernel: bool, params: Any,
+                   return_hidden: bool, attention_kernel: bool, first_token_hook, params: Any,
                    input_ids: jax.Array, attention_mask: jax.Array,
                    extra_embeddings: jax.Array | None, extra_positions: jax.Array | None,
-                   rng: jax.Array) -> GenerateOutput:
+                   rng: jax.Array, hook_params: Any = None) -> GenerateOutput:
     batch, prompt_len = input_ids.shape
     cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
     stops = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
@@ -116,13 +118,17 @@ def _generate_impl(model: Decoder, max_new_tokens: int, sampling: Sampling,
     logits, *prompt_hidden, cache = model.apply(
         {"params": params}, input_ids, attention_mask=attention_mask,
         extra_embeddings=extra_embeddings, extra_positions=extra_positions, cache=cache,
-        only_last=True, return_hidden=return_hidden)
+        only_last=True, return_hidden=return_hidden or first_token_hook is not None)
+    first_logits = logits[:, -1]
+    if first_token_hook is not None:
+        first_logits = first_token_hook(hook_params, prompt_hidden[0], input_ids, attention_mask,
+                                        first_logits)
     # Every Dense kernel packed once for small_batch_matmul (a second copy of the weights while
     # this call runs), injected into the decode step below.
     packed = (small_batch_matmul.packed_dense_kernels(model, params, input_ids[:, -1:])
               if small_batch_kernel else None)
     rng, step_rng = jax.random.split(rng)
-    first = sample_tokens(logits[:, -1], sampling, step_rng)
+    first = sample_tokens(first_logits, sampling, step_rng)
     tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, stops)
     lengths = jnp.ones((batch,), jnp.int32)
@@ -175,19 +181,23 @@ _JITTED: dict = {}
 def generate_fn(model: Decoder, max_new_tokens: int, sampling: Sampling = Sampling(),
                 stop_token_ids: Sequence[int] = (), pad_token_id: int = 0,
                 small_batch_kernel: bool = False, return_hidden: bool = False,
-                attention_kernel: bool = False):
-    """The jitted `(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng) ->
-    GenerateOutput` for these static settings (cached), for callers that manage shardings.
+                attention_kernel: bool = False, first_token_hook=None):
+    """The jitted `(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng,
+    hook_params=None) -> GenerateOutput` for these static settings (cached), for callers that
+    manage shardings. `first_token_hook`: see `generate`'s `first_token` (its params are
+    `hook_params`).
     `small_batch_kernel`: decode steps use `kernels.small_batch_matmul` (see `generate`).
     `return_hidden`: the output also holds the final hidden states (see `GenerateOutput`).
     `attention_kernel`: decode steps attend with `kernels.decode_attention` (see `generate`)."""
     key = (model.config, int(max_new_tokens), sampling, tuple(int(t) for t in stop_token_ids),
-           int(pad_token_id), bool(small_batch_kernel), bool(return_hidden), bool(attention_kernel))
+           int(pad_token_id), bool(small_batch_kernel), bool(return_hidden), bool(attention_kernel),
+           first_token_hook)
     if key not in _JITTED:
-        def fn(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng):
+        def fn(params, input_ids, attention_mask, extra_embeddings, extra_positions, rng,
+               hook_params=None):
             return _generate_impl(model, key[1], sampling, key[3], key[4], key[5], key[6], key[7],
-                                  params, input_ids, attention_mask, extra_embeddings,
-                                  extra_positions, rng)
+                                  key[8], params, input_ids, attention_mask, extra_embeddings,
+                                  extra_positions, rng, hook_params)
         _JITTED[key] = jax.jit(fn)
     return _JITTED[key]
 
@@ -225,7 +235,7 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
              extra_embeddings=None, extra_positions=None,
              pad_token_id: int | None = None,
              small_batch_kernel: bool | None = None, return_hidden: bool = False,
-             attention_kernel: bool | None = None) -> GenerateOutput:
+             attention_kernel: bool | None = None, first_token=None) -> GenerateOutput:
     """Generates up to `max_new_tokens` per row for LEFT-padded prompts.
 
     Args:
@@ -242,6 +252,10 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
         measured faster than XLA's attention on this CPU for these shapes (cached); False: never.
       return_hidden: also return the final hidden states of prompt and generated tokens
         ([B, T + max_new_tokens, D]; one extra decode step feeds the last token).
+      first_token: optional (hook, hook_params): the first token is drawn from
+        `hook(hook_params, prompt_hidden [B, T, D], input_ids, attention_mask, logits [B, V]) ->
+        [B, V]` instead of the prefill's last logits (one jit per hook: keep it a cached
+        function).
     Returns: GenerateOutput(tokens [B, max_new_tokens], lengths [B], hidden or None).
     """
     cfg = model.config
@@ -259,8 +273,9 @@ def generate(model: Decoder, params: Any, input_ids, attention_mask=None, *,
     rng = jax.random.PRNGKey(0) if rng is None else rng
     small_batch_kernel, attention_kernel = decode_kernels(model, params, input_ids,
                                                           small_batch_kernel, attention_kernel)
+    hook, hook_params = first_token if first_token is not None else (None, None)
     fn = generate_fn(model, max_new_tokens, sampling, stop, pad, small_batch_kernel, return_hidden,
-                     attention_kernel)
+                     attention_kernel, hook)
     extra_positions = None if extra_positions is None else jnp.asarray(extra_positions, jnp.int32)
     return fn(params, input_ids, jnp.asarray(attention_mask, jnp.int32), extra_embeddings,
-              extra_positions, rng)
+              extra_positions, rng, hook_params)

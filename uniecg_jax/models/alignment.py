@@ -7,6 +7,9 @@ Two kinds, chosen by `model.alignment.kind`:
                 queries are prepended, `layers` pre-LN transformer blocks run over [queries; tokens]
                 (bidirectional), the query outputs are averaged and projected to the text width.
 
+`DecisionHead` (`model.decision`, optional) reads the whole request the same way (`read_request`)
+and gives the logit of answering it with `[ECG]` (generate) rather than in words.
+
 `AttributeHead` (`model.attributes`, optional) reads the scalar conditions the diffusion model takes
 beside the text embedding (heart rate in bpm, age in years, sex): the `[ECG]` hidden states query
 the request's hidden states, so the numbers a request states or implies reach the UNet through the
@@ -109,6 +112,39 @@ class AttributeConfig(ConfigSchema):
         if self.heart_rate_scale <= 0 or self.age_scale <= 0:
             raise ValueError("model.attributes.heart_rate_scale and age_scale must be > 0, got "
                              f"{self.heart_rate_scale} and {self.age_scale}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionConfig(ConfigSchema):
+    """Decision read-out shape (`model.decision`; absent in checkpoints written before it, whose
+    `[ECG0]` decision stays the LLM's own logit): `num_queries` learned queries read the whole
+    request (`DecisionHead`, the attribute head's read-out) -> the logit of answering with
+    `[ECG]`. Why: the frozen LLM's last state (all the `[ECG0]` row reads) called a never-trained
+    report question ("My ECG report says: ... What should I make of it?") a generation request
+    100% of the time under a logistic probe trained on 6 or 16 report-question phrasings; the
+    words that say "question" sit earlier in the request."""
+    config_group = "model.decision"
+    hidden_dim: int = 128       # read-out width (heads x head_dim) and MLP width
+    heads: int = 4
+    num_queries: int = 2
+    # As `AttributeConfig`: each request token with the tokens around it (a phrase, not a word),
+    # and its input embedding beside its final state.
+    context_window: int = 3
+    lookahead: int = 1
+    read_embeddings: bool = True
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    # Always the normalised read-out (the unnormalised one collapsed onto one token).
+    qk_norm = True
+
+    def __post_init__(self):
+        if self.hidden_dim % self.heads or self.num_queries < 1:
+            raise ValueError(f"model.decision.hidden_dim={self.hidden_dim} must be divisible by "
+                             f"model.decision.heads={self.heads} and num_queries "
+                             f"({self.num_queries}) >= 1")
+        if self.context_window < 1 or self.lookahead < 0:
+            raise ValueError(f"model.decision.context_window must be >= 1 and lookahead >= 0, "
+                             f"got {self.context_window} and {self.lookahead}")
 
 
 def gather_ecg_hidden(hidden: jax.Array, input_ids: jax.Array, ecg_token_ids: Sequence[int]
@@ -243,6 +279,45 @@ def _unit(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)
 
 
+def read_request(module: nn.Module, cfg, queries: jax.Array, context: jax.Array,
+                 context_mask: jax.Array, token_embeddings: jax.Array | None = None) -> jax.Array:
+    """The request read-out of `AttributeHead` and `DecisionHead`, called inside their compact
+    `__call__` (its submodules and `log_temperature` are theirs, so the attribute head keeps its
+    parameter names): `queries` [B, Q, D] attend over the request tokens' final states (context
+    [B, T, D], context_mask [B, T] True = a request token), with `cfg.read_embeddings` beside
+    their input embeddings (token_embeddings [B, T, D]), each with `context_window - 1` tokens
+    before it and `lookahead` after it. `cfg`: the read-out fields of `AttributeConfig`
+    (hidden_dim, heads, qk_norm, read_embeddings, context_window, lookahead, dtypes).
+    Returns [B, Q, heads, head_dim]."""
+    dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+    head_dim = cfg.hidden_dim // cfg.heads
+    dense = functools.partial(_dense, cfg)
+    qkv_axes = ("embed", "q_heads", "head_dim")
+    if cfg.qk_norm:
+        context = LayerNorm(name="context_norm", dtype=dtype, param_dtype=param_dtype)(context)
+    if cfg.read_embeddings:
+        if token_embeddings is None:
+            raise ValueError(f"{cfg.config_group}.read_embeddings needs the request's "
+                             "token_embeddings [B, T, D]")
+        embedded = LayerNorm(name="embedding_norm", dtype=dtype, param_dtype=param_dtype)(
+            jax.lax.stop_gradient(token_embeddings))
+        context = jnp.concatenate([context, embedded.astype(context.dtype)], axis=-1)
+    if cfg.context_window > 1 or cfg.lookahead:
+        context = _windowed(context, context_mask, cfg.context_window, cfg.lookahead)
+    query = dense((cfg.heads, head_dim), qkv_axes, "query")(queries)
+    key = dense((cfg.heads, head_dim), qkv_axes, "key")(context)
+    value = dense((cfg.heads, head_dim), qkv_axes, "value")(context)
+    if cfg.qk_norm:
+        log_temperature = module.param("log_temperature", nn.with_logical_partitioning(
+            nn.initializers.constant(jnp.log(ATTRIBUTE_TEMPERATURE_INIT)), ("q_heads",)),
+            (cfg.heads,), jnp.float32)
+        temperature = jnp.exp(jnp.minimum(log_temperature, jnp.log(ATTRIBUTE_TEMPERATURE_MAX)))
+        # bidirectional_attention divides the logits by sqrt(Dh): fold it back in.
+        query = _unit(query) * (temperature[:, None] * head_dim ** 0.5)
+        key = _unit(key)
+    return bidirectional_attention(query, key, value, dtype, context_mask)
+
+
 class AttributeHead(nn.Module):
     """Heart rate, age and sex read by the `[ECG]` hidden states from the request.
 
@@ -276,34 +351,11 @@ class AttributeHead(nn.Module):
                  context_mask: jax.Array, token_embeddings: jax.Array | None = None) -> dict:
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-        head_dim = cfg.hidden_dim // cfg.heads
         dense = functools.partial(_dense, cfg)
-        qkv_axes = ("embed", "q_heads", "head_dim")
         if cfg.qk_norm:
-            norm = dict(dtype=dtype, param_dtype=param_dtype)
-            ecg_hidden = LayerNorm(name="query_norm", **norm)(ecg_hidden)
-            context = LayerNorm(name="context_norm", **norm)(context)
-        if cfg.read_embeddings:
-            if token_embeddings is None:
-                raise ValueError("model.attributes.read_embeddings needs the request's "
-                                 "token_embeddings [B, T, D]")
-            embedded = LayerNorm(name="embedding_norm", dtype=dtype, param_dtype=param_dtype)(
-                jax.lax.stop_gradient(token_embeddings))
-            context = jnp.concatenate([context, embedded.astype(context.dtype)], axis=-1)
-        if cfg.context_window > 1 or cfg.lookahead:
-            context = _windowed(context, context_mask, cfg.context_window, cfg.lookahead)
-        query = dense((cfg.heads, head_dim), qkv_axes, "query")(ecg_hidden)
-        key = dense((cfg.heads, head_dim), qkv_axes, "key")(context)
-        value = dense((cfg.heads, head_dim), qkv_axes, "value")(context)
-        if cfg.qk_norm:
-            log_temperature = self.param("log_temperature", nn.with_logical_partitioning(
-                nn.initializers.constant(jnp.log(ATTRIBUTE_TEMPERATURE_INIT)), ("q_heads",)),
-                (cfg.heads,), jnp.float32)
-            temperature = jnp.exp(jnp.minimum(log_temperature, jnp.log(ATTRIBUTE_TEMPERATURE_MAX)))
-            # bidirectional_attention divides the logits by sqrt(Dh): fold it back in.
-            query = _unit(query) * (temperature[:, None] * head_dim ** 0.5)
-            key = _unit(key)
-        read = bidirectional_attention(query, key, value, dtype, context_mask)   # [B, N, H, Dh]
+            ecg_hidden = LayerNorm(name="query_norm", dtype=dtype, param_dtype=param_dtype)(
+                ecg_hidden)
+        read = read_request(self, cfg, ecg_hidden, context, context_mask, token_embeddings)
         read = jnp.where(valid[:, :, None, None], read, jnp.zeros_like(read))
         hidden = nn.gelu(dense(cfg.hidden_dim, (None, "q_heads", "head_dim", "mlp"), "input",
                                axis=(-3, -2, -1))(read))
@@ -312,3 +364,38 @@ class AttributeHead(nn.Module):
         return {"heart_rate": cfg.heart_rate_center + cfg.heart_rate_scale * raw[:, 0],
                 "age": cfg.age_center + cfg.age_scale * raw[:, 1],
                 "male_logit": raw[:, 2]}
+
+
+class DecisionHead(nn.Module):
+    """The logit of answering a request with `[ECG]` (generate) rather than in words, read from
+    the whole request: `num_queries` learned queries attend over the request tokens
+    (`read_request`, as the attribute head reads them); their reads and the last request token's
+    state -> Linear -> GELU -> Linear(1).
+
+    context [B, T, D] final states, context_mask [B, T] (True = a request token: the prompt up to
+    the position that predicts the first answer token), token_embeddings [B, T, D] (with
+    `read_embeddings`) -> logit [B] f32."""
+    config: DecisionConfig
+
+    @nn.compact
+    def __call__(self, context: jax.Array, context_mask: jax.Array,
+                 token_embeddings: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
+        queries = self.param("queries", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), (None, "embed")), (cfg.num_queries, context.shape[-1]),
+            param_dtype)
+        queries = jnp.broadcast_to(queries.astype(dtype), (context.shape[0], *queries.shape))
+        read = read_request(self, cfg, queries, context, context_mask, token_embeddings)
+        # Beside the pooled read, the last request token's state (all the [ECG0] row read
+        # before): it alone says where the request ends (a follow-up's earlier question turn is
+        # in the request too).
+        index = jnp.arange(context.shape[1])
+        last = jnp.max(jnp.where(context_mask, index, 0), axis=1)
+        last = jnp.take_along_axis(context, last[:, None, None], axis=1)[:, 0]
+        last = LayerNorm(name="last_norm", dtype=dtype, param_dtype=param_dtype)(last)
+        hidden = nn.gelu(_dense(cfg, cfg.hidden_dim, (None, "q_heads", "head_dim", "mlp"), "input",
+                                axis=(-3, -2, -1))(read)
+                         + _dense(cfg, cfg.hidden_dim, ("embed", "mlp"), "last")(last))
+        return DenseGeneral(1, ("mlp", None), use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                            out_dtype=jnp.float32, name="output")(hidden)[:, 0]

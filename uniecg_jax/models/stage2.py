@@ -2,7 +2,9 @@
 tokens and the alignment head that maps their hidden states onto the diffusion text space.
 
 Params: {"ecg_tower", "llm", "alignment"} (+ "attributes" when `model.attributes` is set: the head
-that reads heart rate, age and sex from the same `[ECG]` hidden states); the first two are exactly stage 1's (`UniECG`), with
+that reads heart rate, age and sex from the same `[ECG]` hidden states; + "decision" when
+`model.decision` is set: the read-out over the whole request that decides whether the first answer
+token is `[ECG0]`, `UniECGStage2.decide_first_token`); the first two are exactly stage 1's (`UniECG`), with
 `llm/embedding` (and an untied `llm/lm_head/kernel`) grown by the N `[ECG]` rows. Interpretation runs
 the stage-1 `UniECG` on `stage1_params(params)`, so it is the stage-1 computation by construction.
 
@@ -24,7 +26,8 @@ import jax.numpy as jnp
 
 from uniecg_jax.layers.params import abstract_params
 from uniecg_jax.models.alignment import (AlignmentConfig, AlignmentHead, AttributeConfig,
-                                         AttributeHead, gather_ecg_hidden)
+                                         AttributeHead, DecisionConfig, DecisionHead,
+                                         gather_ecg_hidden)
 from uniecg_jax.models.ecg_encoder import ECGTower
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.schema import ConfigError, check_group_keys
@@ -36,20 +39,23 @@ STAGE1_KEYS = ("ecg_tower", "llm")
 @dataclasses.dataclass(frozen=True)
 class Stage2Config:
     """UniECG shapes + alignment head + the `[ECG]` token ids (static: they define the gather)
-    + the attribute head (None: a model without one, as every stage-2 model before it)."""
+    + the attribute head (None: a model without one, as every stage-2 model before it)
+    + the decision read-out (None: `[ECG0]` is decided by the LLM's own logit, as in every
+    checkpoint written before it)."""
     unified: UniECGConfig
     alignment: AlignmentConfig
     ecg_token_ids: tuple[int, ...]
     attributes: AttributeConfig | None = None
+    decision: DecisionConfig | None = None
 
     @classmethod
     def from_config(cls, model_config: Any, group: str = "model") -> "Stage2Config":
         """From `config.model`: the stage-1 groups (llm, ecg_encoder, projector), `alignment`,
-        `num_ecg_tokens`, `ecg_token_ids` and the optional `attributes` (any other key is an
-        error)."""
+        `num_ecg_tokens`, `ecg_token_ids` and the optional `attributes` and `decision` (any
+        other key is an error)."""
         values = check_group_keys(
             model_config, UNIECG_GROUPS + ("alignment", "num_ecg_tokens", "ecg_token_ids",
-                                           "attributes"), group)
+                                           "attributes", "decision"), group)
         ids = values.get("ecg_token_ids") or ()
         count = values.get("num_ecg_tokens")
         if not isinstance(count, int) or not all(isinstance(i, int) for i in ids):
@@ -64,11 +70,13 @@ class Stage2Config:
         if max(ids) >= unified.llm.vocab_size:
             raise ConfigError(f"[ECG] token id {max(ids)} is outside the vocabulary "
                               f"({group}.llm.vocab_size={unified.llm.vocab_size})")
-        attributes = values.get("attributes")
+        attributes, decision = values.get("attributes"), values.get("decision")
         return cls(unified, AlignmentConfig.from_config(values.get("alignment"),
                                                         f"{group}.alignment"), tuple(ids),
                    None if attributes is None
-                   else AttributeConfig.from_config(attributes, f"{group}.attributes"))
+                   else AttributeConfig.from_config(attributes, f"{group}.attributes"),
+                   None if decision is None
+                   else DecisionConfig.from_config(decision, f"{group}.decision"))
 
     @property
     def num_ecg_tokens(self) -> int:
@@ -86,6 +94,8 @@ class UniECGStage2(nn.Module):
         self.alignment = AlignmentHead(self.config.alignment)
         if self.config.attributes is not None:
             self.attributes = AttributeHead(self.config.attributes)
+        if self.config.decision is not None:
+            self.decision = DecisionHead(self.config.decision)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  extra_embeddings: jax.Array | None = None,
@@ -128,23 +138,60 @@ class UniECGStage2(nn.Module):
         embeddings = self.llm.embed(input_ids) if self.config.attributes.read_embeddings else None
         return self.attributes(ecg_hidden, valid, hidden, request, embeddings)
 
-    def generate_outputs(self, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    def decide_first_token(self, logits: jax.Array, hidden: jax.Array, input_ids: jax.Array,
+                           request_mask: jax.Array) -> jax.Array:
+        """The logits of a request's first answer token with the decision read-out's verdict:
+        logits [B, V] (at the last request position), hidden / input_ids [B, T(, D)], request_mask
+        [B, T] (True = a request token) -> [B, V] f32 with p([ECG0]) = sigmoid(`DecisionHead`
+        logit) (`with_decision`). Unchanged without a read-out (`model.decision` unset)."""
+        if self.config.decision is None:
+            return logits
+        embeddings = self.llm.embed(input_ids) if self.config.decision.read_embeddings else None
+        decision = self.decision(hidden, request_mask, embeddings)
+        return with_decision(logits, decision, self.config.ecg_token_ids[0])
+
+    def generate_outputs(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                         decision_positions: jax.Array | None = None
                          ) -> tuple[jax.Array, jax.Array, jax.Array, dict | None]:
         """`__call__` plus the attribute head: (logits [B, T, V], condition [B, text_dim],
-        valid [B, N], attributes {name: [B]} or None without a head). One decoder pass."""
+        valid [B, N], attributes {name: [B]} or None without a head). One decoder pass.
+
+        decision_positions [B] (-1: none): where each row's answer is decided (the position that
+        predicts its first token); with a decision read-out the logits there are
+        `decide_first_token`'s, the request being the non-padding tokens up to that position (as
+        `decoding.generate` serves a prompt: `inference.chat.decision_hook`)."""
         logits, hidden = self.llm(input_ids, attention_mask=attention_mask, return_hidden=True)
         condition, valid = self.align(hidden, input_ids)
         attributes = (None if self.config.attributes is None
                       else self.attributes_of(hidden, input_ids))
+        if self.config.decision is not None and decision_positions is not None:
+            index = jnp.arange(input_ids.shape[1])
+            real = (jnp.ones_like(input_ids) if attention_mask is None else attention_mask) > 0
+            request = real & (index[None, :] <= decision_positions[:, None])
+            at = jnp.maximum(decision_positions, 0)[:, None, None]
+            decided = self.decide_first_token(
+                jnp.take_along_axis(logits, at, axis=1)[:, 0], hidden, input_ids, request)
+            rows = (decision_positions >= 0)[:, None, None] & (index[None, :, None] == at)
+            logits = jnp.where(rows, decided[:, None, :].astype(logits.dtype), logits)
         return logits, condition, valid, attributes
 
     def init_all(self, input_ids, ecg, ecg_position):
         """Touches every submodule (for `init`); interpretation itself runs `UniECG` on
         `stage1_params(params)` (`stage1_model`)."""
         del ecg_position
-        if self.config.attributes is not None:
-            return self.ecg_tower(ecg), self.generate_outputs(input_ids)
+        if self.config.attributes is not None or self.config.decision is not None:
+            last = jnp.full(input_ids.shape[:1], input_ids.shape[1] - 1, jnp.int32)
+            return self.ecg_tower(ecg), self.generate_outputs(input_ids, decision_positions=last)
         return self.ecg_tower(ecg), self(input_ids)
+
+
+def with_decision(logits: jax.Array, decision: jax.Array, token_id: int) -> jax.Array:
+    """logits [B, V] with row b's `token_id` logit set so that softmax gives it probability
+    sigmoid(decision[b]) ([B]) and the other tokens keep their ratios (the words an answer in
+    words would start with are the LLM's own). f32."""
+    logits = logits.astype(jnp.float32)
+    others = jax.nn.logsumexp(logits.at[:, token_id].set(-jnp.inf), axis=-1)
+    return logits.at[:, token_id].set(others + decision.astype(jnp.float32))
 
 
 def build_stage2(model_config: Any) -> tuple[UniECGStage2, Stage2Config]:

@@ -6,7 +6,8 @@ sometimes after a turn about the report) answered by `[ECG0]..[ECG{N-1}]</s>`, o
 `data.negative_fraction`, a question answered in words. Loss = `token_loss_weight` x next-token CE
 on every answer token + `decision_weight` x the binary CE of answering with `[ECG0]` at the first
 token of the last answer (`decision_loss`: high after generation requests, low after questions
-answered in words) + on generation rows only: `mse_weight` x MSE + `cosine_weight` x (1 - cosine)
+answered in words; with `model.decision` that probability is the decision read-out's, which reads
+the whole request) + on generation rows only: `mse_weight` x MSE + `cosine_weight` x (1 - cosine)
 between the alignment head's output (on the hidden states at the `[ECG]` positions) and the frozen
 text encoder's embedding of the report, and, with `model.attributes`, `heart_rate_weight` /
 `age_weight` x the squared error of the standardised heart rate / age and `sex_weight` x the sex
@@ -14,7 +15,7 @@ cross-entropy against the record's own values (where known) + `preservation_weig
 CE on interpretation answers (ECG conversations): with all old weights frozen its gradient reaches
 only the new rows and keeps the `[ECG]` logits below the answer tokens when an ECG is interpreted.
 
-Only the new rows and the alignment / attribute heads learn: `train.freeze` freezes every other tensor, and
+Only the new rows and the alignment / attribute / decision heads learn: `train.freeze` freezes every other tensor, and
 `only_rows_train` stops the gradient of the old rows of `llm/embedding` / `llm/lm_head` inside the
 loss, so their gradients, Adam moments and updates are exact zeros (with weight_decay 0, enforced).
 The model starts from a stage-1 checkpoint (`init.stage1_ckpt`: vocabulary extended with
@@ -174,6 +175,15 @@ def attribute_losses(predicted: dict, batch: dict, rows: jax.Array, config) -> d
                                       known[:, 2])}
 
 
+def decision_positions(target_mask: jax.Array) -> jax.Array:
+    """target_mask [B, T] (1 where position t's next token is an answer token) -> [B] int32: the
+    position that predicts the first token of each row's last answer (-1 for a row without one)."""
+    mask = target_mask.astype(jnp.int32)
+    starts = mask * (1 - jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1])
+    index = jnp.arange(mask.shape[1])
+    return jnp.max(jnp.where(starts > 0, index, -1), axis=1)
+
+
 def decision_loss(logits: jax.Array, target_mask: jax.Array, generation: jax.Array,
                   first_ecg_id: int) -> tuple[jax.Array, jax.Array]:
     """Binary cross-entropy of the choice to answer with `[ECG0]`, at the position that predicts
@@ -185,11 +195,10 @@ def decision_loss(logits: jax.Array, target_mask: jax.Array, generation: jax.Arr
     generation [B] bool. Returns (BCE, accuracy of p > 0.5) over rows with an answer; the BCE
     is the mean of the two classes' means (each class present in the batch weighs the same): with
     a plain row mean the ~70% generation rows outweighed the word answers, and the demo model
-    answered 68-93% of questions about a report with [ECG]."""
-    mask = target_mask.astype(jnp.int32)
-    starts = mask * (1 - jnp.pad(mask, ((0, 0), (1, 0)))[:, :-1])
-    index = jnp.arange(mask.shape[1])
-    decision = jnp.max(jnp.where(starts > 0, index, -1), axis=1)    # last answer's start
+    answered 68-93% of questions about a report with [ECG]. With a decision read-out
+    (`model.decision`) the logits at that position are already its verdict
+    (`UniECGStage2.decide_first_token`), so this BCE trains the read-out."""
+    decision = decision_positions(target_mask)
     rows = decision >= 0
     row_logits = jnp.take_along_axis(logits, jnp.maximum(decision, 0)[:, None, None], axis=1)[:, 0]
     row_logits = row_logits.astype(jnp.float32)
@@ -219,16 +228,18 @@ def stage2_loss(model: UniECGStage2, params: Any, batch: dict, trainable_rows: j
         preservation, aux = stage1_loss(stage1_model(model.config), stage1_params(params),
                                         interpret)
         metrics["interpret_nll"] = aux["nll"]
-    logits, condition, valid, attributes = model.apply(
-        {"params": params}, batch["input_ids"], batch["attention_mask"],
-        method=UniECGStage2.generate_outputs)
-    generation = valid.all(-1)    # rows answered by the [ECG] tokens (the others: in words)
     pad = model.config.unified.llm.pad_token_id
     ids = batch["input_ids"]
     # Position t predicts token t + 1; the last position predicts nothing.
     targets = jnp.concatenate([ids[:, 1:], jnp.full_like(ids[:, :1], pad)], axis=1)
     target_mask = jnp.concatenate([batch["loss_mask"][:, 1:],
                                    jnp.zeros_like(batch["loss_mask"][:, :1])], axis=1)
+    # With a decision read-out the logits at each row's decision position are its verdict (so
+    # the token CE there and the decision BCE both train it, as it decides at inference).
+    logits, condition, valid, attributes = model.apply(
+        {"params": params}, ids, batch["attention_mask"], decision_positions(target_mask),
+        method=UniECGStage2.generate_outputs)
+    generation = valid.all(-1)    # rows answered by the [ECG] tokens (the others: in words)
     token_loss, aux = next_token_loss(logits, targets, target_mask)
     # Logged apart: the [ECG] answers (learnable) and the word answers (the frozen LLM's own
     # text, whose CE mostly cannot move; it is there to push the [ECG] logits down).
