@@ -64,6 +64,11 @@ def get_config(arg=None):
         config.model.vision_tower.update(hidden_size=proj_dim,
                                          intermediate_size=max(4 * proj_dim, 64)
                                          if vision_preset == "tiny" else 4 * proj_dim)
+        if vision_preset == "tiny":
+            # No pretrained tiny ViT exists: trained from scratch like the tiny ECG encoder. GEM's
+            # frozen tower is a pretrained CLIP; a frozen random one is a fixed random feature map
+            # (demo_image's image-only answers were one answer for every page).
+            config.model.vision_tower.frozen = False
     gem_input = InputFormatConfig(prompt_format="llava_v1", placeholder="sentinel",
                                   ecg_lead_order="mimic_iv")
     config.model.input = ml_collections.ConfigDict(
