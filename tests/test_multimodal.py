@@ -156,10 +156,9 @@ def _max_abs(tree):
 
 def test_modality_dropout_probability_zero_and_one(image_task_and_batch):
     _, task, batch = image_task_and_batch
-    # An unfrozen tower, so that only the dropout can keep its gradient at zero.
-    config = _config(["model.vision_tower.frozen=False"])
-    model, ucfg = build_unified(task.config.model.to_dict() | {
-        "vision_tower": config.model.vision_tower.to_dict()})
+    # tiny_image's tower trains (`test_tiny_image_towers_train`), so only the dropout can keep its
+    # gradient at zero.
+    model, ucfg = build_unified(task.config.model)
     params = jax.jit(lambda rng: nn.meta.unbox(task.init_params(rng)))(jax.random.PRNGKey(0))
     batch = jax.tree.map(jnp.asarray, batch)
     rng = jax.random.PRNGKey(3)
@@ -263,3 +262,14 @@ def test_rendered_images_memoise_pages_and_keep_the_iterator_state(monkeypatch):
     images.set_state(state)
     assert np.array_equal(next(images)["image"], again[0]["image"]) and images.get_state() != state
     assert first[0]["ecg_present"].tolist() == first[0]["image_present"].tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("variant", ["tiny_image", "demo_image"])
+def test_tiny_image_towers_train(variant):
+    """No pretrained tiny ViT exists: the tiny towers train from scratch (a frozen random tower
+    gave demo_image one answer for every page); GEM's pretrained CLIP tower stays frozen."""
+    config = load_config(f"configs/stage1.py:{variant}")
+    assert config.model.vision_tower.frozen is False
+    assert "vision_tower" not in config.train.freeze
+    gem = load_config("configs/stage1.py:vicuna_7b")
+    assert gem.model.vision_tower.frozen is True and "^vision_tower/" in gem.train.freeze
