@@ -8,7 +8,8 @@
 
 The task is never chosen by a rule: the LLM decodes (greedy by default; with a decision read-out,
 `model.decision`, the first token of a text-only request is drawn with p([ECG0]) from the read-out
-over the whole request, `decision_hook`) keeping the final hidden states of the tokens it feeds (`decoding.generate(..., return_hidden=True)`); if it emitted the
+over the whole request, `decision_hook`) keeping the final hidden states of the tokens it feeds
+(`decoding.generate(..., return_hidden=True)`); if it emitted the
 `[ECG]` tokens, their hidden states go through the alignment head to the condition vector and
 through the attribute head to sex / age / heart rate (no second forward pass): the model read the
 numbers the request states or implies, and they feed the diffusion model directly. Explicit
