@@ -15,32 +15,26 @@ The model shapes come from the stage-1 checkpoint's config when `init.stage1_ckp
 
 Variants: tiny (CPU tests), demo (after `configs/stage1.py:demo`), vicuna_7b, qwen2_5_7b.
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from uniecg_jax.config import load_config_file
 from uniecg_jax.models.alignment import AlignmentConfig, AttributeConfig, DecisionConfig
 from uniecg_jax.train.schema import Stage2TrainConfig, train_group
+
+STAGE1_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage1.py")
 
 VARIANTS = ("tiny", "demo", "vicuna_7b", "qwen2_5_7b")
 # Everything but the LLM's embedding / lm_head (whose old rows are masked in the loss instead).
 FREEZE_ALL_BUT_NEW_ROWS = r"^(ecg_tower/|llm/(?!embedding$|lm_head/))"
 
 
-def _stage1_config(variant):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "stage1.py")
-    spec = importlib.util.spec_from_file_location("uniecg_configs_stage1", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def get_config(arg=None):
     variant = arg or "tiny"
     if variant not in VARIANTS:
         raise KeyError(f"{variant!r}; choose from {sorted(VARIANTS)}")
-    stage1 = _stage1_config(variant)
+    stage1 = load_config_file(f"{STAGE1_FILE}:{variant}")
     config = ml_collections.ConfigDict()
     config.objective = "stage2"
     config.seed = 0

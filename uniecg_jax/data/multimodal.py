@@ -25,6 +25,7 @@ import numpy as np
 
 from uniecg_jax.data.ecg_image import DEFAULT_DPI, PrintDistortions, render_ecg_image
 from uniecg_jax.data.image_preprocess import clip_preprocess
+from uniecg_jax.data.pipelines import MappedBatches
 from uniecg_jax.data.record import ENCODER_FS, to_canonical_lead_order
 
 
@@ -56,27 +57,25 @@ def example_seed(record_key, index: int, base_seed: int) -> int:
     return zlib.crc32(f"{base_seed}:{key}".encode()) & 0x7FFFFFFF
 
 
-class RenderedImages:
+class RenderedImages(MappedBatches):
     """Stage-1 batches -> the same batches with `image`, `ecg_present`, `image_present` added.
 
     An example's page is a pure function of its signal and seed, and the same in every epoch, so
     pages are memoised (up to `cache_size` of them: a printed page with distortions takes seconds
     to render, ~30x a tiny model's step on the bundled data). `get_state` / `set_state` are the
-    wrapped grain iterator's, so a training checkpoint holds the data position as without images.
+    wrapped grain iterator's (`data.pipelines.MappedBatches`), so a training checkpoint holds the
+    data position as without images.
     """
 
     def __init__(self, batches: Iterable[dict], image_size: int, aspect: str,
                  lead_order: str = "canonical", distortions: bool = False, seed: int = 0,
                  cache_size: int = 4096):
-        self._batches = iter(batches)
+        super().__init__(iter(batches))
         self._render = functools.partial(ecg_pixels, image_size=image_size, aspect=aspect,
                                          lead_order=lead_order,
                                          distortions=PrintDistortions() if distortions else None)
         self._seed, self._cache_size = seed, cache_size
         self._cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
-
-    def __iter__(self) -> "RenderedImages":
-        return self
 
     def _pixels(self, ecg: np.ndarray, seed: int) -> np.ndarray:
         key = hashlib.sha1(np.ascontiguousarray(ecg, np.float32).tobytes()
@@ -90,8 +89,7 @@ class RenderedImages:
             self._cache.popitem(last=False)
         return pixels
 
-    def __next__(self) -> dict:
-        batch = next(self._batches)
+    def transform(self, batch: dict) -> dict:
         keys = batch.get("record_key")
         ecgs = np.asarray(batch["ecg"])
         images = np.stack([
@@ -100,12 +98,6 @@ class RenderedImages:
             for index, ecg in enumerate(ecgs)])
         ones = np.ones((ecgs.shape[0],), np.int32)
         return dict(batch, image=images, ecg_present=ones, image_present=ones.copy())
-
-    def get_state(self):
-        return self._batches.get_state()
-
-    def set_state(self, state) -> None:
-        self._batches.set_state(state)
 
 
 def with_rendered_images(batches: Iterable[dict], image_size: int, aspect: str,

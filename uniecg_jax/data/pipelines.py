@@ -93,7 +93,8 @@ def open_source(data, split: str = "train"):
                       "a list of ECGRecords or a random-access source")
 
 
-def _record_key(example: dict) -> np.int64:
+def example_record_key(example: dict) -> np.int64:
+    """The int64 key of an example (CRC of its record id): seeds per-example rendering."""
     return np.int64(zlib.crc32(example["record_id"].encode()))
 
 
@@ -123,7 +124,7 @@ class Stage1Example(grain.MapTransform):
         except UniECGError as error:
             raise UniECGError(f"record {record.record_id}: {error}") from None
         return dict(ecg=to_encoder_lead_order(record.to_encoder_input(), self.lead_order),
-                    **fields, record_key=_record_key(example))
+                    **fields, record_key=example_record_key(example))
 
 
 class Stage2Example(grain.RandomMapTransform):
@@ -165,7 +166,7 @@ class Stage2Example(grain.RandomMapTransform):
                     heart_rate=np.float32(attributes["heart_rate"] or UNKNOWN_HEART_RATE),
                     age=np.float32(UNKNOWN_AGE if attributes["age"] is None else attributes["age"]),
                     sex=np.float32(attributes["sex"] == "M"), attribute_known=known,
-                    record_key=_record_key(example))
+                    record_key=example_record_key(example))
 
 
 class DiffusionExample(grain.MapTransform):
@@ -194,7 +195,7 @@ class DiffusionExample(grain.MapTransform):
                    sex=np.float32(record.sex_code),
                    age=np.float32(UNKNOWN_AGE if record.age is None else record.age),
                    heart_rate=np.float32(UNKNOWN_HEART_RATE if heart_rate is None else heart_rate),
-                   condition_known=known, record_key=_record_key(example))
+                   condition_known=known, record_key=example_record_key(example))
         if self.rhythm:
             # local: an upward import (data -> diffusion.rhythm -> models.unet for RHYTHM_CHANNELS);
             # rhythm_features belongs in data/, a move left to the layering work
@@ -271,25 +272,45 @@ def diffusion_loader(data, *, batch_size: int = 8, split: str = "train", rhythm:
                        **loader_kwargs)
 
 
-class GlobalBatchIterator:
-    """Wraps a grain iterator: yields global `jax.Array` batches sharded over (data, fsdp) and
-    passes `get_state`/`set_state` through, so it checkpoints like the grain iterator."""
+class MappedBatches:
+    """An iterator of batches, each passed through `transform`, that checkpoints as the iterator it
+    wraps: `get_state` / `set_state` / `start_prefetch` (which grain's checkpoint handler calls on
+    restore) are the wrapped grain iterator's, so a resumed run sees the same batches."""
 
-    def __init__(self, host_iterator, mesh):
-        self.host_iterator, self.mesh = host_iterator, mesh
+    def __init__(self, batches):
+        self._batches = batches
 
-    def __iter__(self) -> Iterator[dict]:
+    def transform(self, batch):
+        return batch
+
+    def __iter__(self) -> "MappedBatches":
         return self
 
-    def __next__(self) -> dict:
-        # looked up on the module at each call, so a test can wrap it (tests/conftest.py)
-        return sharding.global_batch_from_host(next(self.host_iterator), self.mesh)
+    def __next__(self):
+        return self.transform(next(self._batches))
 
     def get_state(self):
-        return self.host_iterator.get_state()
+        return self._batches.get_state()
 
     def set_state(self, state) -> None:
-        self.host_iterator.set_state(state)
+        self._batches.set_state(state)
+
+    def start_prefetch(self) -> None:
+        if hasattr(self._batches, "start_prefetch"):
+            self._batches.start_prefetch()
+
+
+class GlobalBatchIterator(MappedBatches):
+    """Wraps a grain iterator: yields global `jax.Array` batches sharded over (data, fsdp) and
+    checkpoints like the grain iterator."""
+
+    def __init__(self, host_iterator, mesh):
+        super().__init__(host_iterator)
+        self.mesh = mesh
+
+    def transform(self, batch):
+        # looked up on the module at each call, so a test can wrap it (tests/conftest.py)
+        return sharding.global_batch_from_host(batch, self.mesh)
 
 
 def global_batches(host_iterator, mesh) -> GlobalBatchIterator:

@@ -164,9 +164,9 @@ def stretched_copies(records: Sequence[ECGRecord], copies: int, seed: int) -> li
     data only: a stretch adds (signal, rate) pairs whose answers differ, against memorising them."""
     rng = np.random.default_rng(seed)
     out = []
-    for record in records:
-        if not record.record_id.startswith("synthetic_"):
-            continue
+    synthetic = [r for r in records if r.record_id.startswith("synthetic_")]
+    for record in tqdm(synthetic, desc=f"time-stretching synthetic ECGs (x{copies})",
+                       unit="ECG", disable=len(synthetic) * copies < 50):
         rates = rng.uniform(*SYNTHETIC_RATES_BPM, size=copies)
         for k, rate in enumerate(rates):
             copy = stretched_to_rate(record, float(rate), f"{record.record_id}_s{k}")

@@ -2,7 +2,9 @@
 grounded conversations about the bundled records plus synthetic ECGs, then interpret the held-out
 records and score them against trivial baselines. Then the same with an image tower
 (configs/stage1.py:demo_image, modality dropout) over two seeds, scored per input kind (the signal,
-the page rendered from it, both) against the baselines, with the spread over the seeds.
+the page rendered from it, both) against the baselines, with the spread over the seeds. As GEM's
+CLIP tower, the image tower comes pretrained and stays frozen: per seed, configs/vision.py:demo
+first fits it to the training pages (`train.vision`).
 
     lines = run_demo("/tmp/demo/stage1", quick=True)
 """
@@ -15,11 +17,17 @@ from uniecg_jax.config import load_config
 from uniecg_jax.eval import interpret_eval
 from uniecg_jax.inference.interpret import Interpreter
 from uniecg_jax.train import build_task
-from uniecg_jax.train.loop import train
+from uniecg_jax.train.loop import run, train
+from uniecg_jax.train.vision import held_out_page_metrics
 
 QUICK_OVERRIDES = ("train.steps=4", "train.log_every=2", "data.num_synthetic=4",
                    "eval.max_new_tokens=16", "train.checkpoint_every=0")
 IMAGE_SPEC = "configs/stage1.py:demo_image"
+TOWER_SPEC = "configs/vision.py:demo"    # the image tower's pretraining (same data and seed)
+QUICK_TOWER_OVERRIDES = ("train.steps=4", "train.log_every=2", "data.num_synthetic=4",
+                         "train.checkpoint_every=0")
+# Stage 1 starts from the pretrained tower and keeps it fixed, as GEM keeps its CLIP.
+FROZEN_TOWER = ("model.vision_tower.frozen=True", "train.freeze=^vision_tower/")
 IMAGE_SEEDS = (0, 1)        # the image demo's seeds (`config.seed`: init, data order, synthetic)
 QUICK_IMAGE_SEEDS = (0,)
 # (name, metrics path, higher is better) of the demo's per-kind comparison with the baselines.
@@ -78,23 +86,54 @@ def run_demo(workdir: str, quick: bool = False, overrides: Sequence[str] = (),
     return None if image_lines is None else lines + image_lines
 
 
+def pretrain_tower(workdir: str, quick: bool, overrides: Sequence[str], seed: int
+                   ) -> tuple[str, dict] | None:
+    """Trains (or resumes) `TOWER_SPEC` in `workdir` on the training pages of the stage-1 run with
+    the same `seed` and data overrides (so it never sees that run's held-out records); returns
+    the exported HF CLIP vision directory and `train.vision.held_out_page_metrics`, or None when
+    stopped by a signal."""
+    data = [item for item in overrides if item.removeprefix("--config.").startswith("data.")]
+    config = load_config(TOWER_SPEC, (list(QUICK_TOWER_OVERRIDES) if quick else []) + data
+                         + [f"seed={seed}"])
+    task = build_task(config)
+    result = run(config, workdir, task)
+    if result.model_dir is None:
+        return None
+    return result.model_dir, held_out_page_metrics(task.config, result.last.state.params)
+
+
 def run_image_demo(root: str, quick: bool = False, overrides: Sequence[str] = (),
                    seeds: Sequence[int] | None = None) -> list[str] | None:
-    """configs/stage1.py:demo_image trained and evaluated per input kind once per seed
-    (`root/seed{N}/`, evaluations in `root/eval_seed{N}/`); returns `image_summary_lines`, or
-    None when training was stopped by a signal."""
+    """Per seed: the image tower pretrained on the training pages (`root/tower_seed{N}/`), then
+    configs/stage1.py:demo_image on it, frozen (`root/seed{N}/`), evaluated per input kind
+    (`root/eval_seed{N}/`); returns `image_summary_lines`, or None when training was stopped by
+    a signal."""
     seeds = tuple(seeds or (QUICK_IMAGE_SEEDS if quick else IMAGE_SEEDS))
-    per_seed = {}
+    per_seed, tower_lines = {}, []
     for seed in seeds:
+        pretrained = pretrain_tower(os.path.join(root, f"tower_seed{seed}"), quick, overrides,
+                                    seed)
+        if pretrained is None:
+            return None
+        tower, pages = pretrained
+        tower_lines.append(
+            f"seed {seed}: {pages['num_records']} held-out pages, heart rate MAE "
+            f"{pages['heart_rate_mae']:.2f} bpm (training mean: "
+            f"{pages['heart_rate_mae_constant']:.2f}), statement micro F1 "
+            f"{pages['statement_micro_f1']:.3f} (the most common statement: "
+            f"{pages['statement_micro_f1_common']:.3f})")
         done = train_and_evaluate(IMAGE_SPEC, os.path.join(root, f"seed{seed}"),
                                   os.path.join(root, f"eval_seed{seed}", "results.jsonl"), quick,
-                                  list(overrides) + [f"seed={seed}"])
+                                  list(overrides) + [f"seed={seed}", f"init.clip_dir={tower}",
+                                                     *FROZEN_TOWER])
         if done is None:
             return None
         per_seed[seed] = done[0]
-    lines = [f"with an image tower ({IMAGE_SPEC}, modality dropout), held-out records per input "
-             f"kind, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}:"]
+    lines = [f"with an image tower ({IMAGE_SPEC}, modality dropout; the tower pretrained by "
+             f"{TOWER_SPEC} and frozen), held-out records per input kind, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}:"]
     lines += ["  " + line for line in image_summary_lines(per_seed)]
+    lines.append(f"the image tower alone (its pretraining head), {TOWER_SPEC}:")
+    lines += ["  " + line for line in tower_lines]
     lines.append(f"details in {root}/eval_seed*/results.jsonl.metrics.json")
     return lines
 

@@ -20,6 +20,7 @@ TRAINERS: dict[str, str] = {
     "stage1": "uniecg_jax.train.stage1:build_task",
     "stage2": "uniecg_jax.train.stage2:build_task",
     "diffusion": "uniecg_jax.train.diffusion:build_task",
+    "vision": "uniecg_jax.train.vision:build_task",
 }
 
 

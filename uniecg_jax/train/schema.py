@@ -79,6 +79,13 @@ class Stage2TrainConfig(TrainConfig):
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionTrainConfig(TrainConfig):
+    """`vision` objective (configs/vision.py): image-tower pretraining on rendered pages."""
+    statement_weight: float = 1.0    # BCE of the record's diagnosis statements
+    heart_rate_weight: float = 1.0   # squared error of the standardised heart rate
+
+
+@dataclasses.dataclass(frozen=True)
 class DiffusionTrainConfig(TrainConfig):
     """`diffusion` objective (configs/diffusion.py): two phases, each of the shared loop, whose
     `steps` are `vae_steps` and `unet_steps` (`train.steps` itself is not read)."""
@@ -92,7 +99,7 @@ class DiffusionTrainConfig(TrainConfig):
 
 TRAIN_SCHEMAS: dict[str, type[TrainConfig]] = {
     "lm": LMTrainConfig, "stage1": Stage1TrainConfig, "stage2": Stage2TrainConfig,
-    "diffusion": DiffusionTrainConfig,
+    "diffusion": DiffusionTrainConfig, "vision": VisionTrainConfig,
 }
 
 

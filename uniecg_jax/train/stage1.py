@@ -80,10 +80,12 @@ def finalize_model_config(config: ml_collections.ConfigDict, tokenizer
     return replace_values(config, changes)
 
 
-def stage1_data_source(config: ml_collections.ConfigDict, split: str):
+def stage1_data_source(config: ml_collections.ConfigDict, split: str,
+                       conversations: str | None = "build"):
     """What `stage1_loader` reads: a prep folder path, or an in-memory source of bundled data
     (the train split with `data.synthetic_stretches` time-stretched copies of each synthetic
-    record, `data.synthetic.stretched_copies`)."""
+    record, `data.synthetic.stretched_copies`), with each record's grounded conversation built
+    (`conversations="build"`) or none (None: the image tower's pretraining reads no text)."""
     if config.data.source != "bundled":
         return config.data.source
     records = bundled_split(int(config.data.holdout_every), int(config.data.num_synthetic),
@@ -91,7 +93,7 @@ def stage1_data_source(config: ml_collections.ConfigDict, split: str):
     stretches = int(config.data.get("synthetic_stretches", 0))
     if split == "train" and stretches:
         records = records + stretched_copies(records, stretches, int(config.seed))
-    return records_source(records, conversations="build")
+    return records_source(records, conversations=conversations)
 
 
 def drop_modalities(ecg_present: jax.Array, image_present: jax.Array, rng: jax.Array,
