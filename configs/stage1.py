@@ -65,9 +65,9 @@ def get_config(arg=None):
                                          intermediate_size=max(4 * proj_dim, 64)
                                          if vision_preset == "tiny" else 4 * proj_dim)
         if vision_preset == "tiny":
-            # No pretrained tiny ViT exists: trained from scratch like the tiny ECG encoder. GEM's
-            # frozen tower is a pretrained CLIP; a frozen random one is a fixed random feature map
-            # (demo_image's image-only answers were one answer for every page).
+            # No pretrained tiny ViT is published: trainable by default (a frozen random tower is
+            # a fixed random feature map). GEM's frozen tower is a pretrained CLIP; the demo's
+            # counterpart is configs/vision.py's tower, loaded by init.clip_dir and frozen.
             config.model.vision_tower.frozen = False
     gem_input = InputFormatConfig(prompt_format="llava_v1", placeholder="sentinel",
                                   ecg_lead_order="mimic_iv")
@@ -116,15 +116,13 @@ def get_config(arg=None):
             # each synthetic train record also at 6 other rates (`data.synthetic.stretched_copies`)
             # and a lower learning rate for longer. On the signal-only demo this recipe took HR MAE
             # from 30.1 to 7.8 bpm (baseline 21.5), micro F1 from 0.30 to 0.59; at 3e-3 the loss
-            # stayed at ~0.1-0.15 and every held-out record got one rate. demo_image with the
-            # trainable tower, seeds 0 / 1 (micro F1, macro F1, HR MAE; baseline 0.337, 0.044,
-            # 21.5-21.7): signal 0.70 / 0.62, 0.30 / 0.26, 8.1 / 10.4; both 0.72 / 0.62,
-            # 0.32 / 0.24, 8.0 / 9.9; image 0.41 / 0.25, 0.08 / 0.04, 23.2 / 30.2: still one
-            # answer for every page (issue 16, open). The page carries the rate at 56 px (the
-            # same tower + a linear head fit to HR: held-out MAE 4.9 bpm vs 21.9), but under the
-            # LLM loss the tower's features collapse to a constant (across-page spread / mean
-            # |feature| 9% at init, 0.07% at step 1800); ecg_dropout 0.6 / image_dropout 0.3
-            # did not help (image 23.8 / 31.5 bpm) and cost signal accuracy.
+            # stayed at ~0.1-0.15 and every held-out record got one rate.
+            # The tiny tower trained here from scratch answers every page alike (its features
+            # collapse under the LLM loss: across-page spread 9% of their size at init, 0.07% at
+            # step 1800; image kind 0.41 / 0.25 micro F1, 23.2 / 30.2 bpm). `uniecg demo` instead
+            # pretrains it on the training pages (configs/vision.py:demo) and freezes it, as GEM
+            # freezes its pretrained CLIP: `init.clip_dir=<tower>/clip_vision
+            # model.vision_tower.frozen=True train.freeze=^vision_tower/` (`demo.stage1`).
             config.data.synthetic_stretches = 6
             config.train.update(steps=2000, learning_rate=1e-3)
     if base not in ("tiny", "demo"):
