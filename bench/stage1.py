@@ -4,6 +4,7 @@ kind for models with an image tower, the page renderer against the step, and the
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python bench/stage1.py               # tiny + ~100M
     python bench/stage1.py --configs tiny --train-steps 3 --new-tokens 8       # smoke run
     python bench/stage1.py --configs demo,demo_image,small,small_image --tower vit_l14_336
+    python bench/stage1.py --configs demo_tower,demo_image,demo_image_frozen   # the demo's image path
 
 For each config, in one run on one device:
   1. the matmul peak of this device (the fastest bf16 matmul, best of 7; and f32);
@@ -21,8 +22,10 @@ For each config, in one run on one device:
      (frozen tower: forward only; LLM over 2048 text + ECG + image positions; ECG tower).
 Configs: `tiny` (configs/stage1.py:tiny), `100m` (configs/stage1.py:small with a 640-wide,
 12-layer LLM: ~100M parameters, bf16 compute, 512 text tokens + 101 ECG tokens), `demo` and
-`demo_image` (what `uniecg demo` trains), `small` and `small_image` (small + a ViT-B/16-224-shaped
-tower as wide as the ECG projector, 196 image tokens).
+`demo_image` (the demo's shapes), `demo_image_frozen` (what `uniecg demo` trains: demo_image with
+the tower frozen) and `demo_tower` (its tower's pretraining, configs/vision.py:demo: pages/s and
+the renderer against them), `small` and `small_image` (small + a ViT-B/16-224-shaped tower as wide
+as the ECG projector, 196 image tokens).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from uniecg_jax import sharding
 from uniecg_jax.config import load_config
 from uniecg_jax.data.ecg_image import PrintDistortions
 from uniecg_jax.data.multimodal import ecg_pixels, render_dpi
+from uniecg_jax.demo.stage1 import FROZEN_TOWER, TOWER_SPEC
 from uniecg_jax.inference.interpret import INPUT_KINDS, Interpreter, ModelInputs
 from uniecg_jax.models import clip_vision
 from uniecg_jax.models.clip_vision import ClipVisionConfig, ClipVisionTower
@@ -61,6 +65,9 @@ CONFIGS = {
                                          "model.llm.remat=none"]),
     "demo": ("configs/stage1.py:demo", []),
     "demo_image": ("configs/stage1.py:demo_image", []),
+    # What `uniecg demo` trains: the tower pretrained (below), then frozen in stage 1.
+    "demo_image_frozen": ("configs/stage1.py:demo_image", list(FROZEN_TOWER)),
+    "demo_tower": (TOWER_SPEC, []),
     "small": ("configs/stage1.py:small", []),
     "small_image": ("configs/stage1.py:small", []),
 }
@@ -82,8 +89,12 @@ def bench_config(name: str):
 
 def random_batch(config, task, batch_size: int) -> dict:
     """A stage-1 batch of the right shapes: random ECGs, random text, placeholder at 8, the second
-    half of each row as the assistant answer (loss)."""
+    half of each row as the assistant answer (loss). The tower pretraining's: random pages and
+    targets of its `abstract_batch` shapes."""
     rng = np.random.default_rng(0)
+    if config.objective == "vision":
+        return {key: rng.uniform(size=spec.shape).astype(spec.dtype)
+                for key, spec in task.abstract_batch(batch_size).items()}
     length = int(config.data.max_length)
     vocab = int(config.model.llm.vocab_size)
     ids = rng.integers(5, vocab, size=(batch_size, length)).astype(np.int32)
@@ -165,6 +176,17 @@ def bench_renderer(config, renders: int) -> dict:
             "distorted": distortions is not None}
 
 
+def print_renderer(name: str, render: dict, consumed: float, unit: str) -> None:
+    """The renderer's pages/s against what a training step consumes per second."""
+    ratio = render["images_per_s"] / consumed
+    print(f"[{name}] renderer: {render['images_per_s']:,.2f} pages/s on one core "
+          f"({render['dpi']:.0f} dpi, {'distorted' if render['distorted'] else 'clean'}, "
+          f"+ CLIP preprocess) vs {consumed:,.2f} {unit}/s consumed by the step: "
+          + (f"keeps up ({ratio:.1f}x)" if ratio >= 1 else
+             f"the bottleneck without the per-record memo ({ratio:.2f}x: "
+             f"{int(np.ceil(1 / ratio))} workers needed)"))
+
+
 def bench_tower_share(config, params, batch_size: int, step_s: float) -> dict:
     """Seconds of the image tower's forward on a training batch and its share of the step."""
     vision = ClipVisionConfig.from_config(config.model.vision_tower, "model.vision_tower")
@@ -216,6 +238,15 @@ def main() -> None:
         config = task.config  # finalised (vocabulary and special ids from the tokenizer)
         started = time.perf_counter()
         train = bench_training(config, task, args.train_steps, peak["bf16"])
+        if config.objective == "vision":
+            tower = config.model.vision_tower
+            print(f"[{name}] image tower pretraining ({TOWER_SPEC}): {train['params'] / 1e6:.2f}M "
+                  f"params, batch {config.train.batch_size} pages of {tower.image_size} px: "
+                  f"{train['step_s'] * 1e3:,.1f} ms/step, {train['ecgs_per_s']:,.0f} pages/s, "
+                  f"MFU {train['mfu']:.1%}")
+            print_renderer(name, bench_renderer(config, args.renders), train["ecgs_per_s"],
+                           "pages")
+            continue
         positions = task.tokens_per_step // int(config.train.batch_size)
         image = config.model.get("vision_tower")
         extra = (f" + {build_unified(config.model)[1].num_image_tokens} image tokens "
@@ -236,14 +267,7 @@ def main() -> None:
                   f"{r['new_tokens_per_s']:,.0f} new tokens/s)")
         if image is None:
             continue
-        render = bench_renderer(config, args.renders)
-        ratio = render["images_per_s"] / train["ecgs_per_s"]
-        print(f"[{name}] renderer: {render['images_per_s']:,.2f} pages/s on one core "
-              f"({render['dpi']:.0f} dpi, {'distorted' if render['distorted'] else 'clean'}, "
-              f"+ CLIP preprocess) vs {train['ecgs_per_s']:,.2f} ECGs/s consumed by the step: "
-              + (f"keeps up ({ratio:.1f}x)" if ratio >= 1 else
-                 f"the bottleneck without the per-record memo ({ratio:.2f}x: "
-                 f"{int(np.ceil(1 / ratio))} workers needed)"))
+        print_renderer(name, bench_renderer(config, args.renders), train["ecgs_per_s"], "ECGs")
         share = bench_tower_share(config, params, int(config.train.batch_size), train["step_s"])
         print(f"[{name}] image tower forward on the batch: {share['forward_s'] * 1e3:,.0f} ms, "
               f"{share['share']:.1%} of the step")
