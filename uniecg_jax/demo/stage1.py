@@ -130,7 +130,8 @@ def run_image_demo(root: str, quick: bool = False, overrides: Sequence[str] = ()
             return None
         per_seed[seed] = done[0]
     lines = [f"with an image tower ({IMAGE_SPEC}, modality dropout; the tower pretrained by "
-             f"{TOWER_SPEC} and frozen), held-out records per input kind, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}:"]
+             f"{TOWER_SPEC} and frozen), held-out records per input kind, "
+             f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}:"]
     lines += ["  " + line for line in image_summary_lines(per_seed)]
     lines.append(f"the image tower alone (its pretraining head), {TOWER_SPEC}:")
     lines += ["  " + line for line in tower_lines]

@@ -4,13 +4,13 @@ GEM's image tower is a pretrained CLIP that stage 1 keeps frozen. No pretrained 
 demo's size (a 56 px ViT), and one trained from scratch under the stage-1 LLM loss collapses to a
 constant (issue 16: across-page feature spread 9% at init, 0.07% after 1800 steps), so the model
 answers every page alike. This objective gives the tiny tower what CLIP gives GEM's: features that
-already tell pages apart. The tower reads each training record's rendered page (the same renderer,
-distortions and seeds as stage 1, `data.multimodal`); a linear head on its selected feature
-tokens (what the projector will see, token by token) predicts the record's diagnosis statements (BCE over the
-interpretation metrics' statement vocabulary) and its heart rate (squared error, standardised),
-the two things a stage-1 answer is scored on. Only the training split is read.
+already tell pages apart. The tower reads each training record's rendered page (the same
+renderer, distortions and seeds as stage 1, `data.multimodal`); a linear head on its selected
+feature tokens (what the projector will see, token by token) predicts the record's diagnosis
+statements (BCE over the interpretation metrics' statement vocabulary) and its heart rate (squared
+error, standardised), the two things a stage-1 answer is scored on. Only the training split is read.
 
-    uniecg train --config configs/vision.py:demo --workdir /tmp/tower     # -> /tmp/tower/clip_vision
+    uniecg train --config configs/vision.py:demo --workdir /tmp/tower    # -> /tmp/tower/clip_vision
     uniecg train --config configs/stage1.py:demo_image --workdir /tmp/s1 \\
         --config.init.clip_dir=/tmp/tower/clip_vision --config.model.vision_tower.frozen=True \\
         --config.train.freeze=^vision_tower/
@@ -38,6 +38,7 @@ from uniecg_jax.data.multimodal import ecg_pixels, example_seed, with_rendered_i
 from uniecg_jax.data.pipelines import MappedBatches, example_record_key, make_loader, \
     open_source
 from uniecg_jax.data.record import to_encoder_lead_order
+from uniecg_jax.errors import ConfigError
 from uniecg_jax.eval import report_metrics
 from uniecg_jax.eval.interpret_eval import reference_for
 from uniecg_jax.layers.linear import DenseGeneral
@@ -141,7 +142,7 @@ def tower_config(config: ml_collections.ConfigDict) -> ClipVisionConfig:
 
 
 def build_task(config: ml_collections.ConfigDict) -> TrainTask:
-    """The `vision` TrainTask: `model.vision_tower` + a linear head on the training split's pages."""
+    """The `vision` TrainTask: `model.vision_tower` + a linear head on the training pages."""
     train_config = load_train_config(config)
     tower = tower_config(config)
     statements = statement_names()
@@ -203,6 +204,9 @@ def held_out_page_metrics(config: ml_collections.ConfigDict, params) -> dict:
     Returns heart-rate MAE (bpm) against the best constant (the training mean rate), and the
     statement micro F1 of thresholded logits (0.5) against always predicting the most common
     training statement (the interpretation metrics' trivial baseline)."""
+    if config.data.source != "bundled":
+        raise ConfigError(f"data.source={config.data.source!r}: held-out page metrics read the "
+                          "bundled records' held-out split only")
     tower = tower_config(config)
     statements = statement_names()
     model = TowerWithHead(tower, len(statements))
@@ -211,17 +215,15 @@ def held_out_page_metrics(config: ml_collections.ConfigDict, params) -> dict:
                           int(config.seed))
     distortions = PrintDistortions() if config.data.image_distortions else None
 
-    def pages_and_targets(records):
-        images = np.stack([ecg_pixels(
-            to_encoder_lead_order(r.to_encoder_input(), lead_order), tower.image_size,
-            tower.image_aspect_ratio, lead_order, distortions,
-            example_seed(example_record_key({"record_id": r.record_id}), 0, int(config.seed)))
-            for r in records])
-        targets = [page_targets(r, statements) for r in records]
-        return images, {key: np.stack([t[key] for t in targets]) for key in targets[0]}
-
+    # Each page as the training loader renders it (`data.multimodal.RenderedImages`'s seed).
+    images = np.stack([ecg_pixels(
+        to_encoder_lead_order(r.to_encoder_input(), lead_order), tower.image_size,
+        tower.image_aspect_ratio, lead_order, distortions,
+        example_seed(example_record_key({"record_id": r.record_id}), 0, int(config.seed)))
+        for r in split["test"]])
+    test_targets = [page_targets(r, statements) for r in split["test"]]
+    test = {key: np.stack([t[key] for t in test_targets]) for key in test_targets[0]}
     train_targets = [page_targets(r, statements) for r in split["train"]]
-    images, test = pages_and_targets(split["test"])
     logits, rate = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
     rate = np.asarray(rate) * HEART_RATE_SCALE + HEART_RATE_MEAN
     truth = test["heart_rate"] * HEART_RATE_SCALE + HEART_RATE_MEAN
@@ -241,4 +243,5 @@ def held_out_page_metrics(config: ml_collections.ConfigDict, params) -> dict:
             "heart_rate_mae": float(np.abs(rate - truth)[known].mean()),
             "heart_rate_mae_constant": float(np.abs(np.mean(train_rates) - truth)[known].mean()),
             "statement_micro_f1": micro_f1(np.asarray(logits) > 0),
-            "statement_micro_f1_common": micro_f1(np.broadcast_to(common, test["statements"].shape))}
+            "statement_micro_f1_common": micro_f1(np.broadcast_to(common,
+                                                                  test["statements"].shape))}
