@@ -4,8 +4,9 @@
     python bench/unified.py --stage2 tiny --diffusion diffusets --batches 1 8
 
 Parts, each jitted and timed after a warm-up call (median of --repeats):
-  llm_tokens:  prefill + KV-cached greedy decode of the N [ECG] tokens + eos (forced length N + 1),
-               keeping the hidden states (as `UnifiedModel.chat` does)
+  llm_tokens:  prefill + the decision read-out at the first answer token (`chat.decision_hook`,
+               for a config with `model.decision`) + KV-cached greedy decode of the N [ECG] tokens
+               + eos (forced length N + 1), keeping the hidden states (as `UnifiedModel.chat` does)
   projector:   [ECG] gather from those hidden states and the alignment head -> condition vectors
   ddim:        DDIM-50 latent sampling (conditional UNet, guidance 1)
   vae_decode:  latents -> 12 x 1024 signals
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     from uniecg_jax.models.stage2 import build_stage2, init_stage2_params
     from uniecg_jax.models.vae import VAE, VAEConfig
     from uniecg_jax.train.stage2 import finalize_stage2_config
-    from uniecg_jax.inference.chat import UnifiedModel, alignment_fn
+    from uniecg_jax.inference.chat import UnifiedModel, alignment_fn, decision_hook
 
     config = load_config(f"configs/stage2.py:{args.stage2}")
     config, tokenizer, *_ = finalize_stage2_config(config)
@@ -77,7 +78,7 @@ def main(argv=None) -> None:
           f"{s2cfg.alignment.kind}; diffusion:{args.diffusion}; DDIM-{args.steps}")
     decoder = Decoder(llm_cfg)
     generate = decoding.generate_fn(decoder, new_tokens, decoding.Sampling(), (), llm_cfg.pad_token_id,
-                                    return_hidden=True)
+                                    return_hidden=True, first_token_hook=decision_hook(model))
     align = alignment_fn(model)
     vae_decode = jax.jit(lambda p, z: vae.apply(p, z, method=VAE.decode))
     for batch in args.batches:
@@ -88,17 +89,21 @@ def main(argv=None) -> None:
         # Force the answer to be the [ECG] tokens (random weights would emit anything).
         answer = jnp.asarray(np.tile(list(s2cfg.ecg_token_ids) + [llm_cfg.eos_token_id], (batch, 1)))
         full_ids = jnp.concatenate([ids, answer], 1)
-        hidden = generate(params["llm"], ids, mask, None, None, rng).hidden
+        hidden = generate(params["llm"], ids, mask, None, None, rng, params).hidden
         condition, _ = align(params, hidden, full_ids)
         cond = jnp.concatenate([condition, jnp.tile(jnp.asarray([[0.0, 60.0, 110.0]]), (batch, 1))],
                                1)
         sampler = pipeline._sampler("ddim", args.steps, 1.0, 0.0, decode=False)
-        latents = sampler(unet_params, vae_params, cond, rng)
+        # Beat-phase features at the requested rate for a rhythm-conditioned UNet, else None.
+        rhythm = pipeline.rhythm_for(np.full(batch, 110.0), seed=0)
+        rhythm = None if rhythm is None else jnp.asarray(rhythm)
+        latents = sampler(unet_params, vae_params, cond, rhythm, rng)
         parts = {
-            "llm_tokens": timed(lambda: generate(params["llm"], ids, mask, None, None, rng),
+            "llm_tokens": timed(lambda: generate(params["llm"], ids, mask, None, None, rng, params),
                                 args.repeats),
             "projector": timed(lambda: align(params, hidden, full_ids), args.repeats),
-            "ddim": timed(lambda: sampler(unet_params, vae_params, cond, rng), args.repeats),
+            "ddim": timed(lambda: sampler(unet_params, vae_params, cond, rhythm, rng),
+                          args.repeats),
             "vae_decode": timed(lambda: vae_decode(vae_params, latents), args.repeats),
         }
         total = sum(parts.values())

@@ -1,0 +1,21 @@
+"""Benchmarks run (not timed here): a smoke run of each cheap one, so an API change that breaks a
+benchmark fails CI instead of the next person to measure (bench/unified.py went stale once: its
+sampler call lacked the rhythm argument `DiffusionPipeline._sampler` gained)."""
+import importlib.util
+import pathlib
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
+
+
+def _bench(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unified_bench_runs_text_to_ecg_with_the_decision_read_out(capsys):
+    _bench("unified").main(["--stage2", "tiny", "--batches", "1", "--steps", "2",
+                            "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "batch 1: text->ECG" in out and "llm_tokens" in out and "vae_decode" in out
