@@ -27,7 +27,8 @@ import numpy as np
 from uniecg_jax.data.ecg_image import PrintDistortions, render_ecg_image
 from uniecg_jax.data.image_preprocess import clip_preprocess
 from uniecg_jax.layers.params import init_params_on_host
-from uniecg_jax.models.clip_vision import ClipVisionConfig, ClipVisionTower, VISION_PRESETS
+from uniecg_jax.models.clip_vision import VISION_PRESETS, ClipVisionConfig, ClipVisionTower, \
+    forward_flops
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import matmul_peak, timed  # noqa: E402
@@ -61,14 +62,6 @@ def bench_rendering(dpis: list[int], renders: int, image_size: int) -> None:
                   f"{image_size}: {1 / with_clip:6.1f} images/s", flush=True)
 
 
-def tower_flops(config: ClipVisionConfig) -> float:
-    """Forward FLOPs per image up to the selected layer (matmuls only)."""
-    tokens, width, mlp = config.num_positions, config.hidden_size, config.intermediate_size
-    patch = 2 * config.num_patches * config.patch_size ** 2 * config.num_channels * width
-    per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
-    return patch + config.layers_run * per_layer
-
-
 def bench_tower(name: str, batches: list[int], repeats: int, peak: float) -> None:
     for dtype in ("float32", "bfloat16"):
         config = ClipVisionConfig(**VISION_PRESETS[name], dtype=dtype)
@@ -84,7 +77,7 @@ def bench_tower(name: str, batches: list[int], repeats: int, peak: float) -> Non
             forward(params, pixels).block_until_ready()
             compile_s = time.perf_counter() - start
             seconds = timed(lambda: forward(params, pixels).block_until_ready(), repeats)
-            mfu = tower_flops(config) * batch / seconds / peak
+            mfu = forward_flops(config) * batch / seconds / peak
             print(f"tower {name} {dtype:8s} batch {batch:3d}: {seconds * 1e3:8.1f} ms/batch, "
                   f"{batch / seconds:7.2f} images/s, MFU {100 * mfu:5.1f}% of bf16 peak "
                   f"({config.num_tokens} tokens x {config.hidden_size}, {config.layers_run} of "

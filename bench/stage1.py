@@ -53,7 +53,7 @@ from uniecg_jax.train.stage1 import encoder_flops_per_ecg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import matmul_peak, timed  # noqa: E402
-from image import bench_tower, synthetic_record, tower_flops  # noqa: E402
+from image import bench_tower, synthetic_record  # noqa: E402
 
 CONFIGS = {
     "tiny": ("configs/stage1.py:tiny", []),
@@ -207,7 +207,7 @@ def vicuna_7b_tower_share(tower: str) -> dict:
     seq = int(config.data.max_length) + ucfg.num_ecg_tokens + vision.num_tokens - 1
     llm = llm_flops_per_token(config.model.llm, seq, ucfg.llm.num_params()) * seq
     ecg = encoder_flops_per_ecg(ucfg)
-    image = tower_flops(vision)
+    image = clip_vision.forward_flops(vision)
     return {"tower_gflop": image / 1e9, "llm_gflop": llm / 1e9, "ecg_gflop": ecg / 1e9,
             "share": image / (image + llm + ecg), "positions": seq}
 

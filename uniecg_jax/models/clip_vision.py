@@ -125,6 +125,15 @@ VISION_PRESETS = {
 }
 
 
+def forward_flops(config: ClipVisionConfig) -> float:
+    """Forward FLOPs per image up to the selected layer (matmuls only: patch embedding, the
+    attention projections and scores, the MLP)."""
+    tokens, width, mlp = config.num_positions, config.hidden_size, config.intermediate_size
+    patch = 2 * config.num_patches * config.patch_size ** 2 * config.num_channels * width
+    per_layer = 2 * tokens * (4 * width * width + 2 * width * mlp) + 4 * tokens * tokens * width
+    return patch + config.layers_run * per_layer
+
+
 def vision_config_dict(variant: str = "vit_l14_336") -> ml_collections.ConfigDict:
     """`model.vision_tower` config: `vit_l14_336` (openai/clip-vit-large-patch14-336, GEM's),
     `vit_b16_224`, or `tiny` (CPU tests: 56 px, 16 patches, width 32)."""

@@ -43,13 +43,15 @@ from uniecg_jax.eval import report_metrics
 from uniecg_jax.eval.interpret_eval import reference_for
 from uniecg_jax.layers.linear import DenseGeneral
 from uniecg_jax.layers.params import abstract_params, count_params
-from uniecg_jax.models.clip_vision import ClipVisionConfig, ClipVisionTower
+from uniecg_jax.models.alignment import AttributeConfig
+from uniecg_jax.models.clip_vision import ClipVisionConfig, ClipVisionTower, forward_flops
 from uniecg_jax.train.loop import TrainTask
 from uniecg_jax.train.schema import load_train_config
 from uniecg_jax.train.stage1 import stage1_data_source
 
-# Heart rate enters the loss standardised: (bpm - mean) / scale, typical adult rates at ~[-1, 2].
-HEART_RATE_MEAN, HEART_RATE_SCALE = 75.0, 25.0
+# Heart rate enters the loss standardised as the stage-2 attribute head's: (bpm - centre) / scale.
+HEART_RATE_MEAN = AttributeConfig.heart_rate_center
+HEART_RATE_SCALE = AttributeConfig.heart_rate_scale
 
 
 def statement_names() -> tuple[str, ...]:
@@ -179,19 +181,13 @@ def build_task(config: ml_collections.ConfigDict) -> TrainTask:
                                            os.path.join(workdir, "clip_vision"))
 
     batch = int(config.train.batch_size)
-    tokens = tower.num_positions
-    # fwd + bwd = 3x forward: per token 4 D^2 (attention projections) + 2 D F (MLP) multiply-adds
-    # per layer run, plus the patch embedding.
-    per_token = 2 * (4 * tower.hidden_size ** 2 + 2 * tower.hidden_size
-                     * tower.intermediate_size) * tower.layers_run
-    patching = 2 * tower.patch_size ** 2 * tower.num_channels * tower.hidden_size
     source = ("bundled records (held-out patients excluded) + "
               f"{config.data.num_synthetic} synthetic ECGs" if config.data.source == "bundled"
               else config.data.source)
     return TrainTask(
         name="vision", init_params=init_params, loss_fn=loss_fn, make_data=make_data,
-        abstract_batch=abstract_batch, flops_per_step=3.0 * batch * tokens * (per_token + patching),
-        tokens_per_step=batch * tokens,
+        abstract_batch=abstract_batch, flops_per_step=3.0 * batch * forward_flops(tower),
+        tokens_per_step=batch * tower.num_positions,
         num_params=count_params(abstract_params(init_params, jax.random.PRNGKey(0))),
         data_description=f"pages rendered from {source}; targets: {len(statements)} statements "
                          "+ heart rate",
