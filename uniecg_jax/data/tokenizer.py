@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 from typing import Sequence
 
@@ -162,6 +163,24 @@ def add_ecg_tokens(tokenizer, count: int) -> list[int]:
     """Grows `tokenizer` (in place, once) by `[ECG0]..[ECG{count-1}]`; returns their ids, in order.
     The model's embedding grows with `convert.hf_llm.add_tokens` (same tokenizer call)."""
     return add_tokens(tokenizer, ecg_token_names(count))[0]
+
+
+# A numeral token: ASCII digits, after at most one word-start marker (byte-level BPE's "Ġ",
+# SentencePiece's "▁", or a plain space).
+_NUMERAL = re.compile(r"([ \u0120\u2581]?)([0-9]+)")
+
+
+def numeral_pieces(tokenizer) -> tuple[tuple[int, str], ...]:
+    """(id, text) of every token of `tokenizer` that is a run of digits, the word-start marker
+    written as a space: `(282, " 1"), (20, "0")`. The table the attribute head reads numbers
+    written in digits with (`models.alignment.number_features`; kept in the model's config as
+    `model.attributes.numerals`, set by `train.stage2.finalize_stage2_config`)."""
+    pieces = []
+    for token_id in range(len(tokenizer)):
+        match = _NUMERAL.fullmatch(tokenizer.convert_ids_to_tokens(token_id) or "")
+        if match:
+            pieces.append((token_id, (" " if match.group(1) else "") + match.group(2)))
+    return tuple(pieces)
 
 
 def training_corpus() -> list[str]:

@@ -87,6 +87,17 @@ class AttributeConfig(ConfigSchema):
     # while the frozen embedding rows name each digit token exactly.
     lookahead: int = 1
     read_embeddings: bool = True
+    # Heart rate and age may be read off a number the request writes in digits: per attribute,
+    # a learned pointer over the request's numbers and "none" (`point_at_numbers`); the number's
+    # value comes from its digit tokens (`number_features`; xVal's idea, Golkar et al. 2023:
+    # numbers enter as values, not as pieces). The tokenizer splits a number into pieces
+    # (" 1", "3", "0") whose embeddings name digits, not magnitudes: composing 130 from them
+    # left the demo's head ~10 bpm off (regex: 0.3). Which number is the rate, which the age
+    # and which neither ("12-lead"), and what to infer when none is stated, stay learned from
+    # the words around them. `numerals`: the tokenizer's digit tokens as (id, text),
+    # `data.tokenizer.numeral_pieces`, set by `train.stage2.finalize_stage2_config`.
+    read_numbers: bool = True
+    numerals: tuple = ()
     param_dtype: str = "float32"
     dtype: str = "float32"
 
@@ -100,9 +111,13 @@ class AttributeConfig(ConfigSchema):
             values.update(qk_norm=False, context_window=1)
         if "read_embeddings" not in values:    # written before `lookahead` / `read_embeddings`
             values.update(lookahead=0, read_embeddings=False)
+        if "read_numbers" not in values:       # written before `read_numbers`
+            values.update(read_numbers=False)
         return super().from_config(values, group, **derived)
 
     def __post_init__(self):
+        # Hashable (the config keys compiled functions), whatever a config file's lists were.
+        object.__setattr__(self, "numerals", tuple((int(i), str(t)) for i, t in self.numerals))
         if self.hidden_dim % self.heads:
             raise ValueError(f"model.attributes.hidden_dim={self.hidden_dim} is not divisible by "
                              f"model.attributes.heads={self.heads}")
@@ -279,20 +294,52 @@ def _unit(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), -1, keepdims=True) + 1e-6)
 
 
-def read_request(module: nn.Module, cfg, queries: jax.Array, context: jax.Array,
-                 context_mask: jax.Array, token_embeddings: jax.Array | None = None) -> jax.Array:
-    """The request read-out of `AttributeHead` and `DecisionHead`, called inside their compact
-    `__call__` (its submodules and `log_temperature` are theirs, so the attribute head keeps its
-    parameter names): `queries` [B, Q, D] attend over the request tokens' final states (context
-    [B, T, D], context_mask [B, T] True = a request token), with `cfg.read_embeddings` beside
-    their input embeddings (token_embeddings [B, T, D]), each with `context_window - 1` tokens
-    before it and `lookahead` after it. `cfg`: the read-out fields of `AttributeConfig`
-    (hidden_dim, heads, qk_norm, read_embeddings, context_window, lookahead, dtypes).
-    Returns [B, Q, heads, head_dim]."""
+# Numbers are read over at most this many tokens (a 3-digit rate is 3 pieces in a digit-splitting
+# tokenizer); the value feature saturates at NUMBER_MAX, far above any heart rate or age.
+NUMBER_MAX_PIECES = 8
+NUMBER_MAX = 1000.0
+
+
+def number_features(input_ids: jax.Array, numerals: Sequence[tuple[int, str]]) -> jax.Array:
+    """input_ids [B, T] -> [B, T, 2] f32: at the last token of each number written in digits,
+    (min(value, NUMBER_MAX) / 100, 1); 0 elsewhere. `numerals`: the tokenizer's digit tokens as
+    (id, text) (`data.tokenizer.numeral_pieces`); a piece without a leading space continues the
+    number of the piece before it when that is a numeral too (" 1", "3", "0" -> 130 at "0"; "▁",
+    "1", "3", "0" as well, "▁" not being a numeral)."""
+    batch, length = input_ids.shape
+    if not numerals:
+        return jnp.zeros((batch, length, 2), jnp.float32)
+    numerals = sorted(numerals)
+    ids = jnp.asarray([i for i, _ in numerals], jnp.int32)
+    values = jnp.asarray([float(t.strip()) for _, t in numerals], jnp.float32)
+    scales = jnp.asarray([10.0 ** len(t.strip()) for _, t in numerals], jnp.float32)
+    joins = jnp.asarray([not t.startswith(" ") for _, t in numerals])
+    slot = jnp.clip(jnp.searchsorted(ids, input_ids), 0, len(numerals) - 1)
+    is_numeral = ids[slot] == input_ids
+    value = jnp.where(is_numeral, values[slot], 0.0)
+    continues = is_numeral & joins[slot] & _shifted(is_numeral, 1)
+    # The number ending at t: sum over k of value[t - k] * 10^(digits of tokens t-k+1 .. t), for
+    # as long as each of those tokens continues the one before it.
+    number, scale, alive = value, jnp.where(is_numeral, scales[slot], 1.0), continues
+    for k in range(1, NUMBER_MAX_PIECES):
+        number = number + jnp.where(alive, _shifted(value, k) * scale, 0.0)
+        scale = jnp.minimum(scale * jnp.where(alive, _shifted(scales[slot], k), 1.0), 1e30)
+        alive = alive & _shifted(continues, k)
+    number = jnp.where(alive, NUMBER_MAX, number)   # longer than NUMBER_MAX_PIECES: saturate
+    ends = is_numeral & ~_shifted(continues, -1)
+    return jnp.stack([jnp.where(ends, jnp.minimum(number, NUMBER_MAX) / 100.0, 0.0),
+                      ends.astype(jnp.float32)], axis=-1)
+
+
+def request_features(module: nn.Module, cfg, context: jax.Array, context_mask: jax.Array,
+                     token_embeddings: jax.Array | None = None) -> jax.Array:
+    """What `read_request` (and the attribute head's number pointer) read of each request token,
+    called inside a head's compact `__call__` (its LayerNorms are the head's): the final states
+    (context [B, T, D]; LayerNormed with `cfg.qk_norm`), with `cfg.read_embeddings` beside the
+    input embeddings (token_embeddings [B, T, D], LayerNormed apart), each with the
+    `context_window - 1` request tokens before it and `lookahead` after it (context_mask [B, T],
+    True = a request token) -> [B, T, F]."""
     dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
-    head_dim = cfg.hidden_dim // cfg.heads
-    dense = functools.partial(_dense, cfg)
-    qkv_axes = ("embed", "q_heads", "head_dim")
     if cfg.qk_norm:
         context = LayerNorm(name="context_norm", dtype=dtype, param_dtype=param_dtype)(context)
     if cfg.read_embeddings:
@@ -304,18 +351,67 @@ def read_request(module: nn.Module, cfg, queries: jax.Array, context: jax.Array,
         context = jnp.concatenate([context, embedded.astype(context.dtype)], axis=-1)
     if cfg.context_window > 1 or cfg.lookahead:
         context = _windowed(context, context_mask, cfg.context_window, cfg.lookahead)
+    return context
+
+
+def _temperature(module: nn.Module, name: str, count: int) -> jax.Array:
+    """A learned per-head softmax temperature [count] (init ATTRIBUTE_TEMPERATURE_INIT, capped)."""
+    log_temperature = module.param(name, nn.with_logical_partitioning(
+        nn.initializers.constant(jnp.log(ATTRIBUTE_TEMPERATURE_INIT)), ("q_heads",)),
+        (count,), jnp.float32)
+    return jnp.exp(jnp.minimum(log_temperature, jnp.log(ATTRIBUTE_TEMPERATURE_MAX)))
+
+
+def read_request(module: nn.Module, cfg, queries: jax.Array, features: jax.Array,
+                 context_mask: jax.Array) -> jax.Array:
+    """The request read-out of `AttributeHead` and `DecisionHead`, called inside their compact
+    `__call__` (its submodules and `log_temperature` are theirs, so the attribute head keeps its
+    parameter names): `queries` [B, Q, D] attend over the request tokens' `request_features`
+    (features [B, T, F], context_mask [B, T] True = a request token). `cfg`: the read-out fields
+    of `AttributeConfig` (hidden_dim, heads, qk_norm, read_embeddings, context_window,
+    lookahead, dtypes). Returns [B, Q, heads, head_dim]."""
+    dtype = to_dtype(cfg.dtype)
+    head_dim = cfg.hidden_dim // cfg.heads
+    dense = functools.partial(_dense, cfg)
+    qkv_axes = ("embed", "q_heads", "head_dim")
     query = dense((cfg.heads, head_dim), qkv_axes, "query")(queries)
-    key = dense((cfg.heads, head_dim), qkv_axes, "key")(context)
-    value = dense((cfg.heads, head_dim), qkv_axes, "value")(context)
+    key = dense((cfg.heads, head_dim), qkv_axes, "key")(features)
+    value = dense((cfg.heads, head_dim), qkv_axes, "value")(features)
     if cfg.qk_norm:
-        log_temperature = module.param("log_temperature", nn.with_logical_partitioning(
-            nn.initializers.constant(jnp.log(ATTRIBUTE_TEMPERATURE_INIT)), ("q_heads",)),
-            (cfg.heads,), jnp.float32)
-        temperature = jnp.exp(jnp.minimum(log_temperature, jnp.log(ATTRIBUTE_TEMPERATURE_MAX)))
+        temperature = _temperature(module, "log_temperature", cfg.heads)
         # bidirectional_attention divides the logits by sqrt(Dh): fold it back in.
         query = _unit(query) * (temperature[:, None] * head_dim ** 0.5)
         key = _unit(key)
     return bidirectional_attention(query, key, value, dtype, context_mask)
+
+
+POINTED_ATTRIBUTES = ("heart_rate", "age")
+
+
+def point_at_numbers(module: nn.Module, cfg, features: jax.Array, numbers: jax.Array,
+                     context_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per attribute of POINTED_ATTRIBUTES, a softmax over the request's numbers and "none": a
+    learned query per attribute against each number's `request_features` (the words around it
+    say whether it is a rate, an age or "12-lead"), beside a learned "none" logit.
+    features [B, T, F], numbers [B, T, 2] (`number_features`), context_mask [B, T] ->
+    (the pointed value [B, A]: the weighted sum of the numbers, in their own units;
+    the weight on "none" [B, A]). With no number in the request, "none" takes it all."""
+    count = len(POINTED_ATTRIBUTES)
+    head_dim = cfg.hidden_dim // cfg.heads
+    key = _unit(_dense(cfg, (count, head_dim), ("embed", "q_heads", "head_dim"),
+                       "number_key")(features))
+    query = _unit(module.param("number_queries", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), ("q_heads", "head_dim")), (count, head_dim), jnp.float32))
+    logits = _temperature(module, "number_log_temperature", count) * jnp.einsum(
+        "btad,ad->bta", key, query)
+    candidates = context_mask & (numbers[..., 1] > 0)
+    logits = jnp.where(candidates[..., None], logits, -jnp.inf)
+    none = module.param("number_none", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("q_heads",)), (count,), jnp.float32)
+    logits = jnp.concatenate([logits, jnp.broadcast_to(none, (logits.shape[0], 1, count))], 1)
+    weights = jax.nn.softmax(logits, axis=1)
+    value = 100.0 * numbers[..., :1]          # `number_features` keeps value / 100
+    return jnp.sum(weights[:, :-1] * value, axis=1), weights[:, -1]
 
 
 class AttributeHead(nn.Module):
@@ -343,27 +439,36 @@ class AttributeHead(nn.Module):
 
     ecg_hidden [B, N, D], valid [B, N], context [B, T, D], context_mask [B, T] (True = a request
     token), token_embeddings [B, T, D] (the request's input embeddings; needed with
-    `read_embeddings`) -> {"heart_rate": [B] bpm, "age": [B] years, "male_logit": [B]} (f32)."""
+    `read_embeddings`), numbers [B, T, 2] (`number_features` of the request; needed with
+    `read_numbers`) -> {"heart_rate": [B] bpm, "age": [B] years, "male_logit": [B]} (f32)."""
     config: AttributeConfig
 
     @nn.compact
     def __call__(self, ecg_hidden: jax.Array, valid: jax.Array, context: jax.Array,
-                 context_mask: jax.Array, token_embeddings: jax.Array | None = None) -> dict:
+                 context_mask: jax.Array, token_embeddings: jax.Array | None = None,
+                 numbers: jax.Array | None = None) -> dict:
         cfg = self.config
         dtype, param_dtype = to_dtype(cfg.dtype), to_dtype(cfg.param_dtype)
         dense = functools.partial(_dense, cfg)
         if cfg.qk_norm:
             ecg_hidden = LayerNorm(name="query_norm", dtype=dtype, param_dtype=param_dtype)(
                 ecg_hidden)
-        read = read_request(self, cfg, ecg_hidden, context, context_mask, token_embeddings)
+        features = request_features(self, cfg, context, context_mask, token_embeddings)
+        read = read_request(self, cfg, ecg_hidden, features, context_mask)
         read = jnp.where(valid[:, :, None, None], read, jnp.zeros_like(read))
         hidden = nn.gelu(dense(cfg.hidden_dim, (None, "q_heads", "head_dim", "mlp"), "input",
                                axis=(-3, -2, -1))(read))
         raw = DenseGeneral(3, ("mlp", None), use_bias=True, dtype=dtype, param_dtype=param_dtype,
                            out_dtype=jnp.float32, name="output")(hidden)
-        return {"heart_rate": cfg.heart_rate_center + cfg.heart_rate_scale * raw[:, 0],
-                "age": cfg.age_center + cfg.age_scale * raw[:, 1],
-                "male_logit": raw[:, 2]}
+        inferred = jnp.stack([cfg.heart_rate_center + cfg.heart_rate_scale * raw[:, 0],
+                              cfg.age_center + cfg.age_scale * raw[:, 1]], axis=-1)
+        if cfg.read_numbers:
+            if numbers is None:
+                raise ValueError("model.attributes.read_numbers needs the request's numbers "
+                                 "[B, T, 2] (`number_features`)")
+            pointed, none = point_at_numbers(self, cfg, features, numbers, context_mask)
+            inferred = none * inferred + pointed
+        return {"heart_rate": inferred[:, 0], "age": inferred[:, 1], "male_logit": raw[:, 2]}
 
 
 class DecisionHead(nn.Module):
@@ -386,7 +491,9 @@ class DecisionHead(nn.Module):
             nn.initializers.normal(1.0), (None, "embed")), (cfg.num_queries, context.shape[-1]),
             param_dtype)
         queries = jnp.broadcast_to(queries.astype(dtype), (context.shape[0], *queries.shape))
-        read = read_request(self, cfg, queries, context, context_mask, token_embeddings)
+        read = read_request(self, cfg, queries,
+                            request_features(self, cfg, context, context_mask, token_embeddings),
+                            context_mask)
         # Beside the pooled read, the last request token's state (all the [ECG0] row read
         # before): it alone says where the request ends (a follow-up's earlier question turn is
         # in the request too).

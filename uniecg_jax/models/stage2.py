@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from uniecg_jax.layers.params import abstract_params
 from uniecg_jax.models.alignment import (AlignmentConfig, AlignmentHead, AttributeConfig,
                                          AttributeHead, DecisionConfig, DecisionHead,
-                                         gather_ecg_hidden)
+                                         gather_ecg_hidden, number_features)
 from uniecg_jax.models.ecg_encoder import ECGTower
 from uniecg_jax.models.llm import Decoder
 from uniecg_jax.models.schema import ConfigError, check_group_keys
@@ -135,8 +135,10 @@ class UniECGStage2(nn.Module):
         is_ecg = jnp.isin(input_ids, jnp.asarray(self.config.ecg_token_ids, jnp.int32))
         before_ecg = jnp.cumsum(is_ecg, axis=1) == 0
         request = before_ecg & (input_ids != self.config.unified.llm.pad_token_id)
-        embeddings = self.llm.embed(input_ids) if self.config.attributes.read_embeddings else None
-        return self.attributes(ecg_hidden, valid, hidden, request, embeddings)
+        cfg = self.config.attributes
+        embeddings = self.llm.embed(input_ids) if cfg.read_embeddings else None
+        numbers = number_features(input_ids, cfg.numerals) if cfg.read_numbers else None
+        return self.attributes(ecg_hidden, valid, hidden, request, embeddings, numbers)
 
     def decide_first_token(self, logits: jax.Array, hidden: jax.Array, input_ids: jax.Array,
                            request_mask: jax.Array) -> jax.Array:

@@ -44,7 +44,7 @@ from uniecg_jax.data.chat_format import ecg_token_names
 from uniecg_jax.data.examples import decode_example
 from uniecg_jax.data.measure import with_measured_rhythms
 from uniecg_jax.data.pipelines import records_source, stage1_loader, stage2_loader
-from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tokenizer
+from uniecg_jax.data.tokenizer import add_ecg_tokens, load_tokenizer, numeral_pieces
 from uniecg_jax.models.stage2 import (STAGE1_KEYS, UniECGStage2, build_stage2, init_stage2_params,
                                       stage1_model, stage1_params)
 from uniecg_jax.train.lm import llm_flops_per_token, next_token_loss
@@ -106,6 +106,9 @@ def finalize_stage2_config(config: ml_collections.ConfigDict):
         raise ConfigError(f"train.weight_decay={config.train.weight_decay}: must be 0 in stage 2 "
                           "(decoupled weight decay would move the frozen vocabulary rows)")
     changes = {f"model.{group}": values for group, values in groups.items()}
+    if config.model.get("attributes") is not None and config.model.attributes.get("read_numbers"):
+        # The head reads numbers through this tokenizer's digit tokens.
+        changes["model.attributes.numerals"] = [list(p) for p in numeral_pieces(tokenizer)]
     config = replace_values(config, {"model.ecg_token_ids": ids, **changes})
     return config, tokenizer, path, stage1_dir, old_vocab
 
