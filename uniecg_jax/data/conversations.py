@@ -190,6 +190,11 @@ REPORT_QUESTIONS = (   # about a report, answered in words (trained)
     "Should I be concerned about this finding: {report}?",
     "Summarise in plain words: {report}",
     "Which features on an ECG define {report}?",
+    # A patient asking about their own result: with only the six above, seed 1 of the demo sent
+    # the held-out "My ECG report says ..." question to [ECG] 66% of the time after 200 steps.
+    "My doctor told me my ECG shows {report}. Is that serious?",
+    "I was told I have {report}. What does that mean for me?",
+    "The cardiologist wrote '{report}' on my results. Can you explain?",
 )
 HELD_OUT_REPORT_QUESTIONS = ("My ECG report says: {report}. What should I make of it?",)
 REPORT_ANSWER = "The report describes {report}; rhythm and rate come from the RR intervals."
