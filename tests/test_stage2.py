@@ -417,6 +417,37 @@ def test_the_number_pointer_falls_back_to_the_inferred_value():
     np.testing.assert_allclose(none[1], [1.0, 1.0])
 
 
+def test_the_sex_word_pointer_reads_the_word_it_points_at():
+    """With "none" pushed down and the query aimed at one token's key, the male logit is that
+    token's `sex_value`, whatever the other tokens say; with "none" up, the words-only logit."""
+    import flax.linen as nn
+    from uniecg_jax.models.alignment import AttributeConfig, point_at_sex_words
+
+    class Pointer(nn.Module):
+        @nn.compact
+        def __call__(self, features, mask):
+            return point_at_sex_words(self, AttributeConfig(hidden_dim=8, heads=2), features, mask)
+
+    features = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6))
+    mask = jnp.ones((2, 5), bool).at[1, 4].set(False)
+    params = nn.meta.unbox(Pointer().init(jax.random.PRNGKey(0), features, mask))
+    p = params["params"]
+    _, none = Pointer().apply(params, features, mask)
+    assert 0.0 < float(none.min()) and float(none.max()) < 1.0
+    # Aim the query at token 2 of row 0 and sharpen: it alone is pointed at.
+    key = features[0, 2] @ p["sex_key"]["kernel"].reshape(6, -1) + p["sex_key"]["bias"].ravel()
+    p["sex_queries"] = key.reshape(1, -1) / jnp.linalg.norm(key)
+    p["sex_log_temperature"] = jnp.full((1,), 10.0)
+    p["sex_none"] = jnp.full((1,), -30.0)
+    value, none = Pointer().apply(params, features, mask)
+    token_value = features[0, 2] @ p["sex_value"]["kernel"].ravel() + p["sex_value"]["bias"][0]
+    np.testing.assert_allclose(value[0], token_value, rtol=1e-4)
+    assert float(none[0]) < 1e-6
+    # A masked token (outside the request) is never pointed at; an empty request is all "none".
+    _, none = Pointer().apply(params, features, jnp.zeros((2, 5), bool))
+    np.testing.assert_allclose(none, [1.0, 1.0])
+
+
 def _held_out_rate_scores(tmp_path, monkeypatch, extra) -> dict:
     """Trains on toy records stating even rates 40-150 bpm (trained forms), then reads 32 unseen
     odd rates stated in trained and in held-out phrasings. {phrasing: (pearson r, MAE, MAE of
@@ -461,7 +492,7 @@ def test_checkpoints_without_qk_norm_keep_the_unnormalised_attribute_head():
     from uniecg_jax.models.alignment import AttributeConfig, AttributeHead
 
     newer = ("qk_norm", "context_window", "lookahead", "read_embeddings", "read_numbers",
-             "numerals")
+             "numerals", "read_sex_words")
     old = {k: v for k, v in AttributeConfig().to_dict().items() if k not in newer}
     legacy_config = AttributeConfig.from_config(dict(old, hidden_dim=8, heads=2))
     assert (legacy_config.qk_norm, legacy_config.context_window, legacy_config.lookahead,
