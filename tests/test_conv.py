@@ -49,9 +49,10 @@ def test_winograd_conv_matches_float64_reference(width, padding, length, channel
     x = rng.standard_normal((2, length) + channels[:1]).astype(np.float32)
     kernel = (rng.standard_normal((width,) + channels) / np.sqrt(width * channels[0])
               ).astype(np.float32)
-    want = _reference_conv(x, kernel, padding)
-    got = np.asarray(conv._winograd_conv(jnp.asarray(x), jnp.asarray(kernel), padding,
-                                         jnp.float32, tile))
+    bias = rng.standard_normal(channels[1]).astype(np.float32)
+    want = _reference_conv(x, kernel, padding) + bias
+    got = np.asarray(conv._winograd_conv(jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias),
+                                         padding, jnp.float32, tile))
     assert got.shape == want.shape
     # Measured over these shapes (3 seeds): max |error| / max |reference| 2.1e-6 for F(6, r),
     # 1.6e-6 for F(4, r), 6e-7 for the direct conv; a wrong transform entry gives ~1e-1.
