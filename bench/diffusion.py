@@ -14,7 +14,9 @@ On one device (plain local jit, donated state):
      default) and otherwise extrapolated as decode + 1000 * step (printed as "extrapolated");
   3. `--torch` (DiffuSETS config only): against DiffuSETS's own PyTorch code with the same random
      weights (`tests/diffusets_torch_reference.py`, converted by `uniecg_jax.convert.diffusets`),
-     in the same run and on the same cores: one UNet call, one VAE decode, and text -> ECG end to end
+     in the same run and on the same cores: one UNet call, one VAE decode with each conv algorithm
+     (`model.vae.conv_algorithm`: direct, winograd; and their outputs' max relative difference),
+     and text -> ECG end to end
      (our DDIM-50 and DDPM-1000 against DiffuSETS's default DDPM-1000, whose torch time is
      `--torch-steps` UNet + DDPM-update steps timed and extrapolated linearly to 1000, plus a decode).
      The single calls take turns (best of `--torch-rounds`) and report wall and process CPU time;
@@ -28,6 +30,7 @@ On one device (plain local jit, donated state):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -41,6 +44,7 @@ import optax
 from uniecg_jax.config import load_config
 from uniecg_jax.demo import diffusion as demo
 from uniecg_jax.diffusion import losses
+from uniecg_jax.layers.conv import CONV_ALGORITHMS
 from uniecg_jax.layers.params import init_params_on_host
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline
 from uniecg_jax.diffusion.rhythm import requested_rhythm
@@ -210,6 +214,10 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, roun
 
     unet_call = jax.jit(unet.apply)
     decode_call = jax.jit(lambda v, z: vae.apply(v, z, method=VAE.decode))
+    # Our decode with each conv algorithm (same weights); the config's own is `decode_ours`.
+    decode_by_algorithm = {algorithm: jax.jit(functools.partial(
+        VAE(vae.cfg.replace(conv_algorithm=algorithm)).apply, method=VAE.decode))
+        for algorithm in CONV_ALGORITHMS}
     j_latent, j_t, j_cond = (jnp.asarray(latent.transpose(0, 2, 1)), jnp.asarray(timesteps),
                              jnp.asarray(condition))
 
@@ -236,14 +244,22 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, roun
                 x = mean + ((1 - a_prev) / (1 - a_t) * beta).sqrt() * torch.randn_like(x)
         return x
 
+    def decode_with(algorithm):
+        return lambda: decode_by_algorithm[algorithm](vae_vars, j_latent).block_until_ready()
+
     best = interleaved_best({
         "unet_ours": lambda: unet_call(unet_vars, j_latent, j_t, j_cond).block_until_ready(),
         "unet_torch": torch_unet_call,
-        "decode_ours": lambda: decode_call(vae_vars, j_latent).block_until_ready(),
+        **{f"decode_{algorithm}_ours": decode_with(algorithm) for algorithm in CONV_ALGORITHMS},
         "decode_torch": torch_decode}, rounds)
     out = {"load": host_load()}
     for name, (wall, cpu) in best.items():
         out[name + "_s"], out[name + "_cpu_s"] = wall, cpu
+    for suffix in ("_s", "_cpu_s"):   # the config's algorithm, for the end-to-end figures
+        out["decode_ours" + suffix] = out[f"decode_{vae.cfg.conv_algorithm}_ours{suffix}"]
+    direct, winograd = (np.asarray(decode_by_algorithm[a](vae_vars, j_latent))
+                        for a in ("direct", "winograd"))
+    out["winograd_vs_direct"] = float(np.abs(winograd - direct).max() / np.abs(direct).max())
     # How far from this host's f32 peak each decoder runs: FLOPs of one decode (XLA's cost analysis;
     # torch's FlopCounterMode: DiffuSETS convolves the upsampled signal, 1.5x the MACs of our
     # polyphase form there) over its best time, and the fastest our decode could be at the peak.
@@ -343,13 +359,17 @@ def main() -> None:
             print(f"[{size}] vs DiffuSETS torch (same weights, batch {args.batch}, torch "
                   f"{torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}"
                   f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {r['load']}):", flush=True)
-            for name in ("unet", "decode"):
-                ours, theirs = r[name + "_ours_s"], r[name + "_torch_s"]
-                ours_cpu, theirs_cpu = r[name + "_ours_cpu_s"], r[name + "_torch_cpu_s"]
-                print(f"  one {name:<6} call (best of {args.torch_rounds}, interleaved): ours "
+            for name, ours_key, torch_key in [("unet", "unet_ours", "unet_torch")] + [
+                    (f"decode {a}", f"decode_{a}_ours", "decode_torch") for a in CONV_ALGORITHMS]:
+                ours, theirs = r[ours_key + "_s"], r[torch_key + "_s"]
+                ours_cpu, theirs_cpu = r[ours_key + "_cpu_s"], r[torch_key + "_cpu_s"]
+                print(f"  one {name:<15} call (best of {args.torch_rounds}, interleaved): ours "
                       f"{ours * 1e3:8.1f} ms, torch {theirs * 1e3:8.1f} ms -> {theirs / ours:.2f}x "
                       f"wall | CPU {ours_cpu * 1e3:.0f} vs {theirs_cpu * 1e3:.0f} ms -> "
                       f"{theirs_cpu / ours_cpu:.2f}x", flush=True)
+            print(f"  decode winograd vs direct: max |difference| / max |direct| "
+                  f"{r['winograd_vs_direct']:.1e} (FLOPs below: the config's "
+                  f"{config.model.vae.conv_algorithm})", flush=True)
             peak, bound_s = r["f32_peak_flops"], r["decode_ours_flops"] / r["f32_peak_flops"]
             print(f"  decode FLOPs: ours {r['decode_ours_flops'] / 1e9:.1f} G at "
                   f"{r['decode_ours_flops'] / r['decode_ours_s'] / 1e9:.0f} GFLOP/s, torch "

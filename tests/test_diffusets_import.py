@@ -94,8 +94,11 @@ def test_unet_import_errors_name_the_tensor(torch_unet):
         diffusets.unet_from_torch(state, UNET_CFG)
 
 
+# Both conv algorithms hold 1e-4 against torch: measured max |error| on the reconstruction (max
+# |recon| 1.5) 2.7e-6 direct, 2.8e-6 Winograd; on the posterior mean 1.4e-6 and 1.5e-6.
 @pytest.mark.parametrize("widths,groups", [((32, 64, 128), 8)])
-def test_vae_import_matches_reference_encode_decode(widths, groups):
+@pytest.mark.parametrize("conv_algorithm", ["direct", "winograd"])
+def test_vae_import_matches_reference_encode_decode(widths, groups, conv_algorithm):
     torch.manual_seed(0)
     encoder = vae_encoder(widths, groups).eval()
     decoder = vae_decoder(widths, groups).eval()
@@ -108,7 +111,7 @@ def test_vae_import_matches_reference_encode_decode(widths, groups):
         z, mean, log_var = encode(encoder, torch.tensor(ecg), torch.tensor(noise))
         recon = decode(decoder, z.clone()).numpy()
 
-    cfg = VAEConfig(widths=widths, num_groups=groups)
+    cfg = VAEConfig(widths=widths, num_groups=groups, conv_algorithm=conv_algorithm)
     checkpoint = {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}
     variables = diffusets.vae_from_torch(checkpoint, cfg)
     model = VAE(cfg)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from uniecg_jax.layers.activations import constrain
 from uniecg_jax.layers.attention import bidirectional_attention, merge_heads, split_heads
-from uniecg_jax.layers.conv import Conv1d, UpsampledConv1d
+from uniecg_jax.errors import ConfigError
+from uniecg_jax.layers.conv import CONV_ALGORITHMS, Conv1d, UpsampledConv1d
 from uniecg_jax.layers.linear import Linear
 from uniecg_jax.layers.norms import GroupNorm
 from uniecg_jax.layers.params import abstract_module_params
@@ -44,6 +45,16 @@ class VAEConfig(ConfigSchema):
     # trained VAE's latents after the VAE phase (unit-variance data for the DDPM schedule); False
     # keeps DiffuSETS's 0.18215 (imported weights).
     auto_scale: bool = False
+    # How the stride-1 convs of width 2 and 3 run (`layers.conv`), same parameters either way:
+    # "direct" (lax.conv; rounds as PyTorch does, so imported weights match DiffuSETS) or
+    # "winograd" (F(6, 3) / F(6, 2): 2.25x / 1.7x fewer multiplies; decode 1.4x faster on CPU at
+    # f32, max relative error ~2e-5 against float64). 1x1 and strided convs are always direct.
+    conv_algorithm: str = "direct"
+
+    def __post_init__(self):
+        if self.conv_algorithm not in CONV_ALGORITHMS:
+            raise ConfigError(f"model.vae.conv_algorithm={self.conv_algorithm!r}; choose from "
+                              f"{', '.join(CONV_ALGORITHMS)}")
 
     @property
     def downsampling(self) -> int:
@@ -106,12 +117,13 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
-        h = Conv1d(self.out_channels, 3, name="conv1", **kw)(
+        conv_kw = dict(kw, algorithm=self.cfg.conv_algorithm)
+        h = Conv1d(self.out_channels, 3, name="conv1", **conv_kw)(
             nn.silu(GroupNorm(self.cfg.num_groups, name="norm1", **kw)(x)))
-        h = Conv1d(self.out_channels, 3, name="conv2", **kw)(
+        h = Conv1d(self.out_channels, 3, name="conv2", **conv_kw)(
             nn.silu(GroupNorm(self.cfg.num_groups, name="norm2", **kw)(h)))
         if x.shape[-1] != self.out_channels:
-            x = Conv1d(self.out_channels, 1, name="skip", **kw)(x)
+            x = Conv1d(self.out_channels, 1, name="skip", **conv_kw)(x)
         return constrain(h + x)
 
 
@@ -136,13 +148,14 @@ class AttentionBlock(nn.Module):
 def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Array:
     cfg = module.cfg
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    conv_kw = dict(kw, algorithm=cfg.conv_algorithm)
     for index, step in enumerate(plan):
         previous = plan[index - 1].kind if index else None
         if step.kind == "conv" and previous == "up":
             # "up" + conv: the conv of the repeated signal, at the input rate (1.5x fewer MACs).
-            x = UpsampledConv1d(step.out_channels, step.kernel_size, name=step.name, **kw)(x)
+            x = UpsampledConv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(x)
         elif step.kind == "conv":
-            x = Conv1d(step.out_channels, step.kernel_size, name=step.name, **kw)(x)
+            x = Conv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(x)
         elif step.kind == "down":  # pad right by one, then stride-2 width-3 valid conv: L -> L/2
             x = Conv1d(step.out_channels, 3, stride=2, padding=(0, 1), name=step.name, **kw)(x)
         elif step.kind == "up":
