@@ -46,7 +46,12 @@ SEEDS = (0, 1)
 # positions can only come from the rhythm condition), 2400 steps: guidance 1 12.3 [14.2, 10.3] =
 # 0.44 x the unconditional 27.6, guidance 3 3.5 [4.4, 2.6] = 0.13 x. The same run's EMA of the
 # weights (train.ema_decay=0.999, scored beside the last weights when set) did worse: 16.3 / 4.2.
-UNET_STEPS = 2400
+# That guidance-1 figure did not hold: the same recipe on another host (an AMD EPYC: XLA's
+# rounding differs, and so does the trained model) gave 22.9 [25.4, 20.4] = 0.82 x the
+# unconditional 28.0 (guidance 3: 6.1). At 4800 steps, on that host: guidance 1 11.7 [15.7, 7.6]
+# = 0.38 x the unconditional 30.7, guidance 3 6.9 [11.5, 2.3] = 0.22 x (continuing the
+# 2400-step model to 4800 instead: 14.1 = 0.46 x and 3.3 = 0.11 x).
+UNET_STEPS = 4800
 
 
 def demo_config(quick: bool, workdir: str, extra: Sequence[str] = ()):
