@@ -72,10 +72,13 @@ def run_demo(workdir: str, stage1_dir: str, diffusion_dir: str, quick: bool = Fa
         directory = workdir if seed == seeds[0] else f"{workdir}_seed{seed}"
         config, result = _train_seed(directory, stage1_dir, diffusion_config, seed, quick)
         last = result.history[-1] if result.history else {}
-        lines.append(f"stage 2, seed {seed} ({directory}): {result.steps_run} steps, token nll "
-                     f"{last.get('token_nll', float('nan')):.3f}, alignment cosine "
-                     f"{last.get('cosine', float('nan')):.3f}, decision accuracy "
-                     f"{last.get('decision_accuracy', float('nan')):.2f} (train batch)")
+        if not result.steps_run:   # a rerun: the seed's training had finished
+            lines.append(f"stage 2, seed {seed} ({directory}): already trained, reused")
+        else:
+            lines.append(f"stage 2, seed {seed} ({directory}): {result.steps_run} steps, token "
+                         f"nll {last.get('token_nll', float('nan')):.3f}, alignment cosine "
+                         f"{last.get('cosine', float('nan')):.3f}, decision accuracy "
+                         f"{last.get('decision_accuracy', float('nan')):.2f} (train batch)")
         per_seed.append(_seed_scores(UnifiedModel.load(directory, diffusion=pipeline), config,
                                      stage1_dir, directory, quick))
     first = per_seed[0]
