@@ -536,8 +536,19 @@ def test_checkpoints_without_qk_norm_keep_the_unnormalised_attribute_head():
                                            "context_norm/scale", "query_norm/bias",
                                            "query_norm/scale"}
     assert set(embedded) - set(windowed) == {"embedding_norm/bias", "embedding_norm/scale"}
-    assert set(new) - set(embedded) == {"number_key/bias", "number_key/kernel", "number_queries",
-                                        "number_log_temperature", "number_none"}
+    # Written with read_numbers, before read_sex_words.
+    numbers_config = AttributeConfig.from_config(dict(old, hidden_dim=8, heads=2, qk_norm=True,
+                                                      context_window=3, lookahead=1,
+                                                      read_embeddings=True, read_numbers=True))
+    assert numbers_config.read_numbers and not numbers_config.read_sex_words
+    assert new_config.read_sex_words
+    numbers = shapes(numbers_config)
+    assert set(numbers) - set(embedded) == {"number_key/bias", "number_key/kernel",
+                                            "number_queries", "number_log_temperature",
+                                            "number_none"}
+    assert set(new) - set(numbers) == {"sex_key/bias", "sex_key/kernel", "sex_queries",
+                                       "sex_log_temperature", "sex_none", "sex_value/bias",
+                                       "sex_value/kernel"}
 
 
 def test_the_attribute_head_reads_digits_from_the_token_embeddings():
