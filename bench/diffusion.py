@@ -306,7 +306,7 @@ def demo_fidelity(workdir: str, n: int) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="tiny,diffusets")
     parser.add_argument("--batches", default="1,64")
@@ -329,7 +329,7 @@ def main() -> None:
                         "0.1 s with 1 on a 2-core box at load 5): compare on a quiet host")
     parser.add_argument("--demo-workdir", default=None)
     parser.add_argument("--demo-n", type=int, default=4)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.devices()[0].platform})",
           flush=True)
     print(f"cpu: {cpu_model()}", flush=True)

@@ -19,3 +19,13 @@ def test_unified_bench_runs_text_to_ecg_with_the_decision_read_out(capsys):
                             "--repeats", "1"])
     out = capsys.readouterr().out
     assert "batch 1: text->ECG" in out and "llm_tokens" in out and "vae_decode" in out
+
+
+def test_diffusion_bench_compares_both_decoders_with_diffusets_torch(capsys):
+    """The `--torch` comparison at the DiffuSETS config, batch 1, one step (~45 s on 2 cores)."""
+    _bench("diffusion").main(["--sizes", "diffusets", "--torch", "--skip-train", "--skip-sample",
+                              "--batch", "1", "--torch-steps", "1", "--torch-rounds", "1"])
+    out = capsys.readouterr().out
+    for line in ("one unet", "one decode direct", "one decode winograd",
+                 "decode winograd vs direct", "text -> ECG"):
+        assert line in out, line
