@@ -213,7 +213,6 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, roun
     t_steps = torch.tensor(timesteps)
 
     unet_call = jax.jit(unet.apply)
-    decode_call = jax.jit(lambda v, z: vae.apply(v, z, method=VAE.decode))
     # Our decode with each conv algorithm (same weights); the config's own is `decode_ours`.
     decode_by_algorithm = {algorithm: jax.jit(functools.partial(
         VAE(vae.cfg.replace(conv_algorithm=algorithm)).apply, method=VAE.decode))
@@ -264,7 +263,9 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, roun
     # torch's FlopCounterMode: DiffuSETS convolves the upsampled signal, 1.5x the MACs of our
     # polyphase form there) over its best time, and the fastest our decode could be at the peak.
     from torch.utils.flop_counter import FlopCounterMode
-    out["decode_ours_flops"] = decode_call.lower(vae_vars, j_latent).compile().cost_analysis()["flops"]
+    decode_ours = decode_by_algorithm[vae.cfg.conv_algorithm]
+    out["decode_ours_flops"] = decode_ours.lower(vae_vars, j_latent).compile().cost_analysis()[
+        "flops"]
     with FlopCounterMode(display=False) as counter:
         torch_decode()
     out["decode_torch_flops"] = counter.get_total_flops()

@@ -21,6 +21,7 @@ default: it rounds as PyTorch does, so imported weights reproduce DiffuSETS to f
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -64,6 +65,7 @@ def winograd_points(count: int) -> list[float]:
     return [float(p) for p in points[:count]]
 
 
+@functools.lru_cache(maxsize=None)   # one build per (m, r), not one per conv traced
 def winograd_transforms(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Winograd/Toom-Cook F(m, r) for 1-D correlation (Lavin & Gray 2016, "Fast Algorithms for
     Convolutional Neural Networks"), float64: `(A^T [m, n], G [n, r], B^T [n, n])`, n = m + r - 1, with
@@ -93,7 +95,10 @@ def winograd_transforms(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     for j in range(n):
         roots = [b for i, b in enumerate(points) if i != j]   # j = n - 1: all points
         transform_bt[j, :len(roots) + 1] = np.polynomial.polynomial.polyfromroots(roots)
-    return evaluation(m).T, transform_g, transform_bt
+    transforms = (evaluation(m).T, transform_g, transform_bt)
+    for matrix in transforms:       # shared through the cache: read-only
+        matrix.setflags(write=False)
+    return transforms
 
 
 # Output tile m per filter width, measured at the VAE decoder's shapes (module docstring): F(6, 3)
