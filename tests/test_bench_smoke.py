@@ -27,5 +27,5 @@ def test_diffusion_bench_compares_both_decoders_with_diffusets_torch(capsys):
                               "--batch", "1", "--torch-steps", "1", "--torch-rounds", "1"])
     out = capsys.readouterr().out
     for line in ("one unet", "one decode direct", "one decode winograd",
-                 "decode winograd vs direct", "text -> ECG"):
+                 "decode winograd vs direct", "ours direct", "ours winograd", "text -> ECG"):
         assert line in out, line
