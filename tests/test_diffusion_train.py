@@ -247,16 +247,40 @@ def test_generate_cli_writes_wfdb_that_rdrecord_reads(exported, tmp_path, capsys
     assert "does not match the model's text_embed_dim" in capsys.readouterr().err
 
 
+def test_generate_cli_switches_the_decoder_conv_algorithm(exported, tmp_path, capsys):
+    # Same weights, Winograd convolutions: the records equal the checkpoint's direct decode to
+    # float rounding (and the ADC step), and a wrong name is a clear error, not a traceback.
+    args = ["generate", "--ckpt", exported, "--text", "sinus tachycardia", "--hr", "110",
+            "--age", "60", "--sex", "F", "--n", "2", "--steps", "3", "--seed", "7", "--no-png"]
+    assert cli_main(args + ["--out", str(tmp_path / "w"), "--conv-algorithm", "winograd"]) == 0
+    pipeline, config = load_pipeline(exported, "winograd")
+    assert pipeline.vae.cfg.conv_algorithm == "winograd"
+    direct, _ = load_pipeline(exported)
+    assert direct.vae.cfg.conv_algorithm == "direct"
+    embedding = text_encoder_for(config).encode(["sinus tachycardia"])[0]
+    expected = direct.generate(embedding, "F", 60, 110, n=2, steps=3, seed=7)
+    for i in range(2):
+        record = wfdb.rdrecord(os.path.join(tmp_path, "w", f"gen_{i:03d}"))
+        np.testing.assert_allclose(record.p_signal.T, expected[i], atol=2e-3)
+    capsys.readouterr()
+    assert cli_main(args + ["--out", str(tmp_path / "x"), "--conv-algorithm", "fft"]) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "conv_algorithm='fft'" in err and "direct, winograd" in err
+
+
 def test_eval_generate_metrics_on_tiny_run(exported, tmp_path):
     workdir = exported
     out = str(tmp_path / "eval.json")
+    # With the decoder's Winograd convolutions (`--conv-algorithm`; the other eval tests run the
+    # checkpoint's direct ones).
     results = generate_eval.run_eval(workdir, out, clip_dir=str(tmp_path / "clip"), n=1, steps=2,
-                                     max_records=6, clip_steps=3, batch_size=8)
+                                     max_records=6, clip_steps=3, batch_size=8,
+                                     conv_algorithm="winograd")
     saved = json.load(open(out))
     assert saved["num_records"] == 6
     # The heart-rate metric measures what the condition meant: on the real references at 102.4 Hz
     # it reads the rates the records are conditioned on.
-    pipeline, config = load_pipeline(workdir)
+    pipeline, config = load_pipeline(workdir, "winograd")
     items = generate_eval.eval_items(diffusion_records(config)[:6], text_encoder_for(config))
     real = ecg_fidelity.heart_rate_mae(items["real"], DIFFUSION_FS, items["hr"])
     assert real["undetected"] == 0 and real["hr_mae"] < 3.0

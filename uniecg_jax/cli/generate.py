@@ -1,7 +1,7 @@
 """`uniecg generate`: text (+ sex, age, heart rate) -> 12-lead ECGs as WFDB records and PNGs.
 
   uniecg generate --ckpt W --text "sinus tachycardia" --hr 110 --age 60 --sex F --n 4 --out DIR \
-      [--sampler ddim --steps 50 --guidance 2 --seed 0 --rate 500]
+      [--sampler ddim --steps 50 --guidance 2 --seed 0 --rate 500 --conv-algorithm winograd]
 
 --ckpt is a diffusion train workdir (its model/) or a model checkpoint (`uniecg train` export or
 `uniecg convert diffusets`). The report is embedded with the checkpoint's text encoder
@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rate", type=float, default=None,
                         help="output sample rate in Hz (native 102.4; e.g. 500)")
+    parser.add_argument("--conv-algorithm", default=None,
+                        help="how the VAE decoder convolves, same weights: direct or winograd "
+                             "(faster from ~4 ECGs per batch); default: the checkpoint's")
     parser.add_argument("--no-png", action="store_true", help="skip the PNG plots")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace gen_000... in --out (default: number after existing ones)")
@@ -107,7 +110,7 @@ def run(args) -> int:
         raise ConditionError(f"--rate must be in (0, 10000] Hz, got {args.rate}")
     load_checked_config(args.ckpt, "diffusion", "uniecg generate")  # before loading any weights
     enable_compilation_cache()
-    pipeline, config = load_pipeline(args.ckpt)
+    pipeline, config = load_pipeline(args.ckpt, args.conv_algorithm)
     sample = config.sample
     sampler = args.sampler or str(sample.sampler)
     # --sampler ddim on a DDPM-1000 config (converted DiffuSETS) means DDIM-50 unless --steps says.

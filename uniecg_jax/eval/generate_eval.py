@@ -332,7 +332,8 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
              n: int = 2, sampler: str = "ddim", steps: int = 50, guidance: float | None = None,
              baseline: bool = True, max_records: int = 0, clip_steps: int = 300, seed: int = 0,
              batch_size: int = 32, process_index: int = 0, process_count: int = 1,
-             manual_hosts: bool = True, progress: bool = True) -> dict | None:
+             manual_hosts: bool = True, progress: bool = True, conv_algorithm: str | None = None
+             ) -> dict | None:
     """Generates for this host's share of the evaluation records (`run_shard`), then merges when
     every part is done: writes `out` (JSON) and returns the metrics (None while parts are missing,
     or on hosts other than 0 of a JAX multi-host job, which synchronises its hosts instead of
@@ -340,7 +341,7 @@ def run_eval(ckpt: str, out: str, *, clip_dir: str | None = None, data: str = "b
 
     A CLIP missing at `clip_dir` is trained by host 0; the other hosts of a JAX job wait for it,
     hosts run by hand need host 0 to have run first."""
-    pipeline, config = load_pipeline(ckpt)
+    pipeline, config = load_pipeline(ckpt, conv_algorithm)
     guidance = pipeline.default_guidance if guidance is None else guidance
     text_encoder = text_encoder_for(config)
     _, items = load_items(config, text_encoder, data, max_records)
