@@ -786,6 +786,15 @@ def test_request_metrics_score_the_decision_per_kind_and_attributes_stated_vs_im
     assert never["answered"] == 0
     assert np.isnan(never["attributes"]["age"]["stated"]["model"])
 
+    # Per wording: a model that answers only one held-out wording with [ECG] is seen doing so.
+    from uniecg_jax.data.conversations import HELD_OUT_REQUESTS
+    wording = HELD_OUT_REQUESTS[1]
+    one = request_metrics(_StubUnified(lambda text: text.startswith("Show me what")), records,
+                          phrasing="held_out", draws=4)["decision"]["emitted_by_template"]
+    assert one[wording][0] == 1.0 and one[wording][1] > 0
+    assert all(share == 0.0 for template, (share, _) in one.items() if template != wording)
+    assert sum(count for _, count in one.values()) == 2 * 4 * len(records)
+
 
 def test_the_data_seed_is_shared_by_training_seeds():
     from uniecg_jax.train.stage2 import data_seed

@@ -267,12 +267,14 @@ class Stage2Request:
     """One stage-2 conversation: `turns` end with the user's last request (the answer comes from
     the caller: the `[ECG]` tokens when `is_generation`, else `answer`); `stated` is what the
     request text says of each attribute (None where it says nothing); `kind`: one of
-    `REQUEST_KINDS` (what the evaluation breaks its scores down by)."""
+    `REQUEST_KINDS` (what the evaluation breaks its scores down by); `template`: the unformatted
+    wording of the last user turn (the evaluation's [ECG] share per wording)."""
     turns: tuple[Turn, ...]
     is_generation: bool
     answer: str | None = None
     stated: tuple[tuple[str, float | str | None], ...] = ()
     kind: str = "request"
+    template: str = ""
 
 
 def record_attributes(record: ECGRecord) -> dict:
@@ -330,14 +332,17 @@ def generation_request(report: str, attributes: dict, rng: np.random.Generator, 
     if rng.random() < follow_up_probability:
         questions = _phrasing_set(phrasing, REPORT_QUESTIONS, HELD_OUT_REPORT_QUESTIONS)
         follow_ups = _phrasing_set(phrasing, TRAINED_FOLLOW_UPS, HELD_OUT_FOLLOW_UPS)
-        turns = (("user", questions[rng.integers(len(questions))].format(report=report)),
+        question = questions[rng.integers(len(questions))]   # drawn first, then the follow-up
+        follow_up = follow_ups[rng.integers(len(follow_ups))]
+        turns = (("user", question.format(report=report)),
                  ("assistant", REPORT_ANSWER.format(report=report)),
-                 ("user", follow_ups[rng.integers(len(follow_ups))].format(attrs=phrase)))
-        return Stage2Request(turns, True, stated=tuple(stated.items()), kind="follow_up")
+                 ("user", follow_up.format(attrs=phrase)))
+        return Stage2Request(turns, True, stated=tuple(stated.items()), kind="follow_up",
+                             template=follow_up)
     templates = _phrasing_set(phrasing, TRAINED_REQUESTS, HELD_OUT_REQUESTS)
-    turns = (("user", templates[rng.integers(len(templates))].format(report=report,
-                                                                     attrs=phrase)),)
-    return Stage2Request(turns, True, stated=tuple(stated.items()))
+    template = templates[rng.integers(len(templates))]
+    turns = (("user", template.format(report=report, attrs=phrase)),)
+    return Stage2Request(turns, True, stated=tuple(stated.items()), template=template)
 
 
 def text_answered_request(report: str, rng: np.random.Generator, *,
@@ -347,11 +352,13 @@ def text_answered_request(report: str, rng: np.random.Generator, *,
     if rng.random() < 0.5:
         questions = _phrasing_set(phrasing, REPORT_QUESTIONS, HELD_OUT_REPORT_QUESTIONS)
         report = _clean_report(report)
-        return Stage2Request((("user", questions[rng.integers(len(questions))].format(
-            report=report)),), False, REPORT_ANSWER.format(report=report), kind="report_question")
+        question = questions[rng.integers(len(questions))]
+        return Stage2Request((("user", question.format(report=report)),), False,
+                             REPORT_ANSWER.format(report=report), kind="report_question",
+                             template=question)
     pairs = _phrasing_set(phrasing, GENERAL_QUESTIONS, HELD_OUT_GENERAL_QUESTIONS)
     question, answer = pairs[rng.integers(len(pairs))]
-    return Stage2Request((("user", question),), False, answer, kind="general")
+    return Stage2Request((("user", question),), False, answer, kind="general", template=question)
 
 
 def stage2_request(report: str, attributes: dict, rng: np.random.Generator, *,

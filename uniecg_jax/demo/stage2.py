@@ -148,6 +148,10 @@ def _seed_scores(unified: UnifiedModel, config, stage1_dir: str, workdir: str, q
     return scores
 
 
+def _shorten(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _request_lines(per_seed: list[dict], seeds) -> list[str]:
     """Decision precision / recall (and the [ECG] share per kind of request) and attribute errors
     (stated vs implied, the attribute head vs regex + defaults and vs the best constant guess in
@@ -167,6 +171,13 @@ def _request_lines(per_seed: list[dict], seeds) -> list[str]:
                       f"{kind} ({count}) "
                       + _spread([d["emitted_by_kind"][kind][0] for d in decision])
                       for kind, (_, count) in kinds.items())]
+        if phrasing == "held_out":   # which new wordings fail (the trained ones all pass)
+            wordings = [w for w in decision[0]["emitted_by_template"]
+                        if w != INTERPRETATION_REQUEST]
+            lines.append("    answered with [ECG], by wording: " + "; ".join(
+                f"{_shorten(wording)!r} ({decision[0]['emitted_by_template'][wording][1]}) "
+                + _spread([d["emitted_by_template"].get(wording, (float("nan"), 0))[0]
+                           for d in decision]) for wording in wordings))
         for name, unit in (("heart_rate", "bpm MAE"), ("age", "y MAE"), ("sex", "accuracy")):
             spec = ".2f" if name == "sex" else ".1f"
             parts = []

@@ -115,19 +115,28 @@ def summary_lines(metrics: dict) -> list[str]:
 ATTRIBUTES = ("heart_rate", "age", "sex")
 
 
-def _decision_scores(emitted: np.ndarray, is_generation: np.ndarray, kinds: Sequence[str]) -> dict:
+def _shares(emitted: np.ndarray, groups: Sequence[str]) -> dict:
+    """{group: (share of its rows answered with [ECG], row count)}, groups in first-seen order."""
+    groups = np.asarray(groups)
+    return {str(group): (float(emitted[groups == group].mean()), int((groups == group).sum()))
+            for group in dict.fromkeys(groups.tolist())}
+
+
+def _decision_scores(emitted: np.ndarray, is_generation: np.ndarray, kinds: Sequence[str],
+                     templates: Sequence[str] | None = None) -> dict:
     """emitted / is_generation [N] bool, kinds [N] -> precision / recall of emitting [ECG] for the
-    generation requests, and per kind the share of requests answered with [ECG] and their count."""
+    generation requests, and per kind (and per wording, `templates` [N]) the share of requests
+    answered with [ECG] and their count."""
     emitted, is_generation = np.asarray(emitted, bool), np.asarray(is_generation, bool)
     true_positive = int((emitted & is_generation).sum())
-    kinds = np.asarray(kinds)
-    return {"precision": true_positive / max(int(emitted.sum()), 1),
-            "recall": true_positive / max(int(is_generation.sum()), 1),
-            "generation_requests": int(is_generation.sum()),
-            "other_requests": int((~is_generation).sum()),
-            "emitted_by_kind": {str(kind): (float(emitted[kinds == kind].mean()),
-                                            int((kinds == kind).sum()))
-                                for kind in dict.fromkeys(kinds.tolist())}}
+    scores = {"precision": true_positive / max(int(emitted.sum()), 1),
+              "recall": true_positive / max(int(is_generation.sum()), 1),
+              "generation_requests": int(is_generation.sum()),
+              "other_requests": int((~is_generation).sum()),
+              "emitted_by_kind": _shares(emitted, kinds)}
+    if templates is not None:
+        scores["emitted_by_template"] = _shares(emitted, templates)
+    return scores
 
 
 def _attribute_error(predicted: Sequence[dict], truth: Sequence[dict], name: str) -> float:
@@ -184,9 +193,10 @@ def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
     `batch_size` (each new batch length compiles the decoder once: keep the batches few).
     Returns {"decision": `_decision_scores` (precision / recall of emitting [ECG] for the
     generation requests; the [ECG] share per kind: request, follow_up, report_question, general,
-    interpretation), "attributes": `_attribute_scores` of the attribute head against the record's
-    own values (`record_attributes`) and of the regular expressions + defaults
-    (`regex_conditions`) on the generation requests answered with [ECG], "answered": their count}.
+    interpretation, and per wording), "attributes": `_attribute_scores` of the attribute head
+    against the record's own values (`record_attributes`) and of the regular expressions +
+    defaults (`regex_conditions`) on the generation requests answered with [ECG], "answered":
+    their count}.
     """
     rng = np.random.default_rng(seed)
     truth, generation, others = [], [], []
@@ -212,12 +222,14 @@ def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
                                    max_new_tokens=budget)[2]
                    for s in range(0, len(others), batch_size)]
     kinds = [r.kind for r in generation] + [r.kind for r in others]
+    templates = [r.template for r in generation] + [r.template for r in others]
     if interpretation_ecgs is not None and len(interpretation_ecgs):
         ecgs = np.asarray(interpretation_ecgs, np.float32)
         other_flags += [unified.respond([INTERPRETATION_REQUEST] * len(ecgs[s:s + batch_size]),
                                         ecgs[s:s + batch_size], max_new_tokens=budget)[2]
                         for s in range(0, len(ecgs), batch_size)]
         kinds += ["interpretation"] * len(ecgs)
+        templates += [INTERPRETATION_REQUEST] * len(ecgs)
     other_flags = np.concatenate(other_flags)
     baseline = [regex_conditions(" ".join(text for role, text in request.turns if role == "user"))
                 for request in generation]
@@ -225,7 +237,7 @@ def request_metrics(unified, records: Sequence, *, phrasing: str, seed: int = 0,
     pick = lambda items: [items[i] for i in answered]  # noqa: E731
     return {"decision": _decision_scores(
                 np.concatenate([emitted, other_flags]),
-                np.arange(len(emitted) + len(other_flags)) < len(emitted), kinds),
+                np.arange(len(emitted) + len(other_flags)) < len(emitted), kinds, templates),
             "attributes": _attribute_scores(pick(predicted), pick(baseline), pick(truth),
                                             [dict(generation[i].stated) for i in answered]),
             "answered": len(answered)}
