@@ -822,6 +822,13 @@ def test_the_demo_prints_request_scores_per_seed():
     assert "recall 1.00 / 0.00 (mean 0.50)" in trained, trained
     assert any(line.startswith("    answered with [ECG]: ") and "general" in line for line in lines)
     assert any(line.startswith("    heart_rate bpm MAE, stated") for line in lines)
+    # The held-out wordings, one by one (only there: the trained ones are many and all pass).
+    by_wording = [line for line in lines if line.startswith("    answered with [ECG], by wording")]
+    assert len(by_wording) == 1 and "1.00 / 0.00" in by_wording[0]
+    from uniecg_jax.data import conversations
+    held_out = conversations.HELD_OUT_REQUESTS + conversations.HELD_OUT_FOLLOW_UPS
+    assert any(wording[:20] in by_wording[0] for wording in held_out)
+    assert not any(wording[:20] in by_wording[0] for wording in conversations.TRAINED_REQUESTS)
 
 
 def test_the_training_mixture_holds_report_question_negatives_and_no_held_out_phrasing():
