@@ -11,10 +11,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from uniecg_jax import checkpoint
+from uniecg_jax.config import replace_values
 from uniecg_jax.data.record import DIFFUSION_FS, resample
 from uniecg_jax.diffusion import schedule as schedule_lib
 from uniecg_jax.diffusion.conditioning import build_condition, repeat_conditions
@@ -171,15 +171,9 @@ def load_pipeline(path: str, conv_algorithm: str | None = None) -> tuple[Diffusi
     if "model" not in config or "unet" not in config.model or "vae" not in config.model:
         raise CheckpointError(f"{path}: config.json has no model.vae/model.unet; not a diffusion "
                               "model checkpoint")
-
-    def with_conv_algorithm(config):
-        if conv_algorithm is None:
-            return config
-        config = ml_collections.ConfigDict(config.to_dict())
-        config.model.vae.conv_algorithm = conv_algorithm
-        return config
-
-    config = with_conv_algorithm(config)
+    if conv_algorithm is not None:   # the whole group: configs older than the field lack the key
+        config = replace_values(config, {"model.vae": {**config.model.vae.to_dict(),
+                                                       "conv_algorithm": conv_algorithm}})
     unet_cfg = UNetConfig.from_config(config.model.unet, config.diffusion.num_steps)
     vae_cfg = VAEConfig.from_config(config.model.vae)   # a bad conv_algorithm fails here
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -187,8 +181,7 @@ def load_pipeline(path: str, conv_algorithm: str | None = None) -> tuple[Diffusi
                 "vae": abstract_vae_params(vae_cfg, int(config.data.signal_length))}
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             abstract)
-    params, config = checkpoint.restore_model(path, abstract)
-    config = with_conv_algorithm(config)   # the restored config is the checkpoint's own
+    params, _ = checkpoint.restore_model(path, abstract)   # its config is the one read above
     pipeline = DiffusionPipeline.from_config(config, {"params": params["vae"]},
                                              {"params": params["unet"]})
     return pipeline, config
