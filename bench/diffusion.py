@@ -49,9 +49,12 @@ from uniecg_jax.layers.params import init_params_on_host
 from uniecg_jax.diffusion.pipeline import DiffusionPipeline
 from uniecg_jax.diffusion.rhythm import requested_rhythm
 from uniecg_jax.diffusion.schedule import NoiseSchedule
-from uniecg_jax.models.vae import VAE
+from uniecg_jax.kernels import winograd_conv
+from uniecg_jax.models.vae import VAE, prepare_decoder
 from uniecg_jax.train import diffusion as diffusion_train
 from uniecg_jax.train import loop
+
+FUSED = "winograd-fused"   # Winograd through kernels/winograd_conv.py
 
 TEXT_DIM = 384
 
@@ -217,6 +220,13 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, roun
     decode_by_algorithm = {algorithm: jax.jit(functools.partial(
         VAE(vae.cfg.replace(conv_algorithm=algorithm)).apply, method=VAE.decode))
         for algorithm in CONV_ALGORITHMS}
+    decode_vars = {algorithm: vae_vars for algorithm in CONV_ALGORITHMS}
+    # Winograd through the fused CPU kernel (kernels/winograd_conv.py), filters prepared once per
+    # weights as the pipeline does; timed wherever it builds, whatever the calibration decided.
+    if winograd_conv.eligible(vae.cfg.dtype):
+        fused = VAE(vae.cfg.replace(conv_algorithm="winograd"), native_winograd=True)
+        decode_by_algorithm[FUSED] = jax.jit(functools.partial(fused.apply, method=VAE.decode))
+        decode_vars[FUSED] = prepare_decoder(fused, vae_vars, (batch, unet.cfg.latent_length, 4))
     j_latent, j_t, j_cond = (jnp.asarray(latent.transpose(0, 2, 1)), jnp.asarray(timesteps),
                              jnp.asarray(condition))
 
@@ -244,29 +254,33 @@ def torch_comparison(config, batch: int, torch_steps: int, full_ddpm: bool, roun
         return x
 
     def decode_with(algorithm):
-        return lambda: decode_by_algorithm[algorithm](vae_vars, j_latent).block_until_ready()
+        return lambda: decode_by_algorithm[algorithm](decode_vars[algorithm],
+                                                      j_latent).block_until_ready()
 
     best = interleaved_best({
         "unet_ours": lambda: unet_call(unet_vars, j_latent, j_t, j_cond).block_until_ready(),
         "unet_torch": torch_unet_call,
-        **{f"decode_{algorithm}_ours": decode_with(algorithm) for algorithm in CONV_ALGORITHMS},
+        **{f"decode_{algorithm}_ours": decode_with(algorithm) for algorithm in decode_by_algorithm},
         "decode_torch": torch_decode}, rounds)
     out = {"load": host_load()}
     for name, (wall, cpu) in best.items():
         out[name + "_s"], out[name + "_cpu_s"] = wall, cpu
     for suffix in ("_s", "_cpu_s"):   # the config's algorithm, for the end-to-end figures
         out["decode_ours" + suffix] = out[f"decode_{vae.cfg.conv_algorithm}_ours{suffix}"]
-    direct, winograd = (np.asarray(decode_by_algorithm[a](vae_vars, j_latent))
-                        for a in ("direct", "winograd"))
-    out["winograd_vs_direct"] = float(np.abs(winograd - direct).max() / np.abs(direct).max())
+    decoded = {a: np.asarray(fn(decode_vars[a], j_latent)) for a, fn in decode_by_algorithm.items()}
+    out["decoders"] = list(decode_by_algorithm)
+    for algorithm in decode_by_algorithm:
+        out[f"{algorithm}_vs_direct"] = float(np.abs(decoded[algorithm] - decoded["direct"]).max()
+                                              / np.abs(decoded["direct"]).max())
     # How far from this host's f32 peak each decoder runs: FLOPs of one decode (XLA's cost analysis;
     # torch's FlopCounterMode: DiffuSETS convolves the upsampled signal, 1.5x the MACs of our
     # polyphase form there) over its best time, and the fastest each could be at the peak: for
     # Winograd, the time above that floor is the elementwise passes (GroupNorm, SiLU, transforms).
     from torch.utils.flop_counter import FlopCounterMode
-    for algorithm, decode in decode_by_algorithm.items():
-        out[f"decode_{algorithm}_ours_flops"] = decode.lower(
-            vae_vars, j_latent).compile().cost_analysis()["flops"]
+    for algorithm in decode_by_algorithm:   # the fused kernel's custom calls report no FLOPs:
+        counted = "winograd" if algorithm == FUSED else algorithm   # the same algorithm's
+        out[f"decode_{algorithm}_ours_flops"] = decode_by_algorithm[counted].lower(
+            decode_vars[counted], j_latent).compile().cost_analysis()["flops"]
     with FlopCounterMode(display=False) as counter:
         torch_decode()
     out["decode_torch_flops"] = counter.get_total_flops()
@@ -362,22 +376,23 @@ def main(argv=None) -> None:
                   f"{torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}"
                   f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {r['load']}):", flush=True)
             for name, ours_key, torch_key in [("unet", "unet_ours", "unet_torch")] + [
-                    (f"decode {a}", f"decode_{a}_ours", "decode_torch") for a in CONV_ALGORITHMS]:
+                    (f"decode {a}", f"decode_{a}_ours", "decode_torch") for a in r["decoders"]]:
                 ours, theirs = r[ours_key + "_s"], r[torch_key + "_s"]
                 ours_cpu, theirs_cpu = r[ours_key + "_cpu_s"], r[torch_key + "_cpu_s"]
                 print(f"  one {name:<15} call (best of {args.torch_rounds}, interleaved): ours "
                       f"{ours * 1e3:8.1f} ms, torch {theirs * 1e3:8.1f} ms -> {theirs / ours:.2f}x "
                       f"wall | CPU {ours_cpu * 1e3:.0f} vs {theirs_cpu * 1e3:.0f} ms -> "
                       f"{theirs_cpu / ours_cpu:.2f}x", flush=True)
-            print(f"  decode winograd vs direct: max |difference| / max |direct| "
-                  f"{r['winograd_vs_direct']:.1e}", flush=True)
+            for a in r["decoders"][1:]:
+                print(f"  decode {a} vs direct: max |difference| / max |direct| "
+                      f"{r[f'{a}_vs_direct']:.1e}", flush=True)
             peak, torch_s = r["f32_peak_flops"], r["decode_torch_s"]
             print(f"  decode FLOPs against this host's f32 matmul peak {peak / 1e9:.0f} GFLOP/s: "
                   f"torch {r['decode_torch_flops'] / 1e9:.1f} G at "
                   f"{r['decode_torch_flops'] / torch_s / 1e9:.0f} GFLOP/s", flush=True)
-            for algorithm in CONV_ALGORITHMS:
+            for algorithm in r["decoders"]:
                 flops, took = r[f"decode_{algorithm}_ours_flops"], r[f"decode_{algorithm}_ours_s"]
-                print(f"    ours {algorithm:<8} {flops / 1e9:6.1f} G at {flops / took / 1e9:3.0f} "
+                print(f"    ours {algorithm:<14} {flops / 1e9:6.1f} G at {flops / took / 1e9:3.0f} "
                       f"GFLOP/s; at the peak it would take {flops / peak * 1e3:4.0f} ms = "
                       f"{torch_s * peak / flops:.2f}x torch (the most f32 can give); "
                       f"{1 - flops / peak / took:.0%} of its time is above that floor",

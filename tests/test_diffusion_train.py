@@ -20,6 +20,7 @@ from uniecg_jax.data.text_encoder import text_encoder_for
 from uniecg_jax.diffusion.pipeline import load_pipeline
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.eval import clip_training, ecg_fidelity, generate_eval
+from uniecg_jax.kernels import native, winograd_conv
 from uniecg_jax.models import ecg_clip
 from uniecg_jax.train import diffusion as diffusion_train, loop, optim, state as state_lib, \
     step as step_lib
@@ -266,6 +267,28 @@ def test_generate_cli_switches_the_decoder_conv_algorithm(exported, tmp_path, ca
     assert cli_main(args + ["--out", str(tmp_path / "x"), "--conv-algorithm", "fft"]) == 2
     err = capsys.readouterr().err
     assert "config error" in err and "conv_algorithm='fft'" in err and "direct, winograd" in err
+
+
+def test_pipeline_decodes_through_the_fused_kernel_where_chosen(exported, monkeypatch):
+    # A Winograd checkpoint decodes through kernels/winograd_conv.py with filters prepared once
+    # (forced here; otherwise measured), giving the XLA Winograd decode's ECGs to float rounding;
+    # the data-parallel path keeps XLA's convs.
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler on PATH: the kernel is not built")
+    monkeypatch.setenv("UNIECG_WINOGRAD_KERNEL", "1")
+    pipeline, config = load_pipeline(exported, "winograd")
+    embedding = text_encoder_for(config).encode(["sinus bradycardia"])[0]
+    got = pipeline.generate(embedding, "M", 70, 50, n=3, steps=3, seed=2)
+    vae, variables = pipeline.decoder_for(3)
+    assert vae.native_winograd and "prepared" in variables
+    assert pipeline.decoder_for(3)[1] is variables          # prepared once per batch size
+    monkeypatch.setenv("UNIECG_WINOGRAD_KERNEL", "0")
+    xla_pipeline, _ = load_pipeline(exported, "winograd")
+    expected = xla_pipeline.generate(embedding, "M", 70, 50, n=3, steps=3, seed=2)
+    assert not xla_pipeline.decoder_for(3)[0].native_winograd
+    np.testing.assert_allclose(got, expected, atol=2e-5 * np.abs(expected).max())
+    parallel = pipeline.generate(embedding, "M", 70, 50, n=3, steps=3, seed=2, data_parallel=True)
+    np.testing.assert_allclose(parallel, expected, atol=2e-5 * np.abs(expected).max())
 
 
 def test_eval_generate_metrics_on_tiny_run(exported, tmp_path):

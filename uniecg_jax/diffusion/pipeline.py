@@ -21,7 +21,7 @@ from uniecg_jax.diffusion.conditioning import build_condition, repeat_conditions
 from uniecg_jax.diffusion.rhythm import pool_rhythm, requested_rhythm
 from uniecg_jax.errors import CheckpointError
 from uniecg_jax.models.unet import ConditionalUNet, UNetConfig, abstract_unet_params
-from uniecg_jax.models.vae import VAE, VAEConfig, abstract_vae_params
+from uniecg_jax.models.vae import VAE, VAEConfig, abstract_vae_params, native_decoder
 from uniecg_jax.sharding import HostDataParallel
 
 def guided_denoiser(unet: ConditionalUNet, unet_params: Any, condition: jax.Array,
@@ -67,6 +67,7 @@ class DiffusionPipeline:
         self.signal_length = signal_length
         self.default_guidance = float(default_guidance)   # `sample.guidance` of the model config
         self._compiled: dict = {}
+        self._decoders: dict[int, tuple[VAE, Any]] = {}   # rows -> (VAE, variables) decoding them
         self._data_parallel: HostDataParallel | None = None
         self._parallel_params: tuple[Any, Any] | None = None
 
@@ -80,8 +81,10 @@ class DiffusionPipeline:
                    schedule_lib.NoiseSchedule.from_config(config.diffusion),
                    int(config.data.signal_length), guidance)
 
-    def _sampler(self, sampler: str, steps: int, guidance: float, eta: float, decode: bool):
-        key = (sampler, steps, float(guidance), float(eta), decode)
+    def _sampler(self, sampler: str, steps: int, guidance: float, eta: float, decode: bool,
+                 vae: VAE | None = None):
+        vae = vae or self.vae
+        key = (sampler, steps, float(guidance), float(eta), decode, vae.native_winograd)
         if key not in self._compiled:
             cfg = self.unet.cfg
 
@@ -91,9 +94,18 @@ class DiffusionPipeline:
                 latent = schedule_lib.sample(denoise, self.schedule, shape, rng, sampler, steps, eta)
                 if not decode:
                     return latent
-                return self.vae.apply(vae_params, latent, method=VAE.decode)
+                return vae.apply(vae_params, latent, method=VAE.decode)
             self._compiled[key] = jax.jit(run)
         return self._compiled[key]
+
+    def decoder_for(self, rows: int) -> tuple[VAE, Any]:
+        """(VAE, variables) decoding `rows` latents: a Winograd VAE runs the fused CPU kernel with
+        filters prepared once where it is measured to win here (`models.vae.native_decoder`)."""
+        if rows not in self._decoders:
+            cfg = self.unet.cfg
+            self._decoders[rows] = native_decoder(
+                self.vae, self.vae_params, (rows, cfg.latent_length, cfg.latent_channels))
+        return self._decoders[rows]
 
     def rhythm_for(self, heart_rates, seed: int) -> np.ndarray | None:
         """`[N, L/8, 2]` beat-phase features of regular beats at each row's heart rate (first beat
@@ -136,9 +148,11 @@ class DiffusionPipeline:
         condition = build_condition(text_embedding, sex, age, hr, self.unet.cfg.text_embed_dim)
         condition = repeat_conditions(condition, n)
         rhythm = self.rhythm_for(condition[:, -1], seed)   # the last condition column is the rate
-        fn = self._sampler(sampler, steps, guidance, eta, decode=True)
         rows = len(condition)
-        params, put = (self.unet_params, self.vae_params), jnp.asarray
+        # Data parallel: XLA's own convs (the kernel's custom call has no sharding rule).
+        vae, vae_params = (self.vae, self.vae_params) if data_parallel else self.decoder_for(rows)
+        fn = self._sampler(sampler, steps, guidance, eta, decode=True, vae=vae)
+        params, put = (self.unet_params, vae_params), jnp.asarray
         if data_parallel:
             if self._data_parallel is None:
                 self._data_parallel = HostDataParallel()

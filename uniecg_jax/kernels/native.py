@@ -159,6 +159,11 @@ def load_library(source: pathlib.Path, targets: dict[str, str]) -> bool:
     return library is not None
 
 
+def library(source: pathlib.Path) -> ctypes.CDLL | None:
+    """The library `load_library` built from `source` (None: not loaded), for plain C symbols."""
+    return _libraries.get(source)
+
+
 def decision_key(fields: dict) -> str:
     """Hex key of one kernel-vs-XLA decision: CPU model, ISA flags and caps, core count and jax
     version, plus the kernel's own `fields` (its source hash and the shapes it was measured on)."""

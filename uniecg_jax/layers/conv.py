@@ -149,6 +149,35 @@ def _winograd_conv(x, kernel, bias, padding, dtype, tile: int | None = None):
     return y.reshape(batch, tiles * m, -1)[:, :out_length].astype(dtype)
 
 
+def _prepared_filters(module: nn.Module, kernels: list[jax.Array], m: int) -> jax.Array:
+    """The fused kernel's packed filters (`kernels.winograd_conv.pack`): read from the "prepared"
+    variable collection where `models.vae.prepare_decoder` stored them (once per weights), else
+    packed here, and stored when that collection is mutable (never by `init`)."""
+    from uniecg_jax.kernels import winograd_conv   # imports this module
+    if module.has_variable("prepared", "winograd_filters"):
+        return module.get_variable("prepared", "winograd_filters")
+    filters = winograd_conv.pack(kernels, m)
+    if module.is_mutable_collection("prepared") and not module.is_initializing():
+        module.put_variable("prepared", "winograd_filters", filters)
+    return filters
+
+
+def _native_winograd(module: nn.Module, x, kernels: list[jax.Array], pads: list[int], bias,
+                     out_length: int) -> jax.Array | None:
+    """The phases' stride-1 convs by the fused CPU kernel (`kernels.winograd_conv`), interleaved;
+    None where it does not apply (not `module.native`, not Winograd, not f32, or the phases'
+    filter widths differ or have no tile)."""
+    widths = {kernel.shape[0] for kernel in kernels}
+    if not (module.native and module.algorithm == "winograd" and len(widths) == 1
+            and widths <= set(WINOGRAD_TILE) and jnp.dtype(module.dtype) == jnp.float32):
+        return None
+    from uniecg_jax.kernels import winograd_conv
+    width = widths.pop()
+    m = WINOGRAD_TILE[width]
+    filters = _prepared_filters(module, kernels, m)
+    return winograd_conv.conv(x, filters, bias, pads, width, m, out_length, kernels[0].shape[2])
+
+
 def _stride1_conv(x, kernel, bias, padding, dtype, algorithm: str):
     """A stride-1 conv plus bias `[B, L, C_in] -> [B, L', C_out]` by `algorithm` ("direct" |
     "winograd"; Winograd for the widths with a measured tile, `WINOGRAD_TILE`: not 1x1 convs)."""
@@ -163,7 +192,9 @@ class Conv1d(nn.Module):
     """1-D convolution `[B, L, C_in] -> [B, L', features]`; kernel `[width, C_in, C_out]`.
 
     `padding` is `(left, right)` zeros; `None` means "same" for odd widths at stride 1 (torch
-    `padding="same"` / `padding=(k-1)//2`). `algorithm` ("direct" | "winograd") applies at stride 1.
+    `padding="same"` / `padding=(k-1)//2`). `algorithm` ("direct" | "winograd") applies at stride 1;
+    `native` runs Winograd through the fused CPU kernel (`kernels.winograd_conv`; the caller checks
+    that it loads and wins here).
     """
     features: int
     kernel_size: int
@@ -172,6 +203,7 @@ class Conv1d(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     algorithm: str = "direct"
+    native: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -180,6 +212,10 @@ class Conv1d(nn.Module):
         if padding is None:
             padding = ((self.kernel_size - 1) // 2, self.kernel_size // 2)
         if self.stride == 1:
+            out_length = x.shape[1] + padding[0] + padding[1] - self.kernel_size + 1
+            y = _native_winograd(self, x, [kernel], [padding[0]], bias, out_length)
+            if y is not None:
+                return y
             return _stride1_conv(x, kernel, bias, padding, self.dtype, self.algorithm)
         return _conv(x, kernel, self.stride, padding, 1, self.dtype) + bias.astype(self.dtype)
 
@@ -232,7 +268,8 @@ class UpsampledConv1d(nn.Module):
     Computed polyphase at the input rate: each output phase is a convolution of the input with the
     taps that read the same repeated sample summed (for width 3, factor 2: two 2-tap convolutions,
     2/3 of the multiply-adds of convolving the upsampled signal). Equal up to float rounding.
-    `algorithm` ("direct" | "winograd") computes the phases.
+    `algorithm` ("direct" | "winograd") computes the phases; `native` runs Winograd through the fused
+    CPU kernel, all phases in one call that writes them interleaved.
     """
     features: int
     kernel_size: int
@@ -240,11 +277,17 @@ class UpsampledConv1d(nn.Module):
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
     algorithm: str = "direct"
+    native: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel, bias = _conv_params(self, self.kernel_size, x.shape[-1], self.features)
+        polyphase = _polyphase_kernels(kernel, self.factor)
+        y = _native_winograd(self, x, [taps for taps, _ in polyphase],
+                             [padding[0] for _, padding in polyphase], bias, x.shape[1])
+        if y is not None:
+            return y
         phases = [_stride1_conv(x, taps, bias, padding, self.dtype, self.algorithm)
-                  for taps, padding in _polyphase_kernels(kernel, self.factor)]
+                  for taps, padding in polyphase]
         batch, length, features = phases[0].shape
         return jnp.stack(phases, axis=2).reshape(batch, self.factor * length, features)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from uniecg_jax.layers.activations import constrain
 from uniecg_jax.layers.attention import bidirectional_attention, merge_heads, split_heads
@@ -113,11 +114,12 @@ class ResidualBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> conv3, plus (1x1-projected) input."""
     cfg: VAEConfig
     out_channels: int
+    native_winograd: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
-        conv_kw = dict(kw, algorithm=self.cfg.conv_algorithm)
+        conv_kw = dict(kw, algorithm=self.cfg.conv_algorithm, native=self.native_winograd)
         h = Conv1d(self.out_channels, 3, name="conv1", **conv_kw)(
             nn.silu(GroupNorm(self.cfg.num_groups, name="norm1", **kw)(x)))
         h = Conv1d(self.out_channels, 3, name="conv2", **conv_kw)(
@@ -148,7 +150,7 @@ class AttentionBlock(nn.Module):
 def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Array:
     cfg = module.cfg
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    conv_kw = dict(kw, algorithm=cfg.conv_algorithm)
+    conv_kw = dict(kw, algorithm=cfg.conv_algorithm, native=module.native_winograd)
     for index, step in enumerate(plan):
         previous = plan[index - 1].kind if index else None
         if step.kind == "conv" and previous == "up":
@@ -162,7 +164,7 @@ def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Arra
             if index + 1 == len(plan) or plan[index + 1].kind != "conv":  # else done by the conv
                 x = jnp.repeat(x, 2, axis=1)
         elif step.kind == "res":
-            x = ResidualBlock(cfg, step.out_channels, name=step.name)(x)
+            x = ResidualBlock(cfg, step.out_channels, module.native_winograd, name=step.name)(x)
         elif step.kind == "attn":
             x = AttentionBlock(cfg, name=step.name)(x)
         elif step.kind == "norm":
@@ -177,6 +179,7 @@ def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Arra
 class Encoder(nn.Module):
     """ECG `[B, L, 12]` -> (mean, log_variance), each `[B, L/8, latent_channels]` (float32)."""
     cfg: VAEConfig
+    native_winograd: bool = False
 
     @nn.compact
     def __call__(self, ecg: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -194,6 +197,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Scaled latent `[B, L/8, latent_channels]` -> ECG `[B, L, 12]` (float32)."""
     cfg: VAEConfig
+    native_winograd: bool = False
 
     @nn.compact
     def __call__(self, latent: jax.Array) -> jax.Array:
@@ -202,12 +206,17 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """`encode`, `decode` and the full pass `__call__(ecg, rng) -> (recon, mean, log_variance)`."""
+    """`encode`, `decode` and the full pass `__call__(ecg, rng) -> (recon, mean, log_variance)`.
+
+    `native_winograd` runs the Winograd convs through the fused CPU kernel (`kernels.winograd_conv`;
+    `native_decoder` decides it by measurement); same parameters, rounding within ~1e-5.
+    """
     cfg: VAEConfig
+    native_winograd: bool = False
 
     def setup(self):
-        self.encoder = Encoder(self.cfg)
-        self.decoder = Decoder(self.cfg)
+        self.encoder = Encoder(self.cfg, self.native_winograd)
+        self.decoder = Decoder(self.cfg, self.native_winograd)
 
     def encode(self, ecg: jax.Array, noise: jax.Array | None = None):
         """ECG `[B, L, 12]` -> (scaled latent sample, mean, log_variance), each `[B, L/8, 4]`.
@@ -234,6 +243,48 @@ def vae_loss_terms(recon: jax.Array, ecg: jax.Array, mean: jax.Array, log_varian
     reconstruction = jnp.sum(jnp.square(recon - ecg)) / ecg.shape[0]
     kl = 0.5 * (jnp.exp(log_variance) + jnp.square(mean) - 1.0 - log_variance)
     return reconstruction, jnp.mean(jnp.sum(kl, axis=-1))
+
+
+def prepare_decoder(vae: VAE, variables: dict, latent_shape: tuple[int, ...]) -> dict:
+    """`variables` plus the "prepared" collection: each fused-kernel conv's transformed, packed
+    filters (`layers.conv`), computed once per weights so decode calls only read them. Unchanged
+    for a VAE without `native_winograd`. `latent_shape` `[B, L/8, C]` (any B)."""
+    if not vae.native_winograd:
+        return variables
+    variables = {name: tree for name, tree in variables.items() if name != "prepared"}
+
+    def prepared(variables, latent):   # only the filters are returned: XLA drops the decode
+        return vae.apply(variables, latent, method=VAE.decode, mutable=["prepared"])[1]
+    return {**variables, **jax.jit(prepared)(variables, jnp.zeros(latent_shape, jnp.float32))}
+
+
+def native_decoder(vae: VAE, variables: dict, latent_shape: tuple[int, ...]) -> tuple[VAE, dict]:
+    """(VAE, variables) to decode latents `[B, L/8, C]` with: the fused Winograd kernel and its
+    prepared filters where `kernels.winograd_conv.usable` says it wins here (measured once per CPU,
+    model and batch by timing this decode both ways, then cached), else `vae` and `variables`
+    as given. Only a Winograd VAE on one CPU device at f32 is a candidate."""
+    from uniecg_jax.kernels import winograd_conv   # imports layers.conv, which this module uses
+    if vae.cfg.conv_algorithm != "winograd" or vae.native_winograd:
+        return vae, variables
+    native = vae.clone(native_winograd=True)
+    cfg = vae.cfg
+    fields = {"model": "vae_decoder", "latent": list(latent_shape), "widths": list(cfg.widths),
+              "num_res_blocks": cfg.num_res_blocks, "num_groups": cfg.num_groups,
+              "num_leads": cfg.num_leads}
+    prepared = {}
+
+    def measure() -> dict[str, float]:
+        latent = jnp.asarray(np.random.default_rng(0).standard_normal(latent_shape), jnp.float32)
+        prepared["variables"] = prepare_decoder(native, variables, latent_shape)
+        kernel, xla = (jax.jit(functools.partial(module.apply, method=VAE.decode))
+                       for module in (native, vae))
+        return winograd_conv.time_both({
+            "kernel": lambda: kernel(prepared["variables"], latent),
+            "xla": lambda: xla(variables, latent)})
+
+    if not winograd_conv.usable(cfg.dtype, fields, measure, variables):
+        return vae, variables
+    return native, prepared.get("variables") or prepare_decoder(native, variables, latent_shape)
 
 
 @functools.lru_cache(maxsize=8)
