@@ -10,8 +10,8 @@ per-call filter transforms were ~40% of the decode (stop 30's profile). winograd
 a block of tiles into a buffer that stays in L2, runs every point's product from it with the
 accumulators in registers and folds the products into the outputs at once. One conv, batch 16,
 AMD EPYC (Zen 3, AVX2, 2 shared cores), filters packed beforehand on both sides: 512 -> 512
-channels at L 256, 19.0 vs 22.4 ms for XLA's Winograd; 256 / L 512: 10.0 vs 13.2 ms; 128 / L 1024:
-6.3 vs 8.4 ms (`python bench/diffusion.py --torch` measures the whole decode).
+channels at L 256, 17.8 vs 22.4 ms for XLA's Winograd; 256 / L 512: 9.4 vs 13.2 ms; 128 / L 1024:
+5.5 vs 8.4 ms; the whole decode 517 vs 605 ms (`python bench/diffusion.py --torch`, README).
 
 `pack` transforms and lays out the filters once per weights: a module running the kernel keeps
 them in the "prepared" variable collection (`layers.conv`, `models.vae.prepare_decoder`), so a

@@ -18,6 +18,9 @@ at 512 channels, L 256: 1.8-1.9x faster than direct (F(4, 3): 1.6-1.7x; F(2, 3):
 error). Rounding: max |error| / max |output| against float64 ~5e-6 per conv at 512 channels
 (F(4, 3) ~4e-6, direct 3e-7), ~2e-5 through the whole DiffuSETS decoder. "direct" stays the
 default: it rounds as PyTorch does, so imported weights reproduce DiffuSETS to float precision.
+`native=True` runs Winograd through the fused CPU kernel (`kernels/winograd_conv.py`: transforms and
+matmuls in one pass, filters from the "prepared" collection when `models.vae.prepare_decoder` has
+stored them); the VAE decides it by measurement (`models.vae.native_decoder`).
 """
 from __future__ import annotations
 
