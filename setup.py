@@ -46,7 +46,7 @@ setup(
     version="0.1.0",
     description="UniECG in JAX/Flax: ECG interpretation and text-to-ECG generation in one model",
     packages=find_packages(include=["uniecg_jax", "uniecg_jax.*", "data_prep", "data_prep.*"]),
-    package_data={"uniecg_jax": ["assets/**/*", "kernels/*.cc"]},
+    package_data={"uniecg_jax": ["assets/**/*", "kernels/*.cc", "kernels/*.h"]},
     include_package_data=True,
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,

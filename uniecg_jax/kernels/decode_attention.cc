@@ -9,15 +9,14 @@
 // head share each read), with the (row, kv head) pairs shared among XLA's intra-op threads.
 // Built and loaded by decode_attention.py (through native.py, like small_batch_matmul.cc).
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "shared_work.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,7 +46,6 @@ struct Work {
   float* out;
   int64_t pairs, heads, groups, slots, dim, num_slots;
   float scale;
-  std::atomic<int64_t> next{0}, done{0};
 
   // (row, kv head) pair p: q/out [G, Dh] at p * G * Dh; K/V [S, Dh] at p * S * Dh.
   void Pair(int64_t p, std::vector<float>& scores) {
@@ -91,15 +89,6 @@ struct Work {
     }
   }
 
-  void Run() {
-    std::vector<float> scores;
-    for (;;) {
-      const int64_t p = next.fetch_add(1);
-      if (p >= pairs) return;
-      Pair(p, scores);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
@@ -139,13 +128,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> query,
   // Small caches stay on the calling thread (waking a helper costs more than it saves).
   const int64_t bytes = 2 * work->pairs * work->num_slots * dim * 4;
   const int64_t helpers = bytes < (1 << 18) ? 0 : std::max<int64_t>(1, pool.num_threads()) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  // Wait for the helpers' last chunks; yield the core now and then, since a helper descheduled
-  // by another busy thread (e.g. PyTorch's spinning OpenMP workers) needs it to finish.
-  for (int64_t spins = 1; work->done.load(std::memory_order_acquire) < work->pairs; ++spins) {
-    if (spins % 256 == 0) std::this_thread::yield();
-  }
+  uniecg::RunShared(pool, helpers, work->pairs, 1, [work] {
+    return [work, scores = std::vector<float>()](int64_t begin, int64_t end) mutable {
+      for (int64_t p = begin; p < end; ++p) work->Pair(p, scores);
+    };
+  });
   return ffi::Error::Success();
 }
 

@@ -94,9 +94,16 @@ def cache_dir() -> pathlib.Path:
 
 
 @functools.lru_cache(maxsize=None)
+def _source_bytes(source: pathlib.Path) -> bytes:
+    """A kernel's source and the kernels' shared headers (`*.h` beside it, e.g. shared_work.h)."""
+    return b"\0".join([source.read_bytes()] + [header.read_bytes()
+                                                for header in sorted(source.parent.glob("*.h"))])
+
+
+@functools.lru_cache(maxsize=None)
 def source_hash(source: pathlib.Path) -> str:
-    """sha256 of a kernel's source, read once per process."""
-    return hashlib.sha256(source.read_bytes()).hexdigest()
+    """sha256 of a kernel's source with the shared headers it includes, once per process."""
+    return hashlib.sha256(_source_bytes(source)).hexdigest()
 
 
 def runs_on_cpu(arrays=()) -> bool:
@@ -119,7 +126,7 @@ def build(source: pathlib.Path, cxx: str) -> pathlib.Path:
     """Compiles `source` (once per source / jax / flags / CPU) and returns the library's path."""
     flags = ["-O3", f"-march={kernel_march()}", "-std=c++17", "-shared", "-fPIC", "-w",
              f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), jax.__version__.encode(),
+    key = hashlib.sha256(b"\0".join([_source_bytes(source), jax.__version__.encode(),
                                      " ".join([cxx] + flags).encode(),
                                      cpu_signature().encode()])).hexdigest()[:16]
     cache = cache_dir()

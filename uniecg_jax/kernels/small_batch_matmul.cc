@@ -10,12 +10,11 @@
 // small_batch_matmul.py (through native.py); an XLA FFI handler with the tiles shared among XLA's
 // intra-op threads.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 
+#include "shared_work.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -88,29 +87,13 @@ using TileFn = void (*)(const float*, const float*, const float*, float*, int64_
 constexpr TileFn kTileFns[9] = {nullptr, Tile<1>, Tile<2>, Tile<3>, Tile<4>,
                                 Tile<5>, Tile<6>, Tile<7>, Tile<8>};
 
-// Work shared by the calling thread and its helpers: tiles are claimed in chunks from a counter, so
-// a helper that starts late (its thread busy elsewhere) finds nothing left and the caller never
-// waits on a task that has not started.
+// One call's operands, shared with the helper threads (shared_work.h).
 struct Work {
   TileFn fn;
   const float* x;
   const float* w;
   float* out;
-  int64_t k_dim, n_dim, tiles, chunk;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Run() {
-    for (;;) {
-      const int64_t begin = next.fetch_add(chunk);
-      if (begin >= tiles) return;
-      const int64_t end = std::min(begin + chunk, tiles);
-      for (int64_t t = begin; t < end; ++t) {
-        const float* tile = w + t * k_dim * kTile;
-        fn(x, tile, t + 1 < end ? tile + k_dim * kTile : tile, out, k_dim, n_dim, t);
-      }
-      done.fetch_add(end - begin, std::memory_order_release);
-    }
-  }
+  int64_t k_dim, n_dim;
 };
 
 ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -131,7 +114,6 @@ ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   work->out = out->typed_data();
   work->k_dim = k_dim;
   work->n_dim = n_dim;
-  work->tiles = tiles;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // ~4 chunks per thread balances uneven progress. Matrices from 256 kB are shared: inside a decode
   // loop every layer's weights come from memory, which one core streams at about half the rate two
@@ -140,14 +122,17 @@ ffi::Error SmallBatchMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // calling thread, where waking a helper costs more than it saves.
   const int64_t bytes = tiles * k_dim * kTile * 4;
   const int64_t helpers = bytes < (1 << 18) ? 0 : threads - 1;
-  work->chunk = std::max<int64_t>(1, tiles / (4 * (helpers + 1)));
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  // Wait for the helpers' last chunks; yield the core now and then, since a helper descheduled
-  // by another busy thread (e.g. PyTorch's spinning OpenMP workers) needs it to finish.
-  for (int64_t spins = 1; work->done.load(std::memory_order_acquire) < tiles; ++spins) {
-    if (spins % 256 == 0) std::this_thread::yield();
-  }
+  const int64_t chunk = std::max<int64_t>(1, tiles / (4 * (helpers + 1)));
+  uniecg::RunShared(pool, helpers, tiles, chunk, [work] {
+    return [work](int64_t begin, int64_t end) {
+      const Work& wk = *work;
+      for (int64_t t = begin; t < end; ++t) {   // the next tile of the chunk is prefetched
+        const float* tile = wk.w + t * wk.k_dim * kTile;
+        wk.fn(wk.x, tile, t + 1 < end ? tile + wk.k_dim * kTile : tile, wk.out, wk.k_dim, wk.n_dim,
+              t);
+      }
+    };
+  });
   return ffi::Error::Success();
 }
 

@@ -6,23 +6,22 @@
 //
 // for phase p < P (P = 1: a plain conv; P = 2: the two polyphase convs of a nearest-upsampled conv,
 // interleaved), tile t, output i < m, point j < n = m + r - 1. U holds the filters transformed by G
-// (G g, the Winograd filter transform) and packed as column panels [P, n, Cout/32, Cin, 32], once
-// per weights (winograd_conv.py: pack).
+// (G g, the Winograd filter transform) and packed as column panels [P, n, Cout/panel, Cin, panel]
+// (panel = 32 columns with AVX-512, 16 with AVX2), once per weights (winograd_conv.py: pack).
 //
 // Why: XLA runs the same algorithm (layers/conv.py) as separate passes over memory: the input
 // transform writes n/m times the activation, one batched matmul reads it and writes as much, the
 // output transform reads that back. At the DiffuSETS decoder's shapes those passes took ~40% of the
 // decode. Here a group of MR tiles is transformed into a 200 kB buffer (L2), every point's
-// [MR, Cin] x [Cin, 32] product runs from it with MR x 32 accumulators in registers, and is folded
+// [MR, Cin] x [Cin, panel] product runs from it with MR x panel accumulators in registers, and is folded
 // into the group's m outputs at once (winograd_conv.py has the measured figures).
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <thread>
 #include <vector>
 
+#include "shared_work.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -179,28 +178,6 @@ void Block(const Problem& pr, int64_t first, int64_t count, int64_t p, float* sp
   }
 }
 
-// Work shared by the calling thread and its helpers: (group, phase) items claimed from a counter,
-// so a helper that starts late finds nothing left and the caller never waits on an unstarted task.
-struct Work {
-  Problem pr;
-  int64_t items;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Run() {
-    std::vector<float> spectra(kBlock * pr.n * pr.cin * kRows);
-    std::vector<Vec> outs(kBlock * kRows * pr.m * kVecs);
-    const int64_t blocks = (pr.groups + kBlock - 1) / kBlock;
-    for (;;) {
-      const int64_t item = next.fetch_add(1);
-      if (item >= items) return;
-      const int64_t block = item % blocks, first = block * kBlock;
-      Block(pr, first, std::min<int64_t>(kBlock, pr.groups - first), item / blocks,
-            spectra.data(), outs.data());
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
                         ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> bt,
                         ffi::Buffer<ffi::F32> at, ffi::Span<const int64_t> pads,
@@ -213,8 +190,8 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
         "winograd_conv: expected x [B, L, Cin], u [P, n, panels, Cin, panel], y [B, P L', Cout], "
         "bt [n, n], at [m, n]");
   }
-  auto work = std::make_shared<Work>();
-  Problem& pr = work->pr;
+  auto problem = std::make_shared<Problem>();
+  Problem& pr = *problem;
   pr.batch = xd[0], pr.length = xd[1], pr.cin = xd[2];
   pr.phases = ud[0], pr.n = ud[1], pr.panels = ud[2], pr.cout = yd[2];
   pr.m = atd[0];
@@ -234,16 +211,20 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
     for (int64_t s = 0; s < pr.n; ++s) pr.bt[j][s] = bt.typed_data()[j * pr.n + s];
   for (int64_t i = 0; i < pr.m; ++i)
     for (int64_t j = 0; j < pr.n; ++j) pr.at[i][j] = at.typed_data()[i * pr.n + j];
-  work->items = (pr.groups + kBlock - 1) / kBlock * pr.phases;
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()),
-                                            work->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  // Wait for the helpers' last items; yield now and then, since a helper descheduled by another
-  // busy thread needs the core to finish.
-  for (int64_t spins = 1; work->done.load(std::memory_order_acquire) < work->items; ++spins) {
-    if (spins % 256 == 0) std::this_thread::yield();
-  }
+  // Work items: (phase, block of kBlock groups), each with its own transform buffer per thread.
+  const int64_t blocks = (pr.groups + kBlock - 1) / kBlock, items = blocks * pr.phases;
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), items) - 1;
+  uniecg::RunShared(pool, helpers, items, 1, [problem, blocks] {
+    return [problem, blocks, spectra = std::vector<float>(kBlock * problem->n * problem->cin * kRows),
+            outs = std::vector<Vec>(kBlock * kRows * problem->m * kVecs)](
+               int64_t begin, int64_t end) mutable {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t first = item % blocks * kBlock;
+        Block(*problem, first, std::min<int64_t>(kBlock, problem->groups - first), item / blocks,
+              spectra.data(), outs.data());
+      }
+    };
+  });
   return ffi::Error::Success();
 }
 
