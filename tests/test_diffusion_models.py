@@ -280,7 +280,7 @@ def test_group_norm_equals_torch(shape, groups):
     `torch.nn.GroupNorm` on channels-first input, with a non-zero mean and non-trivial affine."""
     import torch
 
-    from uniecg_jax.layers.norms import GroupNorm
+    from uniecg_jax.layers.norms import GroupNorm, channel_moments
 
     rng = np.random.default_rng(len(shape) + groups)
     x = (rng.standard_normal(shape) * 3 + rng.standard_normal(shape[-1]) * 5).astype(np.float32)
@@ -290,5 +290,16 @@ def test_group_norm_equals_torch(shape, groups):
         norm.weight.copy_(torch.tensor(scale))
         norm.bias.copy_(torch.tensor(bias))
         expected = norm(torch.tensor(np.moveaxis(x, -1, 1))).numpy()
-    got = GroupNorm(groups).apply({"params": {"scale": scale, "bias": bias}}, jnp.asarray(x))
+    variables = {"params": {"scale": scale, "bias": bias}}
+    got = GroupNorm(groups).apply(variables, jnp.asarray(x))
     np.testing.assert_allclose(np.asarray(got), np.moveaxis(expected, 1, -1), atol=2e-5)
+    # The same norm from moments a producer summed (the channels combined into their groups),
+    # and folded into per-sample channel maps for a consumer that applies it as it reads x.
+    moments = channel_moments(jnp.asarray(x))
+    from_moments = GroupNorm(groups).apply(variables, jnp.asarray(x), moments=moments)
+    np.testing.assert_allclose(np.asarray(from_moments), np.moveaxis(expected, 1, -1), atol=2e-5)
+    scale_map, shift_map = GroupNorm(groups).apply(variables, jnp.asarray(x), as_affine=True)
+    assert scale_map.shape == shift_map.shape == (shape[0], shape[-1])
+    middle = (slice(None),) + (None,) * (len(shape) - 2)
+    folded = x * np.asarray(scale_map)[middle] + np.asarray(shift_map)[middle]
+    np.testing.assert_allclose(folded, np.moveaxis(expected, 1, -1), atol=5e-5)

@@ -28,33 +28,59 @@ def reference_conv(x, kernel, bias, left, out_length):
     return bias + sum(padded[:, k:k + out_length] @ kernel[k] for k in range(width))
 
 
-# Channel counts off the vector and panel widths, one or many tiles and work items, both widths.
+def reference_moments(y):
+    """float64 per-sample channel means and summed squared deviations `[B, 2, C]`."""
+    mean = y.mean(axis=1)
+    return np.stack([mean, np.square(y - mean[:, None]).sum(axis=1)], axis=1)
+
+
+def silu64(v):
+    return v / (1.0 + np.exp(-v))
+
+
+# Channel counts off the vector and panel widths, one or many tiles and work items, both widths;
+# plain, and with the activation prologue and residual epilogue.
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("batch,length,cin,cout,width,left,right", [
     (1, 5, 3, 7, 3, 1, 1), (2, 37, 19, 40, 3, 1, 1), (3, 64, 24, 33, 3, 0, 2),
     (5, 50, 64, 48, 2, 1, 0), (4, 23, 9, 16, 2, 0, 1)])
-def test_conv_matches_float64(kernel, batch, length, cin, cout, width, left, right):
+def test_conv_matches_float64(kernel, batch, length, cin, cout, width, left, right, fused):
     rng = np.random.RandomState(0)
     x = rng.randn(batch, length, cin).astype(np.float32)
     w = (rng.randn(width, cin, cout) / np.sqrt(width * cin)).astype(np.float32)
     b = rng.randn(cout).astype(np.float32)
     out_length = length + left + right - width + 1
-    y = winograd_conv.conv(x, winograd_conv.pack([w], 6), b, [left], width, 6, out_length, cout)
-    ref = reference_conv(x, w, b, left, out_length)
-    assert y.shape == ref.shape
+    # Means well off zero: the moments must not lose them to cancellation.
+    scale, shift, residual = (rng.randn(batch, cin).astype(np.float32),
+                              (3 * rng.randn(batch, cin)).astype(np.float32),
+                              (rng.randn(batch, out_length, cout) + 20).astype(np.float32))
+    extra = dict(input_affine=(scale, shift), residual=residual) if fused else {}
+    y, moments = winograd_conv.conv(x, winograd_conv.pack([w], 6), b, [left], width, 6,
+                                    out_length, cout, **extra)
+    # Zero padding pads the activation (silu(shift) is not zero).
+    a = silu64(np.float64(x) * scale[:, None] + shift[:, None]) if fused else x
+    ref = reference_conv(a, w, b, left, out_length) + (residual if fused else 0.0)
+    assert y.shape == ref.shape and moments.shape == (batch, 2, cout)
     assert np.abs(np.asarray(y) - ref).max() <= 2e-5 * np.abs(ref).max()
+    # The moments of what was written, to f32 precision.
+    expected = reference_moments(np.float64(y))
+    np.testing.assert_allclose(moments, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
 def test_phases_are_interleaved(kernel):
-    """P = 2: output sample 2 i + p is phase p's sample i, each phase with its own filters/pad."""
+    """P = 2: output sample 2 i + p is phase p's sample i, each phase with its own filters/pad;
+    the moments are over both phases."""
     rng = np.random.RandomState(1)
     x = rng.randn(2, 30, 12).astype(np.float32)
     w0, w1 = (rng.randn(2, 12, 20).astype(np.float32) for _ in range(2))
     b = rng.randn(20).astype(np.float32)
-    y = np.asarray(winograd_conv.conv(x, winograd_conv.pack([w0, w1], 6), b, [1, 0], 2, 6, 30,
-                                      20))
+    y, moments = winograd_conv.conv(x, winograd_conv.pack([w0, w1], 6), b, [1, 0], 2, 6, 30, 20)
+    y = np.asarray(y)
     for phase, (w, left) in enumerate([(w0, 1), (w1, 0)]):
         ref = reference_conv(x, w, b, left, 30)
         assert np.abs(y[:, phase::2] - ref).max() <= 2e-5 * np.abs(ref).max()
+    expected = reference_moments(np.float64(y))
+    np.testing.assert_allclose(moments, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("layer", [Conv1d(24, 3, algorithm="winograd"),
@@ -69,6 +95,23 @@ def test_layers_run_the_kernel_with_the_same_params(kernel, layer):
     assert winograd_conv.TARGET in lowered    # the kernel runs, not XLA's Winograd
     y, y_xla = native_layer.apply(params, x), layer.apply(params, x)
     assert np.abs(np.asarray(y) - np.asarray(y_xla)).max() <= 2e-5 * np.abs(y_xla).max()
+
+
+def test_layer_prologue_and_epilogue_match_xla(kernel):
+    """Conv1d(input_affine, residual, with_moments): the kernel and XLA compute the same thing."""
+    rng = np.random.RandomState(4)
+    x = jnp.asarray(rng.randn(3, 40, 16), jnp.float32)
+    affine = tuple(jnp.asarray(rng.randn(3, 16), jnp.float32) for _ in range(2))
+    residual = jnp.asarray(rng.randn(3, 40, 24) + 5, jnp.float32)
+    layer = Conv1d(24, 3, algorithm="winograd")
+    params = layer.init(jax.random.PRNGKey(0), x)
+    call = dict(input_affine=affine, residual=residual, with_moments=True)
+    (y, moments), (y_xla, moments_xla) = (module.apply(params, x, **call)
+                                          for module in (layer.clone(native=True), layer))
+    assert np.abs(np.asarray(y) - np.asarray(y_xla)).max() <= 2e-5 * np.abs(y_xla).max()
+    np.testing.assert_allclose(moments, moments_xla, rtol=2e-5, atol=1e-4)
+    plain = layer.apply(params, x)     # the prologue and epilogue did something
+    assert not np.allclose(plain, y, atol=1e-2)
 
 
 TINY = VAEConfig(widths=(16, 32), num_res_blocks=1, num_groups=8, conv_algorithm="winograd")
@@ -93,6 +136,13 @@ def test_decoder_with_prepared_filters_matches_xla(kernel):
     for v in (prepared, variables):   # prepared filters, or packed inside the call: the same
         got = np.asarray(fused.apply(v, latent, method=VAE.decode))
         assert np.abs(got - expected).max() <= 2e-5 * np.abs(expected).max()
+    # Every norm but one takes the moments the kernel summed as it wrote its input: only the norm
+    # after the attention block (no kernel writes its input) reduces over positions itself.
+    reductions = [eqn for eqn in jax.make_jaxpr(
+        lambda v: fused.apply(v, latent, method=VAE.decode))(prepared).eqns
+        if eqn.primitive.name == "reduce_sum" and eqn.invars[0].aval.ndim == 3
+        and 1 in eqn.params["axes"]]
+    assert len(reductions) == 2           # its mean and its variance
     # The prepared filters are what the decode uses: zeroing them changes the output.
     zeroed = {**prepared, "prepared": jax.tree.map(jnp.zeros_like, prepared["prepared"])}
     assert not np.allclose(fused.apply(zeroed, latent, method=VAE.decode), expected, atol=1e-3)

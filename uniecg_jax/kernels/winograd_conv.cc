@@ -2,20 +2,27 @@
 // output transform fused per block of tiles, so the transformed input (n/m times the activation)
 // and the n point products never leave the core's caches.
 //
-//   y[b, (t m + i) P + p, o] = bias[o] + sum_j AT[i, j] sum_c U[p, j, c, o] sum_s BT[j, s] x[b, t m + s - pad_p, c]
+//   y[b, (t m + i) P + p, o] = bias[o] + res[b, (t m + i) P + p, o]
+//                              + sum_j AT[i, j] sum_c U[p, j, c, o] sum_s BT[j, s] a[b, t m + s - pad_p, c]
 //
 // for phase p < P (P = 1: a plain conv; P = 2: the two polyphase convs of a nearest-upsampled conv,
 // interleaved), tile t, output i < m, point j < n = m + r - 1. U holds the filters transformed by G
 // (G g, the Winograd filter transform) and packed as column panels [P, n, Cout/panel, Cin, panel]
 // (panel = 32 columns with AVX-512, 16 with AVX2), once per weights (winograd_conv.py: pack).
+// A residual block's neighbours ride along, so none of them makes a pass over memory of its own:
+// - prologue: a = x, or a = silu(x * scale[b] + shift[b]) (a GroupNorm folded into per-sample
+//   channel maps, then SiLU), applied as x is read; the zero padding pads a, not x;
+// - epilogue: the residual res (or nothing) added as y is written, and y's moments per sample and
+//   channel (mean, summed squared deviations; from f64 sums) for the GroupNorm that reads y next.
 //
 // Why: XLA runs the same algorithm (layers/conv.py) as separate passes over memory: the input
 // transform writes n/m times the activation, one batched matmul reads it and writes as much, the
 // output transform reads that back. At the DiffuSETS decoder's shapes those passes took ~40% of the
 // decode. Here a group of MR tiles is transformed into a 200 kB buffer (L2), every point's
-// [MR, Cin] x [Cin, panel] product runs from it with MR x panel accumulators in registers, and is folded
-// into the group's m outputs at once (winograd_conv.py has the measured figures).
+// [MR, Cin] x [Cin, panel] product runs from it with MR x panel accumulators in registers, and is
+// folded into the group's m outputs at once (winograd_conv.py has the measured figures).
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -44,33 +51,81 @@ constexpr int kLanes = sizeof(Vec) / sizeof(float);
 constexpr int kVecs = 2;                     // accumulator vectors per row
 constexpr int64_t kPanel = kVecs * kLanes;   // output columns per packed filter panel
 
+typedef int32_t VecInt __attribute__((vector_size(sizeof(Vec))));
+typedef double VecDouble __attribute__((vector_size(2 * sizeof(Vec))));   // kLanes doubles
+
 template <typename V>
 inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof(v)); return v; }
 template <typename V>
 inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 
+// exp(v) lane by lane: v = k ln2 + f with |f| <= ln2 / 2, exp(f) by Cephes expf's polynomial
+// (~1 ulp), times 2^k built in the exponent bits. v is clamped to [-87, 88] (2^k stays a normal
+// float); below that exp is < 2e-38 and SiLU's result is 0 to f32 precision anyway.
+inline Vec Exp(Vec v) {
+  v = v < -87.f ? Vec{} - 87.f : v;
+  v = v > 88.f ? Vec{} + 88.f : v;
+  const Vec k = (v * 1.44269504088896341f + 12582912.f) - 12582912.f;   // round to nearest
+  const Vec f = (v - k * 0.693359375f) + k * 2.12194440e-4f;             // Cody-Waite ln2
+  Vec p = 1.9875691500e-4f * f + 1.3981999507e-3f;
+  p = p * f + 8.3334519073e-3f;
+  p = p * f + 4.1665795894e-2f;
+  p = p * f + 1.6666665459e-1f;
+  p = p * f + 5.0000001201e-1f;
+  p = p * (f * f) + f + 1.f;
+  const VecInt bits = (__builtin_convertvector(k, VecInt) + 127) << 23;
+  return p * reinterpret_cast<const Vec&>(bits);
+}
+
+// silu(v) = v / (1 + exp(-v)), lane by lane.
+inline Vec Silu(Vec v) { return v / (1.f + Exp(-v)); }
+
+inline float SiluScalar(float v) {
+  Vec lanes = Vec{} + v;
+  return Silu(lanes)[0];
+}
+
 struct Problem {
   const float* x;      // [B, L, Cin]
   const float* u;      // [P, n, panels, Cin, kPanel]
   const float* bias;   // [Cout]
+  const float* scale;  // [B, Cin] or null: the input is silu(x * scale[b] + shift[b])
+  const float* shift;  // [B, Cin]
+  const float* residual;  // [B, P * out_length, Cout] or null: added to the output
   float bt[kMaxN][kMaxN];  // [n, n]
   float at[kMaxN][kMaxN];  // [m, n]
   std::vector<int64_t> pads;  // [P] zeros before each phase's input
   float* y;            // [B, P * out_length, Cout]
+  // Per participating thread, its f64 sums [B, 2, Cout] (`used` once it has claimed work).
+  std::vector<double> thread_sums;
+  std::unique_ptr<std::atomic<bool>[]> used;
+  std::atomic<int64_t> next_thread{0};
   int64_t batch, length, cin, cout, phases, m, n, out_length, tiles, panels, groups;
 };
 
+// a[c] = silu(x[c] * scale[c] + shift[c]) for c < cin: independent lanes, so it runs at the
+// vector units' throughput (~9 cycles per 8 lanes on Zen 3), not at Exp's latency.
+void Activate(const float* x, const float* scale, const float* shift, int64_t cin, float* a) {
+  int64_t c = 0;
+  for (; c + kLanes <= cin; c += kLanes)
+    Store(a + c, Silu(Load<Vec>(x + c) * Load<Vec>(scale + c) + Load<Vec>(shift + c)));
+  for (; c < cin; ++c) a[c] = SiluScalar(x[c] * scale[c] + shift[c]);
+}
+
 // The input transform of group `group`'s kRows tiles of phase p into spectra [n, Cin, kRows] (rows
-// past the last tile are zero): spectra[j, c, q] = sum_s BT[j, s] x[b, t m + s - pad, c], zero
-// outside [0, L). Channel-major, so the point products read one stream.
-void InputTransform(const Problem& pr, int64_t group, int64_t p, float* spectra) {
-  const int64_t n = pr.n, cin = pr.cin, rows_total = pr.batch * pr.tiles;
+// past the last tile are zero): spectra[j, c, q] = sum_s BT[j, s] a[b, t m + s - pad, c], zero
+// outside [0, L). Channel-major, so the point products read one stream. With an activation, a row's
+// inputs are activated into `activated` [2, n, Cin] (alternating halves, ~L1-sized) first, each
+// input once: a row that continues the previous one (same sample, next tile) points its first
+// n - m inputs at that row's last.
+void InputTransform(const Problem& pr, int64_t group, int64_t p, float* spectra, float* activated) {
+  const int64_t n = pr.n, m = pr.m, cin = pr.cin, rows_total = pr.batch * pr.tiles;
   for (int q = 0; q < kRows; ++q) {
-    const int64_t row = group * kRows + q;
+    const int64_t row = group * kRows + q, b = row / pr.tiles;
     const float* in[kMaxN];
     bool any = false;
     if (row < rows_total) {
-      const int64_t b = row / pr.tiles, start = (row % pr.tiles) * pr.m - pr.pads[p];
+      const int64_t start = (row % pr.tiles) * m - pr.pads[p];
       for (int64_t s = 0; s < n; ++s) {
         const int64_t pos = start + s;
         in[s] = (pos >= 0 && pos < pr.length) ? pr.x + (b * pr.length + pos) * cin : nullptr;
@@ -81,6 +136,18 @@ void InputTransform(const Problem& pr, int64_t group, int64_t p, float* spectra)
       for (int64_t j = 0; j < n; ++j)
         for (int64_t c = 0; c < cin; ++c) spectra[(j * cin + c) * kRows + q] = 0.f;
       continue;
+    }
+    if (pr.scale) {   // zero padding (null) stays zero: it pads the activation, not x
+      const bool follows = q > 0 && row % pr.tiles != 0;
+      for (int64_t s = 0; s < n; ++s) {
+        float* a = activated + ((q % 2) * n + s) * cin;
+        if (follows && s < n - m) {
+          in[s] = in[s] ? activated + (((q + 1) % 2) * n + s + m) * cin : nullptr;
+        } else if (in[s]) {
+          Activate(in[s], pr.scale + b * cin, pr.shift + b * cin, cin, a);
+          in[s] = a;
+        }
+      }
     }
     int64_t c = 0;
     for (; c + kLanes <= cin; c += kLanes) {
@@ -126,11 +193,14 @@ inline void PointProduct(const float* spectra_j, const float* panel, int64_t cin
 
 // Groups [first, first + count) of phase p: transform each, then per filter panel every point's
 // products for every group (the panel stays in cache across the block), folded into the m outputs
-// and written (with bias) where they fall inside the output.
-void Block(const Problem& pr, int64_t first, int64_t count, int64_t p, float* spectra, Vec* outs) {
+// and written (with bias and residual) where they fall inside the output; each output is added to
+// moment_sums [B, 2, Cout] (sum, sum of squares per sample and channel).
+void Block(const Problem& pr, int64_t first, int64_t count, int64_t p, float* spectra, Vec* outs,
+           float* activated, double* moment_sums) {
   const int64_t n = pr.n, m = pr.m, cin = pr.cin, rows_total = pr.batch * pr.tiles;
   const int64_t out_rows = pr.phases * pr.out_length, group_size = n * cin * kRows;
-  for (int64_t g = 0; g < count; ++g) InputTransform(pr, first + g, p, spectra + g * group_size);
+  for (int64_t g = 0; g < count; ++g)
+    InputTransform(pr, first + g, p, spectra + g * group_size, activated);
   // outs[g, q, i, v]: the block's outputs for one panel
   auto out = [&](int64_t g, int q, int64_t i, int v) -> Vec& {
     return outs[((g * kRows + q) * m + i) * kVecs + v];
@@ -158,30 +228,57 @@ void Block(const Problem& pr, int64_t first, int64_t count, int64_t p, float* sp
         }
       }
     }
+    // Write (plus the residual) and sum each sample's outputs and their squares per channel in
+    // f64 (exact squares, so the deviations computed from them keep f32 precision even where the
+    // mean is far from zero): in registers over the block's run of rows of one sample, then into
+    // this thread's sums.
+    VecDouble sum[kVecs] = {}, squares[kVecs] = {};
+    int64_t summed = -1;   // the sample in sum / squares
+    auto flush = [&] {
+      if (summed < 0) return;
+      double lanes[2][kPanel];
+      for (int v = 0; v < kVecs; ++v) {
+        std::memcpy(lanes[0] + v * kLanes, &sum[v], sizeof(VecDouble));
+        std::memcpy(lanes[1] + v * kLanes, &squares[v], sizeof(VecDouble));
+        sum[v] = squares[v] = VecDouble{};
+      }
+      double* sums = moment_sums + summed * 2 * pr.cout + col;
+      for (int64_t k = 0; k < width; ++k) sums[k] += lanes[0][k], sums[pr.cout + k] += lanes[1][k];
+    };
     for (int64_t g = 0; g < count; ++g) {
       for (int q = 0; q < kRows; ++q) {
         const int64_t row = (first + g) * kRows + q;
         if (row >= rows_total) break;
         const int64_t b = row / pr.tiles, t = row % pr.tiles;
+        if (b != summed) flush(), summed = b;
         for (int64_t i = 0; i < m && t * m + i < pr.out_length; ++i) {
-          float* dst = pr.y + (b * out_rows + (t * m + i) * pr.phases + p) * pr.cout + col;
-          if (width == kPanel) {
-            for (int v = 0; v < kVecs; ++v) Store(dst + v * kLanes, out(g, q, i, v));
-          } else {
-            float row_out[kPanel];
-            for (int v = 0; v < kVecs; ++v) Store(row_out + v * kLanes, out(g, q, i, v));
-            std::memcpy(dst, row_out, width * 4);
+          const int64_t at = (b * out_rows + (t * m + i) * pr.phases + p) * pr.cout + col;
+          const float* residual = pr.residual ? pr.residual + at : nullptr;
+          float row_out[kPanel] = {};   // a partial panel goes through here (zeros past width)
+          const bool whole = width == kPanel;
+          if (residual && !whole) std::memcpy(row_out, residual, width * 4);
+          float* dst = whole ? pr.y + at : row_out;
+          for (int v = 0; v < kVecs; ++v) {
+            Vec value = out(g, q, i, v);
+            if (residual) value += Load<Vec>((whole ? residual : row_out) + v * kLanes);
+            const VecDouble wide = __builtin_convertvector(value, VecDouble);
+            sum[v] += wide, squares[v] += wide * wide;
+            Store(dst + v * kLanes, value);
           }
+          if (!whole) std::memcpy(pr.y + at, row_out, width * 4);
         }
       }
     }
+    flush();
   }
 }
 
 ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
-                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> bt,
-                        ffi::Buffer<ffi::F32> at, ffi::Span<const int64_t> pads,
-                        ffi::ResultBuffer<ffi::F32> y) {
+                        ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> scale,
+                        ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> residual,
+                        ffi::Buffer<ffi::F32> bt, ffi::Buffer<ffi::F32> at,
+                        ffi::Span<const int64_t> pads, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::F32> moments) {
   const auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
   const auto btd = bt.dimensions(), atd = at.dimensions();
   if (xd.size() != 3 || ud.size() != 5 || yd.size() != 3 || btd.size() != 2 || atd.size() != 2 ||
@@ -201,6 +298,25 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       static_cast<int64_t>(pads.size()) != pr.phases) {
     return ffi::Error::InvalidArgument("winograd_conv: shapes disagree");
   }
+  const auto sd = scale.dimensions(), hd = shift.dimensions();
+  const bool affine = scale.element_count() > 0;
+  if (affine ? (sd.size() != 2 || sd[0] != pr.batch || sd[1] != pr.cin ||
+                hd.size() != 2 || hd[0] != pr.batch || hd[1] != pr.cin)
+             : shift.element_count() != 0) {
+    return ffi::Error::InvalidArgument(
+        "winograd_conv: scale and shift must both be [B, Cin], or both empty");
+  }
+  pr.scale = affine ? scale.typed_data() : nullptr;
+  pr.shift = affine ? shift.typed_data() : nullptr;
+  const auto rd = residual.dimensions(), md = moments->dimensions();
+  if (residual.element_count() > 0 &&
+      (rd.size() != 3 || rd[0] != yd[0] || rd[1] != yd[1] || rd[2] != yd[2])) {
+    return ffi::Error::InvalidArgument("winograd_conv: residual must be [B, P L', Cout] or empty");
+  }
+  if (md.size() != 3 || md[0] != pr.batch || md[1] != 2 || md[2] != pr.cout) {
+    return ffi::Error::InvalidArgument("winograd_conv: moments must be [B, 2, Cout]");
+  }
+  pr.residual = residual.element_count() > 0 ? residual.typed_data() : nullptr;
   pr.out_length = yd[1] / pr.phases;
   pr.tiles = (pr.out_length + pr.m - 1) / pr.m;
   pr.groups = (pr.batch * pr.tiles + kRows - 1) / kRows;
@@ -214,17 +330,44 @@ ffi::Error WinogradConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   // Work items: (phase, block of kBlock groups), each with its own transform buffer per thread.
   const int64_t blocks = (pr.groups + kBlock - 1) / kBlock, items = blocks * pr.phases;
   const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), items) - 1;
-  uniecg::RunShared(pool, helpers, items, 1, [problem, blocks] {
-    return [problem, blocks, spectra = std::vector<float>(kBlock * problem->n * problem->cin * kRows),
-            outs = std::vector<Vec>(kBlock * kRows * problem->m * kVecs)](
+  const int64_t sums_size = pr.batch * 2 * pr.cout;
+  pr.thread_sums.resize((helpers + 1) * sums_size);   // zeroed by the thread that uses it
+  pr.used.reset(new std::atomic<bool>[helpers + 1]);
+  for (int64_t k = 0; k <= helpers; ++k) pr.used[k] = false;
+  uniecg::RunShared(pool, helpers, items, 1, [problem, blocks, sums_size] {
+    const int64_t thread = problem->next_thread++;
+    return [problem, blocks, thread, sums_size,
+            spectra = std::vector<float>(kBlock * problem->n * problem->cin * kRows),
+            outs = std::vector<Vec>(kBlock * kRows * problem->m * kVecs),
+            activated = std::vector<float>(problem->scale ? 2 * problem->n * problem->cin : 0)](
                int64_t begin, int64_t end) mutable {
+      double* sums = problem->thread_sums.data() + thread * sums_size;
+      if (!problem->used[thread]) {
+        std::fill(sums, sums + sums_size, 0.0);
+        problem->used[thread] = true;
+      }
       for (int64_t item = begin; item < end; ++item) {
         const int64_t first = item % blocks * kBlock;
         Block(*problem, first, std::min<int64_t>(kBlock, problem->groups - first), item / blocks,
-              spectra.data(), outs.data());
+              spectra.data(), outs.data(), activated.data(), sums);
       }
     };
   });
+  // moments[b, 0, o]: the mean over positions; moments[b, 1, o]: the squared deviations from it,
+  // summed (f64 sums, so the difference loses nothing that matters in f32).
+  const double count = static_cast<double>(yd[1]);
+  float* out = moments->typed_data();
+  for (int64_t k = 0; k < pr.batch * pr.cout; ++k) {
+    const int64_t b = k / pr.cout, o = k % pr.cout;
+    double sum = 0.0, squares = 0.0;
+    for (int64_t thread = 0; thread <= helpers; ++thread) {
+      if (!pr.used[thread]) continue;
+      const double* sums = pr.thread_sums.data() + thread * sums_size + b * 2 * pr.cout;
+      sum += sums[o], squares += sums[pr.cout + o];
+    }
+    out[(b * 2) * pr.cout + o] = static_cast<float>(sum / count);
+    out[(b * 2 + 1) * pr.cout + o] = static_cast<float>(std::max(0.0, squares - sum * sum / count));
+  }
   return ffi::Error::Success();
 }
 
@@ -241,5 +384,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(UniecgWinogradConv, WinogradConv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int64_t>>("pads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -2,7 +2,8 @@
 
     if winograd_conv.load():                                   # compiles once per machine
         filters = winograd_conv.pack([kernel], m=6)            # [r, C_in, C_out] -> panels, once
-        y = winograd_conv.conv(x, filters, bias, pads=[1], width=3, m=6, out_length=L)
+        y, moments = winograd_conv.conv(x, filters, bias, pads=[1], width=3, m=6,
+                                        out_length=L, channels_out=C)
 
 Why: `layers.conv` runs Winograd F(6, r) in XLA as separate passes over memory (input transform,
 one batched matmul, output transform), and at the DiffuSETS decoder's shapes those passes and the
@@ -82,19 +83,31 @@ def pack(kernels: Sequence[jax.Array], m: int) -> jax.Array:
 
 
 def conv(x: jax.Array, filters: jax.Array, bias: jax.Array, pads: Sequence[int], width: int,
-         m: int, out_length: int, channels_out: int) -> jax.Array:
-    """`[B, L, C_in]` -> `[B, P * out_length, C_out]` f32: for each phase p the stride-1 conv of x
-    zero-padded by `pads[p]` on the left (and as needed on the right) with that phase's packed
-    filters, plus `bias`; the P phases interleaved sample by sample (P = 1: a plain conv; P = 2: a
-    nearest-upsampled conv computed polyphase). Requires `load()`."""
+         m: int, out_length: int, channels_out: int,
+         input_affine: tuple[jax.Array, jax.Array] | None = None,
+         residual: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`[B, L, C_in]` -> (y `[B, P * out_length, C_out]`, moments `[B, 2, C_out]`) f32.
+
+    y: for each phase p the stride-1 conv of a = x (or a = silu(x * scale + shift) for
+    `input_affine` = (scale, shift), each `[B, C_in]`) zero-padded by `pads[p]` on the left (and as
+    needed on the right) with that phase's packed filters, plus `bias` (and `residual`, shaped like
+    y); the P phases interleaved sample by sample (P = 1: a plain conv; P = 2: a nearest-upsampled
+    conv computed polyphase). moments: y's per-sample channel means and summed squared deviations
+    (`layers.norms.channel_moments`), summed in f64 as y is written. Requires `load()`.
+    """
     phases = filters.shape[0]
     if len(pads) != phases:
         raise ValueError(f"winograd_conv: {len(pads)} pads for {phases} phases")
     transform_at, _, transform_bt = (np.asarray(t, np.float32)
                                      for t in winograd_transforms(m, width))
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(
-        (x.shape[0], phases * out_length, channels_out), jnp.float32))
-    return call(x.astype(jnp.float32), filters, bias.astype(jnp.float32),
+    empty = jnp.zeros((0, 0), jnp.float32)   # an empty operand: not applied
+    scale, shift = (part.astype(jnp.float32) for part in input_affine or (empty, empty))
+    batch = x.shape[0]
+    call = jax.ffi.ffi_call(TARGET, (
+        jax.ShapeDtypeStruct((batch, phases * out_length, channels_out), jnp.float32),
+        jax.ShapeDtypeStruct((batch, 2, channels_out), jnp.float32)))
+    return call(x.astype(jnp.float32), filters, bias.astype(jnp.float32), scale, shift,
+                empty[None] if residual is None else residual.astype(jnp.float32),
                 jnp.asarray(transform_bt), jnp.asarray(transform_at),
                 pads=np.asarray(pads, np.int64))
 

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uniecg_jax.layers.norms import channel_moments
+
 DType = Any
 
 
@@ -166,10 +168,12 @@ def _prepared_filters(module: nn.Module, kernels: list[jax.Array], m: int) -> ja
 
 
 def _native_winograd(module: nn.Module, x, kernels: list[jax.Array], pads: list[int], bias,
-                     out_length: int) -> jax.Array | None:
-    """The phases' stride-1 convs by the fused CPU kernel (`kernels.winograd_conv`), interleaved;
-    None where it does not apply (not `module.native`, not Winograd, not f32, or the phases'
-    filter widths differ or have no tile)."""
+                     out_length: int, input_affine=None, residual=None
+                     ) -> tuple[jax.Array, jax.Array] | None:
+    """(y, y's `channel_moments`): the phases' stride-1 convs (of silu(x * scale + shift) for
+    `input_affine`, plus `residual`) by the fused CPU kernel (`kernels.winograd_conv`),
+    interleaved; None where it does not apply (not `module.native`, not Winograd, not f32, or the
+    phases' filter widths differ or have no tile)."""
     widths = {kernel.shape[0] for kernel in kernels}
     if not (module.native and module.algorithm == "winograd" and len(widths) == 1
             and widths <= set(WINOGRAD_TILE) and jnp.dtype(module.dtype) == jnp.float32):
@@ -178,7 +182,23 @@ def _native_winograd(module: nn.Module, x, kernels: list[jax.Array], pads: list[
     width = widths.pop()
     m = WINOGRAD_TILE[width]
     filters = _prepared_filters(module, kernels, m)
-    return winograd_conv.conv(x, filters, bias, pads, width, m, out_length, kernels[0].shape[2])
+    return winograd_conv.conv(x, filters, bias, pads, width, m, out_length, kernels[0].shape[2],
+                              input_affine, residual)
+
+
+def activate(x: jax.Array, input_affine: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """silu(x * scale + shift) in f32, cast back: `input_affine` = (scale, shift) `[B, C]` per
+    sample and channel (a norm folded by `GroupNorm(as_affine=True)`)."""
+    scale, shift = input_affine
+    return nn.silu(x.astype(jnp.float32) * scale[:, None] + shift[:, None]).astype(x.dtype)
+
+
+def _epilogue(y: jax.Array, residual: jax.Array | None, with_moments: bool):
+    """y (+ residual), and its `channel_moments` when asked: the XLA side of what the fused kernel
+    does as it writes its output."""
+    if residual is not None:
+        y = y + residual.astype(y.dtype)
+    return (y, channel_moments(y)) if with_moments else y
 
 
 def _stride1_conv(x, kernel, bias, padding, dtype, algorithm: str):
@@ -197,7 +217,11 @@ class Conv1d(nn.Module):
     `padding` is `(left, right)` zeros; `None` means "same" for odd widths at stride 1 (torch
     `padding="same"` / `padding=(k-1)//2`). `algorithm` ("direct" | "winograd") applies at stride 1;
     `native` runs Winograd through the fused CPU kernel (`kernels.winograd_conv`; the caller checks
-    that it loads and wins here).
+    that it loads and wins here). `input_affine=(scale, shift)` (`[B, C_in]` each) convolves
+    silu(x * scale + shift) instead of x (zero-padded after the activation, as torch pads its
+    input); `residual` (shaped like the output) is added; `with_moments=True` returns
+    `(y, channel_moments(y))`. The fused kernel does all three as it reads x and writes y, so none
+    makes a pass over memory of its own (a residual block's norm -> SiLU -> conv, + input).
     """
     features: int
     kernel_size: int
@@ -209,18 +233,25 @@ class Conv1d(nn.Module):
     native: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, input_affine: tuple[jax.Array, jax.Array] | None = None,
+                 residual: jax.Array | None = None, with_moments: bool = False):
         kernel, bias = _conv_params(self, self.kernel_size, x.shape[-1], self.features)
         padding = self.padding
         if padding is None:
             padding = ((self.kernel_size - 1) // 2, self.kernel_size // 2)
         if self.stride == 1:
             out_length = x.shape[1] + padding[0] + padding[1] - self.kernel_size + 1
-            y = _native_winograd(self, x, [kernel], [padding[0]], bias, out_length)
-            if y is not None:
-                return y
-            return _stride1_conv(x, kernel, bias, padding, self.dtype, self.algorithm)
-        return _conv(x, kernel, self.stride, padding, 1, self.dtype) + bias.astype(self.dtype)
+            fused = _native_winograd(self, x, [kernel], [padding[0]], bias, out_length,
+                                     input_affine, residual)
+            if fused is not None:
+                return fused if with_moments else fused[0]
+        if input_affine is not None:
+            x = activate(x, input_affine)
+        if self.stride == 1:
+            y = _stride1_conv(x, kernel, bias, padding, self.dtype, self.algorithm)
+        else:
+            y = _conv(x, kernel, self.stride, padding, 1, self.dtype) + bias.astype(self.dtype)
+        return _epilogue(y, residual, with_moments)
 
 
 class ConvTranspose1d(nn.Module):
@@ -272,7 +303,8 @@ class UpsampledConv1d(nn.Module):
     taps that read the same repeated sample summed (for width 3, factor 2: two 2-tap convolutions,
     2/3 of the multiply-adds of convolving the upsampled signal). Equal up to float rounding.
     `algorithm` ("direct" | "winograd") computes the phases; `native` runs Winograd through the fused
-    CPU kernel, all phases in one call that writes them interleaved.
+    CPU kernel, all phases in one call that writes them interleaved. `with_moments=True` returns
+    `(y, channel_moments(y))` (as `Conv1d`).
     """
     features: int
     kernel_size: int
@@ -283,14 +315,15 @@ class UpsampledConv1d(nn.Module):
     native: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, with_moments: bool = False):
         kernel, bias = _conv_params(self, self.kernel_size, x.shape[-1], self.features)
         polyphase = _polyphase_kernels(kernel, self.factor)
-        y = _native_winograd(self, x, [taps for taps, _ in polyphase],
-                             [padding[0] for _, padding in polyphase], bias, x.shape[1])
-        if y is not None:
-            return y
+        fused = _native_winograd(self, x, [taps for taps, _ in polyphase],
+                                 [padding[0] for _, padding in polyphase], bias, x.shape[1])
+        if fused is not None:
+            return fused if with_moments else fused[0]
         phases = [_stride1_conv(x, taps, bias, padding, self.dtype, self.algorithm)
                   for taps, padding in polyphase]
         batch, length, features = phases[0].shape
-        return jnp.stack(phases, axis=2).reshape(batch, self.factor * length, features)
+        y = jnp.stack(phases, axis=2).reshape(batch, self.factor * length, features)
+        return _epilogue(y, None, with_moments)

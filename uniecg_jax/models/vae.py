@@ -111,22 +111,36 @@ def decoder_plan(cfg: VAEConfig) -> list[PlanStep]:
 
 
 class ResidualBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> conv3, plus (1x1-projected) input."""
+    """GroupNorm -> SiLU -> conv3 -> GroupNorm -> SiLU -> conv3, plus (1x1-projected) input.
+
+    `__call__(x, moments) -> (y, y's moments or None)`. With `native_winograd` each conv runs the
+    fused kernel with its norm (folded into per-sample channel scales and shifts) and SiLU applied
+    as it reads its input, the residual added as it writes, and its output's `channel_moments`
+    summed on the way, which the next norm takes instead of reading the tensor again: x's from
+    the layer before (`moments`, None: computed here), y's for the layer after.
+    """
     cfg: VAEConfig
     out_channels: int
     native_winograd: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, moments: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array | None]:
         kw = dict(dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype)
         conv_kw = dict(kw, algorithm=self.cfg.conv_algorithm, native=self.native_winograd)
-        h = Conv1d(self.out_channels, 3, name="conv1", **conv_kw)(
-            nn.silu(GroupNorm(self.cfg.num_groups, name="norm1", **kw)(x)))
-        h = Conv1d(self.out_channels, 3, name="conv2", **conv_kw)(
-            nn.silu(GroupNorm(self.cfg.num_groups, name="norm2", **kw)(h)))
+        norms = [GroupNorm(self.cfg.num_groups, name=f"norm{i}", **kw) for i in (1, 2)]
+        convs = [Conv1d(self.out_channels, 3, name=f"conv{i}", **conv_kw) for i in (1, 2)]
+        residual = x
         if x.shape[-1] != self.out_channels:
-            x = Conv1d(self.out_channels, 1, name="skip", **conv_kw)(x)
-        return constrain(h + x)
+            residual = Conv1d(self.out_channels, 1, name="skip", **conv_kw)(x)
+        if not self.native_winograd:
+            h = convs[0](nn.silu(norms[0](x)))
+            return constrain(convs[1](nn.silu(norms[1](h))) + residual), None
+        h, moments = convs[0](x, input_affine=norms[0](x, as_affine=True, moments=moments),
+                              with_moments=True)
+        y, moments = convs[1](h, input_affine=norms[1](h, as_affine=True, moments=moments),
+                              residual=residual, with_moments=True)
+        return constrain(y), moments
 
 
 class AttentionBlock(nn.Module):
@@ -151,28 +165,36 @@ def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Arra
     cfg = module.cfg
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     conv_kw = dict(kw, algorithm=cfg.conv_algorithm, native=module.native_winograd)
+    moments = None   # x's `channel_moments` where the fused kernel summed them as it wrote x
     for index, step in enumerate(plan):
         previous = plan[index - 1].kind if index else None
+        # A fused-kernel conv hands a following norm its output's moments (free as it writes).
+        hand_on = dict(with_moments=True) if (
+            module.native_winograd and index + 1 < len(plan)
+            and plan[index + 1].kind in ("res", "norm")) else {}
         if step.kind == "conv" and previous == "up":
             # "up" + conv: the conv of the repeated signal, at the input rate (1.5x fewer MACs).
-            x = UpsampledConv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(x)
+            x = UpsampledConv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(
+                x, **hand_on)
         elif step.kind == "conv":
-            x = Conv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(x)
+            x = Conv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(x, **hand_on)
         elif step.kind == "down":  # pad right by one, then stride-2 width-3 valid conv: L -> L/2
             x = Conv1d(step.out_channels, 3, stride=2, padding=(0, 1), name=step.name, **kw)(x)
         elif step.kind == "up":
             if index + 1 == len(plan) or plan[index + 1].kind != "conv":  # else done by the conv
                 x = jnp.repeat(x, 2, axis=1)
         elif step.kind == "res":
-            x = ResidualBlock(cfg, step.out_channels, module.native_winograd, name=step.name)(x)
+            x = ResidualBlock(cfg, step.out_channels, module.native_winograd, name=step.name)(
+                x, moments)
         elif step.kind == "attn":
             x = AttentionBlock(cfg, name=step.name)(x)
         elif step.kind == "norm":
-            x = GroupNorm(cfg.num_groups, name=step.name, **kw)(x)
+            x = GroupNorm(cfg.num_groups, name=step.name, **kw)(x, moments=moments)
         elif step.kind == "silu":
             x = nn.silu(x)
         else:
             raise ValueError(f"unknown VAE plan step {step}")
+        x, moments = x if isinstance(x, tuple) else (x, None)
     return x
 
 
