@@ -62,9 +62,10 @@ def test_conv_matches_float64(kernel, batch, length, cin, cout, width, left, rig
     ref = reference_conv(a, w, b, left, out_length) + (residual if fused else 0.0)
     assert y.shape == ref.shape and moments.shape == (batch, 2, cout)
     assert np.abs(np.asarray(y) - ref).max() <= 2e-5 * np.abs(ref).max()
-    # The moments of what was written, to f32 precision.
+    # The moments of what was written, to f32 summation precision: the means sit 20 standard
+    # deviations off zero, where sums of squares taken unshifted in f32 lose ~400x more.
     expected = reference_moments(np.float64(y))
-    np.testing.assert_allclose(moments, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(moments, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def test_phases_are_interleaved(kernel):
@@ -80,7 +81,7 @@ def test_phases_are_interleaved(kernel):
         ref = reference_conv(x, w, b, left, 30)
         assert np.abs(y[:, phase::2] - ref).max() <= 2e-5 * np.abs(ref).max()
     expected = reference_moments(np.float64(y))
-    np.testing.assert_allclose(moments, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(moments, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("layer", [Conv1d(24, 3, algorithm="winograd"),
