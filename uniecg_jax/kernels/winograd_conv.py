@@ -9,10 +9,18 @@ Why: `layers.conv` runs Winograd F(6, r) in XLA as separate passes over memory (
 one batched matmul, output transform), and at the DiffuSETS decoder's shapes those passes and the
 per-call filter transforms were ~40% of the decode (stop 30's profile). winograd_conv.cc transforms
 a block of tiles into a buffer that stays in L2, runs every point's product from it with the
-accumulators in registers and folds the products into the outputs at once. One conv, batch 16,
-AMD EPYC (Zen 3, AVX2, 2 shared cores), filters packed beforehand on both sides: 512 -> 512
-channels at L 256, 17.8 vs 22.4 ms for XLA's Winograd; 256 / L 512: 9.4 vs 13.2 ms; 128 / L 1024:
-5.5 vs 8.4 ms; the whole decode 517 vs 605 ms (`python bench/diffusion.py --torch`, README).
+accumulators in registers and folds the products into the outputs at once.
+
+A residual block's neighbours ride along (`input_affine`, `residual`, the moments): its GroupNorm,
+folded into per-sample channel scales and shifts, and SiLU are applied as x is read; the residual
+is added and the output's per-channel moments are summed as y is written, so the next GroupNorm
+reads no tensor for its statistics. In XLA each of those is a pass over memory of its own.
+
+One conv with all of that, batch 16, AMD EPYC (Zen 3, AVX2, 2 shared cores), filters packed
+beforehand, against XLA's Winograd with the same activation, residual and moments, one run
+(stop 32): 512 channels at L 256, 19.3 vs 20.9 ms; 256 / L 512: 10.2 vs 13.7 ms; 128 / L 1024:
+6.3 vs 9.0 ms. The whole DiffuSETS decode: 465-487 ms against 585-646 ms for XLA's Winograd and
+1011-1020 ms for DiffuSETS's PyTorch (`python bench/diffusion.py --torch`, README).
 
 `pack` transforms and lays out the filters once per weights: a module running the kernel keeps
 them in the "prepared" variable collection (`layers.conv`, `models.vae.prepare_decoder`), so a

@@ -20,7 +20,9 @@ error). Rounding: max |error| / max |output| against float64 ~5e-6 per conv at 5
 default: it rounds as PyTorch does, so imported weights reproduce DiffuSETS to float precision.
 `native=True` runs Winograd through the fused CPU kernel (`kernels/winograd_conv.py`: transforms and
 matmuls in one pass, filters from the "prepared" collection when `models.vae.prepare_decoder` has
-stored them); the VAE decides it by measurement (`models.vae.native_decoder`).
+stored them); the VAE decides it by measurement (`models.vae.native_decoder`). `Conv1d`'s
+`input_affine` / `residual` / `with_moments` (a norm + SiLU before, a residual and the output's
+`channel_moments` after) mean the same either way; the kernel does them as it reads and writes.
 """
 from __future__ import annotations
 
