@@ -168,33 +168,34 @@ def _run_plan(module: nn.Module, plan: list[PlanStep], x: jax.Array) -> jax.Arra
     moments = None   # x's `channel_moments` where the fused kernel summed them as it wrote x
     for index, step in enumerate(plan):
         previous = plan[index - 1].kind if index else None
+        given, moments = moments, None   # x's moments; this step's output has none unless set
         # A fused-kernel conv hands a following norm its output's moments (free as it writes).
-        hand_on = dict(with_moments=True) if (
-            module.native_winograd and index + 1 < len(plan)
-            and plan[index + 1].kind in ("res", "norm")) else {}
-        if step.kind == "conv" and previous == "up":
+        hand_on = (module.native_winograd and index + 1 < len(plan)
+                   and plan[index + 1].kind in ("res", "norm"))
+        if step.kind == "conv":
             # "up" + conv: the conv of the repeated signal, at the input rate (1.5x fewer MACs).
-            x = UpsampledConv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(
-                x, **hand_on)
-        elif step.kind == "conv":
-            x = Conv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)(x, **hand_on)
+            conv = (UpsampledConv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw)
+                    if previous == "up" else
+                    Conv1d(step.out_channels, step.kernel_size, name=step.name, **conv_kw))
+            x = conv(x, with_moments=hand_on)
+            if hand_on:
+                x, moments = x
         elif step.kind == "down":  # pad right by one, then stride-2 width-3 valid conv: L -> L/2
             x = Conv1d(step.out_channels, 3, stride=2, padding=(0, 1), name=step.name, **kw)(x)
         elif step.kind == "up":
             if index + 1 == len(plan) or plan[index + 1].kind != "conv":  # else done by the conv
                 x = jnp.repeat(x, 2, axis=1)
         elif step.kind == "res":
-            x = ResidualBlock(cfg, step.out_channels, module.native_winograd, name=step.name)(
-                x, moments)
+            x, moments = ResidualBlock(cfg, step.out_channels, module.native_winograd,
+                                       name=step.name)(x, given)
         elif step.kind == "attn":
             x = AttentionBlock(cfg, name=step.name)(x)
         elif step.kind == "norm":
-            x = GroupNorm(cfg.num_groups, name=step.name, **kw)(x, moments=moments)
+            x = GroupNorm(cfg.num_groups, name=step.name, **kw)(x, moments=given)
         elif step.kind == "silu":
             x = nn.silu(x)
         else:
             raise ValueError(f"unknown VAE plan step {step}")
-        x, moments = x if isinstance(x, tuple) else (x, None)
     return x
 
 
